@@ -1,0 +1,361 @@
+"""How fast is one step of the coordinatewise LSTM optimizer, next to its baselines?
+
+For every N, in one run and one process, with the same weights and thread count:
+  step rows    fused in-place step (``net.step_``, native backend), eager reference step
+               (``reference.lstm_step`` under no_grad, then param += update, state copied), torch.compile of
+               that reference step, torch.optim.Adam (foreach; fused where the device supports it), step only;
+               on CUDA also torch.optim.AdamW(fused=True) and the fused step with bfloat16 state.
+  fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
+               torch.autograd.grad to the weights and the state with random output gradients), the same through
+               the eager reference and through torch.compile of the reference.
+
+Columns: median time (torch.utils.benchmark.Timer), million coordinates per second, speed-up over the eager
+reference of the same group (eager time / row time), % of the machine limit = GEMM FLOP/s / FLOPs per
+coordinate, both measured in the header. On CUDA also achieved GB/s and % of the measured copy bandwidth.
+
+  python benchmarks/bench_step.py --threads 2                   # CPU, N = 1e4 1e5 1e6
+  python benchmarks/bench_step.py --sizes 1e5 --markdown
+  python benchmarks/bench_step.py --device cuda --sizes 1e6 1e7
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+try:
+    import l2l_fast  # noqa: F401
+except ImportError:  # run from a checkout without installing: the package sits next to benchmarks/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import l2l_fast
+
+from l2l_fast import CoordinatewiseLSTM, ops, reference  # noqa: E402
+
+import machine  # noqa: E402
+
+SANITY_ATOL = 1e-4
+
+
+class Unavailable(Exception):
+    """A row that cannot run here (missing kernel, unsupported option); its message goes in the table."""
+
+
+# --------------------------------------------------------------------------------------------- workloads
+# Each builder returns a zero-argument callable that does one timed unit of work; the tensors it needs are
+# captured in its closure. test_bench_step.py uses the same builders.
+
+def make_net(hidden: int, layers: int, device: str, backend: str) -> CoordinatewiseLSTM:
+    """The same weights (seed 0) whatever the backend, so every row computes the same function."""
+    torch.manual_seed(0)
+    return CoordinatewiseLSTM(hidden, layers, backend=backend).to(device)
+
+
+def make_inputs(net: CoordinatewiseLSTM, n: int, seed: int = 1):
+    """param [n], grad [n], state [L, 2, H, n]; |grad| log-uniform in [1e-8, 10] so both preprocessing branches run."""
+    device = net.out.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sign = torch.randint(0, 2, (n,), generator=gen, device=device) * 2 - 1
+    magnitude = torch.empty(n, device=device).uniform_(math.log(1e-8), math.log(10.0), generator=gen).exp_()
+    grad = sign * magnitude
+    state = 0.1 * torch.randn(tuple(net.init_state(0).shape[:3]) + (n,), generator=gen, device=device)
+    param = torch.randn(n, generator=gen, device=device)
+    return param, grad, state
+
+
+def step_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], None]:
+    """net.step_(param, grad, state): param and state advance in place on every call."""
+    param, grad, state = make_inputs(net, n)
+    return lambda: net.step_(param, grad, state)
+
+
+def fwdbwd_fn(net: CoordinatewiseLSTM, n: int, forward=None) -> Callable[[], object]:
+    """Forward, then gradients of a random linear function of (update, new_state) to the weights and the state.
+
+    forward(grad, state, weights) replaces net(grad, state), e.g. with a compiled reference.
+    """
+    _, grad, state = make_inputs(net, n)
+    state.requires_grad_(True)
+    weights = net.weights()
+    gen = torch.Generator(device=grad.device).manual_seed(2)
+    grad_update = torch.randn(grad.shape, generator=gen, device=grad.device)
+    grad_state = torch.randn(state.shape, generator=gen, device=grad.device)
+
+    def fn():
+        update, new_state = net(grad, state) if forward is None else forward(grad, state, weights)
+        return torch.autograd.grad((update, new_state), (*weights, state), (grad_update, grad_state))
+
+    return fn
+
+
+def _reference_step_(param, grad, state, weights, preprocess_p: float, output_scale: float) -> None:
+    # the eager reference's in-place step, written out so that torch.compile sees the mutations
+    update, new_state = reference.lstm_step(grad, state, weights, preprocess_p, output_scale)
+    param.add_(update)
+    state.copy_(new_state)
+
+
+def compiled_step_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], None]:
+    torch._dynamo.reset()  # a static graph per N, as a user with one parameter size would get
+    compiled = torch.compile(_reference_step_, dynamic=False)
+    param, grad, state = make_inputs(net, n)
+    weights = [w.detach() for w in net.weights()]
+
+    def fn():
+        with torch.no_grad():
+            compiled(param, grad, state, weights, net.preprocess_p, net.output_scale)
+
+    return fn
+
+
+def compiled_fwdbwd_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], object]:
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.lstm_step, dynamic=False)
+    return fwdbwd_fn(net, n, lambda g, s, w: compiled(g, s, w, net.preprocess_p, net.output_scale))
+
+
+def bf16_state_step_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], None]:
+    """Fused step with bfloat16 state (fp32 grad, param, weights) through the op itself: the module's checks
+    want the state in the weights' dtype."""
+    if not ops.HAS_NATIVE:
+        raise Unavailable(f"l2l_fast._C not built ({ops.NATIVE_IMPORT_ERROR})")
+    param, grad, state = make_inputs(net, n)
+    state = state.to(torch.bfloat16)
+    weights = [w.detach() for w in net.weights()]
+    return lambda: ops.lstm_step_(param, grad, state, weights, net.preprocess_p, net.output_scale)
+
+
+def adam_fn(n: int, device: str, cls=torch.optim.Adam, **flags) -> Callable[[], None]:
+    """optimizer.step() on one parameter of n elements with its gradient preset; state created by a warm-up."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    param = torch.nn.Parameter(torch.randn(n, generator=gen, device=device))
+    param.grad = torch.randn(n, generator=gen, device=device)
+    optimizer = cls([param], lr=1e-3, **flags)
+    return optimizer.step
+
+
+# --------------------------------------------------------------------------------------------- the table
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    group: str                  # "step" or "fwdbwd": the eager baseline and the FLOP limit it is judged by
+    build: Callable[[], Callable[[], object]]
+    bytes_per_coord: float      # minimum traffic, for GB/s on CUDA
+    counts_flops: bool = True   # False for Adam: the LSTM FLOP limit says nothing about it
+    baseline: bool = False
+    warmup_calls: int = 1
+    seconds: float | None = None
+    note: str = ""
+
+
+def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
+    """fused_net None: the native extension is missing and the fused rows say so."""
+    hidden, layers, device = args.hidden, args.layers, args.device
+
+    def fused_net_or_skip():
+        if fused_net is None:
+            raise Unavailable(f"l2l_fast._C not built ({ops.NATIVE_IMPORT_ERROR})")
+        return fused_net
+    step_bytes = machine.bytes_per_coord(hidden, layers, "step")
+    fwdbwd_bytes = machine.bytes_per_coord(hidden, layers, "fwdbwd")
+    fused = "fused" if args.backend == "native" else "fused [reference backend: harness smoke test]"
+    rows = [
+        Row(f"{fused} step_", "step", lambda: step_fn(fused_net_or_skip(), n), step_bytes),
+        Row("eager reference step", "step", lambda: step_fn(ref_net, n), step_bytes, baseline=True),
+    ]
+    if not args.no_compile:
+        rows.append(Row("torch.compile(reference) step", "step", lambda: compiled_step_fn(ref_net, n), step_bytes,
+                        warmup_calls=2))
+    if device == "cuda":
+        bf16_bytes = 4 + 8 + 2 * machine.state_bytes_per_coord(hidden, layers, 2)
+        rows.append(Row(f"{fused} step_, bf16 state", "step", lambda: bf16_state_step_fn(fused_net_or_skip(), n), bf16_bytes))
+    rows += [
+        Row("torch.optim.Adam(foreach=True) step", "step", lambda: adam_fn(n, device, foreach=True),
+            machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2),
+        Row("torch.optim.Adam(fused=True) step", "step", lambda: adam_fn(n, device, fused=True),
+            machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2),
+    ]
+    if device == "cuda":
+        rows.append(Row("torch.optim.AdamW(fused=True) step", "step",
+                        lambda: adam_fn(n, device, torch.optim.AdamW, fused=True),
+                        machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2))
+    rows += [
+        Row(f"{fused} fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n), fwdbwd_bytes),
+        Row("eager reference fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(ref_net, n), fwdbwd_bytes, baseline=True),
+    ]
+    if not args.no_compile:
+        rows.append(Row("torch.compile(reference) fwd+bwd", "fwdbwd", lambda: compiled_fwdbwd_fn(ref_net, n),
+                        fwdbwd_bytes, warmup_calls=2))
+    return rows
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= 110 else text[:107] + "..."
+
+
+def measure(row: Row, args) -> None:
+    """Build, warm up (compile time reported, not timed), time; failures become the row's note."""
+    fn = None
+    try:
+        start = time.perf_counter()
+        fn = row.build()
+        for _ in range(row.warmup_calls):
+            fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if "compile" in row.name:
+            row.note = f"compile + warm-up {time.perf_counter() - start:.1f} s, excluded"
+        row.seconds = machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time).median
+    except Unavailable as error:
+        row.note = f"n/a: {error}"
+    except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
+        row.note = f"n/a: {_short(error)}"
+    finally:
+        del fn
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def render(n: int, rows: list[Row], limits: dict, args) -> str:
+    cuda = args.device == "cuda"
+    baseline = {r.group: r.seconds for r in rows if r.baseline}
+    header = ["row", "time ms (median)", "Mcoord/s", "vs eager", "% FLOP limit"]
+    if cuda:
+        header += ["GB/s", "% copy BW"]
+    header.append("note")
+    table = []
+    for r in rows:
+        if r.seconds is None:
+            cells = [r.name] + ["-"] * (len(header) - 2) + [r.note]
+        else:
+            rate = n / r.seconds
+            base = baseline.get(r.group)
+            cells = [r.name, f"{r.seconds * 1e3:.3f}", f"{rate / 1e6:.2f}",
+                     f"{base / r.seconds:.2f}x" if base else "-",
+                     f"{100 * rate / limits[r.group]:.1f}%" if r.counts_flops else "-"]
+            if cuda:
+                gbps = rate * r.bytes_per_coord / 1e9
+                cells += [f"{gbps:.0f}", f"{100 * gbps * 1e9 / limits['copy']:.1f}%"]
+            cells.append(r.note)
+        table.append(cells)
+    title = f"N = {n:,} coordinates"
+    if args.markdown:
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(c[i]) for c in [header] + table) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in table]) + "\n"
+
+
+def sanity_check(n: int, fused_net, ref_net) -> str:
+    """The fused kernels compute the same function as the reference (to SANITY_ATOL): else the table means nothing."""
+    param, grad, state = make_inputs(fused_net, n)
+    with torch.no_grad():
+        update_fused, _ = fused_net(grad, state)
+        update_ref, _ = ref_net(grad, state)
+        param_fused, state_fused = param.clone(), state.clone()
+        fused_net.step_(param_fused, grad, state_fused)
+        ref_net.step_(param, grad, state)
+    diffs = {"update (forward)": (update_fused - update_ref).abs().max().item(),
+             "param (step_)": (param_fused - param).abs().max().item(),
+             "state (step_)": (state_fused - state).abs().max().item()}
+    bad = {k: v for k, v in diffs.items() if not v <= SANITY_ATOL}
+    if bad:
+        raise SystemExit(f"sanity check failed at N={n}: fused differs from the reference by {bad} > {SANITY_ATOL}")
+    return ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6],
+                        help="numbers of coordinates N (floats like 1e6 are fine; default 1e4 1e5 1e6)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch CPU threads for every row and the GEMM (default {torch.get_num_threads()})")
+    parser.add_argument("--hidden", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--min-run-time", type=float, default=1.0,
+                        help="seconds of timing per row (Timer.blocked_autorange; at least 3 samples)")
+    parser.add_argument("--gemm-size", type=int, default=None,
+                        help="side of the fp32 torch.mm that sets the FLOP limit (default 2048 CPU, 8192 CUDA)")
+    parser.add_argument("--backend", choices=("native", "reference"), default="native",
+                        help="backend of the fused rows; 'reference' only smoke-tests this script without _C")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    args = parser.parse_args(argv)
+    sizes = []
+    for size in args.sizes:
+        if not (size >= 1 and float(size).is_integer()):
+            parser.error(f"--sizes: expected whole numbers >= 1, got {size}")
+        sizes.append(int(size))
+    args.sizes = sizes
+    if args.threads < 1:
+        parser.error(f"--threads: expected >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but torch.cuda.is_available() is False (torch {torch.__version__}, "
+                     f"built for CUDA {torch.version.cuda or 'none: a CPU-only build'}); run on a machine with a GPU "
+                     "and a CUDA build of torch, or use --device cpu")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = args.device
+    if args.backend == "native" and not ops.HAS_NATIVE:
+        native = f"not built ({ops.NATIVE_IMPORT_ERROR}); fused rows are n/a"
+    else:
+        native = f"kernels for {sorted(ops.native_devices()) or 'none'}"
+
+    gemm, gemm_size = machine.gemm_flops(device, args.threads, args.gemm_size, args.min_run_time)
+    fwd_flops = machine.flops_per_coord(args.hidden, args.layers)
+    fwdbwd_flops = machine.flops_per_coord(args.hidden, args.layers, backward=True)
+    limits = {"step": gemm / fwd_flops, "fwdbwd": gemm / fwdbwd_flops}
+    lines = [f"bench_step: one learned-optimizer step over N coordinates; hidden {args.hidden}, layers {args.layers}, "
+             f"fp32, device {device}",
+             f"command  : {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
+    lines += machine.machine_lines(device, args.threads)
+    lines.append(f"l2l_fast : {l2l_fast.__version__}, native {native}; fused rows use backend={args.backend!r}")
+    lines.append(f"GEMM     : fp32 torch.mm {gemm_size}x{gemm_size} = {gemm / 1e9:,.1f} GFLOP/s")
+    lines.append(f"limit    : step {fwd_flops:,} FLOP/coord -> {limits['step'] / 1e6:,.2f} Mcoord/s; "
+                 f"fwd+bwd {fwdbwd_flops:,} FLOP/coord (3x forward) -> {limits['fwdbwd'] / 1e6:,.2f} Mcoord/s")
+    if device == "cuda":
+        limits["copy"] = machine.copy_bandwidth(device, args.threads, min_run_time=args.min_run_time)
+        step_bytes = machine.bytes_per_coord(args.hidden, args.layers, "step")
+        fwdbwd_bytes = machine.bytes_per_coord(args.hidden, args.layers, "fwdbwd")
+        lines.append(f"memory   : device copy {limits['copy'] / 1e9:,.0f} GB/s (read + write); step {step_bytes} B/coord "
+                     f"-> {limits['copy'] / step_bytes / 1e9:,.2f} Gcoord/s; fwd+bwd {fwdbwd_bytes} B/coord; "
+                     f"Adam {machine.ADAM_BYTES_PER_PARAM} B/param")
+    lines.append("columns  : vs eager = eager reference time / row time, same group (step rows vs eager step, "
+                 "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above")
+
+    fused_net = None
+    if args.backend == "reference" or ops.HAS_NATIVE:
+        fused_net = make_net(args.hidden, args.layers, device, args.backend)
+    ref_net = make_net(args.hidden, args.layers, device, "reference")
+    if args.backend == "reference" or device in ops.native_devices():
+        lines.append(f"sanity   : fused vs reference at N={min(args.sizes):,}, max |diff| "
+                     f"{sanity_check(min(args.sizes), fused_net, ref_net)} (<= {SANITY_ATOL})")
+    print("\n".join(["```text"] + lines + ["```", ""] if args.markdown else lines + [""]), flush=True)
+
+    for n in args.sizes:
+        rows = rows_for(n, args, fused_net, ref_net)
+        for row in rows:
+            measure(row, args)
+        print(render(n, rows, limits, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

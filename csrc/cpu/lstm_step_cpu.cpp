@@ -1,0 +1,144 @@
+// CPU binding of the ops: checks arguments, packs the weights, splits the coordinates over threads
+// and calls the kernels of the instruction set in use (isa_select.h).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/isa_select.h"
+#include "op_checks.h"
+
+namespace l2l_fast {
+namespace cpu {
+namespace {
+
+// Tiles of about this many coordinates per thread at least; smaller problems stay on one thread.
+constexpr int64_t kMinCoordinatesPerThread = 4096;
+
+template <typename T>
+StepParams<T> make_params(const PackedLayout& layout, const at::Tensor& packed, const at::Tensor& grad,
+                          const at::Tensor& state, double p, double scale) {
+  StepParams<T> params;
+  params.layout = layout;
+  params.n = grad.size(0);
+  params.preprocess_p = T(p);
+  params.output_scale = T(scale);
+  params.weights = packed.data_ptr<T>();
+  params.grad = grad.data_ptr<T>();
+  params.state = state.data_ptr<T>();
+  return params;
+}
+
+// Splits [0, n) into at most `max_chunks` ranges whose bounds are multiples of `tile`.
+std::vector<int64_t> chunk_bounds(int64_t n, int64_t tile, int64_t max_chunks) {
+  const int64_t tiles = (n + tile - 1) / tile;
+  const int64_t by_size = std::max<int64_t>(1, n / kMinCoordinatesPerThread);
+  const int64_t chunks = std::max<int64_t>(1, std::min({max_chunks, tiles, by_size}));
+  std::vector<int64_t> bounds;
+  for (int64_t c = 0; c <= chunks; ++c) bounds.push_back(std::min(n, (tiles * c / chunks) * tile));
+  return bounds;
+}
+
+template <typename T>
+void run_forward(const StepParams<T>& params) {
+  const CpuKernels& kernels = active_kernels();
+  auto forward = std::is_same<T, float>::value ? (void*)kernels.forward_f32 : (void*)kernels.forward_f64;
+  auto fn = reinterpret_cast<void (*)(const StepParams<T>&, int64_t, int64_t)>(forward);
+  const int64_t tile = std::is_same<T, float>::value ? kernels.tile_f32 : kernels.tile_f64;
+  const std::vector<int64_t> bounds = chunk_bounds(params.n, tile, at::get_num_threads());
+  at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(params, bounds[c], bounds[c + 1]);
+  });
+}
+
+// Each chunk sums its weight gradients in its own float64 buffer; the buffers are added in chunk
+// order, so the result does not depend on thread scheduling.
+template <typename T>
+at::Tensor run_backward(const StepParams<T>& params) {
+  const CpuKernels& kernels = active_kernels();
+  auto backward = std::is_same<T, float>::value ? (void*)kernels.backward_f32 : (void*)kernels.backward_f64;
+  auto fn = reinterpret_cast<void (*)(const StepParams<T>&, int64_t, int64_t, double*)>(backward);
+  const int64_t tile = std::is_same<T, float>::value ? kernels.tile_f32 : kernels.tile_f64;
+  const std::vector<int64_t> bounds = chunk_bounds(params.n, tile, at::get_num_threads());
+  const int64_t chunks = int64_t(bounds.size()) - 1, size = params.layout.size();
+  at::Tensor sums = at::zeros({chunks, size}, at::kDouble);
+  double* all = sums.data_ptr<double>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(params, bounds[c], bounds[c + 1], all + c * size);
+  });
+  return sums.sum(0);
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, const at::Tensor& state_in,
+                                                 at::TensorList weights, double preprocess_p, double output_scale) {
+  check_grad(grad_in);
+  const PackedLayout layout = check_weights(weights, grad_in);
+  check_state(state_in, "state", layout, grad_in);
+  const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  at::Tensor update = at::empty_like(grad), new_state = at::empty_like(state);
+  const at::Tensor packed = pack_weights(weights, layout);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cpu", [&] {
+    StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
+    params.update = update.data_ptr<scalar_t>();
+    params.new_state = new_state.data_ptr<scalar_t>();
+    run_forward(params);
+  });
+  return {update, new_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_cpu(
+    const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
+    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale) {
+  check_grad(grad_in);
+  const PackedLayout layout = check_weights(weights, grad_in);
+  check_state(state_in, "state", layout, grad_in);
+  check_per_coordinate(grad_update_in, "grad_update", grad_in);
+  check_state(grad_new_state_in, "grad_new_state", layout, grad_in);
+  const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
+  at::Tensor grad_grad = at::empty_like(grad), grad_state = at::empty_like(state);
+  const at::Tensor packed = pack_weights(weights, layout);
+  at::Tensor sums;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cpu", [&] {
+    StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
+    params.grad_update = grad_update.data_ptr<scalar_t>();
+    params.grad_new_state = grad_new_state.data_ptr<scalar_t>();
+    params.grad_grad = grad_grad.data_ptr<scalar_t>();
+    params.grad_state = grad_state.data_ptr<scalar_t>();
+    sums = run_backward(params);
+  });
+  return {grad_grad, grad_state, unpack_weight_grads(sums, weights, layout)};
+}
+
+void lstm_step_inplace_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
+                           double preprocess_p, double output_scale) {
+  check_grad(grad_in);
+  const PackedLayout layout = check_weights(weights, grad_in);
+  check_per_coordinate(param, "param", grad_in);
+  check_state(state, "state", layout, grad_in);
+  const at::Tensor grad = grad_in.contiguous();
+  // Non-contiguous param/state: work on contiguous copies, then write them back.
+  at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
+  const at::Tensor packed = pack_weights(weights, layout);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cpu", [&] {
+    StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state_work, preprocess_p, output_scale);
+    params.new_state = state_work.data_ptr<scalar_t>();
+    params.param = param_work.data_ptr<scalar_t>();
+    run_forward(params);
+  });
+  if (!param_work.is_same(param)) param.copy_(param_work);
+  if (!state_work.is_same(state)) state.copy_(state_work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2l_fast, CPU, m) {
+  m.impl("lstm_step", &lstm_step_cpu);
+  m.impl("lstm_step_backward", &lstm_step_backward_cpu);
+  m.impl("lstm_step_", &lstm_step_inplace_cpu);
+}
+
+}  // namespace cpu
+}  // namespace l2l_fast

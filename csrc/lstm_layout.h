@@ -1,0 +1,98 @@
+// Torch-free description of the fused step: the packed weight layout and the kernel parameters.
+// Shared by the CPU and CUDA kernels (host and device).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define L2L_HD __host__ __device__ __forceinline__
+#else
+#define L2L_HD inline
+#endif
+
+namespace l2l_fast {
+
+// Weights packed for the kernels. For layer l with input size I_l (2 for layer 0, H above)
+// and K_l = I_l + H inputs to the gates (the layer input, then its own h):
+//   W_l [H][K_l][4]  the four gate rows (i, f, g, o) of unit u, adjacent so one unit's
+//                    gates accumulate together and its cell update needs no gate buffer
+//   B_l [H][4]       b_ih + b_hh (the LSTM only ever uses their sum)
+// then the output layer: out_w [H], out_b [1].
+struct PackedLayout {
+  int hidden;
+  int layers;
+
+  L2L_HD int input_size(int l) const { return l == 0 ? 2 : hidden; }
+  L2L_HD int k_size(int l) const { return input_size(l) + hidden; }
+  L2L_HD int64_t layer_offset(int l) const {
+    int64_t offset = 0;
+    for (int j = 0; j < l; ++j) offset += int64_t(hidden) * (k_size(j) + 1) * 4;
+    return offset;
+  }
+  L2L_HD int64_t bias_offset(int l) const { return layer_offset(l) + int64_t(hidden) * k_size(l) * 4; }
+  L2L_HD int64_t out_weight_offset() const { return layer_offset(layers); }
+  L2L_HD int64_t out_bias_offset() const { return out_weight_offset() + hidden; }
+  L2L_HD int64_t size() const { return out_bias_offset() + 1; }
+};
+
+// State is one tensor [L][2][H][n]: row (l, 0, u) is h of unit u of layer l, row (l, 1, u) its c,
+// each row n contiguous coordinates.
+L2L_HD int64_t state_row(const PackedLayout& layout, int l, int which, int u) {
+  return (int64_t(l) * 2 + which) * layout.hidden + u;
+}
+
+// Pointers of one call. Forward/step use the first block; backward also the second.
+// Every per-coordinate array is contiguous; new_state may alias state (in-place step).
+template <typename T>
+struct StepParams {
+  PackedLayout layout;
+  int64_t n = 0;
+  T preprocess_p = 10;
+  T output_scale = T(0.1);
+  const T* weights = nullptr;  // packed, layout.size()
+  const T* grad = nullptr;     // [n]
+  const T* state = nullptr;    // [L][2][H][n]
+  T* new_state = nullptr;      // [L][2][H][n] or null
+  T* update = nullptr;         // [n] or null
+  T* param = nullptr;          // [n] or null: param += update
+
+  const T* grad_update = nullptr;     // [n]
+  const T* grad_new_state = nullptr;  // [L][2][H][n]
+  T* grad_grad = nullptr;             // [n]
+  T* grad_state = nullptr;            // [L][2][H][n]
+};
+
+// Packs one layer of torch.nn.LSTM weights (contiguous, row-major) into `packed`.
+template <typename T>
+void pack_layer(const PackedLayout& layout, int l, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
+                T* packed) {
+  const int H = layout.hidden, I = layout.input_size(l), K = layout.k_size(l);
+  T* w = packed + layout.layer_offset(l);
+  T* b = packed + layout.bias_offset(l);
+  for (int u = 0; u < H; ++u) {
+    for (int g = 0; g < 4; ++g) {
+      const int row = g * H + u;
+      for (int k = 0; k < I; ++k) w[(int64_t(u) * K + k) * 4 + g] = w_ih[int64_t(row) * I + k];
+      for (int k = 0; k < H; ++k) w[(int64_t(u) * K + I + k) * 4 + g] = w_hh[int64_t(row) * H + k];
+      b[u * 4 + g] = b_ih[row] + b_hh[row];
+    }
+  }
+}
+
+// The inverse for gradients: both biases receive the gradient of their sum.
+template <typename T, typename Acc>
+void unpack_layer_grad(const PackedLayout& layout, int l, const Acc* packed, T* dw_ih, T* dw_hh, T* db_ih,
+                       T* db_hh) {
+  const int H = layout.hidden, I = layout.input_size(l), K = layout.k_size(l);
+  const Acc* w = packed + layout.layer_offset(l);
+  const Acc* b = packed + layout.bias_offset(l);
+  for (int u = 0; u < H; ++u) {
+    for (int g = 0; g < 4; ++g) {
+      const int row = g * H + u;
+      for (int k = 0; k < I; ++k) dw_ih[int64_t(row) * I + k] = T(w[(int64_t(u) * K + k) * 4 + g]);
+      for (int k = 0; k < H; ++k) dw_hh[int64_t(row) * H + k] = T(w[(int64_t(u) * K + I + k) * 4 + g]);
+      db_ih[row] = db_hh[row] = T(b[u * 4 + g]);
+    }
+  }
+}
+
+}  // namespace l2l_fast

@@ -1,0 +1,7 @@
+"""l2l_fast: the learned LSTM optimizer of "Learning to learn by gradient descent by gradient descent",
+with fused native kernels for the step, forward and backward."""
+from . import ops, reference
+from .net import CoordinatewiseLSTM
+
+__all__ = ["CoordinatewiseLSTM", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""The learned optimizer as an ``nn.Module``: a coordinatewise 2-layer LSTM with shared weights."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from .checks import check_step_inputs
+
+BACKENDS = ("auto", "native", "reference")
+
+
+class CoordinatewiseLSTM(nn.Module):
+    """LSTM optimizer of Andrychowicz et al. (2016), applied to every coordinate independently.
+
+    ``state_dict`` keys are those of ``torch.nn.LSTM(2, hidden_size, num_layers)`` under ``lstm.`` and of
+    ``torch.nn.Linear(hidden_size, 1)`` under ``out.``, so the weights move to and from plain torch modules.
+
+    State layout: one tensor [num_layers, 2, hidden_size, n]; ``state[l, 0]`` is h and ``state[l, 1]`` is c
+    of layer l, coordinates last. Make it with :meth:`init_state`.
+
+    backend: "native" (fused C++/CUDA kernels), "reference" (pure PyTorch) or "auto" (native where a
+    kernel exists for the tensors' device, else reference).
+    """
+
+    def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess_p: float = 10.0,
+                 output_scale: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        if not preprocess_p > 0:
+            raise ValueError(f"preprocess_p: expected a positive number, got {preprocess_p!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend == "native" and not ops.HAS_NATIVE:
+            raise RuntimeError(f"backend='native' but the l2l_fast._C extension failed to load: {ops.NATIVE_IMPORT_ERROR}")
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.preprocess_p, self.output_scale = float(preprocess_p), float(output_scale)
+        self.backend = backend
+        self.lstm = nn.LSTM(2, hidden_size, num_layers)
+        self.out = nn.Linear(hidden_size, 1)
+
+    def extra_repr(self) -> str:
+        return f"preprocess_p={self.preprocess_p}, output_scale={self.output_scale}, backend={self.backend!r}"
+
+    def weights(self) -> list[Tensor]:
+        """The weights in the order the ops take them (see :mod:`l2l_fast.reference`)."""
+        names = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
+        flat = [getattr(self.lstm, name.format(l)) for l in range(self.num_layers) for name in names]
+        return flat + [self.out.weight, self.out.bias]
+
+    def init_state(self, n: int, device=None, dtype: torch.dtype | None = None) -> Tensor:
+        """Zero state for n coordinates: [num_layers, 2, hidden_size, n], on the net's device and dtype by default."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n: expected a non-negative int, got {n!r}")
+        weight = self.out.weight
+        return torch.zeros(self.num_layers, 2, self.hidden_size, n, device=device or weight.device,
+                           dtype=dtype or weight.dtype)
+
+    def _impl(self, device: torch.device):
+        if self.backend == "reference":
+            return reference
+        if device.type in ops.native_devices():
+            return ops
+        if self.backend == "native":
+            raise RuntimeError(f"backend='native' has no kernel for device {device}; built for {sorted(ops.native_devices())}")
+        return reference
+
+    def _check(self, grad, state, param=None) -> None:
+        weight = self.out.weight
+        check_step_inputs(grad, state, num_layers=self.num_layers, hidden_size=self.hidden_size,
+                          dtype=weight.dtype, device=weight.device, param=param)
+
+    def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """grad [n], state [L, 2, H, n] -> (update [n], new_state [L, 2, H, n]); differentiable, inputs untouched."""
+        self._check(grad, state)
+        impl = self._impl(grad.device)
+        return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale)
+
+    @torch.no_grad()
+    def step_(self, param: Tensor, grad: Tensor, state: Tensor) -> None:
+        """In-place inference step on a flat parameter: param [n] += update, state advanced; no autograd graph."""
+        self._check(grad, state, param=param)
+        impl = self._impl(grad.device)
+        impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale)

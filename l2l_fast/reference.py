@@ -1,0 +1,86 @@
+"""Pure-PyTorch coordinatewise LSTM optimizer step: the executable specification.
+
+Every native kernel is tested against these functions, and they are the fallback on devices
+without a kernel. They favour clarity over speed.
+
+Shapes (n = number of coordinates, L = num_layers, H = hidden_size):
+  grad    [n]            gradient of the optimizee for each coordinate (data, but differentiable)
+  state   [L, 2, H, n]   per-coordinate LSTM state; state[l, 0] is h of layer l, state[l, 1] is c.
+                         Coordinates are the last (contiguous) axis so that both the CPU vector
+                         lanes and the GPU threads read consecutive coordinates.
+  weights list in ``torch.nn.LSTM`` + ``torch.nn.Linear`` order:
+          [weight_ih_l0 [4H, 2], weight_hh_l0 [4H, H], bias_ih_l0 [4H], bias_hh_l0 [4H],
+           ... one group of four per layer (input size H above layer 0) ...,
+           out_weight [1, H], out_bias [1]]
+
+Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets update 0 and keeps its
+state unchanged (the LSTM never sees the bad value); gradients flow through it as through the
+identity for the state and are 0 for the gradient input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["preprocess", "lstm_step", "lstm_step_", "split_weights"]
+
+
+def preprocess(grad: Tensor, p: float) -> Tensor:
+    """Appendix A of the paper: [n] -> [n, 2].
+
+    |g| >= e^-p: (log|g| / p, sign g); otherwise (-1, e^p g). Both branches meet at |g| = e^-p.
+    """
+    magnitude = grad.abs()
+    big = magnitude >= math.exp(-p)
+    # clamp keeps log finite on the branch that torch.where discards (and its gradient NaN-free)
+    log_part = torch.log(torch.clamp(magnitude, min=math.exp(-p))) / p
+    x0 = torch.where(big, log_part, torch.full_like(grad, -1.0))
+    x1 = torch.where(big, torch.sign(grad), grad * math.exp(p))
+    return torch.stack([x0, x1], dim=1)
+
+
+def split_weights(weights: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tensor, Tensor, Tensor]], Tensor, Tensor]:
+    """Split the flat weight list into per-layer (w_ih, w_hh, b_ih, b_hh) and the output layer."""
+    if len(weights) < 6 or (len(weights) - 2) % 4 != 0:
+        raise ValueError(f"weights: expected 4 tensors per LSTM layer plus 2 output tensors, got {len(weights)}")
+    layers = [tuple(weights[i : i + 4]) for i in range(0, len(weights) - 2, 4)]
+    return layers, weights[-2], weights[-1]
+
+
+def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], p: float, scale: float):
+    layers, out_w, out_b = split_weights(weights)
+    x = preprocess(grad, p)  # [n, 2]
+    new_rows = []
+    for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        h, c = state[l, 0].t(), state[l, 1].t()  # [n, H]
+        gates = x @ w_ih.t() + h @ w_hh.t() + b_ih + b_hh  # [n, 4H], torch.nn.LSTM order i, f, g, o
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        new_rows.append(torch.stack([h_new.t(), c_new.t()]))
+        x = h_new
+    update = scale * (x @ out_w.t() + out_b).squeeze(1)
+    return update, torch.stack(new_rows)
+
+
+def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
+              output_scale: float = 0.1) -> tuple[Tensor, Tensor]:
+    """One optimizer step for every coordinate: returns (update [n], new_state [L, 2, H, n])."""
+    finite = torch.isfinite(grad)
+    safe_grad = torch.where(finite, grad, torch.zeros_like(grad))
+    update, new_state = _lstm_step_unmasked(safe_grad, state, weights, preprocess_p, output_scale)
+    update = torch.where(finite, update, torch.zeros_like(update))
+    new_state = torch.where(finite, new_state, state)
+    return update, new_state
+
+
+@torch.no_grad()
+def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
+               output_scale: float = 0.1) -> None:
+    """In-place step: param [n] += update, state [L, 2, H, n] advanced."""
+    update, new_state = lstm_step(grad, state, weights, preprocess_p, output_scale)
+    param.add_(update.to(param.dtype))
+    state.copy_(new_state)

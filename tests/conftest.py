@@ -1,0 +1,195 @@
+"""Shared helpers of the test suite: seeding, random weights / states / gradients, reference runs.
+
+Every random tensor comes from a ``torch.Generator`` seeded from the test's node id (fixture ``gen``)
+or from an explicit seed, so a failing case reproduces by re-running the same test id.
+
+Shapes as in :mod:`l2l_fast.reference`: grad [n], state [L, 2, H, n], weights = the flat list in
+``torch.nn.LSTM`` + ``torch.nn.Linear`` order.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+_ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("l2l_fast") is None:  # running from a source checkout without an install
+    sys.path.insert(0, str(_ROOT))
+
+from l2l_fast import CoordinatewiseLSTM, ops, reference  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis profiles: HYPOTHESIS_PROFILE=thorough pytest tests/test_property.py
+settings.register_profile("default", max_examples=60, deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=60, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=10_000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# ---------------------------------------------------------------------------------------------
+# native extension: skipped when absent, unless L2L_FAST_REQUIRE_NATIVE=1 (CI after a build), where a
+# missing extension must fail loudly instead of turning the kernel tests into skips.
+if os.environ.get("L2L_FAST_REQUIRE_NATIVE") == "1" and not ops.HAS_NATIVE:
+    raise RuntimeError(f"L2L_FAST_REQUIRE_NATIVE=1 but l2l_fast._C failed to import: {ops.NATIVE_IMPORT_ERROR}")
+
+requires_native = pytest.mark.skipif(not ops.HAS_NATIVE,
+                                     reason=f"l2l_fast._C is not built ({ops.NATIVE_IMPORT_ERROR})")
+
+DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64"}
+WEIGHT_KINDS = ("init", "random", "saturating")
+
+
+# ---------------------------------------------------------------------------------------------
+# seeding
+def seed_of(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test id: fresh per test, fixed across runs."""
+    return generator(seed_of(request.node.nodeid))
+
+
+# ---------------------------------------------------------------------------------------------
+# random inputs
+def weight_shapes(hidden_size: int, num_layers: int) -> list[tuple[int, ...]]:
+    H = hidden_size
+    shapes = []
+    for layer in range(num_layers):
+        inputs = 2 if layer == 0 else H
+        shapes += [(4 * H, inputs), (4 * H, H), (4 * H,), (4 * H,)]
+    return shapes + [(1, H), (1,)]
+
+
+def random_weights(hidden_size: int, num_layers: int, *, gen: torch.Generator, dtype=torch.float64,
+                   kind: str = "random") -> list[torch.Tensor]:
+    """Weights in op order.
+
+    kind: "init"       U(-1/sqrt(H), 1/sqrt(H)) everywhere, the distribution of torch.nn.LSTM's own init;
+          "random"     N(0, 1) / sqrt(fan-in) and N(0, 0.5) biases: typical trained-net magnitudes;
+          "saturating" N(0, 4^2) everywhere: most gates sit deep in sigmoid/tanh saturation.
+    """
+    H = hidden_size
+    out = []
+    for shape in weight_shapes(hidden_size, num_layers):
+        if kind == "init":
+            w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(H)
+        elif kind == "random":
+            w = torch.randn(shape, generator=gen, dtype=torch.float64)
+            w = w / math.sqrt(shape[1]) if len(shape) == 2 else 0.5 * w
+        elif kind == "saturating":
+            w = 4 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:
+            raise ValueError(kind)
+        out.append(w.to(dtype))
+    return out
+
+
+def random_grad(n: int, *, gen: torch.Generator, dtype=torch.float64, p: float = 10.0, lo: float = 1e-12,
+                hi: float = 1e3) -> torch.Tensor:
+    """Gradient with log-uniform magnitudes in [lo, hi] and random signs.
+
+    With n >= 2 the first two coordinates are forced onto the two preprocessing branches
+    (|g| < e^-p and |g| >= e^-p) so small draws still exercise both.
+    """
+    exponent = torch.rand(n, generator=gen, dtype=torch.float64) * (math.log10(hi) - math.log10(lo)) + math.log10(lo)
+    sign = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    g = sign * torch.pow(10.0, exponent)
+    if n >= 2:
+        g[0] = -0.01 * math.exp(-p)
+        g[1] = 50.0 * math.exp(-p)
+    return g.to(dtype)
+
+
+def branch_counts(grad: torch.Tensor, p: float) -> tuple[int, int]:
+    """(coordinates on the log branch |g| >= e^-p, coordinates on the linear branch), finite ones only."""
+    g = grad.double()
+    finite = torch.isfinite(g)
+    big = (g.abs() >= math.exp(-p)) & finite
+    return int(big.sum()), int((finite & ~big).sum())
+
+
+def random_state(num_layers: int, hidden_size: int, n: int, *, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """Nonzero state [L, 2, H, n]: h in (-1, 1) as an LSTM makes it, c of a few units."""
+    h = torch.tanh(2 * torch.randn(num_layers, 1, hidden_size, n, generator=gen, dtype=torch.float64))
+    c = 2 * torch.randn(num_layers, 1, hidden_size, n, generator=gen, dtype=torch.float64)
+    return torch.cat([h, c], dim=1).to(dtype)
+
+
+def load_weights(net: CoordinatewiseLSTM, weights) -> CoordinatewiseLSTM:
+    with torch.no_grad():
+        for dst, src in zip(net.weights(), weights, strict=True):
+            dst.copy_(src)
+    return net
+
+
+def make_net(hidden_size: int = 20, num_layers: int = 2, *, gen: torch.Generator, dtype=torch.float64,
+             kind: str = "random", backend: str = "auto", preprocess_p: float = 10.0,
+             output_scale: float = 0.1) -> CoordinatewiseLSTM:
+    net = CoordinatewiseLSTM(hidden_size, num_layers, preprocess_p, output_scale, backend=backend).to(dtype)
+    return load_weights(net, random_weights(hidden_size, num_layers, gen=gen, dtype=dtype, kind=kind))
+
+
+def copy_net(net: CoordinatewiseLSTM, *, backend: str, dtype=None) -> CoordinatewiseLSTM:
+    """The same weights in a new net with another backend (and optionally dtype)."""
+    other = CoordinatewiseLSTM(net.hidden_size, net.num_layers, net.preprocess_p, net.output_scale, backend=backend)
+    other.load_state_dict(net.state_dict())
+    return other.to(dtype or net.out.weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference runs
+def to64(tensors):
+    if isinstance(tensors, torch.Tensor):
+        return tensors.detach().double()
+    return [t.detach().double() for t in tensors]
+
+
+def reference_forward64(grad, state, weights, p, scale, chunk: int = 1 << 17):
+    """Float64 reference on the (possibly lower-precision) inputs, in coordinate chunks to bound memory."""
+    grad, state, weights = to64(grad), to64(state), to64(weights)
+    updates, states = [], []
+    for start in range(0, max(grad.shape[0], 1), chunk):
+        sl = slice(start, start + chunk)
+        u, s = reference.lstm_step(grad[sl], state[..., sl], weights, p, scale)
+        updates.append(u)
+        states.append(s)
+    return torch.cat(updates), torch.cat(states, dim=-1)
+
+
+def step_grads(step_fn, grad, state, weights, p, scale, up_update, up_state):
+    """(update, new_state, d_grad, d_state, d_weights) of one step under upstream grads (up_update, up_state).
+
+    The inputs are detached copies with requires_grad set, so the caller's tensors are left alone.
+    """
+    grad = grad.detach().clone().requires_grad_(True)
+    state = state.detach().clone().requires_grad_(True)
+    weights = [w.detach().clone().requires_grad_(True) for w in weights]
+    update, new_state = step_fn(grad, state, weights, p, scale)
+    d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_update, up_state])
+    return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
+
+
+def native_step(grad, state, weights, p, scale):
+    return ops.lstm_step(grad, state, weights, p, scale)
+
+
+def reference_step(grad, state, weights, p, scale):
+    return reference.lstm_step(grad, state, weights, p, scale)
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double() - expected.double()).abs().max().item()

@@ -1,0 +1,525 @@
+"""Native CPU kernels against the float64 reference on fresh random inputs.
+
+Every comparison runs the reference in float64 on the kernel's (possibly float32) inputs; the
+tolerances are in tests/tolerances.py. Gradient magnitudes are log-uniform over 1e-12..1e3 with
+random signs, so both preprocessing branches occur (asserted).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import (DTYPE_IDS, WEIGHT_KINDS, branch_counts, copy_net, generator, make_net, native_step,
+                      random_grad, random_state, random_weights, reference_forward64, reference_step,
+                      requires_native, seed_of, step_grads, to64)
+from l2l_fast import ops, reference
+from tolerances import assert_elementwise_close, assert_weight_grads_close
+
+pytestmark = requires_native
+
+DTYPES = [torch.float64, torch.float32]
+SIZES = [0, 1, 7, 1000, 2**16 + 3]
+
+
+def random_upstream(n, L, H, *, gen, dtype):
+    return (torch.randn(n, generator=gen, dtype=torch.float64).to(dtype),
+            torch.randn(L, 2, H, n, generator=gen, dtype=torch.float64).to(dtype))
+
+
+def check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, *, kernel_step=native_step):
+    """Kernel forward + backward vs the float64 reference (and, for float32, the flash-attention rule)."""
+    dtype = grad.dtype
+    got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s)
+    ref = step_grads(reference_step, to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s))
+    ref_same = None
+    if dtype != torch.float64:
+        ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s)[4]
+    for name, a, e in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref[:4]):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+        assert_elementwise_close(a, e, dtype, name)
+    assert_weight_grads_close(got[4], ref[4], dtype, ref_same)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# one step, forward and backward
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_step_matches_reference(gen, n, dtype, kind):
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind)
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    if n >= 2:
+        big, small = branch_counts(grad, p)
+        assert big > 0 and small > 0, "inputs must exercise both preprocessing branches"
+    if n >= 1000:
+        big, small = branch_counts(grad[2:], p)  # not only the two forced coordinates
+        assert big > n // 10 and small > n // 10
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    update, new_state, *_ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+    assert update.shape == (n,) and new_state.shape == (L, 2, H, n)
+
+
+@pytest.mark.parametrize("hidden_size,num_layers", [(1, 1), (2, 2), (3, 1), (4, 3), (8, 2), (16, 2), (19, 1),
+                                                    (21, 2), (32, 2), (33, 3), (64, 1), (100, 2)],
+                         ids=lambda v: str(v))
+def test_hidden_sizes_and_layers(gen, hidden_size, num_layers):
+    n, p, scale = 133, 10.0, 0.1
+    weights = random_weights(hidden_size, num_layers, gen=gen, kind="random")
+    grad = random_grad(n, gen=gen, p=p)
+    state = random_state(num_layers, hidden_size, n, gen=gen)
+    up_u, up_s = random_upstream(n, num_layers, hidden_size, gen=gen, dtype=torch.float64)
+    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+
+
+@pytest.mark.parametrize("p,scale", [(10.0, 0.1), (1.0, 1.0), (20.0, -0.5), (3.5, 0.0), (0.25, 7.0)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_preprocess_p_and_output_scale(gen, p, scale, dtype):
+    H, L, n = 20, 2, 513
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+
+
+def test_backward_op_directly(gen):
+    """torch.ops.l2l_fast.lstm_step_backward called by hand equals the reference's autograd."""
+    H, L, n, p, scale = 20, 2, 301, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen)
+    grad, state = random_grad(n, gen=gen, p=p), random_state(L, H, n, gen=gen)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=torch.float64)
+    d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(up_u, up_s, grad, state, weights, p, scale)
+    _, _, e_grad, e_state, e_weights = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s)
+    assert_elementwise_close(d_grad, e_grad, torch.float64, "d_grad")
+    assert_elementwise_close(d_state, e_state, torch.float64, "d_state")
+    assert len(d_weights) == len(weights)
+    assert_weight_grads_close(list(d_weights), e_weights, torch.float64)
+
+
+def test_huge_n_float32(gen):
+    """n = 1000003 (not a multiple of any vector width or thread chunk): forward and step_."""
+    H, L, n, p, scale = 20, 2, 1_000_003, 10.0, 0.1
+    dtype = torch.float32
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=dtype)
+    big, small = branch_counts(grad, p)
+    assert big > n // 10 and small > n // 10
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+
+    update, new_state = ops.lstm_step(grad, state, weights, p, scale)
+    assert_elementwise_close(update, e_update, dtype, "update")
+    assert_elementwise_close(new_state, e_state, dtype, "new_state")
+    # the last coordinates (the tail after the last full vector / chunk) got the same treatment
+    assert_elementwise_close(update[-5:], e_update[-5:], dtype, "update tail")
+
+    expected_param = param.double() + e_update
+    ops.lstm_step_(param, grad, state, weights, p, scale)
+    assert_elementwise_close(param, expected_param, dtype, "param")
+    assert_elementwise_close(state, e_state, dtype, "state")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs untouched; step_ = param + update
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_forward_does_not_modify_inputs(gen, dtype):
+    H, L, n = 20, 2, 1000
+    weights = [w.requires_grad_(True) for w in random_weights(H, L, gen=gen, dtype=dtype)]
+    grad = random_grad(n, gen=gen, dtype=dtype)
+    grad[5] = math.nan
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    before = [t.detach().clone() for t in (grad, state, *weights)]
+    update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    torch.autograd.grad([update, new_state], weights, [torch.ones_like(update), torch.ones_like(new_state)])
+    for k, (old, new) in enumerate(zip(before, (grad, state, *weights))):
+        assert torch.equal(old.nan_to_num(7.0), new.detach().nan_to_num(7.0)), f"input {k} was modified"
+    assert new_state.data_ptr() != state.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_step_inplace_equals_param_plus_update(gen, n, dtype):
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    update, new_state = ops.lstm_step(grad, state, weights, p, scale)
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+    grad_before, weights_before, param_before = grad.clone(), [w.clone() for w in weights], param.clone()
+    state_ptr, param_ptr = state.data_ptr(), param.data_ptr()
+
+    assert ops.lstm_step_(param, grad, state, weights, p, scale) is None
+    assert state.data_ptr() == state_ptr and param.data_ptr() == param_ptr
+    torch.testing.assert_close(param, param_before + update)  # default tolerances of the dtype: a few ulp
+    torch.testing.assert_close(state, new_state)
+    assert_elementwise_close(param, param_before.double() + e_update, dtype, "param")
+    assert_elementwise_close(state, e_state, dtype, "state")
+    assert torch.equal(grad, grad_before)
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_before))
+
+
+# ---------------------------------------------------------------------------------------------
+# non-contiguous inputs
+def strided_vector(values, *, gen, step=3):
+    """values [n] as a non-contiguous view (every step-th element of a larger buffer)."""
+    n = values.shape[0]
+    base = torch.randn(n * step + 1, generator=gen, dtype=torch.float64).to(values.dtype)
+    view = base[1::step]
+    view.copy_(values)
+    return view, base
+
+
+def permuted_state(values, *, gen):
+    """values [L, 2, H, n] as a view of a buffer stored [n, H, 2, L] (coordinates the slowest axis)."""
+    base = torch.empty(values.permute(3, 2, 1, 0).shape, dtype=values.dtype)
+    view = base.permute(3, 2, 1, 0)
+    view.copy_(values)
+    return view, base
+
+
+def sliced_state(values, *, gen):
+    """values [L, 2, H, n] as every other coordinate of a [L, 2, H, 2n] buffer."""
+    L, two, H, n = values.shape
+    base = torch.randn(L, two, H, 2 * n, generator=gen, dtype=torch.float64).to(values.dtype)
+    view = base[..., ::2]
+    view.copy_(values)
+    return view, base
+
+
+STATE_LAYOUTS = {"permuted": permuted_state, "sliced": sliced_state}
+
+
+@pytest.mark.parametrize("layout", STATE_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", [7, 1000], ids=lambda n: f"n{n}")
+def test_non_contiguous_forward_backward(gen, n, dtype, layout):
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    grad_nc, _ = strided_vector(grad, gen=gen)
+    state_nc, _ = STATE_LAYOUTS[layout](state, gen=gen)
+    up_s_nc, _ = STATE_LAYOUTS[layout](up_s, gen=gen)
+    assert not grad_nc.is_contiguous() and not state_nc.is_contiguous()
+    got = check_step_against_reference(grad_nc, state_nc, weights, p, scale, up_u, up_s_nc)
+    contiguous = step_grads(native_step, grad, state, weights, p, scale, up_u, up_s)
+    for name, a, b in zip(("update", "new_state", "d_grad", "d_state"), got[:4], contiguous[:4]):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: non-contiguous != contiguous\n{m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_non_contiguous_weights(gen, dtype):
+    """Weights given as transposed views (e.g. weights tied to another module's transposed tensors)."""
+    H, L, n, p, scale = 20, 2, 300, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    weights_nc = [w.t().contiguous().t() if w.dim() == 2 else torch.stack([w, w], 1)[:, 0] for w in weights]
+    assert not any(w.is_contiguous() for w in weights_nc if w.shape[0] > 1 and w.shape[-1] > 1)
+    grad, state = random_grad(n, gen=gen, dtype=dtype, p=p), random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    check_step_against_reference(grad, state, weights_nc, p, scale, up_u, up_s)
+
+
+@pytest.mark.parametrize("layout", STATE_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_non_contiguous_step_inplace(gen, dtype, layout):
+    """step_ on views writes through to the viewed buffers, and only to the viewed elements."""
+    H, L, n, p, scale = 20, 2, 1000, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+
+    grad_nc, _ = strided_vector(grad, gen=gen, step=2)
+    param_nc, param_base = strided_vector(param, gen=gen, step=3)
+    state_nc, state_base = STATE_LAYOUTS[layout](state, gen=gen)
+    param_base_before, state_base_before = param_base.clone(), state_base.clone()
+    ops.lstm_step_(param_nc, grad_nc, state_nc, weights, p, scale)
+
+    assert_elementwise_close(param_nc, param.double() + e_update, dtype, "param view")
+    assert_elementwise_close(state_nc, e_state, dtype, "state view")
+    untouched = torch.ones_like(param_base, dtype=torch.bool)
+    untouched[1::3] = False
+    assert torch.equal(param_base[untouched], param_base_before[untouched]), "step_ wrote outside the param view"
+    if layout == "sliced":
+        assert torch.equal(state_base[..., 1::2], state_base_before[..., 1::2]), "step_ wrote outside the state view"
+
+
+# ---------------------------------------------------------------------------------------------
+# several steps with the state carried
+STEPS = 6
+
+
+def quadratic(n, *, gen, dtype):
+    """An optimizee f(theta) = sum(a (theta - b)^2) / 2 with curvatures over 6 decades: grad = a (theta - b)."""
+    a = torch.pow(10.0, torch.rand(n, generator=gen, dtype=torch.float64) * 6 - 4).to(dtype)
+    b = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", [7, 1000], ids=lambda n: f"n{n}")
+def test_unrolled_steps_forward_and_backward(gen, n, dtype):
+    """theta_{t+1} = theta_t + update_t, grad_t = a (theta_t - b): values, states and all gradients."""
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights64 = random_weights(H, L, gen=gen, kind="random")
+    state64 = random_state(L, H, n, gen=gen)
+    theta64 = torch.randn(n, generator=gen, dtype=torch.float64)
+    a, b = quadratic(n, gen=gen, dtype=torch.float64)
+    r = torch.randn(STEPS, n, generator=gen, dtype=torch.float64)
+
+    def unroll(step_fn, run_dtype):
+        weights = [w.to(run_dtype).requires_grad_(True) for w in weights64]
+        state0 = state64.to(run_dtype).requires_grad_(True)
+        theta0 = theta64.to(run_dtype).requires_grad_(True)
+        theta, state, updates, states = theta0, state0, [], []
+        for t in range(STEPS):
+            grad = a.to(run_dtype) * (theta - b.to(run_dtype))
+            update, state = step_fn(grad, state, weights, p, scale)
+            theta = theta + update
+            updates.append(update)
+            states.append(state)
+        loss = (torch.stack(updates) * r.to(run_dtype)).sum() + (state ** 2).sum() + theta.square().sum()
+        d = torch.autograd.grad(loss, [theta0, state0, *weights])
+        return [u.detach() for u in updates], [s.detach() for s in states], d
+
+    got_u, got_s, got_d = unroll(native_step, dtype)
+    ref_u, ref_s, ref_d = unroll(reference_step, torch.float64)
+    # float32 trajectories drift apart through theta; allow the table's float32 tolerance per step times the steps
+    for t in range(STEPS):
+        assert_elementwise_close(got_u[t], ref_u[t], dtype, f"update of step {t}")
+        assert_elementwise_close(got_s[t], ref_s[t], dtype, f"state of step {t}")
+    assert_elementwise_close(got_d[0], ref_d[0], dtype, "d theta0")
+    assert_elementwise_close(got_d[1], ref_d[1], dtype, "d state0")
+    ref_same = unroll(reference_step, dtype)[2][2:] if dtype != torch.float64 else None
+    assert_weight_grads_close(list(got_d[2:]), list(ref_d[2:]), dtype, ref_same)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", [1, 7, 1000], ids=lambda n: f"n{n}")
+def test_unrolled_step_inplace(gen, n, dtype):
+    """STEPS in-place steps on a quadratic: param and state follow the reference's lstm_step_."""
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    a, b = quadratic(n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param_ref, state_ref, weights_ref = param.double(), state.double(), to64(weights)
+    for t in range(STEPS):
+        grad = a * (param - b)
+        grad_ref = grad.double()  # the reference follows the kernel's trajectory of gradients
+        ops.lstm_step_(param, grad, state, weights, p, scale)
+        reference.lstm_step_(param_ref, grad_ref, state_ref, weights_ref, p, scale)
+        assert_elementwise_close(param, param_ref, dtype, f"param after step {t}")
+        assert_elementwise_close(state, state_ref, dtype, f"state after step {t}")
+        param_ref, state_ref = param.double(), state.double()  # re-sync: compare one step's error at a time
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_module_native_equals_reference_backend(gen, dtype):
+    """The nn.Module front with backend="native" and "auto" vs backend="reference", several steps."""
+    H, L, n = 20, 2, 777
+    net = make_net(H, L, gen=gen, dtype=dtype, kind="random", backend="native")
+    net_auto = copy_net(net, backend="auto")
+    net_ref = copy_net(net, backend="reference", dtype=torch.float64)
+    state, state_auto = net.init_state(n), net_auto.init_state(n)
+    state_ref = net_ref.init_state(n)
+    assert state.dtype == dtype and state.shape == (L, 2, H, n)
+    for t in range(STEPS):
+        grad = random_grad(n, gen=gen, dtype=dtype)
+        update, new_state = net(grad, state)
+        update_auto, state_auto = net_auto(grad, state_auto)
+        e_update, state_ref = net_ref(grad.double(), state.double())
+        assert torch.equal(update, update_auto), "backend='auto' must use the native kernel on CPU"
+        assert_elementwise_close(update, e_update, dtype, f"update step {t}")
+        assert_elementwise_close(new_state, state_ref, dtype, f"state step {t}")
+        state = new_state
+
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    param_ref, state_ref = param.double(), state.double()
+    for t in range(STEPS):
+        grad = random_grad(n, gen=gen, dtype=dtype)
+        net.step_(param, grad, state)
+        net_ref.step_(param_ref, grad.double(), state_ref)
+        assert_elementwise_close(param, param_ref, dtype, f"param step {t}")
+        assert_elementwise_close(state, state_ref, dtype, f"state step {t}")
+        param_ref, state_ref = param.double(), state.double()
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN / Inf policy
+BAD_VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "mixed": None}
+
+
+def with_bad_coordinates(grad, which, *, gen):
+    """grad with ~10% (at least the first, a middle and the last) coordinates replaced; returns (grad, mask)."""
+    n = grad.shape[0]
+    mask = torch.rand(n, generator=gen) < 0.1
+    mask[[0, n // 2, n - 1]] = True
+    grad = grad.clone()
+    if which == "mixed":
+        choice = torch.randint(0, 3, (n,), generator=gen)
+        bad = torch.tensor([math.nan, math.inf, -math.inf], dtype=grad.dtype)[choice]
+    else:
+        bad = torch.full_like(grad, BAD_VALUES[which])
+    grad[mask] = bad[mask]
+    return grad, mask
+
+
+@pytest.mark.parametrize("which", BAD_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", [1, 37, 1000], ids=lambda n: f"n{n}")
+def test_non_finite_gradient_policy_forward_backward(gen, n, dtype, which):
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad, bad = with_bad_coordinates(random_grad(n, gen=gen, dtype=dtype, p=p), which, gen=gen)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+
+    update, new_state, d_grad, d_state, d_weights = check_step_against_reference(grad, state, weights, p, scale,
+                                                                                 up_u, up_s)
+    # exact policy on the bad coordinates
+    assert torch.equal(update[bad], torch.zeros_like(update[bad])), "update must be exactly 0 where grad is not finite"
+    assert torch.equal(new_state[..., bad], state[..., bad]), "state must be kept bit for bit where grad is not finite"
+    assert torch.equal(d_grad[bad], torch.zeros_like(d_grad[bad])), "d_grad must be exactly 0 where grad is not finite"
+    assert torch.equal(d_state[..., bad], up_s[..., bad]), "d_state must pass through where grad is not finite"
+    # the bad coordinates contribute nothing: weight gradients equal those of the finite coordinates alone
+    good = ~bad
+    if good.any():
+        sub = step_grads(native_step, grad[good], state[..., good], weights, p, scale, up_u[good], up_s[..., good])
+        torch.testing.assert_close(update[good], sub[0])
+        torch.testing.assert_close(new_state[..., good], sub[1])
+        for k, (a, b) in enumerate(zip(d_weights, sub[4])):
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-6 if dtype == torch.float32 else 1e-12,
+                                       msg=lambda m, k=k: f"d_weights[{k}] with vs without the bad coordinates\n{m}")
+    else:
+        for k, w in enumerate(d_weights):
+            assert torch.count_nonzero(w) == 0, f"d_weights[{k}] must be 0 when no gradient is finite"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_all_gradients_non_finite(gen, dtype):
+    H, L, n = 20, 2, 100
+    weights = random_weights(H, L, gen=gen, dtype=dtype)
+    grad = torch.full((n,), math.nan, dtype=dtype)
+    grad[::3] = math.inf
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    update, new_state, d_grad, d_state, d_weights = step_grads(native_step, grad, state, weights, 10.0, 0.1, up_u, up_s)
+    assert torch.count_nonzero(update) == 0
+    assert torch.equal(new_state, state)
+    assert torch.count_nonzero(d_grad) == 0
+    assert torch.equal(d_state, up_s)
+    for k, w in enumerate(d_weights):
+        assert torch.count_nonzero(w) == 0, f"d_weights[{k}]"
+
+
+@pytest.mark.parametrize("which", BAD_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_non_finite_gradient_policy_step_inplace(gen, dtype, which):
+    H, L, n, p, scale = 20, 2, 1000, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype)
+    grad, bad = with_bad_coordinates(random_grad(n, gen=gen, dtype=dtype, p=p), which, gen=gen)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    param_before, state_before = param.clone(), state.clone()
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+    ops.lstm_step_(param, grad, state, weights, p, scale)
+    assert torch.equal(param[bad], param_before[bad])
+    assert torch.equal(state[..., bad], state_before[..., bad])
+    assert_elementwise_close(param, param_before.double() + e_update, dtype, "param")
+    assert_elementwise_close(state, e_state, dtype, "state")
+
+
+# ---------------------------------------------------------------------------------------------
+# edge cases of the autograd wiring
+@pytest.mark.parametrize("used", ["update", "new_state"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_backward_with_one_output_unused(gen, dtype, used):
+    """loss of the update alone (new_state's gradient is None) or of the new state alone."""
+    H, L, n = 20, 2, 500
+    net = make_net(H, L, gen=gen, dtype=dtype, kind="random", backend="native")
+    grad = random_grad(n, gen=gen, dtype=dtype).requires_grad_(True)
+    state = random_state(L, H, n, gen=gen, dtype=dtype).requires_grad_(True)
+    r_u, r_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+
+    def grads(step_fn, grad, state, weights):
+        update, new_state = step_fn(grad, state, weights, net.preprocess_p, net.output_scale)
+        loss = (update * r_u.to(update.dtype)).sum() if used == "update" else (new_state * r_s.to(update.dtype)).sum()
+        return torch.autograd.grad(loss, [grad, state, *weights])
+
+    update, new_state = net(grad, state)
+    loss = (update * r_u).sum() if used == "update" else (new_state * r_s).sum()
+    loss.backward()
+    got = [grad.grad, state.grad] + [w.grad for w in net.weights()]
+    assert all(g is not None for g in got)
+    weights64 = [w.detach().double().requires_grad_(True) for w in net.weights()]
+    ref = grads(reference_step, grad.detach().double().requires_grad_(True),
+                state.detach().double().requires_grad_(True), weights64)
+    assert_elementwise_close(got[0], ref[0], dtype, "d_grad")
+    assert_elementwise_close(got[1], ref[1], dtype, "d_state")
+    ref_same = None
+    if dtype != torch.float64:
+        ref_same = grads(reference_step, grad.detach().requires_grad_(True), state.detach().requires_grad_(True),
+                         [w.detach().requires_grad_(True) for w in net.weights()])[2:]
+    assert_weight_grads_close(got[2:], list(ref[2:]), dtype, ref_same)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_zero_coordinates_all_ops(gen, dtype):
+    H, L = 20, 2
+    weights = [w.requires_grad_(True) for w in random_weights(H, L, gen=gen, dtype=dtype)]
+    grad = torch.empty(0, dtype=dtype, requires_grad=True)
+    state = torch.empty(L, 2, H, 0, dtype=dtype, requires_grad=True)
+    update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    assert update.shape == (0,) and new_state.shape == (L, 2, H, 0)
+    assert update.dtype == dtype and new_state.dtype == dtype
+    d = torch.autograd.grad([update, new_state], [grad, state, *weights],
+                            [torch.empty(0, dtype=dtype), torch.empty(L, 2, H, 0, dtype=dtype)])
+    assert d[0].shape == (0,) and d[1].shape == (L, 2, H, 0)
+    for w, dw in zip(weights, d[2:]):
+        assert dw.shape == w.shape and torch.count_nonzero(dw) == 0
+
+    d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(
+        torch.empty(0, dtype=dtype), torch.empty(L, 2, H, 0, dtype=dtype), grad.detach(), state.detach(),
+        [w.detach() for w in weights], 10.0, 0.1)
+    assert d_grad.shape == (0,) and d_state.shape == (L, 2, H, 0)
+    assert [tuple(w.shape) for w in d_weights] == [tuple(w.shape) for w in weights]
+    assert all(torch.count_nonzero(w) == 0 for w in d_weights)
+
+    param = torch.empty(0, dtype=dtype)
+    ops.lstm_step_(param, grad.detach(), state.detach(), [w.detach() for w in weights], 10.0, 0.1)
+    net = make_net(H, L, gen=gen, dtype=dtype, backend="native")
+    update, new_state = net(torch.empty(0, dtype=dtype), net.init_state(0))
+    assert update.shape == (0,) and new_state.shape == (L, 2, H, 0)
+    net.step_(param, torch.empty(0, dtype=dtype), net.init_state(0))
+
+
+def test_forward_is_deterministic(gen):
+    H, L, n = 20, 2, 2**16 + 3
+    weights = random_weights(H, L, gen=gen, dtype=torch.float32)
+    grad, state = random_grad(n, gen=gen, dtype=torch.float32), random_state(L, H, n, gen=gen, dtype=torch.float32)
+    first = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    second = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_zero_state_is_the_fresh_start(gen):
+    """From init_state (zeros), native and reference agree; a sanity check of the common first step."""
+    net = make_net(20, 2, gen=gen, kind="init", backend="native")
+    n = 1000
+    grad = random_grad(n, gen=gen)
+    state = net.init_state(n)
+    update, new_state = net(grad, state)
+    e_update, e_state = reference.lstm_step(grad, state, net.weights(), net.preprocess_p, net.output_scale)
+    assert_elementwise_close(update, e_update, torch.float64, "update")
+    assert_elementwise_close(new_state, e_state, torch.float64, "new_state")
