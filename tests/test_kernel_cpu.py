@@ -15,7 +15,8 @@ from conftest import (DTYPE_IDS, WEIGHT_KINDS, branch_counts, copy_net, generato
                       random_grad, random_state, random_weights, reference_forward64, reference_step,
                       requires_native, seed_of, step_grads, to64)
 from l2l_fast import ops, reference
-from tolerances import assert_elementwise_close, assert_weight_grads_close
+from tolerances import (REORDERED_SUM, assert_close_rel_max, assert_elementwise_close, assert_weight_grads_close,
+                        assert_within_rule)
 
 pytestmark = requires_native
 
@@ -294,14 +295,20 @@ def test_unrolled_steps_forward_and_backward(gen, n, dtype):
 
     got_u, got_s, got_d = unroll(native_step, dtype)
     ref_u, ref_s, ref_d = unroll(reference_step, torch.float64)
-    # float32 trajectories drift apart through theta; allow the table's float32 tolerance per step times the steps
-    for t in range(STEPS):
-        assert_elementwise_close(got_u[t], ref_u[t], dtype, f"update of step {t}")
-        assert_elementwise_close(got_s[t], ref_s[t], dtype, f"state of step {t}")
-    assert_elementwise_close(got_d[0], ref_d[0], dtype, "d theta0")
-    assert_elementwise_close(got_d[1], ref_d[1], dtype, "d state0")
-    ref_same = unroll(reference_step, dtype)[2][2:] if dtype != torch.float64 else None
-    assert_weight_grads_close(list(got_d[2:]), list(ref_d[2:]), dtype, ref_same)
+    names = [f"update of step {t}" for t in range(STEPS)] + [f"state of step {t}" for t in range(STEPS)]
+    names += ["d theta0", "d state0"] + [f"d_weights[{k}]" for k in range(len(weights64))]
+    got, ref = got_u + got_s + list(got_d), ref_u + ref_s + list(ref_d)
+    if dtype == torch.float64:
+        for name, a, e in zip(names[:-len(weights64)], got, ref):
+            assert_elementwise_close(a, e, dtype, name)
+        assert_weight_grads_close(list(got_d[2:]), list(ref_d[2:]), dtype)
+    else:
+        # float32 errors compound over the unrolled steps (theta feeds the next gradient), beyond the
+        # one-step table: hold every quantity to the flash-attention rule against PyTorch float32 instead.
+        same_u, same_s, same_d = unroll(reference_step, dtype)
+        same = same_u + same_s + list(same_d)
+        for name, a, e, s in zip(names, got, ref, same):
+            assert_within_rule(a, e, s, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -399,8 +406,7 @@ def test_non_finite_gradient_policy_forward_backward(gen, n, dtype, which):
         torch.testing.assert_close(update[good], sub[0])
         torch.testing.assert_close(new_state[..., good], sub[1])
         for k, (a, b) in enumerate(zip(d_weights, sub[4])):
-            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-6 if dtype == torch.float32 else 1e-12,
-                                       msg=lambda m, k=k: f"d_weights[{k}] with vs without the bad coordinates\n{m}")
+            assert_close_rel_max(a, b, REORDERED_SUM[dtype], f"d_weights[{k}] with vs without the bad coordinates")
     else:
         for k, w in enumerate(d_weights):
             assert torch.count_nonzero(w) == 0, f"d_weights[{k}] must be 0 when no gradient is finite"

@@ -59,25 +59,54 @@ def assert_elementwise_close(actual: torch.Tensor, expected: torch.Tensor, dtype
             f"(max|expected| = {_finite_max(e):.3e})")
 
 
+def assert_within_rule(actual: torch.Tensor, expected: torch.Tensor, same_dtype: torch.Tensor, dtype: torch.dtype,
+                       name: str) -> None:
+    """flash-attention's rule: max|actual - expected| <= 2 * max|same_dtype - expected| + floor_rel * max|expected|.
+
+    expected: float64 reference; same_dtype: the reference run in `dtype` on the same inputs.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    a64, e64 = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a64).all(), f"{name}: non-finite entries"
+    err = (a64 - e64).abs().max().item()
+    ref_err = (same_dtype.detach().double() - e64).abs().max().item()
+    scale = _finite_max(e64)
+    bound = 2 * ref_err + WEIGHT_GRAD[dtype]["floor_rel"] * scale
+    assert err <= bound, (f"{name} ({dtype}): kernel error {err:.3e} > 2 * PyTorch {dtype} error {ref_err:.3e} "
+                          f"+ floor = {bound:.3e} (max|ref| {scale:.3e})")
+
+
 def assert_weight_grads_close(kernel: list[torch.Tensor], ref64: list[torch.Tensor], dtype: torch.dtype,
                               ref_same_dtype: list[torch.Tensor] | None = None) -> None:
     """Weight gradients: flash-attention rule for float32, the float64 table for float64."""
-    assert len(kernel) == len(ref64)
+    assert len(kernel) == len(ref64), f"d_weights: {len(kernel)} tensors, expected {len(ref64)}"
     for k, (a, e) in enumerate(zip(kernel, ref64)):
         assert a.shape == e.shape, f"d_weights[{k}]: shape {tuple(a.shape)} != {tuple(e.shape)}"
         assert a.dtype == dtype, f"d_weights[{k}]: dtype {a.dtype}, expected {dtype}"
         if a.numel() == 0:
             continue
-        a64, e64 = a.detach().double(), e.detach().double()
-        assert torch.isfinite(a64).all(), f"d_weights[{k}]: non-finite entries"
-        err = (a64 - e64).abs().max().item()
-        scale = _finite_max(e64)
         if dtype == torch.float64:
-            bound = WEIGHT_GRAD[dtype]["atol_rel"] * max(scale, 1e-300)
+            a64, e64 = a.detach().double(), e.detach().double()
+            assert torch.isfinite(a64).all(), f"d_weights[{k}]: non-finite entries"
+            err, scale = (a64 - e64).abs().max().item(), _finite_max(e64)
+            bound = WEIGHT_GRAD[dtype]["atol_rel"] * scale
             assert err <= bound, f"d_weights[{k}] (float64): max error {err:.3e} > {bound:.3e} (max|ref| {scale:.3e})"
         else:
             assert ref_same_dtype is not None, "the float32 rule needs the reference run in float32"
-            ref_err = (ref_same_dtype[k].detach().double() - e64).abs().max().item()
-            bound = 2 * ref_err + WEIGHT_GRAD[dtype]["floor_rel"] * scale
-            assert err <= bound, (f"d_weights[{k}] ({dtype}): kernel error {err:.3e} > 2 * PyTorch {dtype} error "
-                                  f"{ref_err:.3e} + floor = {bound:.3e} (max|ref| {scale:.3e})")
+            assert_within_rule(a, e, ref_same_dtype[k], dtype, f"d_weights[{k}]")
+
+
+def assert_close_rel_max(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str) -> None:
+    """max|actual - expected| <= rel * max|expected|: for two kernel runs whose sums differ only in order."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = rel * _finite_max(expected.double())
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+# Relative-to-max bound of assert_close_rel_max for the same kernel summing in another order (other n).
+REORDERED_SUM = {torch.float64: 1e-11, torch.float32: 1e-5}

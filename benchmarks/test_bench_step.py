@@ -1,0 +1,66 @@
+"""pytest-benchmark versions of the main rows of bench_step.py, at one size on the CPU.
+
+  .venv/bin/python -m pytest benchmarks/test_bench_step.py --benchmark-enable
+  L2L_BENCH_N=1e6 .venv/bin/python -m pytest benchmarks/test_bench_step.py --benchmark-enable
+
+pyproject's addopts pass --benchmark-disable, so without --benchmark-enable every benchmark runs once: a smoke
+test of the workloads. Nothing here asserts on time; bench_step.py prints the full table with the limits.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import bench_step  # benchmarks/ has no __init__.py: pytest puts it on sys.path
+from l2l_fast import ops
+
+N = int(float(os.environ.get("L2L_BENCH_N", "1e5")))
+HIDDEN, LAYERS = 20, 2
+
+needs_native = pytest.mark.skipif(
+    "cpu" not in ops.native_devices(), reason=f"l2l_fast._C has no CPU kernels here ({ops.NATIVE_IMPORT_ERROR})")
+
+
+def run(benchmark, fn, group: str) -> None:
+    benchmark.group = f"{group}, N={N:,}"
+    benchmark.extra_info["coordinates"] = N
+    if not benchmark.disabled:
+        fn()  # warm-up: allocator, lazy optimizer state, first-call dispatch
+    benchmark(fn)
+
+
+@needs_native
+def test_fused_step(benchmark):
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "native")
+    run(benchmark, bench_step.step_fn(net, N), "step")
+
+
+def test_eager_reference_step(benchmark):
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
+    run(benchmark, bench_step.step_fn(net, N), "step")
+
+
+@pytest.mark.parametrize("flags", [{"foreach": True}, {"fused": True}], ids=["foreach", "fused"])
+def test_adam_step(benchmark, flags):
+    run(benchmark, bench_step.adam_fn(N, "cpu", **flags), "step")
+
+
+@needs_native
+def test_fused_fwdbwd(benchmark):
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "native")
+    run(benchmark, bench_step.fwdbwd_fn(net, N), "fwd+bwd")
+
+
+def test_eager_reference_fwdbwd(benchmark):
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
+    run(benchmark, bench_step.fwdbwd_fn(net, N), "fwd+bwd")
+
+
+def test_workloads_run_without_autograd_leaks():
+    """Smoke check of the builders themselves: the step leaves no graph, fwd+bwd returns one gradient per input."""
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
+    grads = bench_step.fwdbwd_fn(net, 7)()
+    assert len(grads) == len(net.weights()) + 1
+    assert all(torch.isfinite(g).all() for g in grads)
