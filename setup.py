@@ -25,7 +25,7 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi"]
     link = []
     if os.environ.get("L2L_FAST_SANITIZE") == "1":
         flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]

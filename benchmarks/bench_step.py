@@ -151,6 +151,7 @@ class Row:
     counts_flops: bool = True   # False for Adam: the LSTM FLOP limit says nothing about it
     baseline: bool = False
     warmup_calls: int = 1
+    compiled: bool = False      # report the (untimed) compile + warm-up time in the note
     seconds: float | None = None
     note: str = ""
 
@@ -163,6 +164,7 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
         if fused_net is None:
             raise Unavailable(f"l2l_fast._C not built ({ops.NATIVE_IMPORT_ERROR})")
         return fused_net
+
     step_bytes = machine.bytes_per_coord(hidden, layers, "step")
     fwdbwd_bytes = machine.bytes_per_coord(hidden, layers, "fwdbwd")
     fused = "fused" if args.backend == "native" else "fused [reference backend: harness smoke test]"
@@ -172,10 +174,11 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     ]
     if not args.no_compile:
         rows.append(Row("torch.compile(reference) step", "step", lambda: compiled_step_fn(ref_net, n), step_bytes,
-                        warmup_calls=2))
+                        warmup_calls=2, compiled=True))
     if device == "cuda":
         bf16_bytes = 4 + 8 + 2 * machine.state_bytes_per_coord(hidden, layers, 2)
-        rows.append(Row(f"{fused} step_, bf16 state", "step", lambda: bf16_state_step_fn(fused_net_or_skip(), n), bf16_bytes))
+        rows.append(Row(f"{fused} step_, bf16 state", "step", lambda: bf16_state_step_fn(fused_net_or_skip(), n),
+                        bf16_bytes))
     rows += [
         Row("torch.optim.Adam(foreach=True) step", "step", lambda: adam_fn(n, device, foreach=True),
             machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2),
@@ -192,7 +195,7 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     ]
     if not args.no_compile:
         rows.append(Row("torch.compile(reference) fwd+bwd", "fwdbwd", lambda: compiled_fwdbwd_fn(ref_net, n),
-                        fwdbwd_bytes, warmup_calls=2))
+                        fwdbwd_bytes, warmup_calls=2, compiled=True))
     return rows
 
 
@@ -211,7 +214,7 @@ def measure(row: Row, args) -> None:
             fn()
         if args.device == "cuda":
             torch.cuda.synchronize()
-        if "compile" in row.name:
+        if row.compiled:
             row.note = f"compile + warm-up {time.perf_counter() - start:.1f} s, excluded"
         row.seconds = machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time).median
     except Unavailable as error:
@@ -249,7 +252,8 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
         table.append(cells)
     title = f"N = {n:,} coordinates"
     if args.markdown:
-        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", rule]
         lines += ["| " + " | ".join(cells) + " |" for cells in table]
         return "\n".join(lines) + "\n"
     widths = [max(len(c[i]) for c in [header] + table) for i in range(len(header))]
@@ -335,8 +339,9 @@ def main(argv=None) -> None:
         limits["copy"] = machine.copy_bandwidth(device, args.threads, min_run_time=args.min_run_time)
         step_bytes = machine.bytes_per_coord(args.hidden, args.layers, "step")
         fwdbwd_bytes = machine.bytes_per_coord(args.hidden, args.layers, "fwdbwd")
-        lines.append(f"memory   : device copy {limits['copy'] / 1e9:,.0f} GB/s (read + write); step {step_bytes} B/coord "
-                     f"-> {limits['copy'] / step_bytes / 1e9:,.2f} Gcoord/s; fwd+bwd {fwdbwd_bytes} B/coord; "
+        lines.append(f"memory   : device copy {limits['copy'] / 1e9:,.0f} GB/s (read + write); "
+                     f"step {step_bytes} B/coord -> {limits['copy'] / step_bytes / 1e9:,.2f} Gcoord/s; "
+                     f"fwd+bwd {fwdbwd_bytes} B/coord; "
                      f"Adam {machine.ADAM_BYTES_PER_PARAM} B/param")
     lines.append("columns  : vs eager = eager reference time / row time, same group (step rows vs eager step, "
                  "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above")

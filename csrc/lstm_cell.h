@@ -11,25 +11,31 @@ namespace l2l_fast {
 L2L_HD float log_of(float x) { return logf(x); }
 L2L_HD double log_of(double x) { return log(x); }
 
-// Appendix A of the paper: |g| >= e^-p -> (log|g| / p, sign g); else (-1, e^p g).
-// exp_minus_p = e^-p and exp_p = e^p are precomputed by the caller.
+// Elementwise helpers of a scalar number type; the CPU kernels bring their own for vectors.
 template <typename T>
-L2L_HD void preprocess(T g, T p, T exp_minus_p, T exp_p, T& x0, T& x1) {
-  const T magnitude = g < 0 ? -g : g;
-  if (magnitude >= exp_minus_p) {
-    x0 = log_of(magnitude) / p;
-    x1 = g > 0 ? T(1) : T(-1);
-  } else {
-    x0 = T(-1);
-    x1 = exp_p * g;
-  }
+struct ScalarMath {
+  typedef bool Mask;
+  L2L_HD static T splat(T x) { return x; }
+  L2L_HD static T abs(T x) { return x < 0 ? -x : x; }
+  L2L_HD static T select(bool m, T a, T b) { return m ? a : b; }
+  L2L_HD static T log(T x) { return log_of(x); }
+  L2L_HD static T sign(T x) { return x > 0 ? T(1) : (x < 0 ? T(-1) : T(0)); }
+};
+
+// Appendix A of the paper: |g| >= e^-p -> (log|g| / p, sign g); else (-1, e^p g).
+// exp_minus_p = e^-p and exp_p = e^p are precomputed by the caller. V is T or a vector of T.
+template <typename Math, typename V, typename T>
+L2L_HD void preprocess(V g, T p, T exp_minus_p, T exp_p, V& x0, V& x1) {
+  const V magnitude = Math::abs(g);
+  const auto big = magnitude >= exp_minus_p;
+  x0 = Math::select(big, Math::log(magnitude) / p, Math::splat(T(-1)));
+  x1 = Math::select(big, Math::sign(g), g * exp_p);
 }
 
 // d loss / d g from d loss / d x; the sign has zero derivative away from 0.
-template <typename T>
-L2L_HD T preprocess_backward(T g, T dx0, T dx1, T p, T exp_minus_p, T exp_p) {
-  const T magnitude = g < 0 ? -g : g;
-  return magnitude >= exp_minus_p ? dx0 / (p * g) : dx1 * exp_p;
+template <typename Math, typename V, typename T>
+L2L_HD V preprocess_backward(V g, V dx0, V dx1, T p, T exp_minus_p, T exp_p) {
+  return Math::select(Math::abs(g) >= exp_minus_p, dx0 / (g * p), dx1 * exp_p);
 }
 
 // LSTM cell for one unit: pre-activations z* -> gates, new cell c_new, tanh(c_new), new h.

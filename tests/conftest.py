@@ -42,6 +42,41 @@ requires_native = pytest.mark.skipif(not ops.HAS_NATIVE,
                                      reason=f"l2l_fast._C is not built ({ops.NATIVE_IMPORT_ERROR})")
 
 DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def available_cpu_isas() -> list[str]:
+    """Instruction sets whose CPU kernels this build has and this CPU runs (l2l_fast._C.set_cpu_isa)."""
+    if not ops.HAS_NATIVE:
+        return []
+    from l2l_fast import _C
+
+    if not hasattr(_C, "set_cpu_isa"):
+        return [getattr(_C, "cpu_isa", lambda: "default")()]
+    current, found = _C.cpu_isa(), []
+    for isa in ("generic", "avx2", "avx512"):
+        try:
+            _C.set_cpu_isa(isa)
+            found.append(isa)
+        except (RuntimeError, ValueError):
+            pass
+    _C.set_cpu_isa(current)
+    return found
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Runs the test with the CPU kernels of instruction set request.param, then restores the previous one."""
+    from l2l_fast import _C
+
+    if not hasattr(_C, "set_cpu_isa"):
+        yield _C.cpu_isa() if hasattr(_C, "cpu_isa") else "default"
+        return
+    previous = _C.cpu_isa()
+    assert _C.set_cpu_isa(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        _C.set_cpu_isa(previous)
 WEIGHT_KINDS = ("init", "random", "saturating")
 
 
@@ -144,7 +179,7 @@ def make_net(hidden_size: int = 20, num_layers: int = 2, *, gen: torch.Generator
 def copy_net(net: CoordinatewiseLSTM, *, backend: str, dtype=None) -> CoordinatewiseLSTM:
     """The same weights in a new net with another backend (and optionally dtype)."""
     other = CoordinatewiseLSTM(net.hidden_size, net.num_layers, net.preprocess_p, net.output_scale, backend=backend)
-    other.load_state_dict(net.state_dict())
+    other.to(net.out.weight.dtype).load_state_dict(net.state_dict())  # load at the source dtype: no rounding
     return other.to(dtype or net.out.weight.dtype)
 
 

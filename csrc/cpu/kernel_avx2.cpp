@@ -6,6 +6,8 @@
 #define L2L_ISA avx2
 #define L2L_ISA_NAME "avx2"
 #define L2L_VEC_BYTES 32
+// #pragma GCC target does not define __AVX512F__ / __AVX__ for the preprocessor
+#define L2L_X86_RCP 1
 #define L2L_TILE_VECTORS 2
 #include "cpu/kernel_body.inc"
 #else

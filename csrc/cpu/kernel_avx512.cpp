@@ -6,6 +6,8 @@
 #define L2L_ISA avx512
 #define L2L_ISA_NAME "avx512"
 #define L2L_VEC_BYTES 64
+// #pragma GCC target does not define __AVX512F__ / __AVX__ for the preprocessor
+#define L2L_X86_RCP 1
 #define L2L_TILE_VECTORS 4
 #include "cpu/kernel_body.inc"
 #else

@@ -1,0 +1,290 @@
+"""Bad input fails early with an error that names the argument: through the module front (Python
+checks in l2l_fast/checks.py) and through the raw torch.ops.l2l_fast.* ops (the C++ checks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_net, random_grad, random_state, random_weights, requires_native
+from l2l_fast import CoordinatewiseLSTM
+
+H, L, N = 4, 2, 9
+ERRORS = (ValueError, TypeError, RuntimeError)
+META = torch.device("meta")
+
+
+def arg(name):
+    """match= pattern for a message naming the argument `name` (not as part of a longer identifier)."""
+    return rf"(?<![\w.]){name}(?!\w)"
+
+
+# ---------------------------------------------------------------------------------------------
+# module front
+BACKENDS = ["reference", pytest.param("native", marks=requires_native)]
+
+
+def good(gen, net, n=N):
+    dtype = net.out.weight.dtype
+    return (torch.randn(n, generator=gen, dtype=torch.float64).to(dtype),  # param
+            random_grad(n, gen=gen, dtype=dtype),
+            random_state(net.num_layers, net.hidden_size, n, gen=gen, dtype=dtype))
+
+
+def sparse(t):
+    return t.to_sparse()
+
+
+BAD_GRAD = {
+    "2d": lambda g: g[:, None],
+    "0d": lambda g: g[0],
+    "float16": lambda g: g.half(),
+    "int64": lambda g: g.long(),
+    "float32": lambda g: g.float(),
+    "complex": lambda g: g.to(torch.complex128),
+    "sparse": sparse,
+    "meta": lambda g: g.to(META),
+    "list": lambda g: g.tolist(),
+}
+BAD_STATE = {
+    "3d": lambda s: s[0],
+    "5d": lambda s: s[None],
+    "other_n": lambda s: torch.cat([s, s[..., :1]], dim=-1),
+    "fewer_n": lambda s: s[..., :-1],
+    "other_hidden_size": lambda s: torch.zeros(L, 2, H + 1, N, dtype=s.dtype),
+    "other_num_layers": lambda s: torch.zeros(L + 1, 2, H, N, dtype=s.dtype),
+    "hc_axis_3": lambda s: torch.zeros(L, 3, H, N, dtype=s.dtype),
+    "float32": lambda s: s.float(),
+    "int64": lambda s: s.long(),
+    "complex": lambda s: s.to(torch.complex128),
+    "sparse": sparse,
+    "meta": lambda s: s.to(META),
+}
+BAD_PARAM = {
+    "2d": lambda p: p[:, None],
+    "other_n": lambda p: torch.cat([p, p[:1]]),
+    "float16": lambda p: p.half(),
+    "int64": lambda p: p.long(),
+    "complex": lambda p: p.to(torch.complex128),
+    "sparse": sparse,
+    "meta": lambda p: p.to(META),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", BAD_GRAD)
+def test_module_rejects_bad_grad(gen, backend, bad):
+    net = make_net(H, L, gen=gen, backend=backend)
+    param, grad, state = good(gen, net)
+    with pytest.raises(ERRORS, match=arg("grad")):
+        net(BAD_GRAD[bad](grad), state)
+    with pytest.raises(ERRORS, match=arg("grad")):
+        net.step_(param, BAD_GRAD[bad](grad), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", BAD_STATE)
+def test_module_rejects_bad_state(gen, backend, bad):
+    net = make_net(H, L, gen=gen, backend=backend)
+    param, grad, state = good(gen, net)
+    state_before, param_before = state.clone(), param.clone()
+    with pytest.raises(ERRORS, match=arg("state")):
+        net(grad, BAD_STATE[bad](state))
+    with pytest.raises(ERRORS, match=arg("state")):
+        net.step_(param, grad, BAD_STATE[bad](state))
+    assert torch.equal(param, param_before) and torch.equal(state, state_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", BAD_PARAM)
+def test_module_rejects_bad_param(gen, backend, bad):
+    net = make_net(H, L, gen=gen, backend=backend)
+    param, grad, state = good(gen, net)
+    state_before = state.clone()
+    with pytest.raises(ERRORS, match=arg("param")):
+        net.step_(BAD_PARAM[bad](param), grad, state)
+    assert torch.equal(state, state_before), "a rejected step_ must not advance the state"
+
+
+@pytest.mark.parametrize("other", [dict(hidden_size=H + 3, num_layers=L), dict(hidden_size=H, num_layers=L + 1),
+                                   dict(hidden_size=H, num_layers=1)], ids=["other_hidden_size", "more_layers",
+                                                                            "fewer_layers"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_rejects_state_of_another_net(gen, backend, other):
+    net = make_net(H, L, gen=gen, backend=backend)
+    other_net = CoordinatewiseLSTM(**other, backend=backend).double()
+    param, grad, _ = good(gen, net)
+    with pytest.raises(ValueError, match=arg("state")):
+        net(grad, other_net.init_state(N))
+    with pytest.raises(ValueError, match=arg("state")):
+        net.step_(param, grad, other_net.init_state(N))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_rejects_state_for_another_parameter(gen, backend):
+    net = make_net(H, L, gen=gen, backend=backend)
+    param, grad, _ = good(gen, net)
+    with pytest.raises(ValueError, match=arg("state")):
+        net(grad, net.init_state(N + 1))
+    with pytest.raises(ValueError, match=arg("state")):
+        net.step_(param, grad, net.init_state(2 * N))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_module_rejects_unsupported_weight_dtype(gen, backend, dtype):
+    net = CoordinatewiseLSTM(H, L, backend=backend).to(dtype)
+    grad, state = random_grad(N, gen=gen, dtype=dtype), net.init_state(N)
+    with pytest.raises(TypeError, match="weights"):
+        net(grad, state)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(hidden_size=0), "hidden_size"), (dict(hidden_size=2.5), "hidden_size"), (dict(num_layers=0), "num_layers"),
+    (dict(preprocess_p=0.0), "preprocess_p"), (dict(preprocess_p=-1.0), "preprocess_p"),
+    (dict(backend="cuda"), "backend")], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_module_rejects_bad_constructor_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=arg(name)):
+        CoordinatewiseLSTM(**kwargs)
+
+
+def test_init_state_rejects_negative_n():
+    with pytest.raises(ValueError, match=arg("n")):
+        CoordinatewiseLSTM(H, L).init_state(-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_zero_coordinates_return_empties(gen, backend):
+    net = make_net(H, L, gen=gen, backend=backend)
+    update, new_state = net(torch.empty(0, dtype=torch.float64), net.init_state(0))
+    assert update.shape == (0,) and new_state.shape == (L, 2, H, 0)
+    param, state = torch.empty(0, dtype=torch.float64), net.init_state(0)
+    net.step_(param, torch.empty(0, dtype=torch.float64), state)
+    assert param.shape == (0,) and state.shape == (L, 2, H, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# raw ops: the C++ checks
+def raw_inputs(gen, n=N, dtype=torch.float64):
+    weights = random_weights(H, L, gen=gen, dtype=dtype)
+    grad = random_grad(n, gen=gen, dtype=dtype)
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    return param, grad, state, weights
+
+
+def call_op(which, param, grad, state, weights, p=10.0, scale=0.1):
+    if which == "lstm_step":
+        return torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale)
+    if which == "lstm_step_":
+        return torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale)
+    # the backward with good upstream gradients shaped like the (good) outputs
+    grad_update = torch.ones(N, dtype=torch.float64)
+    grad_new_state = torch.ones(L, 2, H, N, dtype=torch.float64)
+    return torch.ops.l2l_fast.lstm_step_backward(grad_update, grad_new_state, grad, state, weights, p, scale)
+
+
+OPS = [pytest.param(op, marks=requires_native) for op in ("lstm_step", "lstm_step_", "lstm_step_backward")]
+
+RAW_BAD_GRAD = {k: v for k, v in BAD_GRAD.items() if k not in ("list", "sparse")}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", RAW_BAD_GRAD)
+def test_op_rejects_bad_grad(gen, op, bad):
+    param, grad, state, weights = raw_inputs(gen)
+    with pytest.raises(ERRORS, match=arg("grad")):
+        call_op(op, param, RAW_BAD_GRAD[bad](grad), state, weights)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", [k for k in BAD_STATE if k != "sparse"])
+def test_op_rejects_bad_state(gen, op, bad):
+    param, grad, state, weights = raw_inputs(gen)
+    with pytest.raises(ERRORS, match=arg("state")):
+        call_op(op, param, grad, BAD_STATE[bad](state), weights)
+
+
+@pytest.mark.parametrize("bad", [k for k in BAD_PARAM if k != "sparse"])
+@requires_native
+def test_op_rejects_bad_param(gen, bad):
+    param, grad, state, weights = raw_inputs(gen)
+    state_before = state.clone()
+    with pytest.raises(ERRORS, match=arg("param")):
+        torch.ops.l2l_fast.lstm_step_(BAD_PARAM[bad](param), grad, state, weights, 10.0, 0.1)
+    assert torch.equal(state, state_before)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("where", ["grad", "state"])
+def test_op_rejects_sparse(gen, op, where):
+    """A sparse tensor has no kernel: the dispatcher refuses it before the C++ checks, naming the
+    sparse backend; a dense-only op may answer that way instead of naming the argument."""
+    param, grad, state, weights = raw_inputs(gen)
+    args = dict(param=param, grad=grad, state=state, weights=weights)
+    args[where] = args[where].to_sparse()
+    with pytest.raises((*ERRORS, NotImplementedError), match=rf"{arg(where)}|Sparse"):
+        call_op(op, **args)
+
+
+def replace(weights, index, value):
+    weights = list(weights)
+    weights[index] = value
+    return weights
+
+
+BAD_WEIGHTS = {
+    "empty": (lambda w: [], r"weights"),
+    "one_short": (lambda w: w[:-1], r"weights"),
+    "one_layer_group_short": (lambda w: w[:4] + w[5:], r"weights"),
+    "one_extra": (lambda w: w + [w[-1]], r"weights"),
+    "w_ih_wrong_inputs": (lambda w: replace(w, 0, torch.zeros(4 * H, 3, dtype=w[0].dtype)), r"weights\[0\]"),
+    "w_hh_wrong_shape": (lambda w: replace(w, 1, torch.zeros(4 * H, H + 1, dtype=w[0].dtype)), r"weights\[1\]"),
+    "b_ih_wrong_shape": (lambda w: replace(w, 2, torch.zeros(3 * H, dtype=w[0].dtype)), r"weights\[2\]"),
+    "b_hh_2d": (lambda w: replace(w, 3, torch.zeros(1, 4 * H, dtype=w[0].dtype)), r"weights\[3\]"),
+    "layer1_w_ih_wrong": (lambda w: replace(w, 4, torch.zeros(4 * H, 2, dtype=w[0].dtype)), r"weights\[4\]"),
+    "out_weight_wrong": (lambda w: replace(w, -2, torch.zeros(2, H, dtype=w[0].dtype)), r"weights"),
+    "out_weight_other_hidden_size": (lambda w: replace(w, -2, torch.zeros(1, H + 1, dtype=w[0].dtype)), r"weights"),
+    "out_bias_wrong": (lambda w: replace(w, -1, torch.zeros(2, dtype=w[0].dtype)), r"weights"),
+    "w_hh_float32": (lambda w: replace(w, 1, w[1].float()), r"weights\[1\]"),
+    "b_ih_int64": (lambda w: replace(w, 2, w[2].long()), r"weights\[2\]"),
+    "out_bias_complex": (lambda w: replace(w, -1, w[-1].to(torch.complex128)), r"weights\[(9|-1)\]"),
+    "w_ih_meta": (lambda w: replace(w, 0, w[0].to(META)), r"weights\[0\]"),
+    "all_meta": (lambda w: [t.to(META) for t in w], r"weights"),
+    "w_hh_sparse": (lambda w: replace(w, 1, w[1].to_sparse()), r"weights\[1\]|Sparse"),
+}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", BAD_WEIGHTS)
+def test_op_rejects_bad_weights(gen, op, bad):
+    param, grad, state, weights = raw_inputs(gen)
+    make_bad, pattern = BAD_WEIGHTS[bad]
+    with pytest.raises((*ERRORS, NotImplementedError), match=pattern):
+        call_op(op, param, grad, state, make_bad(weights))
+
+
+@pytest.mark.parametrize("bad", ["grad_update", "grad_new_state"])
+@pytest.mark.parametrize("how", ["shape", "dtype", "meta"])
+@requires_native
+def test_backward_op_rejects_bad_upstream(gen, bad, how):
+    _, grad, state, weights = raw_inputs(gen)
+    upstream = dict(grad_update=torch.ones(N, dtype=torch.float64),
+                    grad_new_state=torch.ones(L, 2, H, N, dtype=torch.float64))
+    t = upstream[bad]
+    upstream[bad] = {"shape": t[..., :-1], "dtype": t.float(), "meta": t.to(META)}[how]
+    with pytest.raises(ERRORS, match=arg(bad)):
+        torch.ops.l2l_fast.lstm_step_backward(upstream["grad_update"], upstream["grad_new_state"], grad, state,
+                                              weights, 10.0, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@requires_native
+def test_ops_zero_coordinates_return_empties(gen, dtype):
+    param, grad, state, weights = raw_inputs(gen, n=0, dtype=dtype)
+    update, new_state = torch.ops.l2l_fast.lstm_step(grad, state, weights, 10.0, 0.1)
+    assert update.shape == (0,) and new_state.shape == (L, 2, H, 0) and update.dtype == dtype
+    torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, 10.0, 0.1)
+    d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(
+        torch.empty(0, dtype=dtype), torch.empty(L, 2, H, 0, dtype=dtype), grad, state, weights, 10.0, 0.1)
+    assert d_grad.shape == (0,) and d_state.shape == (L, 2, H, 0)
+    assert all(dw.shape == w.shape and torch.count_nonzero(dw) == 0 for dw, w in zip(d_weights, weights))
