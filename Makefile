@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark hypothesis expecttest
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench clean sanitize
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info l2l_fast/_C*.so
+
+# Developer check: the kernels built with -fsanitize=address,undefined (scripts/sanitize.sh).
+sanitize:
+	bash scripts/sanitize.sh
