@@ -1,0 +1,100 @@
+"""Comparing the learned optimizer with tuned hand-designed ones on held-out problems.
+
+Each baseline's learning rate is chosen by grid search on validation problems (lowest mean final
+loss); the comparison then runs every optimizer on the same test problems (same initialisations
+and minibatches).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .unroll import run_learned, run_torch_optimizer
+
+BASELINES = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "nag": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+# 10^-4 .. 10^0.5 in quarter decades
+DEFAULT_GRID = tuple(10 ** (e / 4) for e in range(-16, 3))
+
+
+def final_score(losses: torch.Tensor) -> float:
+    """Mean over problems of the last loss; a diverged run scores +inf."""
+    value = losses[-1].mean().item()
+    return value if math.isfinite(value) else math.inf
+
+
+def tune_learning_rate(name: str, task, steps: int, num_problems: int, seed: int, grid=DEFAULT_GRID):
+    """Grid search on validation problems: returns (best lr, {lr: score})."""
+    problems = task.sample(num_problems, seed=seed, split="val")
+    scores = {}
+    for lr in grid:
+        losses = run_torch_optimizer(lambda ps, lr=lr: BASELINES[name](ps, lr), problems, steps)
+        scores[lr] = final_score(losses)
+    best = min(scores, key=scores.get)
+    if not math.isfinite(scores[best]):
+        raise RuntimeError(f"{name}: every learning rate of the grid diverged")
+    return best, scores
+
+
+@dataclass
+class Curve:
+    name: str
+    losses: torch.Tensor  # [steps + 1, P]
+    detail: str = ""      # e.g. the tuned learning rate
+
+    def row(self) -> dict:
+        final = self.losses[-1]
+        summed = self.losses[1:].sum(0)
+        return {"optimizer": self.name, "final_mean": final.mean().item(), "final_std": final.std().item(),
+                "summed_mean": summed.mean().item(), "summed_std": summed.std().item(), "detail": self.detail}
+
+
+def compare(task, learned: dict, steps: int, num_problems: int, seed: int, tuned_lrs: dict) -> list[Curve]:
+    """Runs each learned net ({label: net}) and each tuned baseline ({name: lr}) on the same test problems."""
+    problems = task.sample(num_problems, seed=seed, split="test")
+    curves = [Curve(label, run_learned(net, problems, steps), "learned") for label, net in learned.items()]
+    for name, lr in tuned_lrs.items():
+        losses = run_torch_optimizer(lambda ps, name=name, lr=lr: BASELINES[name](ps, lr), problems, steps)
+        curves.append(Curve(name, losses, f"lr={lr:.3g}"))
+    return curves
+
+
+def markdown_table(curves: list[Curve], step_label: str) -> str:
+    lines = [f"| optimizer | loss at {step_label} (mean ± std) | summed loss (mean ± std) | notes |",
+             "|---|---|---|---|"]
+    for curve in curves:
+        r = curve.row()
+        lines.append(f"| {r['optimizer']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
+                     f"{r['summed_mean']:.2f} ± {r['summed_std']:.2f} | {r['detail']} |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: list[Curve], path, title: str) -> None:
+    """Mean loss per step with a band of ± one standard error, log scale, as in the paper's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve in curves:
+        mean = curve.losses.mean(1)
+        err = curve.losses.std(1) / math.sqrt(curve.losses.shape[1])
+        steps = torch.arange(len(mean))
+        style = "-" if curve.detail == "learned" else "--"
+        ax.plot(steps, mean, style, label=f"{curve.name}" + (f" ({curve.detail})" if curve.detail != "learned" else ""))
+        ax.fill_between(steps, (mean - err).clamp_min(1e-12), mean + err, alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""Meta-training (the paper's procedure): each epoch optimizes fresh problems for `horizon` steps
+in truncations of `unroll` steps; after each truncation Adam updates the LSTM's weights from the
+sum of the optimizee losses. Held-out evaluation every `eval_every` epochs keeps the best weights.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..net import CoordinatewiseLSTM
+from ..tasks import make_task
+from .checkpoint import CheckpointError, load_verified, save_atomic
+from .unroll import loss_and_grad, run_learned, truncation
+
+LOG_FIELDS = ["epoch", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
+
+
+@dataclass
+class MetaTrainConfig:
+    task: str = "quadratic"
+    task_kwargs: dict = field(default_factory=dict)
+    epochs: int = 100
+    horizon: int = 100
+    unroll: int = 20
+    meta_batch: int = 8          # problems per episode; their coordinates share each kernel call
+    lr: float = 1e-3
+    clip: float = 1.0            # meta-gradient norm clip
+    eval_every: int = 10
+    eval_problems: int = 16
+    checkpoint_every: int = 1    # epochs between checkpoints (the most a killed run loses)
+    seed: int = 0
+    hidden_size: int = 20
+    num_layers: int = 2
+    preprocess_p: float = 10.0
+    output_scale: float = 0.1
+    out_init_scale: float = 0.1  # small first updates (later work found this helps)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.horizon % self.unroll:
+            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+
+    def net_kwargs(self) -> dict:
+        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
+                    output_scale=self.output_scale)
+
+
+def build_net(config: MetaTrainConfig) -> CoordinatewiseLSTM:
+    torch.manual_seed(config.seed)
+    net = CoordinatewiseLSTM(**config.net_kwargs(), backend=config.backend)
+    with torch.no_grad():
+        net.out.weight.mul_(config.out_init_scale)
+        net.out.bias.zero_()
+    return net
+
+
+def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
+    """Mean loss over the horizon on fixed validation problems (lower is better)."""
+    problems = task.sample(config.eval_problems, seed=config.seed, split="val")
+    losses = run_learned(net, problems, config.horizon)
+    score = losses[1:].mean().item()
+    return score if math.isfinite(score) else math.inf
+
+
+def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) -> dict:
+    """One epoch: fresh problems, horizon // unroll truncations, an Adam step after each."""
+    problems = task.sample(config.meta_batch, seed=config.seed * 1_000_003 + epoch, split="train")
+    params = problems.init_params()
+    state = net.init_state(params.numel())
+    _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+    total, skipped, norms = 0.0, 0, []
+    scale = 1.0 / (config.unroll * problems.num_problems)
+    for start in range(0, config.horizon, config.unroll):
+        meta_loss, _, params, grad, state = truncation(net, problems, params, grad, state, start, config.unroll)
+        meta_loss = meta_loss * scale
+        if not torch.isfinite(meta_loss):
+            skipped += 1  # a diverged problem: drop this truncation's update, keep the weights
+            break
+        meta_optimizer.zero_grad(set_to_none=True)
+        meta_loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
+        if not torch.isfinite(norm):
+            skipped += 1
+            meta_optimizer.zero_grad(set_to_none=True)
+            continue
+        meta_optimizer.step()
+        total += meta_loss.item()
+        norms.append(norm.item())
+    done = config.horizon // config.unroll - skipped
+    return {"meta_loss": total / max(done, 1), "skipped": skipped, "grad_norm": max(norms, default=0.0)}
+
+
+class MetaTrainer:
+    """Owns a run directory: checkpoint.pt (resume state), best.pt (best weights), log.csv, summary.json."""
+
+    def __init__(self, config: MetaTrainConfig, out_dir, *, resume: bool = False, progress: bool = True):
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        self.task = make_task(config.task, **config.task_kwargs)
+        self.net = build_net(config)
+        self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
+        checkpoint = self.out_dir / "checkpoint.pt"
+        if resume and checkpoint.exists():
+            self._restore(load_verified(checkpoint))
+        elif checkpoint.exists() and not resume:
+            raise FileExistsError(f"{checkpoint} exists: pass resume=True (--resume) to continue that run, "
+                                  f"or choose another output directory")
+
+    def _restore(self, payload: dict) -> None:
+        saved = payload["config"]
+        mine = dataclasses.asdict(self.config)
+        differing = {k for k in mine if k not in ("epochs",) and saved.get(k) != mine[k]}
+        if differing:
+            raise CheckpointError(f"checkpoint was made with a different configuration ({sorted(differing)}); "
+                                  f"resume with the same settings or use another output directory")
+        self.net.load_state_dict(payload["net"])
+        self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+        self.epoch, self.best_score = payload["epoch"], payload["best_score"]
+        self.best_state, self.log = payload["best_state"], payload["log"]
+
+    def _checkpoint(self) -> None:
+        save_atomic({"config": dataclasses.asdict(self.config), "net": self.net.state_dict(),
+                     "meta_optimizer": self.meta_optimizer.state_dict(), "epoch": self.epoch,
+                     "best_score": self.best_score, "best_state": self.best_state, "log": self.log},
+                    self.out_dir / "checkpoint.pt")
+        # the log is rewritten whole from the checkpoint's rows, so after a resume it never
+        # holds epochs the checkpoint does not know
+        with open(self.out_dir / "log.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.log)
+
+    def _keep_if_best(self, score: float) -> None:
+        if score < self.best_score:
+            self.best_score = score
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            save_atomic({"config": dataclasses.asdict(self.config), "net": self.best_state, "score": score,
+                         "epoch": self.epoch}, self.out_dir / "best.pt")
+
+    def run(self) -> dict:
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch")
+        started = time.perf_counter()
+        while self.epoch < config.epochs:
+            t0 = time.perf_counter()
+            row = run_episode(self.net, self.meta_optimizer, self.task, config, self.epoch)
+            self.epoch += 1
+            row.update(epoch=self.epoch, val_score="", best_score="")
+            if self.epoch % config.eval_every == 0 or self.epoch == config.epochs:
+                score = evaluate_learned(self.net, self.task, config)
+                self._keep_if_best(score)
+                row.update(val_score=score, best_score=self.best_score)
+            row["seconds"] = time.perf_counter() - t0
+            self.log.append(row)
+            if self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs:
+                self._checkpoint()
+            if bar is not None:
+                bar.set_postfix(meta_loss=f"{row['meta_loss']:.4g}", best=f"{self.best_score:.4g}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        summary = {"config": dataclasses.asdict(config), "epochs": self.epoch, "best_score": self.best_score,
+                   "skipped_truncations": sum(int(r["skipped"]) for r in self.log),
+                   "seconds_this_session": time.perf_counter() - started}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

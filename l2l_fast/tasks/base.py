@@ -1,0 +1,63 @@
+"""What a meta-training problem is: a batch of P optimizees of D parameters each, with a functional loss.
+
+Batching the problems lets one kernel call step all P * D coordinates and one batched forward
+(bmm) compute all P losses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ParamGroup:
+    """A named slice of the D parameters of each problem (for separate optimizers per group)."""
+
+    name: str
+    start: int
+    stop: int
+
+
+class ProblemBatch:
+    """P problems of the same shape. Subclasses define `init_params` and `loss`.
+
+    params are always [P, D]; `loss(params, step)` returns the P losses [P] at optimization step
+    `step` (minibatch problems draw the batch of that step deterministically from their seeds, so an
+    optimizer and its baselines see the same data).
+    """
+
+    num_problems: int
+    dim: int
+    groups: list[ParamGroup]
+
+    def init_params(self) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, params: Tensor, step: int) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Task:
+    """A distribution of problems; `sample(P, seed, split)` draws a ProblemBatch."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+
+    def sample(self, num_problems: int, seed: int, split: str = "train") -> ProblemBatch:
+        raise NotImplementedError
+
+
+def check_split(split: str) -> None:
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
+
+
+def seeded(seed: int, *salt: int) -> torch.Generator:
+    """A CPU generator for (seed, *salt): independent streams without global RNG state."""
+    value = int(seed)
+    for s in salt:
+        value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)

@@ -1,0 +1,85 @@
+"""The paper's MNIST task: an MLP (784 -> 20 -> 10, sigmoid by default) trained on minibatches of 128.
+
+Weights and biases start N(0, 0.01^2). Splits: meta-training problems draw their minibatches from
+the first 50,000 training images, validation problems from the last 10,000, test problems from the
+10,000 test images, each with its own initialisations.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
+
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
+_SPLIT_SALT = {"train": 10, "val": 11, "test": 12}
+TRAIN_IMAGES = 50_000
+
+
+def mnist_split(split: str, data_dir=None) -> tuple[Tensor, Tensor]:
+    """(images [N, 784] float32 in [0, 1], labels [N] int64) of one split."""
+    from ..data.mnist import load_mnist  # imported lazily: the quadratic task needs no data
+
+    if split == "test":
+        return load_mnist("test", data_dir=data_dir)
+    images, labels = load_mnist("train", data_dir=data_dir)
+    part = slice(0, TRAIN_IMAGES) if split == "train" else slice(TRAIN_IMAGES, None)
+    return images[part], labels[part]
+
+
+class MLPBatch(ProblemBatch):
+    def __init__(self, images: Tensor, labels: Tensor, sizes: list[int], activation: str, batch_size: int,
+                 num_problems: int, seed: int, salt: int):
+        self.images, self.labels = images, labels
+        self.sizes, self.activation, self.batch_size = sizes, ACTIVATIONS[activation], batch_size
+        self.num_problems, self.seed, self.salt = num_problems, seed, salt
+        self.shapes = [(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
+        self.dim = sum(i * o + o for i, o in self.shapes)
+        self.groups = [ParamGroup("all", 0, self.dim)]
+
+    def init_params(self) -> Tensor:
+        generator = seeded(self.seed, self.salt, 1)
+        return 0.01 * torch.randn(self.num_problems, self.dim, generator=generator)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The minibatch of `step` for every problem: x [P, B, 784], labels [P, B]."""
+        generator = seeded(self.seed, self.salt, 2, step)
+        index = torch.randint(len(self.labels), (self.num_problems, self.batch_size), generator=generator)
+        return self.images[index], self.labels[index]
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        """params [P, D], x [P, B, 784] -> logits [P, B, 10]."""
+        offset = 0
+        for layer, (fan_in, fan_out) in enumerate(self.shapes):
+            weight = params[:, offset : offset + fan_in * fan_out].view(-1, fan_in, fan_out)
+            offset += fan_in * fan_out
+            bias = params[:, offset : offset + fan_out].unsqueeze(1)
+            offset += fan_out
+            x = torch.baddbmm(bias, x, weight)
+            if layer + 1 < len(self.shapes):
+                x = self.activation(x)
+        return x
+
+    def loss(self, params: Tensor, step: int) -> Tensor:
+        x, labels = self.batch(step)
+        logits = self.logits(params, x)
+        per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return per_example.view(self.num_problems, -1).mean(1)
+
+
+class MNISTMLPTask(Task):
+    """hidden: sizes of the hidden layers ((20,) in the paper; (40,) and (20, 20) are its variants)."""
+
+    def __init__(self, hidden=(20,), activation: str = "sigmoid", batch_size: int = 128, data_dir=None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        hidden = tuple(int(h) for h in hidden)
+        super().__init__("mnist", {"hidden": hidden, "activation": activation, "batch_size": batch_size})
+        self.hidden, self.activation, self.batch_size, self.data_dir = hidden, activation, batch_size, data_dir
+
+    def sample(self, num_problems: int, seed: int, split: str = "train") -> MLPBatch:
+        check_split(split)
+        images, labels = mnist_split(split, self.data_dir)
+        return MLPBatch(images, labels, [784, *self.hidden, 10], self.activation, self.batch_size, num_problems,
+                        seed, _SPLIT_SALT[split])
