@@ -42,6 +42,13 @@ class CoordinatewiseLSTM(nn.Module):
         self.lstm = nn.LSTM(2, hidden_size, num_layers)
         self.out = nn.Linear(hidden_size, 1)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, backend: str = "auto") -> "CoordinatewiseLSTM":
+        """A shipped optimizer by name ('mnist', 'quadratic') or a file written by save_pretrained."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, backend=backend)
+
     def extra_repr(self) -> str:
         return f"preprocess_p={self.preprocess_p}, output_scale={self.output_scale}, backend={self.backend!r}"
 
@@ -85,3 +92,4 @@ class CoordinatewiseLSTM(nn.Module):
         self._check(grad, state, param=param)
         impl = self._impl(grad.device)
         impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale)
+

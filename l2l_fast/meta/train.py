@@ -103,9 +103,11 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
 class MetaTrainer:
     """Owns a run directory: checkpoint.pt (resume state), best.pt (best weights), log.csv, summary.json."""
 
-    def __init__(self, config: MetaTrainConfig, out_dir, *, resume: bool = False, progress: bool = True):
+    def __init__(self, config: MetaTrainConfig, out_dir, *, resume: bool = False, progress: bool = True,
+                 data_dir=None):
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        self.task = make_task(config.task, **config.task_kwargs)
+        location = {"data_dir": data_dir} if config.task in ("mnist", "cifar10") else {}
+        self.task = make_task(config.task, **config.task_kwargs, **location)
         self.net = build_net(config)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
@@ -139,6 +141,12 @@ class MetaTrainer:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(self.log)
+
+    def best_net(self) -> CoordinatewiseLSTM:
+        """The weights with the best validation score so far (the current ones before any evaluation)."""
+        net = build_net(self.config)
+        net.load_state_dict(self.best_state if self.best_state is not None else self.net.state_dict())
+        return net
 
     def _keep_if_best(self, score: float) -> None:
         if score < self.best_score:

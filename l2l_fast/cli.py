@@ -1,0 +1,154 @@
+"""The `l2l-fast` command: meta-train, evaluate, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _task_kwargs(args) -> dict:
+    if args.task == "mnist":
+        return {"hidden": tuple(args.hidden), "activation": args.activation, "data_dir": args.data_dir}
+    if args.task == "cifar10":
+        return {"data_dir": args.data_dir}
+    return {}
+
+
+def _add_task_args(parser) -> None:
+    parser.add_argument("--task", choices=["quadratic", "mnist", "cifar10"], default="quadratic")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[20], help="MNIST MLP hidden layer sizes")
+    parser.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"])
+    parser.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_FAST_DATA, then a cache)")
+
+
+def cmd_meta_train(args) -> int:
+    from .meta.train import MetaTrainConfig, MetaTrainer
+    from .pretrained import save_pretrained
+
+    kwargs = _task_kwargs(args)
+    kwargs.pop("data_dir", None)  # where the data lies is not part of the run's identity
+    config = MetaTrainConfig(task=args.task, task_kwargs=kwargs, epochs=args.epochs, horizon=args.horizon,
+                             unroll=args.unroll, meta_batch=args.meta_batch, lr=args.lr, clip=args.clip,
+                             eval_every=args.eval_every, eval_problems=args.eval_problems, seed=args.seed,
+                             checkpoint_every=args.checkpoint_every)
+    trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
+                          data_dir=args.data_dir)
+    summary = trainer.run()
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    if args.export:
+        net = trainer.best_net()
+        record = {"command": " ".join(["l2l-fast"] + sys.argv[1:]), "epochs": summary["epochs"], "seed": args.seed,
+                  "validation_score": summary["best_score"], "config": summary["config"]}
+        save_pretrained(net, args.export, record)
+        print(f"best optimizer written to {args.export}")
+    return 0
+
+
+def load_optimizer_spec(spec: str):
+    """'pretrained:NAME', a path to a .pt file, or a baseline name ('adam', 'sgd', 'nag', 'rmsprop')."""
+    from .meta.evaluate import BASELINES
+    from .pretrained import load_pretrained
+
+    if spec in BASELINES:
+        return spec, None
+    name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else spec
+    return spec, load_pretrained(name)
+
+
+def cmd_evaluate(args) -> int:
+    from .meta.evaluate import compare, markdown_table, plot_curves, tune_learning_rate
+    from .tasks import make_task
+
+    task = make_task(args.task, **_task_kwargs(args))
+    learned, tuned = {}, {}
+    for spec in args.optimizer:
+        label, net = load_optimizer_spec(spec)
+        if net is None:
+            lr, _ = tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)
+            tuned[label] = lr
+        else:
+            learned[label] = net
+    curves = compare(task, learned, args.steps, args.problems, seed=args.seed, tuned_lrs=tuned)
+    table = markdown_table(curves, f"step {args.steps}")
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.task}" + (f"_{'x'.join(map(str, args.hidden))}_{args.activation}" if args.task == "mnist" else "")
+    stem += f"_{args.steps}steps"
+    plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps([c.row() for c in curves], indent=2))
+    print(f"plot: {out / f'{stem}.png'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """MNIST MLPs with the shipped optimizer against tuned baselines; quadratics if MNIST is missing."""
+    from .data.mnist import MNISTUnavailable, load_mnist
+
+    task = "mnist"
+    try:
+        load_mnist("train", data_dir=args.data_dir)
+    except MNISTUnavailable as error:
+        print(f"MNIST is not available ({error}).\nProvide it with --data-dir or L2L_FAST_DATA pointing at a folder "
+              "with the four IDX files (train-images-idx3-ubyte.gz, ...). Falling back to the quadratic task.")
+        task = "quadratic"
+    started = time.perf_counter()
+    ns = argparse.Namespace(task=task, hidden=[20], activation="sigmoid", data_dir=args.data_dir, steps=args.steps,
+                            problems=args.problems, tune_problems=args.problems, seed=args.seed, out=args.out,
+                            optimizer=[f"pretrained:{task}", "adam", "rmsprop", "nag", "sgd"])
+    code = cmd_evaluate(ns)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="l2l-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("meta-train", help="meta-train an LSTM optimizer")
+    _add_task_args(train)
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--horizon", type=int, default=100)
+    train.add_argument("--unroll", type=int, default=20)
+    train.add_argument("--meta-batch", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--clip", type=float, default=1.0)
+    train.add_argument("--eval-every", type=int, default=10)
+    train.add_argument("--eval-problems", type=int, default=16)
+    train.add_argument("--checkpoint-every", type=int, default=1)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="runs/meta-train")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--export", default=None, help="write the best optimizer to this .pt file")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_meta_train)
+
+    evaluate = sub.add_parser("evaluate", help="compare optimizers on held-out problems")
+    _add_task_args(evaluate)
+    evaluate.add_argument("--optimizer", action="append", required=True,
+                          help="pretrained:NAME, a .pt file, adam, rmsprop, nag or sgd (repeat the option)")
+    evaluate.add_argument("--steps", type=int, default=100)
+    evaluate.add_argument("--problems", type=int, default=10, help="held-out test problems")
+    evaluate.add_argument("--tune-problems", type=int, default=10, help="validation problems for the lr grid")
+    evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument("--out", default="runs/evaluate")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="the shipped MNIST optimizer against tuned Adam, RMSprop, NAG, SGD")
+    demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"))
+    demo.add_argument("--steps", type=int, default=100)
+    demo.add_argument("--problems", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
