@@ -24,8 +24,10 @@ build: setup
 test: build
 	$(PY) -m pytest -q tests
 
+# The shared MNIST beside the checkout is used when present (no download needed).
+DATA ?= $(wildcard ../shared/datasets)
 demo: build
-	$(PY) benchmarks/bench_step.py --sizes 1e4 1e5 1e6
+	L2L_FAST_DATA=$${L2L_FAST_DATA:-$(DATA)} $(PY) -m l2l_fast.cli demo
 
 bench: build
 	$(PY) benchmarks/bench_step.py --markdown

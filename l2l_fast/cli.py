@@ -93,8 +93,7 @@ def cmd_demo(args) -> int:
     try:
         load_mnist("train", data_dir=args.data_dir)
     except MNISTUnavailable as error:
-        print(f"MNIST is not available ({error}).\nProvide it with --data-dir or L2L_FAST_DATA pointing at a folder "
-              "with the four IDX files (train-images-idx3-ubyte.gz, ...). Falling back to the quadratic task.")
+        print(f"{error}\nFalling back to the quadratic task.")
         task = "quadratic"
     started = time.perf_counter()
     ns = argparse.Namespace(task=task, hidden=[20], activation="sigmoid", data_dir=args.data_dir, steps=args.steps,

@@ -6,8 +6,9 @@
 Files are found via ``data_dir=`` / ``$L2L_FAST_DATA`` / the cache folder, and downloaded into the cache
 (MD5-verified) when missing; see :mod:`l2l_fast.data.download`.
 """
-from .cifar10 import CIFAR10Error, load_cifar10
-from .download import DownloadError, cache_dir
-from .mnist import IDXError, load_mnist, read_idx
+from .cifar10 import CIFAR10Error, CIFAR10Unavailable, load_cifar10
+from .download import DatasetUnavailable, cache_dir
+from .mnist import IDXError, MNISTUnavailable, load_mnist, read_idx
 
-__all__ = ["load_mnist", "load_cifar10", "read_idx", "cache_dir", "DownloadError", "IDXError", "CIFAR10Error"]
+__all__ = ["load_mnist", "load_cifar10", "read_idx", "cache_dir", "DatasetUnavailable", "MNISTUnavailable",
+           "CIFAR10Unavailable", "IDXError", "CIFAR10Error"]

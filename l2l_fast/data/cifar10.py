@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .download import DATA_ENV, cache_dir, mirrors_from_env, search_dirs
+from .download import DATA_ENV, DatasetUnavailable, cache_dir, mirrors_from_env, search_dirs
 from .download import download as fetch
 
-__all__ = ["CIFAR10Error", "MIRRORS", "MD5", "TARBALL", "BATCHES", "cifar10_source", "load_cifar10"]
+__all__ = ["CIFAR10Error", "CIFAR10Unavailable", "MIRRORS", "MD5", "TARBALL", "BATCHES", "cifar10_source",
+           "load_cifar10"]
 
 #: Mirror base URLs, tried in order; ``$L2L_FAST_CIFAR10_MIRRORS`` (comma/space separated) replaces them.
 MIRRORS = ["https://www.cs.toronto.edu/~kriz/"]
@@ -38,6 +39,10 @@ _ALL_BATCHES = BATCHES["train"] + BATCHES["test"]
 
 class CIFAR10Error(ValueError):
     """A CIFAR-10 tarball or batch file is corrupt, truncated, or of the wrong structure."""
+
+
+class CIFAR10Unavailable(DatasetUnavailable):
+    """CIFAR-10 found nowhere and not downloadable; the message says how to provide it."""
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -128,9 +133,9 @@ def cifar10_source(data_dir: str | os.PathLike | None = None, *, download_missin
     source = _find(dirs)
     if source is None:
         if not download_missing:
-            raise FileNotFoundError(f"CIFAR-10 not found. {_hint(dirs)}")
+            raise CIFAR10Unavailable(f"CIFAR-10 not found. {_hint(dirs)}")
         source = fetch(TARBALL, MD5[TARBALL], cache_dir() / "cifar10", mirrors_from_env(MIRRORS_ENV, MIRRORS),
-                       hint=_hint(dirs)).resolve()
+                       hint=_hint(dirs), error=CIFAR10Unavailable).resolve()
     return source
 
 

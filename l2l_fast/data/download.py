@@ -20,14 +20,15 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["DownloadError", "cache_dir", "search_dirs", "mirrors_from_env", "md5sum", "download"]
+__all__ = ["DatasetUnavailable", "cache_dir", "search_dirs", "mirrors_from_env", "download"]
 
 DATA_ENV = "L2L_FAST_DATA"
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
-    """No mirror delivered a file with the expected checksum."""
+class DatasetUnavailable(FileNotFoundError):
+    """A dataset's files are in none of the searched folders and could not be downloaded (download disabled,
+    or no mirror delivered a file with the expected checksum). The message says how to provide them."""
 
 
 def cache_dir() -> Path:
@@ -62,29 +63,25 @@ def mirrors_from_env(var: str, default: Sequence[str]) -> list[str]:
     return value or list(default)
 
 
-def md5sum(path: str | os.PathLike) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(filename: str, md5: str, dest_dir: Path, mirrors: Iterable[str], *, hint: str = "",
-             timeout: float = 60.0) -> Path:
+             timeout: float = 60.0, error: type[DatasetUnavailable] = DatasetUnavailable) -> Path:
     """Fetch ``<mirror>/<filename>`` into ``dest_dir/filename``, trying the mirrors in order.
 
-    Returns the path of the verified file. Raises :class:`DownloadError` (listing every mirror's failure and
-    ``hint``, which should say how to provide the file by hand) if no mirror gives bytes with MD5 ``md5``.
+    Returns the path of the verified file. Raises ``error`` (a :class:`DatasetUnavailable`, listing every
+    mirror's failure and ``hint``, which should say how to provide the file by hand) if no mirror gives bytes
+    with MD5 ``md5``; no file is then left in ``dest_dir``. ``timeout`` bounds each blocking socket operation.
     """
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / filename
     failures = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + filename
         print(f"l2l_fast: downloading {url} -> {target}", file=sys.stderr)
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=dest_dir)
+        try:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=dest_dir)
+        except OSError as e:
+            raise error(f"cannot write into the download folder {dest_dir} ({e})\n{hint}".rstrip()) from e
         try:
             digest = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
@@ -105,4 +102,4 @@ def download(filename: str, md5: str, dest_dir: Path, mirrors: Iterable[str], *,
             except FileNotFoundError:  # moved into place
                 pass
     tried = "\n  ".join(failures) or "(no mirrors configured)"
-    raise DownloadError(f"could not download {filename} (md5 {md5}); tried:\n  {tried}\n{hint}".rstrip())
+    raise error(f"could not download {filename} (md5 {md5}); tried:\n  {tried}\n{hint}".rstrip())

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .download import DATA_ENV, cache_dir, mirrors_from_env, search_dirs
+from .download import DATA_ENV, DatasetUnavailable, cache_dir, mirrors_from_env, search_dirs
 from .download import download as fetch
 
-__all__ = ["IDXError", "MIRRORS", "MD5", "FILES", "read_idx", "mnist_paths", "load_mnist"]
+__all__ = ["IDXError", "MNISTUnavailable", "MIRRORS", "MD5", "FILES", "read_idx", "mnist_paths", "load_mnist"]
 
 #: Mirror base URLs, tried in order; ``$L2L_FAST_MNIST_MIRRORS`` (comma/space separated) replaces them.
 MIRRORS = [
@@ -49,6 +49,10 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 class IDXError(ValueError):
     """An IDX file is corrupt, truncated, or not the MNIST file it should be."""
+
+
+class MNISTUnavailable(DatasetUnavailable):
+    """MNIST files found nowhere and not downloadable; the message says how to provide them."""
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -135,9 +139,9 @@ def mnist_paths(split: str, data_dir: str | os.PathLike | None = None, *, downlo
         path = _find(name, dirs)
         if path is None:
             if not download_missing:
-                raise FileNotFoundError(f"MNIST file {name}(.gz) not found. {_hint(dirs)}")
-            path = fetch(name + ".gz", MD5[name + ".gz"], cache_dir() / "mnist",
-                            mirrors_from_env(MIRRORS_ENV, MIRRORS), hint=_hint(dirs)).resolve()
+                raise MNISTUnavailable(f"MNIST file {name}(.gz) not found. {_hint(dirs)}")
+            path = fetch(name + ".gz", MD5[name + ".gz"], cache_dir() / "mnist", mirrors_from_env(MIRRORS_ENV, MIRRORS),
+                         hint=_hint(dirs), error=MNISTUnavailable).resolve()
         paths.append(path)
     return paths[0], paths[1]
 

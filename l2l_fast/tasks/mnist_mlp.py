@@ -50,12 +50,12 @@ class MLPBatch(ProblemBatch):
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, 784] -> logits [P, B, 10]."""
-        offset = 0
+        # one split (a single concatenation in the backward) instead of a slice per tensor
+        sizes = [n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)]
+        pieces = params.split(sizes, dim=1)
         for layer, (fan_in, fan_out) in enumerate(self.shapes):
-            weight = params[:, offset : offset + fan_in * fan_out].view(-1, fan_in, fan_out)
-            offset += fan_in * fan_out
-            bias = params[:, offset : offset + fan_out].unsqueeze(1)
-            offset += fan_out
+            weight = pieces[2 * layer].reshape(-1, fan_in, fan_out)
+            bias = pieces[2 * layer + 1].unsqueeze(1)
             x = torch.baddbmm(bias, x, weight)
             if layer + 1 < len(self.shapes):
                 x = self.activation(x)
