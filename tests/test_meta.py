@@ -1,0 +1,235 @@
+"""Meta-training, evaluation, checkpoints and the CLI, in small fast configurations."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2l_fast import CoordinatewiseLSTM
+from l2l_fast.cli import main as cli_main
+from l2l_fast.meta.checkpoint import CheckpointError, load_verified, save_atomic
+from l2l_fast.meta.evaluate import compare, markdown_table, plot_curves, tune_learning_rate
+from l2l_fast.meta.train import MetaTrainConfig, MetaTrainer, build_net, run_episode
+from l2l_fast.meta.unroll import loss_and_grad, run_learned, truncation
+from l2l_fast.pretrained import available, load_pretrained, save_pretrained
+from l2l_fast.tasks import make_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "datasets"
+
+
+def tiny_config(**overrides) -> MetaTrainConfig:
+    base = dict(task="quadratic", epochs=3, horizon=10, unroll=5, meta_batch=4, eval_every=2, eval_problems=4)
+    base.update(overrides)
+    return MetaTrainConfig(**base)
+
+
+def test_meta_gradient_native_equals_reference_in_float64():
+    """The whole truncation (optimizee losses, detached gradients, fused op, theta += update) gives the
+    same meta-gradient through the native kernels as through the pure-PyTorch reference."""
+    problems = make_task("quadratic").sample(3, seed=5)
+    grads = {}
+    for backend in ("native", "reference"):
+        torch.manual_seed(0)
+        net = CoordinatewiseLSTM(hidden_size=6, backend=backend).double()
+        params = problems.init_params().double()
+        problems.W, problems.y = problems.W.double(), problems.y.double()
+        state = net.init_state(params.numel())
+        _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+        meta_loss, history, *_ = truncation(net, problems, params, grad, state, 0, 6)
+        meta_loss.backward()
+        grads[backend] = [p.grad.clone() for p in net.parameters()]
+        assert history.shape == (6, 3)
+    for native, ref in zip(grads["native"], grads["reference"]):
+        torch.testing.assert_close(native, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_meta_training_improves_on_quadratics(tmp_path):
+    config = tiny_config(epochs=40, horizon=20, unroll=10, meta_batch=16, eval_every=40, lr=3e-3, eval_problems=16)
+    untrained = build_net(config)
+    task = make_task("quadratic")
+    from l2l_fast.meta.train import evaluate_learned
+
+    before = evaluate_learned(untrained, task, config)
+    summary = MetaTrainer(config, tmp_path, progress=False).run()
+    assert summary["best_score"] < 0.8 * before
+    for name in ("checkpoint.pt", "best.pt", "log.csv", "summary.json"):
+        assert (tmp_path / name).exists()
+
+
+def test_nonfinite_meta_loss_is_skipped_and_weights_kept():
+    config = tiny_config()
+    net = build_net(config)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = make_task("quadratic")
+    original = task.sample
+
+    def poisoned(*args, **kwargs):
+        problems = original(*args, **kwargs)
+        problems.y[0, 0] = float("nan")
+        return problems
+
+    task.sample = poisoned
+    row = run_episode(net, torch.optim.Adam(net.parameters(), 1e-2), task, config, epoch=0)
+    assert row["skipped"] >= 1
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resume_continues_and_rejects_other_config(tmp_path):
+    MetaTrainer(tiny_config(epochs=2), tmp_path, progress=False).run()
+    with pytest.raises(FileExistsError, match="resume"):
+        MetaTrainer(tiny_config(epochs=4), tmp_path, progress=False)
+    trainer = MetaTrainer(tiny_config(epochs=4), tmp_path, resume=True, progress=False)
+    assert trainer.epoch == 2
+    trainer.run()
+    assert [row["epoch"] for row in load_verified(tmp_path / "checkpoint.pt")["log"]] == [1, 2, 3, 4]
+    with pytest.raises(CheckpointError, match="different configuration"):
+        MetaTrainer(tiny_config(epochs=6, lr=0.5), tmp_path, resume=True, progress=False)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    MetaTrainer(tiny_config(epochs=4), tmp_path / "straight", progress=False).run()
+    MetaTrainer(tiny_config(epochs=2), tmp_path / "split", progress=False).run()
+    MetaTrainer(tiny_config(epochs=4), tmp_path / "split", resume=True, progress=False).run()
+    straight = load_verified(tmp_path / "straight" / "checkpoint.pt")["net"]
+    split = load_verified(tmp_path / "split" / "checkpoint.pt")["net"]
+    for key in straight:
+        torch.testing.assert_close(straight[key], split[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
+def test_corrupt_checkpoint_is_refused(tmp_path, damage):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"x": torch.arange(1000)}, path)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        body = bytearray(data)
+        body[len(body) // 2] ^= 0xFF
+        path.write_bytes(bytes(body))
+    else:
+        torch.save({"something": 1}, path)
+    with pytest.raises(CheckpointError):
+        load_verified(path)
+
+
+def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
+    """A run killed with SIGKILL mid-training resumes from its last complete checkpoint."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "l2l_fast.cli", "meta-train", "--task", "quadratic", "--epochs", "400",
+               "--horizon", "10", "--unroll", "5", "--meta-batch", "4", "--eval-every", "50", "--eval-problems", "4",
+               "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside the run, between or during checkpoint writes
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = load_verified(out / "checkpoint.pt")  # intact despite the kill
+    killed_at = saved["epoch"]
+    assert 1 <= killed_at < 400
+    assert not list(out.glob("*.tmp")) or all(p.stat().st_size >= 0 for p in out.glob("*.tmp"))
+    resume = command[:command.index("--epochs") + 1] + [str(killed_at + 3)] + command[command.index("--epochs") + 2:]
+    subprocess.run(resume + ["--resume"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    log = load_verified(out / "checkpoint.pt")["log"]
+    assert [row["epoch"] for row in log] == list(range(1, killed_at + 4))
+
+
+def test_baselines_tuned_and_compared(tmp_path):
+    task = make_task("quadratic")
+    lr, scores = tune_learning_rate("adam", task, steps=20, num_problems=4, seed=0, grid=(1e-3, 1e-1, 1e3))
+    assert lr == min(scores, key=scores.get) and math.isfinite(scores[lr])
+    assert scores[1e3] > scores[lr]
+    net = build_net(tiny_config())
+    curves = compare(task, {"lstm": net}, steps=20, num_problems=5, seed=1, tuned_lrs={"adam": lr, "sgd": 1e-2})
+    assert [c.name for c in curves] == ["lstm", "adam", "sgd"]
+    assert all(c.losses.shape == (21, 5) for c in curves)
+    # all optimizers start from the same problems
+    assert torch.equal(curves[0].losses[0], curves[1].losses[0])
+    table = markdown_table(curves, "step 20")
+    assert "| adam |" in table and "lr=" in table
+    plot_curves(curves, tmp_path / "plot.png", "test")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_run_learned_matches_differentiable_path():
+    """The in-place inference loop and the differentiable truncation give the same trajectory."""
+    problems = make_task("quadratic").sample(3, seed=2)
+    net = build_net(tiny_config())
+    losses = run_learned(net, problems, 5)
+    params = problems.init_params()
+    _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+    with torch.no_grad():
+        pass
+    _, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 5)
+    torch.testing.assert_close(losses[1:], history, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_round_trip_and_errors(tmp_path):
+    net = build_net(tiny_config())
+    save_pretrained(net, tmp_path / "opt.pt", {"seed": 3})
+    loaded = load_pretrained(str(tmp_path / "opt.pt"))
+    assert loaded.record == {"seed": 3}
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    with pytest.raises(ValueError, match="available"):
+        CoordinatewiseLSTM.from_pretrained("no-such-optimizer")
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a valid"):
+        load_pretrained(str(tmp_path / "bad.pt"))
+
+
+@pytest.mark.parametrize("name", ["mnist", "quadratic"])
+def test_shipped_optimizers_load_with_their_record(name):
+    assert name in available()
+    net = CoordinatewiseLSTM.from_pretrained(name)
+    for key in ("command", "epochs", "seed", "validation_score"):
+        assert key in net.record
+
+
+def test_mnist_task_losses_and_determinism():
+    if not (SHARED_DATA / "mnist").exists():
+        pytest.skip(f"full MNIST not found at {SHARED_DATA}")
+    task = make_task("mnist", data_dir=str(SHARED_DATA))
+    problems = task.sample(3, seed=0, split="val")
+    params = problems.init_params()
+    losses = problems.loss(params, 0)
+    assert torch.allclose(losses, torch.full((3,), math.log(10)), atol=0.02)
+    torch.testing.assert_close(problems.loss(params, 7), task.sample(3, seed=0, split="val").loss(params, 7))
+    assert not torch.equal(problems.loss(params, 7), problems.loss(params, 8))
+    two_layers = make_task("mnist", hidden=(20, 20), activation="relu", data_dir=str(SHARED_DATA)).sample(2, 0)
+    assert two_layers.dim == 784 * 20 + 20 + 20 * 20 + 20 + 20 * 10 + 10
+
+
+def test_cli_meta_train_evaluate(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["meta-train", "--task", "quadratic", "--epochs", "2", "--horizon", "10", "--unroll", "5",
+                     "--meta-batch", "2", "--eval-every", "1", "--eval-problems", "2", "--out", str(out),
+                     "--export", str(tmp_path / "q.pt"), "--no-progress"]) == 0
+    assert cli_main(["evaluate", "--task", "quadratic", "--optimizer", str(tmp_path / "q.pt"), "--optimizer", "sgd",
+                     "--steps", "10", "--problems", "3", "--tune-problems", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "quadratic_10steps.png").exists()
+    assert "| sgd |" in (tmp_path / "eval" / "quadratic_10steps.md").read_text()
+
+
+def test_cli_demo_falls_back_to_quadratics_without_mnist(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("L2L_FAST_MNIST_MIRRORS", "http://127.0.0.1:9/")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("L2L_FAST_DATA", raising=False)
+    assert cli_main(["demo", "--data-dir", str(tmp_path / "empty"), "--steps", "5", "--problems", "2",
+                     "--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    assert "Falling back to the quadratic task" in printed
+    assert "| adam |" in printed
