@@ -17,6 +17,18 @@ def _task_kwargs(args) -> dict:
     return {}
 
 
+def _add_threads_arg(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); small problems run fastest on 1")
+
+
+def _apply_threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
 def _add_task_args(parser) -> None:
     parser.add_argument("--task", choices=["quadratic", "mnist", "cifar10"], default="quadratic")
     parser.add_argument("--hidden", type=int, nargs="+", default=[20], help="MNIST MLP hidden layer sizes")
@@ -96,7 +108,7 @@ def cmd_demo(args) -> int:
         print(f"{error}\nFalling back to the quadratic task.")
         task = "quadratic"
     started = time.perf_counter()
-    ns = argparse.Namespace(task=task, hidden=[20], activation="sigmoid", data_dir=args.data_dir, steps=args.steps,
+    ns = argparse.Namespace(threads=args.threads, task=task, hidden=[20], activation="sigmoid", data_dir=args.data_dir, steps=args.steps,
                             problems=args.problems, tune_problems=args.problems, seed=args.seed, out=args.out,
                             optimizer=[f"pretrained:{task}", "adam", "rmsprop", "nag", "sgd"])
     code = cmd_evaluate(ns)
@@ -145,7 +157,10 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
+    for command in (train, evaluate, demo):
+        _add_threads_arg(command)
     args = parser.parse_args(argv)
+    _apply_threads(args)
     return args.func(args)
 
 

@@ -233,3 +233,21 @@ def test_cli_demo_falls_back_to_quadratics_without_mnist(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert "Falling back to the quadratic task" in printed
     assert "| adam |" in printed
+
+
+def test_cifar_task_with_separate_conv_and_fc_optimizers(tmp_path):
+    """CIFAR-10 is not obtainable here: a small synthetic tarball of the real format stands in."""
+    from test_data import cifar_batches, cifar_tarball
+
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(cifar_tarball(cifar_batches(seed=0, n=40)))
+    config = tiny_config(task="cifar10", epochs=1, horizon=4, unroll=2, meta_batch=2, eval_every=1, eval_problems=2)
+    trainer = MetaTrainer(config, tmp_path / "run", progress=False, data_dir=str(tmp_path))
+    assert [g.name for g in trainer.groups] == ["conv", "fc"]
+    assert sorted(trainer.net.nets) == ["conv", "fc"]
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.run()
+    changed = {k.split(".")[1] for k, v in trainer.net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"conv", "fc"}  # both optimizers were trained
+    problems = trainer.task.sample(2, seed=0, split="test")
+    losses = run_learned(trainer.best_net(), problems, 3)
+    assert losses.shape == (4, 2) and torch.isfinite(losses).all()

@@ -17,6 +17,7 @@ import torch
 from ..net import CoordinatewiseLSTM
 from ..tasks import make_task
 from .checkpoint import CheckpointError, load_verified, save_atomic
+from .grouped import GroupedLSTM
 from .unroll import loss_and_grad, run_learned, truncation
 
 LOG_FIELDS = ["epoch", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
@@ -55,13 +56,20 @@ class MetaTrainConfig:
                     output_scale=self.output_scale)
 
 
-def build_net(config: MetaTrainConfig) -> CoordinatewiseLSTM:
+def build_net(config: MetaTrainConfig, groups=None, dim: int = 0):
+    """One CoordinatewiseLSTM, or one per parameter group (a GroupedLSTM) when the task has several."""
     torch.manual_seed(config.seed)
-    net = CoordinatewiseLSTM(**config.net_kwargs(), backend=config.backend)
-    with torch.no_grad():
-        net.out.weight.mul_(config.out_init_scale)
-        net.out.bias.zero_()
-    return net
+    names = [g.name for g in groups] if groups and len(groups) > 1 else [None]
+    nets = {}
+    for name in names:
+        net = CoordinatewiseLSTM(**config.net_kwargs(), backend=config.backend)
+        with torch.no_grad():
+            net.out.weight.mul_(config.out_init_scale)
+            net.out.bias.zero_()
+        nets[name] = net
+    if names == [None]:
+        return nets[None]
+    return GroupedLSTM(nets, groups, dim)
 
 
 def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
@@ -108,7 +116,9 @@ class MetaTrainer:
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
         location = {"data_dir": data_dir} if config.task in ("mnist", "cifar10") else {}
         self.task = make_task(config.task, **config.task_kwargs, **location)
-        self.net = build_net(config)
+        shape = self.task.sample(1, seed=config.seed, split="val")  # the task's parameter groups
+        self.groups, self.dim = shape.groups, shape.dim
+        self.net = build_net(config, self.groups, self.dim)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
         checkpoint = self.out_dir / "checkpoint.pt"
@@ -144,7 +154,7 @@ class MetaTrainer:
 
     def best_net(self) -> CoordinatewiseLSTM:
         """The weights with the best validation score so far (the current ones before any evaluation)."""
-        net = build_net(self.config)
+        net = build_net(self.config, self.groups, self.dim)
         net.load_state_dict(self.best_state if self.best_state is not None else self.net.state_dict())
         return net
 

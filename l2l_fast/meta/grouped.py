@@ -1,0 +1,51 @@
+"""Separate LSTM optimizers for groups of parameters (the paper's CIFAR-10 setup: one for the
+convolutional, one for the fully connected parameters), behind the single-net interface.
+
+Coordinates arrive as [P, D] flattened; group g owns the columns [start_g, stop_g) of every problem.
+The state is one tensor [L, 2, H, P * D] whose coordinates are ordered group by group.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..net import CoordinatewiseLSTM
+from ..tasks.base import ParamGroup
+
+
+class GroupedLSTM(nn.Module):
+    def __init__(self, nets: dict[str, CoordinatewiseLSTM], groups: list[ParamGroup], dim: int):
+        super().__init__()
+        if sorted(nets) != sorted(g.name for g in groups):
+            raise ValueError(f"nets: expected one net per group {[g.name for g in groups]}, got {sorted(nets)}")
+        shapes = {(n.hidden_size, n.num_layers) for n in nets.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"nets: the groups' nets must share hidden_size and num_layers, got {sorted(shapes)}")
+        self.nets = nn.ModuleDict(nets)
+        self.groups, self.dim = groups, dim
+
+    def init_state(self, n: int, device=None, dtype=None) -> Tensor:
+        return next(iter(self.nets.values())).init_state(n, device=device, dtype=dtype)
+
+    def _spans(self, n: int):
+        """(group, its columns, its coordinate range in the state) for P = n / dim problems."""
+        P, offset = n // self.dim, 0
+        for group in self.groups:
+            count = P * (group.stop - group.start)
+            yield group, slice(group.start, group.stop), slice(offset, offset + count)
+            offset += count
+
+    def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        grad = grad.view(-1, self.dim)
+        updates, states = [], []
+        for group, columns, span in self._spans(grad.numel()):
+            update, new_state = self.nets[group.name](grad[:, columns].reshape(-1), state[..., span].contiguous())
+            updates.append(update.view(grad.shape[0], -1))
+            states.append(new_state)
+        return torch.cat(updates, dim=1).reshape(-1), torch.cat(states, dim=-1)
+
+    @torch.no_grad()
+    def step_(self, param: Tensor, grad: Tensor, state: Tensor) -> None:
+        update, new_state = self.forward(grad, state)
+        param.add_(update)
+        state.copy_(new_state)
