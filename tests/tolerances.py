@@ -2,22 +2,29 @@
 
 The expected values are always the float64 reference run on the same (rounded) inputs.
 
-Element-wise quantities (update, new_state, d_grad, d_state):
-    |actual - expected| <= atol_rel * max|expected| + rtol * |expected| + atol
+Element-wise quantities (update, new_state, d_grad, d_state), table ELEMENTWISE:
+    |actual - expected| <= atol_rel * max|expected| + rtol * |expected| + atol   (+ term_rel * error scale)
 ``atol_rel`` scales with the tensor's largest entry because the LSTM cell cancels (f*c + i*g, and
 1 - tanh^2 in saturation): an entry can be much smaller than the rounding error it inherits from its
 inputs. Measured for plain PyTorch float32 vs float64 on H=20, L=2, n=65539 (tests/conftest.py inputs):
 the worst entry error relative to the tensor's max is 1e-7..4e-7 with "init"/"random" weights, up to
-1.1e-5 (d_state) with "saturating" weights; float32 allows 5e-5, about 4x the worst case.
+1.1e-5 (d_state) with "saturating" weights; the native float32 kernels (polynomial exp, refined
+reciprocal) measured up to 1.6e-5. float32 allows 5e-5.
 
-Weight gradients (sums over all n coordinates) follow flash-attention's rule instead:
-    max|kernel - ref64| <= 2 * max|ref_same_dtype - ref64| + floor_rel * max|ref64|
-i.e. the kernel may be at most twice as far from the float64 reference as plain PyTorch in the same dtype.
-For float64 there is no higher-precision reference; the table bounds the error directly.
+Weight gradients (sums over all n coordinates), table WEIGHT_GRAD:
+- float32, flash-attention's rule:
+    max|kernel - ref64| <= factor * max|ref_float32 - ref64| + floor_rel * (largest entry of all weight gradients)
+  i.e. the kernel may be at most `factor` (2) times as far from the float64 reference as plain PyTorch float32.
+- float64 (nothing more precise to hold PyTorch against): per entry, atol_rel * max|ref| + term_rel * its
+  error scale (backward_error_scale below).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from l2l_fast import reference
 
 ELEMENTWISE = {
     # both sides compute in double; differences are operation order and libm vs vectorised exp/tanh.
@@ -26,20 +33,137 @@ ELEMENTWISE = {
 }
 
 WEIGHT_GRAD = {
-    # float64: sums of up to 2^16 terms in a different order than the reference's matmuls.
-    torch.float64: dict(atol_rel=1e-10),
-    # float32: floor of the flash-attention rule (relative to the gradient's largest entry). Plain PyTorch
-    # float32 itself is 1e-7..5e-6 away, so the floor only matters where PyTorch happens to be exact.
-    torch.float32: dict(floor_rel=1e-6),
+    # float64, per entry: atol_rel * max|ref| of the tensor + term_rel * backward_error_scale(...).
+    # A gradient entry can be far smaller than its own rounding error in two ways that a scale relative to
+    # the tensor's max does not see: cancellation of the n per-coordinate terms, and saturated gates, where
+    # sigma' = s (1 - s) and 1 - tanh^2 are computed from activations rounded next to 1 (absolute error
+    # ~eps, relative error unbounded). backward_error_scale propagates |.| of every factor and adds
+    # `derivative_floor` = eps / term_rel to each activation derivative, so term_rel * scale is
+    # term_rel * (sum of |terms|) + eps * (the terms with that derivative's eps error).
+    torch.float64: dict(atol_rel=1e-10, term_rel=1e-12, derivative_floor=torch.finfo(torch.float64).eps / 1e-12),
+    # float32: the flash-attention rule (factor), floor relative to the largest entry of all weight
+    # gradients: plain PyTorch float32 is 1e-7..5e-6 of that away, so the floor only matters where PyTorch
+    # happens to be exact, e.g. on a single-entry tensor like out.bias's.
+    # *_saturating, for weights that saturate most gates ("saturating" in conftest): there the gradients
+    # go through s (1 - s) and 1 - tanh^2 of activations rounded next to +-1, where the kernels' float32
+    # activations (polynomial exp, refined reciprocal, tanh = 2 sigmoid(2x) - 1: a step of 2^-23 next to 1
+    # where torch.tanh has 2^-24) land on other roundings than PyTorch's, which is sometimes exact by luck.
+    # Measured (H = 20, L = 2; n = 1, 7, 1000; 40 seeds; generic/avx2/avx512): typically 5x PyTorch's
+    # error, and at most 4.3e-6 of the largest weight gradient beyond 5x; the widened rule keeps 2x margin.
+    torch.float32: dict(floor_rel=1e-6, factor=2.0, factor_saturating=5.0, floor_rel_saturating=1e-5),
 }
+
+# Relative-to-max bound of assert_close_rel_max for the same kernel summing in another order (other n).
+REORDERED_SUM = {torch.float64: 1e-11, torch.float32: 1e-5}
 
 
 def _finite_max(t: torch.Tensor) -> float:
     return t.abs().max().item() if t.numel() else 0.0
 
 
-def assert_elementwise_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """actual (kernel, any dtype) vs expected (float64 reference); same shape, NaN nowhere."""
+# ---------------------------------------------------------------------------------------------
+# error scale of the backward: the reference's backward with |.| of every factor
+class _AbsLinear(torch.autograd.Function):
+    """x [n, k] @ w.T [k, m]; backward with |w| and |x|."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w.abs(), g.t() @ x.abs()
+
+
+class _AbsMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g * b.abs(), g * a.abs()
+
+
+class _FlooredActivation(torch.autograd.Function):
+    """sigmoid or tanh; backward by |derivative| + floor (the absolute error of a derivative from a rounded value)."""
+
+    @staticmethod
+    def forward(ctx, z, is_tanh, floor):
+        y = torch.tanh(z) if is_tanh else torch.sigmoid(z)
+        ctx.save_for_backward(y)
+        ctx.is_tanh, ctx.floor = is_tanh, floor
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        d = 1 - y * y if ctx.is_tanh else y * (1 - y)
+        return g * (d.abs() + ctx.floor), None, None
+
+
+class _AbsPreprocess(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, p):
+        ctx.save_for_backward(grad)
+        ctx.p = p
+        return reference.preprocess(grad, p)
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, = ctx.saved_tensors
+        big = grad.abs() >= math.exp(-ctx.p)
+        d0 = torch.where(big, 1 / (ctx.p * grad.abs().clamp_min(math.exp(-ctx.p))), torch.zeros_like(grad))
+        d1 = torch.where(big, torch.zeros_like(grad), torch.full_like(grad, math.exp(ctx.p)))
+        return g[:, 0] * d0 + g[:, 1] * d1, None
+
+
+def backward_error_scale(grad, state, weights, p, scale, up_u, up_s, derivative_floor=None):
+    """Error scale of (d_grad [n], d_state [L, 2, H, n], d_weights) for upstream gradients (up_u, up_s).
+
+    The reference's backward with the absolute value of every factor (so no cancellation, neither
+    across coordinates nor across hidden units) and `derivative_floor` added to every activation
+    derivative. All float64; non-finite coordinates contribute nothing. Only a tolerance scale: the
+    expected values always come from l2l_fast.reference itself.
+    """
+    floor = WEIGHT_GRAD[torch.float64]["derivative_floor"] if derivative_floor is None else derivative_floor
+    grad, state = grad.detach().double(), state.detach().double().requires_grad_(True)
+    up_u, up_s = up_u.detach().double(), up_s.detach().double()
+    weights = [w.detach().double().requires_grad_(True) for w in weights]
+    finite = torch.isfinite(grad)
+    keep = finite.double()
+    g = torch.where(finite, grad, torch.zeros_like(grad)).requires_grad_(True)
+    layers, out_w, out_b = reference.split_weights(weights)
+    x = _AbsPreprocess.apply(g, p)
+    rows = []
+    for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        h, c = state[l, 0].t(), state[l, 1].t()
+        z = _AbsLinear.apply(x, w_ih) + _AbsLinear.apply(h, w_hh) + b_ih + b_hh
+        zi, zf, zg, zo = z.chunk(4, dim=1)
+        i, f = _FlooredActivation.apply(zi, False, floor), _FlooredActivation.apply(zf, False, floor)
+        gg, o = _FlooredActivation.apply(zg, True, floor), _FlooredActivation.apply(zo, False, floor)
+        c_new = _AbsMul.apply(f, c) + _AbsMul.apply(i, gg)
+        x = _AbsMul.apply(o, _FlooredActivation.apply(c_new, True, floor))
+        rows.append(torch.stack([x.t(), c_new.t()]))
+    raw_update = (_AbsLinear.apply(x, out_w) + out_b).squeeze(1)
+    d = torch.autograd.grad([raw_update, torch.stack(rows)], [g, state, *weights],
+                            [up_u.abs() * abs(scale) * keep, up_s.abs() * keep], allow_unused=True,
+                            materialize_grads=True)
+    return d[0], d[1], list(d[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# assertions
+def assert_elementwise_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str,
+                             error_scale: torch.Tensor | None = None) -> None:
+    """actual (kernel, any dtype) vs expected (float64 reference); same shape, NaN nowhere.
+
+    error_scale (float64 only, from backward_error_scale) adds term_rel * error_scale to the bound.
+    """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if actual.numel() == 0:
         return
@@ -47,6 +171,8 @@ def assert_elementwise_close(actual: torch.Tensor, expected: torch.Tensor, dtype
     a, e = actual.detach().double(), expected.detach().double()
     assert torch.isfinite(a).all(), f"{name}: kernel produced non-finite values at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
     bound = tol["atol_rel"] * _finite_max(e) + tol["rtol"] * e.abs() + tol["atol"]
+    if error_scale is not None:
+        bound = bound + WEIGHT_GRAD[torch.float64]["term_rel"] * error_scale
     err = (a - e).abs()
     bad = err > bound
     if bad.any():
@@ -60,8 +186,9 @@ def assert_elementwise_close(actual: torch.Tensor, expected: torch.Tensor, dtype
 
 
 def assert_within_rule(actual: torch.Tensor, expected: torch.Tensor, same_dtype: torch.Tensor, dtype: torch.dtype,
-                       name: str, scale: float | None = None) -> None:
-    """flash-attention's rule: max|actual - expected| <= 2 * max|same_dtype - expected| + floor_rel * scale.
+                       name: str, scale: float | None = None, factor: float | None = None,
+                       floor_rel: float | None = None) -> None:
+    """flash-attention's rule: max|actual - expected| <= factor * max|same_dtype - expected| + floor_rel * scale.
 
     expected: float64 reference; same_dtype: the reference run in `dtype` on the same inputs;
     scale: magnitude the floor is relative to (default max|expected|).
@@ -74,19 +201,18 @@ def assert_within_rule(actual: torch.Tensor, expected: torch.Tensor, same_dtype:
     err = (a64 - e64).abs().max().item()
     ref_err = (same_dtype.detach().double() - e64).abs().max().item()
     scale = _finite_max(e64) if scale is None else scale
-    bound = 2 * ref_err + WEIGHT_GRAD[dtype]["floor_rel"] * scale
-    assert err <= bound, (f"{name} ({dtype}): kernel error {err:.3e} > 2 * PyTorch {dtype} error {ref_err:.3e} "
+    factor = WEIGHT_GRAD[dtype]["factor"] if factor is None else factor
+    floor_rel = WEIGHT_GRAD[dtype]["floor_rel"] if floor_rel is None else floor_rel
+    bound = factor * ref_err + floor_rel * scale
+    assert err <= bound, (f"{name} ({dtype}): kernel error {err:.3e} > {factor} * PyTorch {dtype} error {ref_err:.3e} "
                           f"+ floor = {bound:.3e} (max|ref| {scale:.3e})")
 
 
 def assert_weight_grads_close(kernel: list[torch.Tensor], ref64: list[torch.Tensor], dtype: torch.dtype,
-                              ref_same_dtype: list[torch.Tensor] | None = None) -> None:
-    """Weight gradients: flash-attention rule for float32, the float64 table for float64.
-
-    The float32 floor is relative to the largest weight gradient of all: a small tensor such as out.bias's
-    gradient (one sum of n terms, often much smaller than its terms) has a rounding error set by its terms,
-    and a single entry gives no stable "2 x PyTorch" comparison of its own.
-    """
+                              ref_same_dtype: list[torch.Tensor] | None = None,
+                              error_scale: list[torch.Tensor] | None = None, saturating: bool = False) -> None:
+    """Weight gradients: the flash-attention rule for float32 (needs ref_same_dtype), the float64 bound for
+    float64 (error_scale from backward_error_scale; without it only the atol_rel part)."""
     assert len(kernel) == len(ref64), f"d_weights: {len(kernel)} tensors, expected {len(ref64)}"
     global_scale = max((_finite_max(e.detach().double()) for e in ref64), default=0.0)
     for k, (a, e) in enumerate(zip(kernel, ref64)):
@@ -97,23 +223,32 @@ def assert_weight_grads_close(kernel: list[torch.Tensor], ref64: list[torch.Tens
         if dtype == torch.float64:
             a64, e64 = a.detach().double(), e.detach().double()
             assert torch.isfinite(a64).all(), f"d_weights[{k}]: non-finite entries"
-            err, scale = (a64 - e64).abs().max().item(), _finite_max(e64)
-            bound = WEIGHT_GRAD[dtype]["atol_rel"] * scale
-            assert err <= bound, f"d_weights[{k}] (float64): max error {err:.3e} > {bound:.3e} (max|ref| {scale:.3e})"
+            err = (a64 - e64).abs()
+            tol = WEIGHT_GRAD[dtype]
+            bound = tol["atol_rel"] * _finite_max(e64) + 1e-300
+            if error_scale is not None:
+                bound = bound + tol["term_rel"] * error_scale[k]
+            if (err > bound).any():
+                j = torch.argmax(err / bound)
+                raise AssertionError(
+                    f"d_weights[{k}] (float64): {int((err > bound).sum())} entries outside tolerance; worst at flat "
+                    f"index {j.item()}: got {a64.flatten()[j].item()!r}, expected {e64.flatten()[j].item()!r}, "
+                    f"bound {bound.flatten()[j].item():.3e}, max|ref| {_finite_max(e64):.3e}")
         else:
             assert ref_same_dtype is not None, "the float32 rule needs the reference run in float32"
-            assert_within_rule(a, e, ref_same_dtype[k], dtype, f"d_weights[{k}]", scale=global_scale)
+            tol = WEIGHT_GRAD[dtype]
+            factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating
+                                 else (tol["factor"], tol["floor_rel"]))
+            assert_within_rule(a, e, ref_same_dtype[k], dtype, f"d_weights[{k}]", scale=global_scale, factor=factor,
+                               floor_rel=floor_rel)
 
 
-def assert_close_rel_max(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str) -> None:
-    """max|actual - expected| <= rel * max|expected|: for two kernel runs whose sums differ only in order."""
+def assert_close_rel_max(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str,
+                         scale: float | None = None) -> None:
+    """max|actual - expected| <= rel * scale (default max|expected|): two kernel runs that differ in summation order."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if actual.numel() == 0:
         return
     err = (actual.double() - expected.double()).abs().max().item()
-    bound = rel * _finite_max(expected.double())
+    bound = rel * (_finite_max(expected.double()) if scale is None else scale)
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
-
-
-# Relative-to-max bound of assert_close_rel_max for the same kernel summing in another order (other n).
-REORDERED_SUM = {torch.float64: 1e-11, torch.float32: 1e-5}
