@@ -26,19 +26,20 @@ def check_tensor(name: str, value, *, dim: int, dtype: torch.dtype, device: torc
 
 
 def check_step_inputs(grad, state, *, num_layers: int, hidden_size: int, dtype: torch.dtype,
-                      device: torch.device, param=None) -> None:
-    """grad [n], state [num_layers, 2, hidden_size, n], param [n] (optional)."""
+                      device: torch.device, param=None, names: tuple[str, str] = ("grad", "state")) -> None:
+    """grad [n], state [num_layers, 2, hidden_size, n], param [n] (optional); `names` for the messages."""
+    grad_name, state_name = names
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"net weights: expected float32 or float64, got {dtype}")
-    check_tensor("grad", grad, dim=1, dtype=dtype, device=device)
+    check_tensor(grad_name, grad, dim=1, dtype=dtype, device=device)
     n = grad.shape[0]
     if param is not None:
         check_tensor("param", param, dim=1, dtype=dtype, device=device)
         if param.shape[0] != n:
             raise ValueError(f"param: expected {n} elements (as many as grad), got {param.shape[0]}")
-    check_tensor("state", state, dim=4, dtype=dtype, device=device)
+    check_tensor(state_name, state, dim=4, dtype=dtype, device=device)
     expected = (num_layers, 2, hidden_size, n)
     if tuple(state.shape) != expected:
         raise ValueError(
-            f"state: expected shape {expected} = (num_layers, 2, hidden_size, n) for this net and {n} coordinates, "
+            f"{state_name}: expected shape {expected} = (num_layers, 2, hidden_size, n) for this net and {n} coordinates, "
             f"got {tuple(state.shape)}; was it made by init_state of another net or for another parameter?")

@@ -8,13 +8,41 @@ from . import ops, reference
 from .checks import check_step_inputs
 
 BACKENDS = ("auto", "native", "reference")
+_GATE_NAMES = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
+
+
+class LSTMParameters(nn.Module):
+    """The parameters of ``torch.nn.LSTM(input_size, hidden_size, num_layers)``, same names, shapes and
+    initialisation, without its cuDNN machinery (which torch.compile refuses to trace).
+
+    ``load_state_dict`` works both ways with a real ``nn.LSTM``; :meth:`to_torch` builds one.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        bound = 1.0 / hidden_size**0.5  # torch.nn.LSTM's uniform(-1/sqrt(H), 1/sqrt(H))
+        for l in range(num_layers):
+            inputs = input_size if l == 0 else hidden_size
+            shapes = ((4 * hidden_size, inputs), (4 * hidden_size, hidden_size), (4 * hidden_size,), (4 * hidden_size,))
+            for name, shape in zip(_GATE_NAMES, shapes):
+                setattr(self, name.format(l), nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+
+    def flat(self) -> list[Tensor]:
+        return [getattr(self, name.format(l)) for l in range(self.num_layers) for name in _GATE_NAMES]
+
+    def to_torch(self) -> nn.LSTM:
+        lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers)
+        lstm.load_state_dict(self.state_dict())
+        return lstm.to(self.weight_ih_l0.device, self.weight_ih_l0.dtype)
 
 
 class CoordinatewiseLSTM(nn.Module):
     """LSTM optimizer of Andrychowicz et al. (2016), applied to every coordinate independently.
 
     ``state_dict`` keys are those of ``torch.nn.LSTM(2, hidden_size, num_layers)`` under ``lstm.`` and of
-    ``torch.nn.Linear(hidden_size, 1)`` under ``out.``, so the weights move to and from plain torch modules.
+    ``torch.nn.Linear(hidden_size, 1)`` under ``out.``, so the weights move to and from plain torch modules
+    (``net.lstm.to_torch()`` builds the ``nn.LSTM``).
 
     State layout: one tensor [num_layers, 2, hidden_size, n]; ``state[l, 0]`` is h and ``state[l, 1]`` is c
     of layer l, coordinates last. Make it with :meth:`init_state`.
@@ -39,7 +67,7 @@ class CoordinatewiseLSTM(nn.Module):
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess_p, self.output_scale = float(preprocess_p), float(output_scale)
         self.backend = backend
-        self.lstm = nn.LSTM(2, hidden_size, num_layers)
+        self.lstm = LSTMParameters(2, hidden_size, num_layers)
         self.out = nn.Linear(hidden_size, 1)
 
     @classmethod
@@ -54,9 +82,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     def weights(self) -> list[Tensor]:
         """The weights in the order the ops take them (see :mod:`l2l_fast.reference`)."""
-        names = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
-        flat = [getattr(self.lstm, name.format(l)) for l in range(self.num_layers) for name in names]
-        return flat + [self.out.weight, self.out.bias]
+        return self.lstm.flat() + [self.out.weight, self.out.bias]
 
     def init_state(self, n: int, device=None, dtype: torch.dtype | None = None) -> Tensor:
         """Zero state for n coordinates: [num_layers, 2, hidden_size, n], on the net's device and dtype by default."""

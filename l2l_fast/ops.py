@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_step_inputs, check_tensor
+
 try:  # loading the extension runs its TORCH_LIBRARY registrations
     from . import _C  # noqa: F401
 
@@ -25,14 +27,13 @@ except ImportError as error:  # pure-Python install: the reference backend still
 __all__ = ["HAS_NATIVE", "lstm_step", "lstm_step_", "native_devices"]
 
 
-def native_devices() -> set[str]:
+# Fixed at import: a plain constant that torch.compile can trace (a pybind call it cannot).
+_NATIVE_DEVICES = frozenset(({"cpu", "cuda"} if _C.has_cuda_kernels() else {"cpu"}) if HAS_NATIVE else ())
+
+
+def native_devices() -> frozenset[str]:
     """Device types with a native kernel in this build."""
-    if not HAS_NATIVE:
-        return set()
-    devices = {"cpu"}
-    if _C.has_cuda_kernels():
-        devices.add("cuda")
-    return devices
+    return _NATIVE_DEVICES
 
 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
@@ -47,18 +48,37 @@ def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Ten
     torch.ops.l2l_fast.lstm_step_(param, grad, state, list(weights), float(preprocess_p), float(output_scale))
 
 
+def _check_fake(grad, state, weights, param=None, grad_update=None, grad_new_state=None) -> None:
+    """The checks of csrc/op_checks.h for fake tensors: mixed meta/real inputs reach the fake kernels
+    instead of the C++ ones, and must fail the same way."""
+    if len(weights) < 6 or (len(weights) - 2) % 4:
+        raise ValueError(f"weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got {len(weights)}")
+    # the weights define dtype and device, as for the module front
+    dtype, device = weights[-2].dtype, weights[-2].device
+    layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[-1]
+    check_step_inputs(grad, state, num_layers=layers, hidden_size=hidden, dtype=dtype, device=device, param=param)
+    if grad_update is not None:
+        check_step_inputs(grad_update, grad_new_state, num_layers=layers, hidden_size=hidden, dtype=dtype,
+                          device=device, names=("grad_update", "grad_new_state"))
+    for index, weight in enumerate(weights):
+        check_tensor(f"weights[{index}]", weight, dim=weight.dim(), dtype=dtype, device=device)
+
+
 if HAS_NATIVE:
 
     @torch.library.register_fake("l2l_fast::lstm_step")
     def _lstm_step_fake(grad, state, weights, preprocess_p, output_scale):
+        _check_fake(grad, state, weights)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape)
 
     @torch.library.register_fake("l2l_fast::lstm_step_backward")
     def _lstm_step_backward_fake(grad_update, grad_new_state, grad, state, weights, preprocess_p, output_scale):
+        _check_fake(grad, state, weights, grad_update=grad_update, grad_new_state=grad_new_state)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape), [w.new_empty(w.shape) for w in weights]
 
     @torch.library.register_fake("l2l_fast::lstm_step_")
     def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale):
+        _check_fake(grad, state, weights, param=param)
         return None
 
     def _setup_context(ctx, inputs, output):
