@@ -25,11 +25,11 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi"]
+    cxx = ["-O3", "-fno-math-errno", "-Wno-psabi"]
     link = []
     if os.environ.get("L2L_FAST_SANITIZE") == "1":
         flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
-        cxx = ["-O1", "-std=c++17"] + flags
+        cxx = ["-O1"] + flags
         link = flags
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -37,7 +37,7 @@ def extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension("l2l_fast._C", cpp_sources + sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
                              include_dirs=include_dirs, define_macros=[("L2L_FAST_WITH_CUDA", "1")],
-                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                              extra_link_args=link)
     return CppExtension("l2l_fast._C", cpp_sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cxx}, extra_link_args=link)

@@ -13,9 +13,9 @@ mkdir -p "$work"
 rsync -a --delete --exclude .venv --exclude .git --exclude build --exclude '*.so' --exclude '*.egg-info' \
   "$root/" "$work/src/"
 [ -x "$work/venv/bin/python" ] || "$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q "$torch_spec" numpy ninja pybind11 setuptools wheel pytest hypothesis expecttest
+"$work/venv/bin/python" -m pip install -q "$torch_spec" numpy ninja pybind11 setuptools wheel pytest pytest-benchmark hypothesis expecttest
 cd "$work/src"
-L2L_FAST_SANITIZE=1 MAX_JOBS=2 "$work/venv/bin/python" setup.py -q build_ext --inplace
+L2L_FAST_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-2} "$work/venv/bin/python" setup.py -q build_ext --inplace
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
