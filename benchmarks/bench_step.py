@@ -153,6 +153,7 @@ class Row:
     warmup_calls: int = 1
     compiled: bool = False      # report the (untimed) compile + warm-up time in the note
     seconds: float | None = None
+    iqr: float | None = None    # interquartile range of the per-call times: the spread behind the median
     note: str = ""
 
 
@@ -216,7 +217,8 @@ def measure(row: Row, args) -> None:
             torch.cuda.synchronize()
         if row.compiled:
             row.note = f"compile + warm-up {time.perf_counter() - start:.1f} s, excluded"
-        row.seconds = machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time).median
+        measurement = machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time)
+        row.seconds, row.iqr = measurement.median, measurement.iqr
     except Unavailable as error:
         row.note = f"n/a: {error}"
     except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
@@ -231,7 +233,7 @@ def measure(row: Row, args) -> None:
 def render(n: int, rows: list[Row], limits: dict, args) -> str:
     cuda = args.device == "cuda"
     baseline = {r.group: r.seconds for r in rows if r.baseline}
-    header = ["row", "time ms (median)", "Mcoord/s", "vs eager", "% FLOP limit"]
+    header = ["row", "time ms (median)", "IQR %", "Mcoord/s", "vs eager", "% FLOP limit"]
     if cuda:
         header += ["GB/s", "% copy BW"]
     header.append("note")
@@ -242,7 +244,7 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
         else:
             rate = n / r.seconds
             base = baseline.get(r.group)
-            cells = [r.name, f"{r.seconds * 1e3:.3f}", f"{rate / 1e6:.2f}",
+            cells = [r.name, f"{r.seconds * 1e3:.3f}", f"{100 * r.iqr / r.seconds:.0f}", f"{rate / 1e6:.2f}",
                      f"{base / r.seconds:.2f}x" if base else "-",
                      f"{100 * rate / limits[r.group]:.1f}%" if r.counts_flops else "-"]
             if cuda:
@@ -344,7 +346,8 @@ def main(argv=None) -> None:
                      f"fwd+bwd {fwdbwd_bytes} B/coord; "
                      f"Adam {machine.ADAM_BYTES_PER_PARAM} B/param")
     lines.append("columns  : vs eager = eager reference time / row time, same group (step rows vs eager step, "
-                 "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above")
+                 "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above; IQR % = spread of the "
+                 "per-call times / median")
 
     fused_net = None
     if args.backend == "reference" or ops.HAS_NATIVE:
@@ -360,6 +363,8 @@ def main(argv=None) -> None:
         for row in rows:
             measure(row, args)
         print(render(n, rows, limits, args), flush=True)
+    if hasattr(os, "getloadavg"):  # other work during the run makes every number above pessimistic
+        print(f"load average (1 min) {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

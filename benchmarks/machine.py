@@ -151,6 +151,6 @@ def machine_lines(device: str, threads: int) -> list[str]:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         lines.append(f"gpu      : {props.name}, {props.total_memory / 2**30:.0f} GiB, "
-                     f"{props.multi_processor_count} SMs, sm_{props.major}{props.minor}, driver {_nvidia_driver()}, CUDA (torch) {torch.version.cuda}, "
-                     f"{_tf32_note()}")
+                     f"{props.multi_processor_count} SMs, sm_{props.major}{props.minor}, driver {_nvidia_driver()}, "
+                     f"CUDA (torch) {torch.version.cuda}, {_tf32_note()}")
     return lines
