@@ -19,8 +19,6 @@ from l2l_fast import ops
 N = int(float(os.environ.get("L2L_BENCH_N", "1e5")))
 HIDDEN, LAYERS = 20, 2
 
-needs_native = pytest.mark.skipif(
-    "cpu" not in ops.native_devices(), reason=f"l2l_fast._C has no CPU kernels here ({ops.NATIVE_IMPORT_ERROR})")
 
 
 def run(benchmark, fn, group: str) -> None:
@@ -31,31 +29,21 @@ def run(benchmark, fn, group: str) -> None:
     benchmark(fn)
 
 
-@needs_native
-def test_fused_step(benchmark):
-    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "native")
-    run(benchmark, bench_step.step_fn(net, N), "step")
+WORKLOADS = {"step": bench_step.step_fn, "fwd+bwd": bench_step.fwdbwd_fn}
 
 
-def test_eager_reference_step(benchmark):
-    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
-    run(benchmark, bench_step.step_fn(net, N), "step")
+@pytest.mark.parametrize("kind", sorted(WORKLOADS))
+@pytest.mark.parametrize("backend", ["native", "reference"], ids=["fused", "eager-reference"])
+def test_lstm_optimizer(benchmark, backend, kind):
+    if backend == "native" and "cpu" not in ops.native_devices():
+        pytest.skip(f"l2l_fast._C has no CPU kernels here ({ops.NATIVE_IMPORT_ERROR})")
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", backend)
+    run(benchmark, WORKLOADS[kind](net, N), kind)
 
 
 @pytest.mark.parametrize("flags", [{"foreach": True}, {"fused": True}], ids=["foreach", "fused"])
 def test_adam_step(benchmark, flags):
     run(benchmark, bench_step.adam_fn(N, "cpu", **flags), "step")
-
-
-@needs_native
-def test_fused_fwdbwd(benchmark):
-    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "native")
-    run(benchmark, bench_step.fwdbwd_fn(net, N), "fwd+bwd")
-
-
-def test_eager_reference_fwdbwd(benchmark):
-    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
-    run(benchmark, bench_step.fwdbwd_fn(net, N), "fwd+bwd")
 
 
 def test_workloads_run_without_autograd_leaks():
