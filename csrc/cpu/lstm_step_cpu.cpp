@@ -5,6 +5,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <exception>
+#include <thread>
 #include <vector>
 
 #include "cpu/isa_select.h"
@@ -14,8 +16,26 @@ namespace l2l_fast {
 namespace cpu {
 namespace {
 
-// Tiles of about this many coordinates per thread at least; smaller problems stay on one thread.
-constexpr int64_t kMinCoordinatesPerThread = 4096;
+// At least this many coordinates per thread (about 3 ms of work, against ~50 us to start a thread);
+// smaller problems stay on the calling thread.
+constexpr int64_t kMinCoordinatesPerThread = 16384;
+
+// Runs work(c) for c in [0, chunks) on `chunks` threads (the caller's among them).
+// Not at::parallel_for: ATen's OpenMP backend is inlined into the extension, which is built without
+// -fopenmp, so it silently ran every chunk on one thread (measured: no speed-up from 2 threads).
+template <typename Work>
+void run_chunks(int64_t chunks, const Work& work) {
+  std::vector<std::thread> helpers;
+  for (int64_t c = 1; c < chunks; ++c) helpers.emplace_back([&work, c] { work(c); });
+  std::exception_ptr failure;
+  try {
+    work(0);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  for (std::thread& helper : helpers) helper.join();
+  if (failure) std::rethrow_exception(failure);
+}
 
 template <typename T>
 StepParams<T> make_params(const PackedLayout& layout, const at::Tensor& packed, const at::Tensor& grad,
@@ -48,9 +68,7 @@ void run_forward(const StepParams<T>& params) {
   auto fn = reinterpret_cast<void (*)(const StepParams<T>&, int64_t, int64_t)>(forward);
   const int64_t tile = std::is_same<T, float>::value ? kernels.tile_f32 : kernels.tile_f64;
   const std::vector<int64_t> bounds = chunk_bounds(params.n, tile, at::get_num_threads());
-  at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(params, bounds[c], bounds[c + 1]);
-  });
+  run_chunks(int64_t(bounds.size()) - 1, [&](int64_t c) { fn(params, bounds[c], bounds[c + 1]); });
 }
 
 // Each chunk sums its weight gradients in its own float64 buffer; the buffers are added in chunk
@@ -65,9 +83,7 @@ at::Tensor run_backward(const StepParams<T>& params) {
   const int64_t chunks = int64_t(bounds.size()) - 1, size = params.layout.size();
   at::Tensor sums = at::zeros({chunks, size}, at::kDouble);
   double* all = sums.data_ptr<double>();
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(params, bounds[c], bounds[c + 1], all + c * size);
-  });
+  run_chunks(chunks, [&](int64_t c) { fn(params, bounds[c], bounds[c + 1], all + c * size); });
   return sums.sum(0);
 }
 
