@@ -19,8 +19,8 @@ BASELINES = {
     "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
 }
-# 10^-4 .. 10^0.5 in quarter decades
-DEFAULT_GRID = tuple(10 ** (e / 4) for e in range(-16, 3))
+# 10^-4 .. 10^1 in quarter decades (SGD on MNIST tunes to ~3, so the grid must reach past it)
+DEFAULT_GRID = tuple(10 ** (e / 4) for e in range(-16, 5))
 
 
 def final_score(losses: torch.Tensor) -> float:
