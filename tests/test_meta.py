@@ -140,7 +140,6 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
     saved = load_verified(out / "checkpoint.pt")  # intact despite the kill
     killed_at = saved["epoch"]
     assert 1 <= killed_at < 400
-    assert not list(out.glob("*.tmp")) or all(p.stat().st_size >= 0 for p in out.glob("*.tmp"))
     resume = command[:command.index("--epochs") + 1] + [str(killed_at + 3)] + command[command.index("--epochs") + 2:]
     subprocess.run(resume + ["--resume"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     log = load_verified(out / "checkpoint.pt")["log"]
@@ -171,8 +170,6 @@ def test_run_learned_matches_differentiable_path():
     losses = run_learned(net, problems, 5)
     params = problems.init_params()
     _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
-    with torch.no_grad():
-        pass
     _, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 5)
     torch.testing.assert_close(losses[1:], history, rtol=1e-5, atol=1e-6)
 
