@@ -61,12 +61,29 @@ std::vector<int64_t> chunk_bounds(int64_t n, int64_t tile, int64_t max_chunks) {
   return bounds;
 }
 
+// The active instruction set's kernels for scalar type T.
+template <typename T>
+struct TypedKernels;
+
+template <>
+struct TypedKernels<float> {
+  static auto forward(const CpuKernels& k) { return k.forward_f32; }
+  static auto backward(const CpuKernels& k) { return k.backward_f32; }
+  static int64_t tile(const CpuKernels& k) { return k.tile_f32; }
+};
+
+template <>
+struct TypedKernels<double> {
+  static auto forward(const CpuKernels& k) { return k.forward_f64; }
+  static auto backward(const CpuKernels& k) { return k.backward_f64; }
+  static int64_t tile(const CpuKernels& k) { return k.tile_f64; }
+};
+
 template <typename T>
 void run_forward(const StepParams<T>& params) {
   const CpuKernels& kernels = active_kernels();
-  auto forward = std::is_same<T, float>::value ? (void*)kernels.forward_f32 : (void*)kernels.forward_f64;
-  auto fn = reinterpret_cast<void (*)(const StepParams<T>&, int64_t, int64_t)>(forward);
-  const int64_t tile = std::is_same<T, float>::value ? kernels.tile_f32 : kernels.tile_f64;
+  const auto fn = TypedKernels<T>::forward(kernels);
+  const int64_t tile = TypedKernels<T>::tile(kernels);
   const std::vector<int64_t> bounds = chunk_bounds(params.n, tile, at::get_num_threads());
   run_chunks(int64_t(bounds.size()) - 1, [&](int64_t c) { fn(params, bounds[c], bounds[c + 1]); });
 }
@@ -76,9 +93,8 @@ void run_forward(const StepParams<T>& params) {
 template <typename T>
 at::Tensor run_backward(const StepParams<T>& params) {
   const CpuKernels& kernels = active_kernels();
-  auto backward = std::is_same<T, float>::value ? (void*)kernels.backward_f32 : (void*)kernels.backward_f64;
-  auto fn = reinterpret_cast<void (*)(const StepParams<T>&, int64_t, int64_t, double*)>(backward);
-  const int64_t tile = std::is_same<T, float>::value ? kernels.tile_f32 : kernels.tile_f64;
+  const auto fn = TypedKernels<T>::backward(kernels);
+  const int64_t tile = TypedKernels<T>::tile(kernels);
   const std::vector<int64_t> bounds = chunk_bounds(params.n, tile, at::get_num_threads());
   const int64_t chunks = int64_t(bounds.size()) - 1, size = params.layout.size();
   at::Tensor sums = at::zeros({chunks, size}, at::kDouble);

@@ -23,6 +23,11 @@ BASELINES = {
 DEFAULT_GRID = tuple(10 ** (e / 4) for e in range(-16, 5))
 
 
+def run_baseline(name: str, lr: float, problems, steps: int) -> torch.Tensor:
+    """Baseline `name` at learning rate `lr` on the problems: losses [steps + 1, P]."""
+    return run_torch_optimizer(lambda params: BASELINES[name](params, lr), problems, steps)
+
+
 def final_score(losses: torch.Tensor) -> float:
     """Mean over problems of the last loss; a diverged run scores +inf."""
     value = losses[-1].mean().item()
@@ -34,8 +39,7 @@ def tune_learning_rate(name: str, task, steps: int, num_problems: int, seed: int
     problems = task.sample(num_problems, seed=seed, split="val")
     scores = {}
     for lr in grid:
-        losses = run_torch_optimizer(lambda ps, lr=lr: BASELINES[name](ps, lr), problems, steps)
-        scores[lr] = final_score(losses)
+        scores[lr] = final_score(run_baseline(name, lr, problems, steps))
     best = min(scores, key=scores.get)
     if not math.isfinite(scores[best]):
         raise RuntimeError(f"{name}: every learning rate of the grid diverged")
@@ -60,8 +64,7 @@ def compare(task, learned: dict, steps: int, num_problems: int, seed: int, tuned
     problems = task.sample(num_problems, seed=seed, split="test")
     curves = [Curve(label, run_learned(net, problems, steps), "learned") for label, net in learned.items()]
     for name, lr in tuned_lrs.items():
-        losses = run_torch_optimizer(lambda ps, name=name, lr=lr: BASELINES[name](ps, lr), problems, steps)
-        curves.append(Curve(name, losses, f"lr={lr:.3g}"))
+        curves.append(Curve(name, run_baseline(name, lr, problems, steps), f"lr={lr:.3g}"))
     return curves
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -37,6 +38,34 @@ class ProblemBatch:
 
     def loss(self, params: Tensor, step: int) -> Tensor:
         raise NotImplementedError
+
+
+class ClassifierBatch(ProblemBatch):
+    """Problems that classify minibatches of one dataset: subclasses give `logits(params, x)`.
+
+    images [N, ...], labels [N]; each problem draws `batch_size` examples per step, the same ones for
+    every optimizer given (seed, salt, step).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, num_problems: int, seed: int, salt: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.num_problems, self.seed, self.salt = num_problems, seed, salt
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The minibatch of `step` for every problem: x [P, B, ...], labels [P, B]."""
+        generator = seeded(self.seed, self.salt, 2, step)
+        index = torch.randint(len(self.labels), (self.num_problems, self.batch_size), generator=generator)
+        return self.images[index], self.labels[index]
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, params: Tensor, step: int) -> Tensor:
+        """Mean cross-entropy of each problem on its minibatch of `step`: [P]."""
+        x, labels = self.batch(step)
+        logits = self.logits(params, x)
+        per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return per_example.view(self.num_problems, -1).mean(1)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
+from .base import ClassifierBatch, ParamGroup, Task, check_split, seeded
 
 _SPLIT_SALT = {"train": 20, "val": 21, "test": 22}
 TRAIN_IMAGES = 45_000
@@ -31,10 +31,9 @@ def _fc_shapes() -> list[tuple[str, tuple[int, ...]]]:
     return [("fc.weight", (FC, flat)), ("fc.bias", (FC,)), ("out.weight", (10, FC)), ("out.bias", (10,))]
 
 
-class CNNBatch(ProblemBatch):
+class CNNBatch(ClassifierBatch):
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, num_problems: int, seed: int, salt: int):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.num_problems, self.seed, self.salt = num_problems, seed, salt
+        super().__init__(images, labels, batch_size, num_problems, seed, salt)
         self.shapes = _conv_shapes() + _fc_shapes()
         self.sizes = [int(torch.Size(shape).numel()) for _, shape in self.shapes]
         self.dim = sum(self.sizes)
@@ -56,11 +55,6 @@ class CNNBatch(ProblemBatch):
             pieces.append(piece)
         return torch.cat(pieces, dim=1)
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        generator = seeded(self.seed, self.salt, 2, step)
-        index = torch.randint(len(self.labels), (self.num_problems, self.batch_size), generator=generator)
-        return self.images[index], self.labels[index]  # [P, B, 3, 32, 32], [P, B]
-
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, 3, 32, 32] -> [P, B, 10]."""
         P, B = x.shape[:2]
@@ -76,12 +70,6 @@ class CNNBatch(ProblemBatch):
         h = h.reshape(B, P, -1).transpose(0, 1)  # [P, B, 256]
         h = F.relu(torch.baddbmm(named["fc.bias"].unsqueeze(1), h, named["fc.weight"].transpose(1, 2)))
         return torch.baddbmm(named["out.bias"].unsqueeze(1), h, named["out.weight"].transpose(1, 2))
-
-    def loss(self, params: Tensor, step: int) -> Tensor:
-        x, labels = self.batch(step)
-        logits = self.logits(params, x)
-        per_example = F.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), reduction="none")
-        return per_example.view(self.num_problems, -1).mean(1)
 
 
 class CIFARCNNTask(Task):

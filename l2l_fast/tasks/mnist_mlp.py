@@ -7,10 +7,9 @@ the first 50,000 training images, validation problems from the last 10,000, test
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
+from .base import ClassifierBatch, ParamGroup, Task, check_split, seeded
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 _SPLIT_SALT = {"train": 10, "val": 11, "test": 12}
@@ -28,12 +27,11 @@ def mnist_split(split: str, data_dir=None) -> tuple[Tensor, Tensor]:
     return images[part], labels[part]
 
 
-class MLPBatch(ProblemBatch):
+class MLPBatch(ClassifierBatch):
     def __init__(self, images: Tensor, labels: Tensor, sizes: list[int], activation: str, batch_size: int,
                  num_problems: int, seed: int, salt: int):
-        self.images, self.labels = images, labels
-        self.sizes, self.activation, self.batch_size = sizes, ACTIVATIONS[activation], batch_size
-        self.num_problems, self.seed, self.salt = num_problems, seed, salt
+        super().__init__(images, labels, batch_size, num_problems, seed, salt)
+        self.sizes, self.activation = sizes, ACTIVATIONS[activation]
         self.shapes = [(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
         self.dim = sum(i * o + o for i, o in self.shapes)
         self.groups = [ParamGroup("all", 0, self.dim)]
@@ -41,12 +39,6 @@ class MLPBatch(ProblemBatch):
     def init_params(self) -> Tensor:
         generator = seeded(self.seed, self.salt, 1)
         return 0.01 * torch.randn(self.num_problems, self.dim, generator=generator)
-
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The minibatch of `step` for every problem: x [P, B, 784], labels [P, B]."""
-        generator = seeded(self.seed, self.salt, 2, step)
-        index = torch.randint(len(self.labels), (self.num_problems, self.batch_size), generator=generator)
-        return self.images[index], self.labels[index]
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, 784] -> logits [P, B, 10]."""
@@ -60,12 +52,6 @@ class MLPBatch(ProblemBatch):
             if layer + 1 < len(self.shapes):
                 x = self.activation(x)
         return x
-
-    def loss(self, params: Tensor, step: int) -> Tensor:
-        x, labels = self.batch(step)
-        logits = self.logits(params, x)
-        per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        return per_example.view(self.num_problems, -1).mean(1)
 
 
 class MNISTMLPTask(Task):
