@@ -12,4 +12,10 @@ TORCH_LIBRARY(l2l_fast, m) {
   // in place, no autograd: param [n] += update; state advanced
   m.def("lstm_step_(Tensor(a!) param, Tensor grad, Tensor(b!) state, Tensor[] weights, float preprocess_p,"
         " float output_scale) -> ()");
+  // The optimizer's multi-tensor in-place step, no autograd. params[k] and grads[k] are 1-D, same numel n_k,
+  // same device; params may be float32, float64, bfloat16 or float16 (math in the weights' dtype, float32
+  // for the 16-bit ones); state [L, 2, H, sum_k n_k] (float32 / float64 = weights' dtype, or bfloat16) holds
+  // tensor k's coordinates at [offset_k, offset_k + n_k), offsets in list order. Same NaN/Inf policy.
+  m.def("lstm_multi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) state, Tensor[] weights,"
+        " float preprocess_p, float output_scale) -> ()");
 }
