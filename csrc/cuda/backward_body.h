@@ -1,0 +1,233 @@
+// Backward of one step, one thread per coordinate, gates recomputed from the saved (grad, state):
+// the body of the CUDA kernel, written against an execution context like forward_body.h.
+//
+// Per tile of blockDim coordinates:
+//   1. forward through layers 0 .. L-2, each thread parking its h_new of those layers in its own
+//      columns of grad_state's h rows (written for real later, when that layer's backward runs);
+//   2. layer by layer from the top: recompute the gates, run the cell backward, accumulate d inputs
+//      in registers, and stage the layer's inputs x (plus a 1 for the bias) and gate gradients dz
+//      in shared memory, [coordinate][value];
+//   3. after a barrier the block turns into a small GEMM, dW = dz^T x over the tile: each thread owns
+//      a unit and 4 inputs (16 weights), sums them over the tile in registers and adds the sums to its
+//      block's float64 row of partial sums (global memory, each entry owned by one thread: no atomics).
+// A second kernel adds the rows in block order, so the weight gradients are deterministic.
+#pragma once
+
+#include "cuda/device_math.h"
+#include "cuda/forward_body.h"
+#include "cuda/kernel_args.h"
+#include "lstm_cell.h"
+
+namespace l2l_fast {
+namespace cuda {
+
+// Where the weight gradients of one staged block of (inputs x, gradients dz) go in the packed layout.
+struct GradTarget {
+  int64_t weights;  // packed index of (unit 0, input 0, gate 0); unit u, input k, gate g at + (u K + k) G + g
+  int64_t bias;     // index of input k == K (the bias column): + u G + g
+  int K;            // inputs per unit
+  int G;            // gates per unit: 4 for an LSTM layer, 1 for the output layer
+  int units;
+};
+
+// partial[target] += sum over the tile of dz[t][u G + g] * x[t][k] (x[t][K] == 1: the bias).
+// Work items are (unit, 4 consecutive inputs); rows are read 16 bytes at a time, and all threads
+// of a warp read the same tile row t, so the loads are broadcasts or distinct bank groups.
+template <int G, typename T, class Ctx>
+L2L_DEVICE void reduce_weight_grads(const Ctx& ctx, const T* x, int sx, const T* dz, int sdz, const GradTarget& to,
+                                    double* partial) {
+  const int chunks = (to.K + 1 + 3) / 4;
+  const int items = to.units * chunks;
+  const int tile = ctx.threads();
+  for (int item = ctx.thread(); item < items; item += tile) {
+    const int u = item / chunks, k0 = 4 * (item % chunks);
+    T acc[G][4];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[g][c] = T(0);
+#pragma unroll 4
+    for (int t = 0; t < tile; ++t) {
+      const Quad<T> xq = load_quad(x + int64_t(t) * sx + k0);
+      T d[G];
+      if (G == 4) {
+        const Quad<T> q = load_quad(dz + int64_t(t) * sdz + 4 * u);
+#pragma unroll
+        for (int g = 0; g < G; ++g) d[g] = q.v[g];
+      } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g) d[g] = dz[int64_t(t) * sdz + G * u + g];
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[g][c] += d[g] * xq.v[c];
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int k = k0 + c;
+      if (k > to.K) break;
+      const int64_t at = k < to.K ? to.weights + (int64_t(u) * to.K + k) * G : to.bias + int64_t(u) * G;
+#pragma unroll
+      for (int g = 0; g < G; ++g) partial[at + g] += double(acc[g][c]);
+    }
+  }
+}
+
+// The per-coordinate part of layer l's backward (active, finite coordinate c): stages x and dz in
+// this thread's rows my_x / my_dz (and h_top / gu for the top layer), writes d state of layer l,
+// turns dh into the layer below's (or d grad for layer 0).
+template <class Dims, typename T>
+L2L_DEVICE void layer_backward(const BackwardArgs<T>& a, Dims dims, const T* w, int l, int64_t c, T g, T (&dh)[Dims::kMaxH],
+                               T* my_x, T* my_dz, T* my_h_top) {
+  const PackedLayout& lay = a.layout;
+  const int H = dims.hidden(), L = dims.layers();
+  const int I = l == 0 ? 2 : H, K = I + H;
+  const int64_t n = a.n;
+  T x[Dims::kMaxK], dx[Dims::kMaxK];
+  if (l == 0) {
+    preprocess<ScalarMath<T>>(g, a.preprocess_p, a.exp_minus_p, a.exp_p, x[0], x[1]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];  // parked h_new
+  }
+#pragma unroll
+  for (int k = 0; k < H; ++k) x[I + k] = a.state[state_row(lay, l, 0, k) * n + c];
+#pragma unroll
+  for (int k = 0; k < K; ++k) dx[k] = T(0);
+  const T* w_l = w + lay.layer_offset(l);
+  const T* b_l = w + lay.bias_offset(l);
+#pragma unroll 1
+  for (int u = 0; u < H; ++u) {
+    const T c_old = a.state[state_row(lay, l, 1, u) * n + c];
+    const T dc_new = a.grad_new_state[state_row(lay, l, 1, u) * n + c];
+    const T* w_u = w_l + int64_t(u) * K * 4;
+    const Quad<T> z = gate_preactivations<Dims>(w_u, b_l + 4 * u, x, K);
+    T i, f, gg, o, c_new, tanh_c, h;
+    cell_forward<Activations<T>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
+    if (l == L - 1) my_h_top[u] = h;
+    Quad<T> dzq;
+    T dc;
+    cell_backward(dh[u], dc_new, i, f, gg, o, c_old, tanh_c, dzq.v[0], dzq.v[1], dzq.v[2], dzq.v[3], dc);
+    a.grad_state[state_row(lay, l, 1, u) * n + c] = dc;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const Quad<T> wk = load_quad(w_u + 4 * k);
+      T acc = dx[k];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc += wk.v[q] * dzq.v[q];
+      dx[k] = acc;
+    }
+    store_quad(my_dz + 4 * u, dzq);
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) my_x[k] = x[k];
+  my_x[K] = T(1);
+  for (int k = K + 1; k < (K + 4) / 4 * 4; ++k) my_x[k] = T(0);
+#pragma unroll
+  for (int u = 0; u < H; ++u) a.grad_state[state_row(lay, l, 0, u) * n + c] = dx[I + u];
+  if (l > 0) {
+#pragma unroll
+    for (int u = 0; u < H; ++u) dh[u] = dx[u] + a.grad_new_state[state_row(lay, l - 1, 0, u) * n + c];
+  } else {
+    a.grad_grad[c] = preprocess_backward<ScalarMath<T>>(g, dx[0], dx[1], a.preprocess_p, a.exp_minus_p, a.exp_p);
+  }
+}
+
+// Forward through layers 0 .. L-2 of coordinate c, parking each layer's h_new in grad_state.
+template <class Dims, typename T>
+L2L_DEVICE void park_lower_layers(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c, T g) {
+  const PackedLayout& lay = a.layout;
+  const int H = dims.hidden(), L = dims.layers();
+  const int64_t n = a.n;
+  T x[Dims::kMaxK];
+  preprocess<ScalarMath<T>>(g, a.preprocess_p, a.exp_minus_p, a.exp_p, x[0], x[1]);
+#pragma unroll
+  for (int l = 0; l < L - 1; ++l) {
+    const int I = l == 0 ? 2 : H, K = I + H;
+    if (l > 0) {
+#pragma unroll
+      for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];
+    }
+#pragma unroll
+    for (int k = 0; k < H; ++k) x[I + k] = a.state[state_row(lay, l, 0, k) * n + c];
+    const T* w_l = w + lay.layer_offset(l);
+    const T* b_l = w + lay.bias_offset(l);
+#pragma unroll 1
+    for (int u = 0; u < H; ++u) {
+      const T c_old = a.state[state_row(lay, l, 1, u) * n + c];
+      const Quad<T> z = gate_preactivations<Dims>(w_l + int64_t(u) * K * 4, b_l + 4 * u, x, K);
+      T i, f, gg, o, c_new, tanh_c, h;
+      cell_forward<Activations<T>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
+      a.grad_state[state_row(lay, l, 0, u) * n + c] = h;
+    }
+  }
+}
+
+template <class Dims, typename T, class Ctx>
+L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims dims, unsigned char* smem_bytes) {
+  const PackedLayout& lay = a.layout;
+  const int H = dims.hidden(), L = dims.layers();
+  const int tile = ctx.threads(), tid = ctx.thread();
+  const int64_t n = a.n;
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  const BackwardSmem plan = BackwardSmem::plan(lay, tile, Dims::kFixed || a.weights_in_smem != 0);
+  const T* w = stage_weights<Dims>(ctx, a.weights, lay.size(), a.weights_in_smem != 0, smem + plan.weights);
+  T* my_x = smem + plan.x + int64_t(tid) * plan.sx;
+  T* my_dz = smem + plan.dz + int64_t(tid) * plan.sdz;
+  T* my_h_top = smem + plan.h_top + int64_t(tid) * plan.sh;
+  double* partial = a.partials + int64_t(ctx.block()) * lay.size();
+  const T* out_w = w + lay.out_weight_offset();
+
+  for (int64_t base = int64_t(ctx.block()) * tile; base < n; base += int64_t(ctx.blocks()) * tile) {
+    const int64_t c = base + tid;
+    const T g = c < n ? a.grad[c] : T(0);
+    const bool active = c < n && is_finite(g);
+    T dh[Dims::kMaxH];
+    T gu = T(0);
+    if (active) {
+      park_lower_layers(a, dims, w, c, g);
+      gu = a.grad_update[c] * a.output_scale;
+      for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, L - 1, 0, u) * n + c];
+      my_h_top[H] = T(1);
+      for (int k = H + 1; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = T(0);
+    } else {
+      for (int k = 0; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = T(0);
+    }
+    smem[plan.gu + tid] = gu;
+#pragma unroll
+    for (int l = L - 1; l >= 0; --l) {
+      const int K = (l == 0 ? 2 : H) + H;
+      if (active) {
+        layer_backward(a, dims, w, l, c, g, dh, my_x, my_dz, my_h_top);
+      } else {  // inactive coordinates add nothing to the weight gradients
+        for (int k = 0; k < (K + 4) / 4 * 4; ++k) my_x[k] = T(0);
+        for (int k = 0; k < 4 * H; ++k) my_dz[k] = T(0);
+      }
+      ctx.sync();
+      reduce_weight_grads<4>(ctx, smem + plan.x, plan.sx, smem + plan.dz, plan.sdz,
+                             GradTarget{lay.layer_offset(l), lay.bias_offset(l), K, 4, H}, partial);
+      if (l == L - 1)
+        reduce_weight_grads<1>(ctx, smem + plan.h_top, plan.sh, smem + plan.gu, 1,
+                               GradTarget{lay.out_weight_offset(), lay.out_bias_offset(), H, 1, 1}, partial);
+      ctx.sync();  // the staging rows are rewritten next
+    }
+    if (c < n && !active) {  // non-finite gradient: identity for the state, 0 for the gradient
+      a.grad_grad[c] = T(0);
+      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.grad_state[r * n + c] = a.grad_new_state[r * n + c];
+    }
+  }
+}
+
+// out[q] = sum over blocks b (in order) of partials[b][q].
+template <class Ctx>
+L2L_DEVICE void sum_partials_thread(const Ctx& ctx, const double* partials, int blocks, int64_t size, double* out) {
+  const int64_t q = int64_t(ctx.block()) * ctx.threads() + ctx.thread();
+  if (q >= size) return;
+  double total = 0;
+  for (int b = 0; b < blocks; ++b) total += partials[int64_t(b) * size + q];
+  out[q] = total;
+}
+
+}  // namespace cuda
+}  // namespace l2l_fast

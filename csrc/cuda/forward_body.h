@@ -1,0 +1,115 @@
+// Forward and in-place step, one thread per coordinate: the body of the CUDA kernel, written
+// against an execution context (thread/block indices, barrier) so that the CPU emulation runs it too.
+//
+// Each block first copies the packed weights into shared memory (21 KB for hidden 20, 2 layers,
+// float32), then walks tiles of blockDim coordinates (grid-stride, so the copy is paid once per
+// block, not per tile). State is [L][2][H][columns]: a warp's 32 threads read 32 consecutive values
+// of a row, one coalesced access. Per unit, the four gate pre-activations accumulate over the layer
+// inputs in registers with one 16-byte shared-memory (broadcast) load per input; the cell update
+// follows at once, so no gate tensor is ever stored.
+#pragma once
+
+#include "cuda/device_math.h"
+#include "cuda/kernel_args.h"
+#include "lstm_cell.h"
+
+namespace l2l_fast {
+namespace cuda {
+
+// Copies the packed weights into shared memory when the launch asks for it; returns where to read
+// them. Every thread of the block must call it (it ends with a barrier).
+template <class Dims, typename T, class Ctx>
+L2L_DEVICE const T* stage_weights(const Ctx& ctx, const T* global, int64_t size, bool in_smem, T* smem) {
+  if (!Dims::kFixed && !in_smem) return global;
+  for (int64_t q = ctx.thread(); q < size; q += ctx.threads()) smem[q] = global[q];
+  ctx.sync();
+  return smem;
+}
+
+// Index of the slot holding state column `column` (the slots tile [begin, end) in order).
+template <typename T, typename S>
+L2L_DEVICE int find_slot(const ForwardArgs<T, S>& a, int64_t column) {
+  int lo = 0, hi = a.slot_count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (a.slots[mid].begin <= column) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// z[g] = bias[g] + sum_k w[k][g] x[k] for the unit whose packed weights start at w.
+template <class Dims, typename T>
+L2L_DEVICE Quad<T> gate_preactivations(const T* w, const T* bias, const T* x, int K) {
+  Quad<T> z = load_quad(bias);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const Quad<T> wk = load_quad(w + 4 * k);
+#pragma unroll
+    for (int g = 0; g < 4; ++g) z.v[g] += wk.v[g] * x[k];
+  }
+  return z;
+}
+
+// The step of one coordinate (state column c).
+template <class Dims, typename T, typename S>
+L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const T* w, int64_t c) {
+  const TensorSlot& slot = a.slots[find_slot(a, c)];
+  const int64_t j = c - slot.begin;
+  const T g = load_elem<T>(slot.grad, slot.grad_type, j);
+  const PackedLayout& lay = a.layout;
+  const int H = dims.hidden();
+  const int L = dims.layers();
+  const int64_t cols = a.columns;
+  if (!is_finite(g)) {  // the documented policy: no update, state kept bit for bit
+    if (a.update) a.update[c] = T(0);
+    if (a.new_state != a.state)
+      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.new_state[r * cols + c] = a.state[r * cols + c];
+    return;
+  }
+  T x[Dims::kMaxK];     // the layer's inputs: layer input (2 or H values), then its own old h
+  T h_new[Dims::kMaxH];  // the layer's new h, the next layer's input
+  preprocess<ScalarMath<T>>(g, a.preprocess_p, a.exp_minus_p, a.exp_p, x[0], x[1]);
+  const T* out_w = w + lay.out_weight_offset();
+  T out = w[lay.out_bias_offset()];
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    const int I = l == 0 ? 2 : H, K = I + H;
+    if (l > 0) {
+#pragma unroll
+      for (int k = 0; k < H; ++k) x[k] = h_new[k];
+    }
+    // all old h first: the in-place step overwrites them unit by unit below
+#pragma unroll
+    for (int k = 0; k < H; ++k) x[I + k] = load_value<T>(a.state + state_row(lay, l, 0, k) * cols + c);
+    const T* w_l = w + lay.layer_offset(l);
+    const T* b_l = w + lay.bias_offset(l);
+    // not unrolled: the unit loop body is the kernel's hot code, unrolled 20x it would not fit the
+    // instruction cache
+#pragma unroll 1
+    for (int u = 0; u < H; ++u) {
+      const T c_old = load_value<T>(a.state + state_row(lay, l, 1, u) * cols + c);
+      const Quad<T> z = gate_preactivations<Dims>(w_l + int64_t(u) * K * 4, b_l + 4 * u, x, K);
+      T i, f, gg, o, c_new, tanh_c, h;
+      cell_forward<Activations<T>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
+      h_new[u] = h;
+      if (l == L - 1) out += out_w[u] * h;
+      store_value(a.new_state + state_row(lay, l, 0, u) * cols + c, h);
+      store_value(a.new_state + state_row(lay, l, 1, u) * cols + c, c_new);
+    }
+  }
+  const T update = out * a.output_scale;
+  if (a.update) a.update[c] = update;
+  if (slot.param) store_elem(slot.param, slot.param_type, j, load_elem<T>(slot.param, slot.param_type, j) + update);
+}
+
+// One block's share of the launch: tiles of ctx.threads() consecutive columns, grid-stride.
+template <class Dims, typename T, typename S, class Ctx>
+L2L_DEVICE void forward_block(const Ctx& ctx, const ForwardArgs<T, S>& a, Dims dims, unsigned char* smem) {
+  const T* w = stage_weights<Dims>(ctx, a.weights, a.layout.size(), a.weights_in_smem != 0, reinterpret_cast<T*>(smem));
+  const int64_t step = int64_t(ctx.blocks()) * ctx.threads();
+  for (int64_t c = a.begin + int64_t(ctx.block()) * ctx.threads() + ctx.thread(); c < a.end; c += step)
+    forward_coordinate(a, dims, w, c);
+}
+
+}  // namespace cuda
+}  // namespace l2l_fast

@@ -1,0 +1,266 @@
+// The four ops for the CUDA kernels, everything but the launches: argument checks, contiguous
+// inputs, weight packing on the device, outputs, write-back of non-contiguous in-place arguments.
+// Templated over the Launcher (cuda/lstm_step_cuda.cpp launches the kernels on the current stream;
+// tests/cuda_emulation runs the same kernel bodies on CPU threads), so that the emulation checks this
+// code too. Semantics are those of the CPU binding (cpu/lstm_step_cpu.cpp).
+//
+// Launcher interface:
+//   template <T, S> static void forward(ForwardArgs<T, S>&);           sets weights_in_smem, launches
+//   template <T> static BackwardPlan backward_plan(const PackedLayout&, int64_t n);
+//   template <T> static void backward(BackwardArgs<T>&, const BackwardPlan&);
+//   static void sum_partials(const double* partials, int blocks, int64_t size, double* out);
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cuda/kernel_args.h"
+#include "cuda/weights_aten.h"
+#include "op_checks.h"
+
+namespace l2l_fast {
+namespace cuda {
+
+inline int32_t elem_type_of(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", type);
+  }
+  return kF32;
+}
+
+inline void check_hidden_supported(const PackedLayout& layout) {
+  TORCH_CHECK_VALUE(layout.hidden <= kMaxHiddenCuda, "weights: hidden_size ", layout.hidden,
+                    " is larger than the CUDA kernels support (", kMaxHiddenCuda, "); use the CPU or the reference backend");
+}
+
+// The constants of a launch, computed in the arithmetic type as the CPU kernels do.
+template <typename T, class Args>
+void set_constants(Args& a, const PackedLayout& layout, const at::Tensor& packed, double preprocess_p,
+                   double output_scale) {
+  a.layout = layout;
+  a.preprocess_p = T(preprocess_p);
+  a.output_scale = T(output_scale);
+  a.exp_minus_p = std::exp(-a.preprocess_p);
+  a.exp_p = std::exp(a.preprocess_p);
+  a.weights = packed.data_ptr<T>();
+}
+
+template <class Launcher>
+std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in, at::TensorList weights,
+                                             double preprocess_p, double output_scale) {
+  check_grad(grad_in);
+  const PackedLayout layout = check_weights(weights, grad_in);
+  check_state(state_in, "state", layout, grad_in);
+  check_hidden_supported(layout);
+  const at::OptionalDeviceGuard guard(at::device_of(grad_in));
+  const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  at::Tensor update = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
+  const int64_t n = grad.size(0);
+  if (n == 0) return {update, new_state};
+  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cuda", [&] {
+    ForwardArgs<scalar_t, scalar_t> a;
+    set_constants<scalar_t>(a, layout, packed, preprocess_p, output_scale);
+    a.begin = 0;
+    a.end = a.columns = n;
+    a.state = state.data_ptr<scalar_t>();
+    a.new_state = new_state.data_ptr<scalar_t>();
+    a.update = update.data_ptr<scalar_t>();
+    const int32_t type = elem_type_of(grad.scalar_type());
+    a.slot_count = 1;
+    a.slots[0] = TensorSlot{nullptr, grad.data_ptr(), 0, n, type, type};
+    Launcher::forward(a);
+  });
+  return {update, new_state};
+}
+
+template <class Launcher>
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
+    const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
+    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale) {
+  check_grad(grad_in);
+  const PackedLayout layout = check_weights(weights, grad_in);
+  check_state(state_in, "state", layout, grad_in);
+  check_per_coordinate(grad_update_in, "grad_update", grad_in);
+  check_state(grad_new_state_in, "grad_new_state", layout, grad_in);
+  check_hidden_supported(layout);
+  const at::OptionalDeviceGuard guard(at::device_of(grad_in));
+  const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
+  at::Tensor grad_grad = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  at::Tensor grad_state = at::empty_like(state, at::MemoryFormat::Contiguous);
+  const int64_t n = grad.size(0), size = layout.size();
+  const at::TensorOptions sums_options = grad.options().dtype(at::kDouble);
+  if (n == 0) return {grad_grad, grad_state, unpack_weight_grads_on_device(at::zeros({size}, sums_options), weights, layout)};
+  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  at::Tensor sums = at::empty({size}, sums_options);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cuda", [&] {
+    const BackwardPlan plan = Launcher::template backward_plan<scalar_t>(layout, n);
+    at::Tensor partials = at::zeros({plan.blocks, size}, sums_options);
+    BackwardArgs<scalar_t> a;
+    set_constants<scalar_t>(a, layout, packed, preprocess_p, output_scale);
+    a.n = n;
+    a.weights_in_smem = plan.weights_in_smem;
+    a.grad = grad.data_ptr<scalar_t>();
+    a.state = state.data_ptr<scalar_t>();
+    a.grad_update = grad_update.data_ptr<scalar_t>();
+    a.grad_new_state = grad_new_state.data_ptr<scalar_t>();
+    a.grad_grad = grad_grad.data_ptr<scalar_t>();
+    a.grad_state = grad_state.data_ptr<scalar_t>();
+    a.partials = partials.data_ptr<double>();
+    Launcher::backward(a, plan);
+    Launcher::sum_partials(a.partials, plan.blocks, size, sums.data_ptr<double>());
+  });
+  return {grad_grad, grad_state, unpack_weight_grads_on_device(sums, weights, layout)};
+}
+
+template <class Launcher>
+void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
+                double preprocess_p, double output_scale) {
+  check_grad(grad_in);
+  const PackedLayout layout = check_weights(weights, grad_in);
+  check_per_coordinate(param, "param", grad_in);
+  check_state(state, "state", layout, grad_in);
+  check_hidden_supported(layout);
+  const at::OptionalDeviceGuard guard(at::device_of(grad_in));
+  const int64_t n = grad_in.size(0);
+  if (n == 0) return;
+  const at::Tensor grad = grad_in.contiguous();
+  // non-contiguous param / state: work on contiguous copies, then write them back
+  at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
+  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cuda", [&] {
+    ForwardArgs<scalar_t, scalar_t> a;
+    set_constants<scalar_t>(a, layout, packed, preprocess_p, output_scale);
+    a.begin = 0;
+    a.end = a.columns = n;
+    a.state = a.new_state = state_work.data_ptr<scalar_t>();
+    const int32_t type = elem_type_of(grad.scalar_type());
+    a.slot_count = 1;
+    a.slots[0] = TensorSlot{param_work.data_ptr(), grad.data_ptr(), 0, n, type, type};
+    Launcher::forward(a);
+  });
+  if (!param_work.is_same(param)) param.copy_(param_work);
+  if (!state_work.is_same(state)) state.copy_(state_work);
+}
+
+// ------------------------------------------------------------------------------------------------
+// lstm_multi_step_: params[k] += update, state columns [offset_k, offset_k + n_k) advanced.
+
+inline void check_multi_tensor(const at::Tensor& t, const std::string& name, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, ": sparse tensors are not supported (got layout ", t.layout(),
+                   "); pass a dense tensor");
+  const auto type = t.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf, name,
+                   ": expected float32, float64, bfloat16 or float16, got ", type);
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
+                    " (the device of the weights), got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
+}
+
+// Validates the arguments; returns the layout and each tensor's first state column.
+inline std::pair<PackedLayout, std::vector<int64_t>> check_multi_step(at::TensorList params, at::TensorList grads,
+                                                                      const at::Tensor& state, at::TensorList weights) {
+  TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
+  const at::Tensor& like = weights[0];
+  check_dense_real(like, "weights[0]");
+  for (size_t j = 1; j < weights.size(); ++j) {
+    check_dense_real(weights[j], "weights[" + std::to_string(j) + "]");
+    TORCH_CHECK_TYPE(weights[j].scalar_type() == like.scalar_type(), "weights[", j, "]: expected dtype ",
+                     like.scalar_type(), " (the dtype of weights[0]), got ", weights[j].scalar_type());
+    TORCH_CHECK_VALUE(weights[j].device() == like.device(), "weights[", j, "]: expected a tensor on ", like.device(),
+                      " (the device of weights[0]), got ", weights[j].device());
+  }
+  const PackedLayout layout = check_weights(weights, like);
+  check_hidden_supported(layout);
+  TORCH_CHECK_VALUE(params.size() == grads.size(), "grads: expected one gradient per parameter (", params.size(),
+                    "), got ", grads.size());
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const std::string index = "[" + std::to_string(k) + "]";
+    check_multi_tensor(params[k], "params" + index, like);
+    check_multi_tensor(grads[k], "grads" + index, like);
+    TORCH_CHECK_VALUE(grads[k].size(0) == params[k].size(0), "grads", index, ": expected shape [", params[k].size(0),
+                      "] (that of params", index, "), got ", grads[k].sizes());
+    offsets.push_back(total);
+    total += params[k].size(0);
+  }
+  TORCH_CHECK_TYPE(state.layout() == at::kStrided, "state: sparse tensors are not supported");
+  TORCH_CHECK_TYPE(state.scalar_type() == like.scalar_type() || state.scalar_type() == at::kBFloat16,
+                   "state: expected dtype ", like.scalar_type(), " (the dtype of the weights) or bfloat16, got ",
+                   state.scalar_type());
+  TORCH_CHECK_VALUE(state.device() == like.device(), "state: expected a tensor on ", like.device(),
+                    " (the device of the weights), got ", state.device());
+  const std::vector<int64_t> expected = {layout.layers, 2, layout.hidden, total};
+  TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), "state: expected shape ", at::IntArrayRef(expected),
+                    " = [num_layers, 2, hidden_size, total numel of params], got ", state.sizes());
+  return {layout, offsets};
+}
+
+template <class Launcher, typename T, typename S>
+void multi_step_launches(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<int64_t>& offsets, at::Tensor& state, const PackedLayout& layout,
+                         const at::Tensor& packed, double preprocess_p, double output_scale) {
+  ForwardArgs<T, S> a;
+  set_constants<T>(a, layout, packed, preprocess_p, output_scale);
+  a.columns = state.size(3);
+  a.state = a.new_state = reinterpret_cast<S*>(state.data_ptr());
+  a.slot_count = 0;
+  auto flush = [&] {
+    if (a.slot_count == 0) return;
+    a.begin = a.slots[0].begin;
+    a.end = a.slots[a.slot_count - 1].begin + a.slots[a.slot_count - 1].n;
+    Launcher::forward(a);
+    a.slot_count = 0;
+  };
+  for (size_t k = 0; k < params.size(); ++k) {
+    const int64_t n = params[k].size(0);
+    if (n == 0) continue;
+    // a launch covers consecutive columns: empty tensors in between take none
+    a.slots[a.slot_count++] = TensorSlot{params[k].data_ptr(), grads[k].data_ptr(), offsets[k], n,
+                                         elem_type_of(params[k].scalar_type()), elem_type_of(grads[k].scalar_type())};
+    if (a.slot_count == kMaxSlots) flush();
+  }
+  flush();
+}
+
+template <class Launcher>
+void lstm_multi_step_(at::TensorList params_in, at::TensorList grads_in, at::Tensor state, at::TensorList weights,
+                      double preprocess_p, double output_scale) {
+  const auto checked = check_multi_step(params_in, grads_in, state, weights);
+  const PackedLayout& layout = checked.first;
+  if (state.size(3) == 0) return;
+  const at::OptionalDeviceGuard guard(at::device_of(state));
+  std::vector<at::Tensor> params, grads;
+  for (size_t k = 0; k < params_in.size(); ++k) {
+    params.push_back(params_in[k].contiguous());
+    grads.push_back(grads_in[k].contiguous());
+  }
+  at::Tensor state_work = state.contiguous();
+  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const bool bf16_state = state.scalar_type() == at::kBFloat16;  // else the weights' dtype (checked)
+  AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cuda", [&] {
+    if (bf16_state)
+      multi_step_launches<Launcher, scalar_t, bf16>(params, grads, checked.second, state_work, layout, packed,
+                                                    preprocess_p, output_scale);
+    else
+      multi_step_launches<Launcher, scalar_t, scalar_t>(params, grads, checked.second, state_work, layout, packed,
+                                                        preprocess_p, output_scale);
+  });
+  for (size_t k = 0; k < params.size(); ++k)
+    if (!params[k].is_same(params_in[k])) params_in[k].copy_(params[k]);
+  if (!state_work.is_same(state)) state.copy_(state_work);
+}
+
+}  // namespace cuda
+}  // namespace l2l_fast

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Proves on a machine without a GPU that the CUDA kernels compile and link: a separate venv with the
+# CUDA build of torch (default /work/cuda-venv, or $1), the extension built there with nvcc into a
+# build directory outside the checkout (the in-place CPU build's l2l_fast/_C*.so is untouched), then
+#   - the built module imports, has_cuda_kernels() is True and every op has a CUDA kernel registered;
+#   - its CPU kernels pass a quick slice of the CPU tests, and tests/test_cuda.py skips cleanly;
+#   - ptxas' resource report (registers, stack, spills) of the sm_90 kernels is printed.
+# Not part of CI (the venv is ~5.5 GB). Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
+# MAX_JOBS (default 1), CUDA_HOME (default /usr/local/cuda), L2L_CUDA_CHECK_DIR (default /tmp/l2l_fast-cuda-check).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-/work/cuda-venv}"
+work="${L2L_CUDA_CHECK_DIR:-/tmp/l2l_fast-cuda-check}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+export MAX_JOBS="${MAX_JOBS:-1}"
+start=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - start )) s)"; }
+
+step "venv $venv with the CUDA build of torch"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q torch==2.14.1 numpy ninja setuptools wheel pybind11 pytest expecttest hypothesis
+"$venv/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available())"
+"$CUDA_HOME/bin/nvcc" --version | tail -1
+
+step "build with nvcc (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) into $work"
+rm -rf "$work/lib" "$work/pkg"
+mkdir -p "$work/lib" "$work/tmp" "$work/pkg"
+(cd "$root" && "$venv/bin/python" setup.py -q build_ext -b "$work/lib" -t "$work/tmp") 2>&1 | grep -v "^$" | tail -20
+so=$(ls "$work"/lib/l2l_fast/_C*.so)
+ls -l "$so"
+
+step "link and registration check"
+cp -r "$root/l2l_fast" "$work/pkg/"
+rm -f "$work"/pkg/l2l_fast/_C*.so
+cp "$so" "$work/pkg/l2l_fast/"
+PYTHONPATH="$work/pkg" "$venv/bin/python" - <<'EOF'
+import torch
+import l2l_fast
+from l2l_fast import _C, ops
+
+assert ops.HAS_NATIVE, ops.NATIVE_IMPORT_ERROR
+print("module      :", _C.__file__)
+print("cuda kernels:", _C.has_cuda_kernels(), "| native devices:", sorted(ops.native_devices()))
+assert _C.has_cuda_kernels() and "cuda" in ops.native_devices()
+for name in ("lstm_step", "lstm_step_backward", "lstm_step_", "lstm_multi_step_"):
+    dump = torch._C._dispatch_dump(f"l2l_fast::{name}")
+    keys = sorted({line.split(":")[0].strip() for line in dump.splitlines()
+                   if line.strip().startswith(("CPU:", "CUDA:"))})
+    print(f"l2l_fast::{name:<20} kernels for {keys}")
+    assert "CUDA" in keys, dump
+print("GPU available:", torch.cuda.is_available(), "(the CUDA tests below skip without one)")
+EOF
+
+step "undefined symbols of _C left to torch / the CUDA runtime"
+nm -D --undefined-only "$so" | grep -c " U " | sed 's/^/undefined dynamic symbols: /'
+ldd "$so" | grep -E "cudart|torch_cuda|c10_cuda|not found" || true
+if ldd "$so" | grep -q "not found"; then
+  PYTHONPATH="$work/pkg" "$venv/bin/python" -c "import l2l_fast._C" && echo "(libraries found through torch's rpath at import)"
+fi
+
+step "tests with the CUDA build: CPU kernels (a quick slice) and tests/test_cuda.py (skips without a GPU)"
+cd "$work/pkg"
+cp -r "$root/tests" "$work/pkg/"
+cp "$root/pyproject.toml" "$work/pkg/"
+PYTHONPATH="$work/pkg" L2L_FAST_REQUIRE_NATIVE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_kernel_cpu.py -k "n7 or n1000" tests/test_cuda.py -o addopts="-ra" 2>&1 | tail -15
+
+step "ptxas resource report, sm_90"
+ti="$("$venv/bin/python" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')"
+for cu in forward_kernels backward_kernels; do
+  "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Xptxas -v -I "$root/csrc" $ti \
+    -c "$root/csrc/cuda/$cu.cu" -o "$work/tmp/$cu.sm90.o" 2>&1 |
+    grep -E "Compiling entry|registers|stack frame" |
+    sed -E 's/.*(forward_kernel|backward_kernel|sum_partials_kernel)I?N?S?0?_?([0-9]+[A-Za-z]+)?(ILi([0-9]+)(ELi([0-9]+))?EEE([a-zA-Z0-9_]+)).*/  \1 \3/' |
+    paste - - - | sed -E 's/ptxas info *: //g; s/[[:space:]]+/ /g'
+done
+
+step "done: the CUDA extension compiles, links and registers its kernels ($(( $(date +%s) - start )) s in all)"

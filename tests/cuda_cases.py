@@ -1,0 +1,202 @@
+"""Kernel-vs-reference checks of the CUDA kernels, shared by test_cuda.py (the kernels on a GPU) and
+test_cuda_emulated.py (the same kernel code run on CPU threads, see tests/cuda_emulation).
+
+Every check takes an :class:`Impl`: the four ops and the device their tensors live on. Inputs are drawn
+on the CPU from the test's generator, the expected values are the float64 reference on the CPU run on
+the kernel's (possibly rounded) inputs; tolerances from tolerances.py, and for the 16-bit storage of the
+multi-tensor step the table BF16_STATE / PARAM_16BIT below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+from conftest import random_grad, random_state, random_weights, reference_forward64, to64
+from l2l_fast import reference
+from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale
+
+# bfloat16 state of the multi-tensor step: each stored value is the float32 result rounded to 8
+# significant bits, at most half a unit in the last place = 2^-8 of its magnitude, on top of the
+# float32 error (tolerances.ELEMENTWISE[float32]). The update itself is not rounded: float32 tolerance.
+BF16_STATE = dict(rtol=2.0**-8, atol_rel=5e-5, atol=1e-8)
+# 16-bit parameters: param + update rounded once to the parameter's dtype (torch's param.add_ rounds the
+# update first, then the sum: the two can differ by one unit in the last place).
+PARAM_16BIT = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@dataclasses.dataclass
+class Impl:
+    device: str
+    lstm_step: Callable
+    lstm_step_backward: Callable
+    lstm_step_: Callable
+    lstm_multi_step_: Callable
+
+
+def on(impl: Impl, tensors):
+    """Copies on impl.device (always copies: the in-place ops must not touch the CPU originals)."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.to(impl.device, copy=True)
+    return [on(impl, t) for t in tensors]
+
+
+def inputs(n, H, L, dtype, gen, kind="random", p=10.0, non_finite=False):
+    """CPU tensors: grad [n], state [L, 2, H, n], weights, upstream (grad_update [n], grad_new_state)."""
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind)
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    if non_finite and n >= 6:
+        grad[3], grad[4], grad[5] = math.nan, math.inf, -math.inf
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    up_s = torch.randn(L, 2, H, n, generator=gen, dtype=torch.float64).to(dtype)
+    return grad, state, weights, up_u, up_s
+
+
+def reference_grads(grad, state, weights, p, scale, up_u, up_s):
+    """(update, new_state, d_grad, d_state, d_weights) of the reference's autograd on these (CPU) tensors."""
+    grad = grad.detach().clone().requires_grad_(True)
+    state = state.detach().clone().requires_grad_(True)
+    weights = [w.detach().clone().requires_grad_(True) for w in weights]
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale)
+    d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_u, up_s])
+    return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
+
+
+def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=10.0, scale=0.1,
+                           non_finite=False, saturating=False):
+    """lstm_step and lstm_step_backward on impl.device vs the float64 reference; returns the kernel outputs."""
+    grad, state, weights, up_u, up_s = inputs(n, H, L, dtype, gen, kind, p, non_finite)
+    update, new_state = impl.lstm_step(*on(impl, [grad, state]), on(impl, weights), p, scale)
+    d_grad, d_state, d_weights = impl.lstm_step_backward(*on(impl, [up_u, up_s, grad, state]), on(impl, weights),
+                                                         p, scale)
+    got = [t.cpu() for t in (update, new_state, d_grad, d_state)], [t.cpu() for t in d_weights]
+    ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s))
+    scales, ref_same = [None, None, None], None
+    if dtype == torch.float64:
+        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s)
+    else:
+        ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s)[4]
+    for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[0], ref[:4],
+                              [None, None, *scales[:2]]):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+        assert_elementwise_close(a, e, dtype, name, es)
+    assert_weight_grads_close(got[1], ref[4], dtype, ref_same, scales[2], saturating=saturating)
+    if non_finite and n >= 6:
+        bad = torch.tensor([3, 4, 5])
+        assert (got[0][0][bad] == 0).all(), "update of non-finite coordinates"
+        assert torch.equal(got[0][1][..., bad], state[..., bad]), "state of non-finite coordinates must be kept bit for bit"
+        assert (got[0][2][bad] == 0).all(), "d_grad of non-finite coordinates"
+        assert torch.equal(got[0][3][..., bad], up_s[..., bad]), "d_state of non-finite coordinates: identity"
+    return got
+
+
+def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False, p=10.0, scale=0.1):
+    """lstm_step_ (param += update, state advanced in place) vs the float64 reference."""
+    grad, state, weights, _, _ = inputs(n, H, L, dtype, gen, non_finite=True)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+    g_dev, w_dev = on(impl, grad), on(impl, weights)
+    if non_contiguous:  # every second element of a buffer twice as long; state with coordinates not last-contiguous
+        param_buf = torch.zeros(2 * n, dtype=dtype, device=impl.device)
+        param_dev = param_buf[::2]
+        param_dev.copy_(param.to(impl.device))
+        state_dev = state.to(impl.device).transpose(0, 3).contiguous().transpose(0, 3)
+        assert n <= 1 or not param_dev.is_contiguous()
+    else:
+        param_dev, state_dev = on(impl, param), on(impl, state)
+    impl.lstm_step_(param_dev, g_dev, state_dev, w_dev, p, scale)
+    assert_elementwise_close(param_dev.cpu(), param.double() + e_update, dtype, "param")
+    assert_elementwise_close(state_dev.cpu(), e_state, dtype, "state")
+    if non_contiguous:
+        assert (param_buf[1::2] == 0).all(), "lstm_step_ wrote between the elements of a strided param"
+    if n >= 6:
+        assert torch.equal(state_dev.cpu()[..., 3:6], state[..., 3:6]), "non-finite coordinates: state kept"
+        assert torch.equal(param_dev.cpu()[3:6], param[3:6]), "non-finite coordinates: param kept"
+
+
+def multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p=10.0):
+    """CPU params and grads (one per size, dtypes cycling through param_dtypes; grads in the param's dtype),
+    float64 master copies, weights, a float64 state [L, 2, H, sum(sizes)]; a few non-finite gradients."""
+    params, grads = [], []
+    for k, n in enumerate(sizes):
+        dtype = param_dtypes[k % len(param_dtypes)]
+        params.append(torch.randn(n, generator=gen, dtype=torch.float64).to(dtype))
+        g = random_grad(n, gen=gen, p=p, hi=1e2)
+        if n >= 5 and k % 2 == 0:
+            g[2], g[4] = math.nan, math.inf
+        grads.append(g.to(dtype))
+    weights = random_weights(H, L, gen=gen, dtype=weight_dtype)
+    state = random_state(L, H, sum(sizes), gen=gen)
+    return params, grads, weights, state
+
+
+def check_multi_step(impl: Impl, sizes, param_dtypes, H, L, gen, *, weight_dtype=torch.float32,
+                     state_dtype=torch.float32, p=10.0, scale=0.1):
+    """lstm_multi_step_ vs the float64 reference on the rounded inputs, tensor by tensor."""
+    params, grads, weights, state64 = multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p)
+    state = state64.to(state_dtype)
+    params_dev, grads_dev, state_dev = on(impl, params), on(impl, grads), on(impl, state)
+    impl.lstm_multi_step_(params_dev, grads_dev, state_dev, on(impl, weights), p, scale)
+    new_state = state_dev.cpu()
+    assert new_state.dtype == state_dtype
+    math_dtype = weight_dtype  # float32 arithmetic for float32 weights, whatever the storage
+    begin = 0
+    for k, n in enumerate(sizes):
+        cols = slice(begin, begin + n)
+        begin += n
+        e_update, e_state = reference_forward64(grads[k], state[..., cols], weights, p, scale)
+        got_param = params_dev[k].cpu()
+        assert got_param.dtype == params[k].dtype
+        expected_param = params[k].double() + e_update
+        if n == 0:
+            assert got_param.shape == (0,)
+        elif params[k].dtype in PARAM_16BIT:
+            rel = PARAM_16BIT[params[k].dtype]
+            err = (got_param.double() - expected_param).abs()
+            bound = rel * expected_param.abs() + 5e-5 * e_update.abs().max() + 1e-30
+            assert (err <= bound).all(), f"params[{k}] ({params[k].dtype}): worst error {err.max().item():.3e}"
+        else:  # float32 storage or float32 arithmetic: float32 tolerance
+            tol_dtype = torch.float64 if params[k].dtype == math_dtype == torch.float64 else torch.float32
+            assert_elementwise_close(got_param, expected_param, tol_dtype, f"params[{k}]")
+        if state_dtype == torch.bfloat16:
+            a, e = new_state[..., cols].double(), e_state
+            if n:
+                bound = BF16_STATE["rtol"] * e.abs() + BF16_STATE["atol_rel"] * e.abs().max() + BF16_STATE["atol"]
+                err = (a - e).abs()
+                assert (err <= bound).all(), f"state of params[{k}] (bfloat16): worst error {err.max().item():.3e}"
+        else:
+            assert_elementwise_close(new_state[..., cols], e_state, math_dtype, f"state of params[{k}]")
+        bad = ~torch.isfinite(grads[k].double())
+        if bad.any():
+            assert torch.equal(got_param[bad], params[k][bad]), f"params[{k}]: non-finite gradient must not move it"
+            assert torch.equal(new_state[..., cols][..., bad], state[..., cols][..., bad]), \
+                f"state of params[{k}]: non-finite gradient must keep it bit for bit"
+
+
+def check_multi_matches_single(impl: Impl, sizes, H, L, gen, p=10.0, scale=0.1):
+    """float32 everywhere: the multi-tensor step equals lstm_step_ on each tensor alone, bit for bit."""
+    params, grads, weights, state64 = multi_inputs(sizes, [torch.float32], H, L, torch.float32, gen, p)
+    state = state64.float()
+    params_m, grads_d, state_m, w = on(impl, params), on(impl, grads), on(impl, state), on(impl, weights)
+    impl.lstm_multi_step_(params_m, grads_d, state_m, w, p, scale)
+    begin = 0
+    for k, n in enumerate(sizes):
+        param_s = on(impl, params[k])
+        state_s = on(impl, state[..., begin:begin + n].contiguous())
+        impl.lstm_step_(param_s, grads_d[k], state_s, w, p, scale)
+        assert torch.equal(params_m[k].cpu(), param_s.cpu()), f"params[{k}]"
+        assert torch.equal(state_m[..., begin:begin + n].cpu(), state_s.cpu()), f"state of params[{k}]"
+        begin += n
+
+
+def check_backward_deterministic(impl: Impl, n, H, L, dtype, gen, p=10.0, scale=0.1):
+    """Two backward calls on the same inputs give bit-identical weight gradients (no atomics)."""
+    grad, state, weights, up_u, up_s = on(impl, inputs(n, H, L, dtype, gen))
+    first = impl.lstm_step_backward(up_u, up_s, grad, state, weights, p, scale)
+    second = impl.lstm_step_backward(up_u, up_s, grad, state, weights, p, scale)
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -1,0 +1,189 @@
+// CPU emulation of the CUDA kernels, for testing them on machines without a GPU.
+//
+// The kernel bodies (csrc/cuda/forward_body.h, backward_body.h) are written against an execution
+// context; here every CUDA thread of a block is a std::thread and __syncthreads() a barrier, blocks
+// run one after another, and "shared memory" is a buffer filled with NaN before each block. The ops
+// are csrc/cuda/step_ops.h itself, with this launcher instead of the CUDA one, on CPU tensors.
+// What this cannot check: the GPU's arithmetic (exp2.approx etc.: here libm), the compiler's
+// register allocation, launch limits, races that a barrier too few would cause only under real
+// concurrency (the threads here do run concurrently, so many would still show).
+#include <torch/extension.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "cuda/backward_body.h"
+#include "cuda/forward_body.h"
+#include "cuda/step_ops.h"
+
+namespace l2l_fast {
+namespace cuda {
+namespace {
+
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int generation = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return generation != generation_; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int count_, arrived_ = 0, generation_ = 0;
+};
+
+struct EmuCtx {
+  int t, nt, b, nb;
+  Barrier* barrier;
+  int thread() const { return t; }
+  int threads() const { return nt; }
+  int block() const { return b; }
+  int blocks() const { return nb; }
+  void sync() const { barrier->wait(); }
+};
+
+// Launch shape of the emulated kernels; small blocks and grids so that tests cover several tiles
+// per block with few coordinates.
+struct Settings {
+  int forward_threads = 32;
+  int forward_blocks = 3;
+  int backward_blocks = 3;
+  int64_t smem_limit = 227 * 1024;      // per block, as on an H100
+  int64_t forward_smem_limit = kForwardSmemLimit;
+  int64_t launches = 0;                  // kernel launches so far (multi-tensor chunking is visible here)
+};
+Settings settings;
+
+template <typename Body>
+void run_grid(int blocks, int threads, int64_t smem_bytes, const Body& body) {
+  ++settings.launches;
+  std::vector<double> smem(size_t(smem_bytes) / sizeof(double) + 2);
+  for (int b = 0; b < blocks; ++b) {
+    std::fill(smem.begin(), smem.end(), std::numeric_limits<double>::quiet_NaN());  // unwritten reads show
+    Barrier barrier(threads);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] { body(EmuCtx{t, threads, b, blocks, &barrier}, reinterpret_cast<unsigned char*>(smem.data())); });
+    for (std::thread& thread : pool) thread.join();
+  }
+}
+
+struct EmuLauncher {
+  template <typename T, typename S>
+  static void forward(ForwardArgs<T, S>& a) {
+    const int64_t columns = a.end - a.begin;
+    if (columns <= 0) return;
+    dispatch_dims(a.layout, [&](auto dims) {
+      using Dims = decltype(dims);
+      const int64_t weight_bytes = a.layout.size() * int64_t(sizeof(T));
+      a.weights_in_smem = Dims::kFixed || weight_bytes <= settings.forward_smem_limit;
+      const int64_t tiles = (columns + settings.forward_threads - 1) / settings.forward_threads;
+      const int grid = int(std::min<int64_t>(tiles, settings.forward_blocks));
+      const ForwardArgs<T, S> args = a;  // the kernel's by-value parameter
+      run_grid(grid, settings.forward_threads, a.weights_in_smem ? weight_bytes : 0,
+               [&](const EmuCtx& ctx, unsigned char* smem) { forward_block(ctx, args, dims, smem); });
+    });
+  }
+
+  template <typename T>
+  static BackwardPlan backward_plan(const PackedLayout& layout, int64_t n) {
+    BackwardPlan plan = plan_backward(layout, int(sizeof(T)), settings.smem_limit);
+    TORCH_CHECK(plan.threads > 0, "emulated backward: shared memory limit too small");
+    dispatch_dims(layout, [&](auto dims) {
+      TORCH_CHECK(plan.weights_in_smem || !decltype(dims)::kFixed, "emulated backward: fixed dims need shared weights");
+    });
+    const int64_t tiles = (n + plan.threads - 1) / plan.threads;
+    plan.blocks = int(std::max<int64_t>(1, std::min<int64_t>(tiles, settings.backward_blocks)));
+    return plan;
+  }
+
+  template <typename T>
+  static void backward(const BackwardArgs<T>& a, const BackwardPlan& plan) {
+    dispatch_dims(a.layout, [&](auto dims) {
+      run_grid(plan.blocks, plan.threads, plan.smem_bytes,
+               [&](const EmuCtx& ctx, unsigned char* smem) { backward_block(ctx, a, dims, smem); });
+    });
+  }
+
+  static void sum_partials(const double* partials, int blocks, int64_t size, double* out) {
+    const int threads = 64;
+    run_grid(int((size + threads - 1) / threads), threads, 0, [&](const EmuCtx& ctx, unsigned char*) {
+      sum_partials_thread(ctx, partials, blocks, size, out);
+    });
+  }
+};
+
+void configure(int forward_threads, int forward_blocks, int backward_blocks, int64_t smem_limit,
+               int64_t forward_smem_limit) {
+  TORCH_CHECK(forward_threads >= 1 && forward_threads <= 128 && forward_blocks >= 1 && backward_blocks >= 1);
+  settings.forward_threads = forward_threads;
+  settings.forward_blocks = forward_blocks;
+  settings.backward_blocks = backward_blocks;
+  settings.smem_limit = smem_limit;
+  settings.forward_smem_limit = forward_smem_limit;
+}
+
+// Storage conversions of device_math.h's host side, for comparison with torch's.
+at::Tensor to_bf16_bits(const at::Tensor& x) {
+  const at::Tensor f = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(f.sizes(), f.options().dtype(at::kBFloat16));
+  auto* o = reinterpret_cast<bf16*>(out.data_ptr());
+  for (int64_t i = 0; i < f.numel(); ++i) o[i] = to_bf16(f.data_ptr<float>()[i]);
+  return out;
+}
+
+at::Tensor to_f16_bits(const at::Tensor& x) {
+  const at::Tensor f = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(f.sizes(), f.options().dtype(at::kHalf));
+  auto* o = reinterpret_cast<f16*>(out.data_ptr());
+  for (int64_t i = 0; i < f.numel(); ++i) o[i] = to_f16(f.data_ptr<float>()[i]);
+  return out;
+}
+
+at::Tensor from_f16_bits(const at::Tensor& x) {
+  const at::Tensor h = x.contiguous();
+  at::Tensor out = at::empty(h.sizes(), h.options().dtype(at::kFloat));
+  const auto* in = reinterpret_cast<const f16*>(h.data_ptr());
+  for (int64_t i = 0; i < h.numel(); ++i) out.data_ptr<float>()[i] = to_float(in[i]);
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace l2l_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace l2l_fast::cuda;
+  // pybind11 converts Python lists to std::vector, not to at::TensorList
+  using Tensors = std::vector<at::Tensor>;
+  m.def("lstm_step", [](const at::Tensor& grad, const at::Tensor& state, const Tensors& weights, double p, double s) {
+    return lstm_step<EmuLauncher>(grad, state, weights, p, s);
+  });
+  m.def("lstm_step_backward", [](const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& grad, const at::Tensor& state,
+                                 const Tensors& weights, double p, double s) {
+    return lstm_step_backward<EmuLauncher>(gu, gs, grad, state, weights, p, s);
+  });
+  m.def("lstm_step_", [](at::Tensor param, const at::Tensor& grad, at::Tensor state, const Tensors& weights, double p,
+                         double s) { lstm_step_<EmuLauncher>(param, grad, state, weights, p, s); });
+  m.def("lstm_multi_step_", [](const Tensors& params, const Tensors& grads, at::Tensor state, const Tensors& weights,
+                               double p, double s) { lstm_multi_step_<EmuLauncher>(params, grads, state, weights, p, s); });
+  m.def("configure", &configure, py::arg("forward_threads"), py::arg("forward_blocks"), py::arg("backward_blocks"),
+        py::arg("smem_limit"), py::arg("forward_smem_limit"));
+  m.def("launches", [] { return settings.launches; });
+  m.def("to_bf16", &to_bf16_bits);
+  m.def("to_f16", &to_f16_bits);
+  m.def("from_f16", &from_f16_bits);
+}

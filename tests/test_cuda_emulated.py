@@ -1,0 +1,127 @@
+"""The CUDA kernels' code run on CPU threads (tests/cuda_emulation/emulate.cpp) against the reference.
+
+Checks the kernel bodies (indexing, tiling, barriers, shared-memory staging, the per-block weight-gradient
+rows, the multi-tensor slots) and the ops' host code (csrc/cuda/step_ops.h) without a GPU. It compiles
+its own small extension (about a minute), so it runs only with L2L_FAST_CUDA_EMULATION=1, e.g. from
+scripts/check_cuda_build.sh; it needs no CUDA toolkit. The GPU's own arithmetic (ex2.approx, the
+compiler's contractions) is not emulated: tests/test_cuda.py checks that on a GPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import cuda_cases as cases
+from conftest import DTYPE_IDS
+
+pytestmark = pytest.mark.skipif(os.environ.get("L2L_FAST_CUDA_EMULATION") != "1",
+                                reason="set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels")
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.float64]
+# (hidden, layers): the compiled-in size (registers, unrolled) and the run-time paths up to 32 and 128
+SHAPES = [(20, 2), (3, 2), (1, 1), (33, 3)]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = ROOT / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    module = load(name="l2l_fast_cuda_emulation", sources=[str(ROOT / "tests" / "cuda_emulation" / "emulate.cpp")],
+                  extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-fno-strict-aliasing"],
+                  build_directory=str(build), verbose=False)
+    return module
+
+
+@pytest.fixture
+def impl(emu):
+    emu.configure(forward_threads=32, forward_blocks=3, backward_blocks=3, smem_limit=227 * 1024,
+                  forward_smem_limit=48 * 1024)
+    return cases.Impl("cpu", emu.lstm_step, emu.lstm_step_backward, emu.lstm_step_, emu.lstm_multi_step_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("hidden,layers", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("n", [1, 7, 300], ids=lambda n: f"n{n}")
+def test_forward_backward(impl, gen, n, hidden, layers, dtype):
+    cases.check_forward_backward(impl, n, hidden, layers, dtype, gen, non_finite=True)
+
+
+@pytest.mark.parametrize("kind", ["init", "saturating"])
+def test_weight_kinds(impl, gen, kind):
+    cases.check_forward_backward(impl, 200, 20, 2, torch.float32, gen, kind=kind, saturating=kind == "saturating")
+
+
+def test_many_tiles_per_block(impl, emu, gen):
+    """n = 2000 over 3 blocks of 32 (forward) / 128 (backward) threads: each block loops over many tiles."""
+    cases.check_forward_backward(impl, 2000, 20, 2, torch.float32, gen)
+
+
+def test_small_shared_memory(impl, emu, gen):
+    """Less shared memory: the backward takes smaller blocks (64, then 32 threads), then leaves the weights in
+    global memory (the forward too, below its 1 KB limit here); beyond that it refuses with a message."""
+    emu.configure(forward_threads=64, forward_blocks=2, backward_blocks=2, smem_limit=24 * 1024, forward_smem_limit=1024)
+    cases.check_forward_backward(impl, 150, 7, 2, torch.float32, gen)  # 64 threads, weights in shared memory
+    emu.configure(forward_threads=64, forward_blocks=2, backward_blocks=2, smem_limit=40 * 1024, forward_smem_limit=1024)
+    cases.check_forward_backward(impl, 150, 33, 1, torch.float32, gen)  # 32 threads, weights in global memory
+    with pytest.raises(RuntimeError, match="shared memory"):
+        cases.check_forward_backward(impl, 150, 33, 1, torch.float64, gen)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_step_inplace(impl, gen, dtype, non_contiguous):
+    cases.check_step_inplace(impl, 97, 20, 2, dtype, gen, non_contiguous=non_contiguous)
+    cases.check_step_inplace(impl, 50, 5, 3, dtype, gen, non_contiguous=non_contiguous)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32-state", "bf16-state"])
+def test_multi_step_mixed_dtypes(impl, gen, state_dtype):
+    sizes = [7, 0, 1, 130, 5, 64, 33]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    cases.check_multi_step(impl, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype)
+
+
+def test_multi_step_float64_weights(impl, gen):
+    cases.check_multi_step(impl, [9, 40], [torch.float64, torch.float32], 4, 2, gen, weight_dtype=torch.float64,
+                           state_dtype=torch.float64)
+    cases.check_multi_step(impl, [9, 40], [torch.float64], 4, 2, gen, weight_dtype=torch.float64,
+                           state_dtype=torch.bfloat16)
+
+
+def test_multi_step_matches_single_tensor_steps(impl, gen):
+    cases.check_multi_matches_single(impl, [5, 1, 77, 0, 32, 3], 20, 2, gen)
+
+
+def test_multi_step_many_tensors(impl, emu, gen):
+    """110 tensors: more than one launch's 48 slots, so the launches split and must still tile the state."""
+    sizes = [(k * 7) % 11 for k in range(110)]
+    before = emu.launches()
+    cases.check_multi_matches_single(impl, sizes, 3, 1, gen)
+    nonempty = sum(1 for n in sizes if n)
+    assert emu.launches() - before >= (nonempty + 47) // 48 + nonempty  # the multi step's launches + one per tensor
+
+
+def test_backward_deterministic(impl, gen):
+    cases.check_backward_deterministic(impl, 500, 20, 2, torch.float32, gen)
+
+
+def test_16bit_conversions_match_torch(emu, gen):
+    x = torch.cat([torch.randn(10000, generator=gen) * 10 ** torch.randint(-8, 6, (10000,), generator=gen),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e-8, 5.96e-8, 2.98e-8, 6.1e-5, 1e30,
+                                 float("inf"), -float("inf")])])
+    assert torch.equal(emu.to_bf16(x).view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(emu.to_f16(x).view(torch.int16), x.to(torch.float16).view(torch.int16))
+    h = x.to(torch.float16)
+    assert torch.equal(emu.from_f16(h), h.float())
+
+
+def test_rejects_hidden_size_over_limit(impl, gen):
+    grad, state, weights, _, _ = cases.inputs(3, 129, 1, torch.float32, gen)
+    with pytest.raises(ValueError, match="hidden_size 129"):
+        impl.lstm_step(grad, state, weights, 10.0, 0.1)
