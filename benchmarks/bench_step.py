@@ -4,18 +4,21 @@ For every N, in one run and one process, with the same weights and thread count:
   step rows    fused in-place step (``net.step_``, native backend), eager reference step
                (``reference.lstm_step`` under no_grad, then param += update, state copied), torch.compile of
                that reference step, torch.optim.Adam (foreach; fused where the device supports it), step only;
-               on CUDA also torch.optim.AdamW(fused=True) and the fused step with bfloat16 state.
+               on CUDA also torch.optim.AdamW(fused=True) and the optimizer's multi-tensor step
+               (``lstm_multi_step_`` with one tensor) with float32 and with bfloat16 state.
   fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
                torch.autograd.grad to the weights and the state with random output gradients), the same through
                the eager reference and through torch.compile of the reference.
 
 Columns: median time (torch.utils.benchmark.Timer), million coordinates per second, speed-up over the eager
 reference of the same group (eager time / row time), % of the machine limit = GEMM FLOP/s / FLOPs per
-coordinate, both measured in the header. On CUDA also achieved GB/s and % of the measured copy bandwidth.
+coordinate, both measured in the header. On CUDA: billion coordinates per second, also the speed-up over
+torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x rate) and % of the HBM roofline
+(achieved GB/s / the device-to-device copy bandwidth measured in the same run).
 
   python benchmarks/bench_step.py --threads 2                   # CPU, N = 1e4 1e5 1e6
   python benchmarks/bench_step.py --sizes 1e5 --markdown
-  python benchmarks/bench_step.py --device cuda --sizes 1e6 1e7
+  python benchmarks/bench_step.py --device cuda                 # N = 1e6 1e7 1e8
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ from l2l_fast import CoordinatewiseLSTM, ops, reference  # noqa: E402
 import machine  # noqa: E402
 
 SANITY_ATOL = 1e-4
+# one step with bfloat16 state (the stored h and c rounded to 8 bits): param within 1% of the largest update
+BF16_SANITY_REL = 1e-2
 
 
 class Unavailable(Exception):
@@ -120,15 +125,17 @@ def compiled_fwdbwd_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], object]:
     return fwdbwd_fn(net, n, lambda g, s, w: compiled(g, s, w, net.preprocess_p, net.output_scale))
 
 
-def bf16_state_step_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], None]:
-    """Fused step with bfloat16 state (fp32 grad, param, weights) through the op itself: the module's checks
-    want the state in the weights' dtype."""
+def multi_step_fn(net: CoordinatewiseLSTM, n: int, state_dtype=torch.float32) -> Callable[[], None]:
+    """The optimizer's multi-tensor in-place step on one tensor (float32 param, grad and weights), state in
+    state_dtype (bfloat16 halves the state traffic); through the op itself: the module's checks want the
+    state in the weights' dtype."""
     if not ops.HAS_NATIVE:
         raise Unavailable(f"l2l_fast._C not built ({ops.NATIVE_IMPORT_ERROR})")
     param, grad, state = make_inputs(net, n)
-    state = state.to(torch.bfloat16)
+    state = state.to(state_dtype)
     weights = [w.detach() for w in net.weights()]
-    return lambda: ops.lstm_step_(param, grad, state, weights, net.preprocess_p, net.output_scale)
+    op = torch.ops.l2l_fast.lstm_multi_step_
+    return lambda: op([param], [grad], state, weights, net.preprocess_p, net.output_scale)
 
 
 def adam_fn(n: int, device: str, cls=torch.optim.Adam, **flags) -> Callable[[], None]:
@@ -177,9 +184,11 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
         rows.append(Row("torch.compile(reference) step", "step", lambda: compiled_step_fn(ref_net, n), step_bytes,
                         warmup_calls=2, compiled=True))
     if device == "cuda":
-        bf16_bytes = 4 + 8 + 2 * machine.state_bytes_per_coord(hidden, layers, 2)
-        rows.append(Row(f"{fused} step_, bf16 state", "step", lambda: bf16_state_step_fn(fused_net_or_skip(), n),
-                        bf16_bytes))
+        bf16_bytes = machine.bytes_per_coord(hidden, layers, "step", state_element_size=2)
+        rows += [Row(f"{fused} multi_step_, fp32 state", "step", lambda: multi_step_fn(fused_net_or_skip(), n),
+                     step_bytes),
+                 Row(f"{fused} multi_step_, bf16 state", "step",
+                     lambda: multi_step_fn(fused_net_or_skip(), n, torch.bfloat16), bf16_bytes)]
     rows += [
         Row("torch.optim.Adam(foreach=True) step", "step", lambda: adam_fn(n, device, foreach=True),
             machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2),
@@ -233,9 +242,12 @@ def measure(row: Row, args) -> None:
 def render(n: int, rows: list[Row], limits: dict, args) -> str:
     cuda = args.device == "cuda"
     baseline = {r.group: r.seconds for r in rows if r.baseline}
-    header = ["row", "time ms (median)", "IQR %", "Mcoord/s", "vs eager", "% FLOP limit"]
+    compiled = {r.group: r.seconds for r in rows if r.compiled}
     if cuda:
-        header += ["GB/s", "% copy BW"]
+        header = ["row", "time ms (median)", "IQR %", "Gcoord/s", "vs eager", "vs compile", "% FLOP limit", "GB/s",
+                  "% HBM roofline"]
+    else:
+        header = ["row", "time ms (median)", "IQR %", "Mcoord/s", "vs eager", "% FLOP limit"]
     header.append("note")
     table = []
     for r in rows:
@@ -244,9 +256,12 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
         else:
             rate = n / r.seconds
             base = baseline.get(r.group)
-            cells = [r.name, f"{r.seconds * 1e3:.3f}", f"{100 * r.iqr / r.seconds:.0f}", f"{rate / 1e6:.2f}",
-                     f"{base / r.seconds:.2f}x" if base else "-",
-                     f"{100 * rate / limits[r.group]:.1f}%" if r.counts_flops else "-"]
+            cells = [r.name, f"{r.seconds * 1e3:.3f}", f"{100 * r.iqr / r.seconds:.0f}",
+                     f"{rate / 1e9:.3f}" if cuda else f"{rate / 1e6:.2f}", f"{base / r.seconds:.2f}x" if base else "-"]
+            if cuda:
+                comp = compiled.get(r.group)
+                cells.append(f"{comp / r.seconds:.2f}x" if comp else "-")
+            cells.append(f"{100 * rate / limits[r.group]:.1f}%" if r.counts_flops else "-")
             if cuda:
                 gbps = rate * r.bytes_per_coord / 1e9
                 cells += [f"{gbps:.0f}", f"{100 * gbps * 1e9 / limits['copy']:.1f}%"]
@@ -282,11 +297,33 @@ def sanity_check(n: int, fused_net, ref_net) -> str:
     return ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
 
 
+def multi_step_sanity_check(n: int, fused_net) -> str:
+    """The multi-tensor step rows compute what step_ computes: bit for bit with float32 state, within
+    BF16_SANITY_REL of the largest update with bfloat16 state (one step from the same rounded state)."""
+    param, grad, state = make_inputs(fused_net, n)
+    state = state.to(torch.bfloat16).float()  # a start both state dtypes hold exactly
+    weights = [w.detach() for w in fused_net.weights()]
+    p, scale = fused_net.preprocess_p, fused_net.output_scale
+    param_step, state_step = param.clone(), state.clone()
+    fused_net.step_(param_step, grad, state_step)
+    param_f32, state_f32 = param.clone(), state.clone()
+    torch.ops.l2l_fast.lstm_multi_step_([param_f32], [grad], state_f32, weights, p, scale)
+    param_bf16, state_bf16 = param.clone(), state.to(torch.bfloat16)
+    torch.ops.l2l_fast.lstm_multi_step_([param_bf16], [grad], state_bf16, weights, p, scale)
+    fp32_equal = torch.equal(param_f32, param_step) and torch.equal(state_f32, state_step)
+    bf16_rel = ((param_bf16 - param_step).abs().max() / (param_step - param).abs().max()).item()
+    if not fp32_equal or not bf16_rel <= BF16_SANITY_REL:
+        raise SystemExit(f"sanity check failed at N={n}: multi_step_ fp32 state equal to step_: {fp32_equal}; "
+                         f"bf16 state param deviation {bf16_rel:.1e} of the largest update (> {BF16_SANITY_REL})")
+    return f"multi_step_ fp32 state == step_ bit for bit, bf16 state param within {bf16_rel:.1e} of max |update|"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6],
-                        help="numbers of coordinates N (floats like 1e6 are fine; default 1e4 1e5 1e6)")
+    parser.add_argument("--sizes", type=float, nargs="+", default=None,
+                        help="numbers of coordinates N (floats like 1e6 are fine; default 1e4 1e5 1e6 on the CPU, "
+                             "1e6 1e7 1e8 on CUDA)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch CPU threads for every row and the GEMM (default {torch.get_num_threads()})")
@@ -301,6 +338,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [1e6, 1e7, 1e8] if args.device == "cuda" else [1e4, 1e5, 1e6]
     sizes = []
     for size in args.sizes:
         if not (size >= 1 and float(size).is_integer()):
@@ -345,9 +384,15 @@ def main(argv=None) -> None:
                      f"step {step_bytes} B/coord -> {limits['copy'] / step_bytes / 1e9:,.2f} Gcoord/s; "
                      f"fwd+bwd {fwdbwd_bytes} B/coord; "
                      f"Adam {machine.ADAM_BYTES_PER_PARAM} B/param")
-    lines.append("columns  : vs eager = eager reference time / row time, same group (step rows vs eager step, "
-                 "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above; IQR % = spread of the "
-                 "per-call times / median")
+    if device == "cuda":
+        lines.append("columns  : vs eager / vs compile = eager reference / torch.compile(reference) time over row time, "
+                     "same group (step rows vs step, fwd+bwd vs fwd+bwd); % FLOP limit = coord/s / limit above; "
+                     "GB/s = coord/s x minimum B/coord; % HBM roofline = GB/s / device copy GB/s; IQR % = spread of "
+                     "the per-call times / median")
+    else:
+        lines.append("columns  : vs eager = eager reference time / row time, same group (step rows vs eager step, "
+                     "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above; IQR % = spread of the "
+                     "per-call times / median")
 
     fused_net = None
     if args.backend == "reference" or ops.HAS_NATIVE:
@@ -356,6 +401,8 @@ def main(argv=None) -> None:
     if args.backend == "reference" or device in ops.native_devices():
         lines.append(f"sanity   : fused vs reference at N={min(args.sizes):,}, max |diff| "
                      f"{sanity_check(min(args.sizes), fused_net, ref_net)} (<= {SANITY_ATOL})")
+    if device == "cuda" and args.backend == "native" and device in ops.native_devices():
+        lines.append(f"sanity   : {multi_step_sanity_check(min(args.sizes), fused_net)}")
     print("\n".join(["```text"] + lines + ["```", ""] if args.markdown else lines + [""]), flush=True)
 
     for n in args.sizes:

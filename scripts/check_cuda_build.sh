@@ -4,6 +4,7 @@
 # build directory outside the checkout (the in-place CPU build's l2l_fast/_C*.so is untouched), then
 #   - the built module imports, has_cuda_kernels() is True and every op has a CUDA kernel registered;
 #   - its CPU kernels pass a quick slice of the CPU tests, and tests/test_cuda.py skips cleanly;
+#   - the kernel bodies, run on CPU threads, match the reference (tests/test_cuda_emulated.py);
 #   - ptxas' resource report (registers, stack, spills) of the sm_90 kernels is printed.
 # Not part of CI (the venv is ~5.5 GB). Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
 # MAX_JOBS (default 1), CUDA_HOME (default /usr/local/cuda), L2L_CUDA_CHECK_DIR (default /tmp/l2l_fast-cuda-check).
@@ -34,6 +35,7 @@ step "link and registration check"
 cp -r "$root/l2l_fast" "$work/pkg/"
 rm -f "$work"/pkg/l2l_fast/_C*.so
 cp "$so" "$work/pkg/l2l_fast/"
+cd "$work/pkg"  # python puts the working directory first on sys.path: not the checkout with its CPU build
 PYTHONPATH="$work/pkg" "$venv/bin/python" - <<'EOF'
 import torch
 import l2l_fast
@@ -59,20 +61,24 @@ if ldd "$so" | grep -q "not found"; then
   PYTHONPATH="$work/pkg" "$venv/bin/python" -c "import l2l_fast._C" && echo "(libraries found through torch's rpath at import)"
 fi
 
-step "tests with the CUDA build: CPU kernels (a quick slice) and tests/test_cuda.py (skips without a GPU)"
-cd "$work/pkg"
-cp -r "$root/tests" "$work/pkg/"
+step "tests with the CUDA build: a quick slice of the CPU kernel tests; tests/test_cuda.py (skips without a GPU)"
+cp -r "$root/tests" "$root/csrc" "$work/pkg/"  # csrc: the emulation test compiles the kernel bodies
 cp "$root/pyproject.toml" "$work/pkg/"
-PYTHONPATH="$work/pkg" L2L_FAST_REQUIRE_NATIVE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_kernel_cpu.py -k "n7 or n1000" tests/test_cuda.py -o addopts="-ra" 2>&1 | tail -15
+export PYTHONPATH="$work/pkg" L2L_FAST_REQUIRE_NATIVE=1
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernel_cpu.py -k "n7 or n1000" 2>&1 | tail -2
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_cuda.py 2>&1 | tail -4
+
+step "the CUDA kernels' code on CPU threads vs the reference (tests/test_cuda_emulated.py, builds its own module)"
+L2L_FAST_CUDA_EMULATION=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_emulated.py 2>&1 | tail -2
+unset PYTHONPATH L2L_FAST_REQUIRE_NATIVE
 
 step "ptxas resource report, sm_90"
 ti="$("$venv/bin/python" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')"
 for cu in forward_kernels backward_kernels; do
   "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Xptxas -v -I "$root/csrc" $ti \
     -c "$root/csrc/cuda/$cu.cu" -o "$work/tmp/$cu.sm90.o" 2>&1 |
-    grep -E "Compiling entry|registers|stack frame" |
-    sed -E 's/.*(forward_kernel|backward_kernel|sum_partials_kernel)I?N?S?0?_?([0-9]+[A-Za-z]+)?(ILi([0-9]+)(ELi([0-9]+))?EEE([a-zA-Z0-9_]+)).*/  \1 \3/' |
+    grep -E "Compiling entry|registers|stack frame" | grep -v "No CUDA runtime" | sed -E "s/.*entry function '([^']+)'.*/\1/" | c++filt |
+    sed -E 's/l2l_fast::cuda::(\(anonymous namespace\)::)?//g; s/^void ([a-z_]+<[^>]*>?[^(]*)\(.*/  \1/' |
     paste - - - | sed -E 's/ptxas info *: //g; s/[[:space:]]+/ /g'
 done
 

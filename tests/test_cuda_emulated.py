@@ -87,6 +87,10 @@ def test_multi_step_mixed_dtypes(impl, gen, state_dtype):
     cases.check_multi_step(impl, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype)
 
 
+def test_bf16_state_trajectory(impl, gen):
+    cases.check_bf16_trajectory(impl, 3000, 20, 2, gen)
+
+
 def test_multi_step_float64_weights(impl, gen):
     cases.check_multi_step(impl, [9, 40], [torch.float64, torch.float32], 4, 2, gen, weight_dtype=torch.float64,
                            state_dtype=torch.float64)

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU machine (issue 5): build the extension with its CUDA kernels, run the
+# CUDA tests and a quick slice of the CPU tests, compute-sanitizer (memcheck, racecheck) on a small
+# program, and the GPU benchmark. Logs under $OUT (at most 8 files); the summary and the benchmark
+# tables are printed last. Fits in about 8 minutes: every stage has a time limit and the whole script
+# a deadline (GPU_RUN_BUDGET seconds, default 470); a stage that would start past it is skipped.
+#
+#   device tool:  command "bash scripts/gpu_run.sh", timeout_s 540
+#   by hand:      OUT=/tmp/gpu_out bash scripts/gpu_run.sh
+#
+# The GPU image has torch 2.11 (cu13), nvcc, pytest, hypothesis, pytest-benchmark, pytest-xdist; nothing
+# is installed from outside. Built for sm_90 only (the lent H100 / H200); set TORCH_CUDA_ARCH_LIST to change.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-$(mktemp -d /tmp/gpu_run.XXXXXX)}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+start=$(date +%s)
+deadline=$((start + ${GPU_RUN_BUDGET:-470}))
+summary="$OUT/summary.txt"
+: >"$summary"
+failed=0
+
+# stage NAME LIMIT LOG COMMAND...: runs COMMAND with a timeout of min(LIMIT, time left), appends to LOG.
+stage() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local now left rc t0
+  now=$(date +%s)
+  left=$((deadline - now))
+  if ((left < 15)); then
+    echo "$name: SKIPPED (budget spent)" | tee -a "$summary"
+    failed=1
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit} s, at $((now - start)) s)" | tee -a "$OUT/$log"
+  t0=$(date +%s)
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$OUT/$log" 2>&1
+  rc=$?
+  local line="$name: rc=$rc in $(($(date +%s) - t0)) s"
+  ((rc == 124)) && line="$line (TIMED OUT)"
+  echo "$line" | tee -a "$summary"
+  ((rc != 0)) && failed=1
+  return $rc
+}
+
+# 1. the machine, read-only
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,persistence_mode --format=csv
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name(0), '| SMs', torch.cuda.get_device_properties(0).multi_processor_count)"
+  command -v nvcc && nvcc --version | tail -2
+  command -v compute-sanitizer && compute-sanitizer --version | head -2
+  nproc
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+# 2. build (ptxas resource report of every kernel into build.log)
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" NVCC_APPEND_FLAGS="-Xptxas=-v"
+if ! stage build 240 build.log "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .; then
+  tail -40 "$OUT/build.log"
+  echo "build failed: nothing else runs"
+  cat "$summary"
+  exit 1
+fi
+unset NVCC_APPEND_FLAGS
+stage registered 60 build.log "$PY" -c "
+from l2l_fast import _C, ops
+assert _C.has_cuda_kernels() and 'cuda' in ops.native_devices(), 'built without the CUDA kernels'
+print('CUDA kernels registered')"
+
+# 3. the CUDA tests (correctness first: the benchmark of a wrong kernel means nothing)
+stage test_cuda 200 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py --maxfail=15 --durations=8
+
+# 4. the benchmark, fused rows and baselines at N = 1e6, 1e7, 1e8 (no torch.compile: that is step 7)
+stage bench 130 bench.log "$PY" benchmarks/bench_step.py --device cuda --no-compile --min-run-time 0.25 --markdown
+
+# 5. compute-sanitizer on a small program that runs every kernel
+stage memcheck 90 sanitizer.log compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
+  "$PY" scripts/cuda_smoke.py --n-backward 40000
+
+# 6. the core CPU tests, a quick slice, with this build (CPU kernels in a CUDA build)
+stage test_cpu 60 tests.log "$PY" -m pytest -q -p no:cacheprovider -n 8 tests/test_kernel_cpu.py tests/test_gradcheck.py \
+  tests/test_opcheck_compile.py tests/test_bad_input.py -k "n7 or n1000 or gradcheck or opcheck or bad or reject"
+
+# 7. torch.compile of the reference next to the fused rows, at N = 1e7 (two compiles, ~1 min)
+stage bench_compile 120 bench_compile.log "$PY" benchmarks/bench_step.py --device cuda --sizes 1e7 --min-run-time 0.25 --markdown
+
+# 8. racecheck (shared-memory hazards of the backward's staging), smaller n
+stage racecheck 60 sanitizer.log compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 99 \
+  "$PY" scripts/cuda_smoke.py --n-backward 4000
+
+echo
+echo "==================== summary ($(($(date +%s) - start)) s) ===================="
+cat "$OUT/env.log" | head -3
+cat "$summary"
+echo "-- tests"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -4
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+echo "-- sanitizer"
+grep -E "ERROR SUMMARY|cuda_smoke:|MISMATCH" "$OUT/sanitizer.log" | head -10
+echo "-- benchmark"
+sed -n '/^```text/,/^```$/p' "$OUT/bench.log" | grep -E "gpu|memory|sanity|GEMM"
+grep -E "^### |^\| (fused|eager|torch)" "$OUT/bench.log" "$OUT/bench_compile.log" | sed 's/^[^:]*://'
+exit $failed
