@@ -71,21 +71,22 @@ assert _C.has_cuda_kernels() and 'cuda' in ops.native_devices(), 'built without 
 print('CUDA kernels registered')"
 
 # 3. the CUDA tests (correctness first: the benchmark of a wrong kernel means nothing)
-stage test_cuda 200 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py --maxfail=15 --durations=8
+stage test_cuda 200 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_cuda.py --maxfail=15 --durations=8
 
-# 4. the benchmark, fused rows and baselines at N = 1e6, 1e7, 1e8 (no torch.compile: that is step 7)
+# 4. the benchmark, fused rows and baselines at N = 1e6, 1e7, 1e8 (no torch.compile: that is step 6)
 stage bench 130 bench.log "$PY" benchmarks/bench_step.py --device cuda --no-compile --min-run-time 0.25 --markdown
 
 # 5. compute-sanitizer on a small program that runs every kernel
 stage memcheck 90 sanitizer.log compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
   "$PY" scripts/cuda_smoke.py --n-backward 40000
 
-# 6. the core CPU tests, a quick slice, with this build (CPU kernels in a CUDA build)
-stage test_cpu 60 tests.log "$PY" -m pytest -q -p no:cacheprovider -n 8 tests/test_kernel_cpu.py tests/test_gradcheck.py \
-  tests/test_opcheck_compile.py tests/test_bad_input.py -k "n7 or n1000 or gradcheck or opcheck or bad or reject"
-
-# 7. torch.compile of the reference next to the fused rows, at N = 1e7 (two compiles, ~1 min)
+# 6. torch.compile of the reference next to the fused rows, at N = 1e7 (two compiles, ~1 min)
 stage bench_compile 120 bench_compile.log "$PY" benchmarks/bench_step.py --device cuda --sizes 1e7 --min-run-time 0.25 --markdown
+
+# 7. the core CPU tests, a quick slice, with this build (CPU kernels in a CUDA build)
+xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+stage test_cpu 90 tests.log "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $xdist tests/test_kernel_cpu.py tests/test_gradcheck.py \
+  tests/test_opcheck_compile.py tests/test_bad_input.py -k "n7 or n1000 or gradcheck or opcheck or bad or reject"
 
 # 8. racecheck (shared-memory hazards of the backward's staging), smaller n
 stage racecheck 60 sanitizer.log compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 99 \
