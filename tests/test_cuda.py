@@ -20,8 +20,9 @@ from l2l_fast import ops, reference
 from test_gradcheck import assert_away_from_kink, away_from_kink, unroll
 from tolerances import ELEMENTWISE, assert_elementwise_close, assert_weight_grads_close
 
-pytestmark = [requires_native,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)")]
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
+pytestmark = requires_native
 
 DTYPES = [torch.float32, torch.float64]
 P, SCALE = 10.0, 0.1

@@ -17,8 +17,9 @@ import torch
 import cuda_cases as cases
 from conftest import DTYPE_IDS
 
-pytestmark = pytest.mark.skipif(os.environ.get("L2L_FAST_CUDA_EMULATION") != "1",
-                                reason="set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels")
+if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
+    pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
+                allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64]
