@@ -80,6 +80,19 @@ def test_relative_loss_scale_trains_and_rejects_unknown_values(tmp_path):
     assert math.isfinite(summary["best_score"])
 
 
+def test_cosine_meta_lr_schedule(tmp_path):
+    config = tiny_config(epochs=4, lr=1e-2, lr_schedule="cosine")
+    assert config.lr_at(0) == pytest.approx(1e-2)
+    assert config.lr_at(2) == pytest.approx(1e-2 * (0.01 + 0.99 * 0.5))
+    assert config.lr_at(4) == pytest.approx(1e-4)
+    assert tiny_config(lr=1e-2).lr_at(3) == 1e-2
+    trainer = MetaTrainer(config, tmp_path, progress=False)
+    trainer.run()
+    assert trainer.meta_optimizer.param_groups[0]["lr"] == pytest.approx(config.lr_at(3))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny_config(lr_schedule="step")
+
+
 def test_meta_training_improves_on_quadratics(tmp_path):
     config = tiny_config(epochs=40, horizon=20, unroll=10, meta_batch=16, eval_every=40, lr=3e-3, eval_problems=16)
     untrained = build_net(config)
