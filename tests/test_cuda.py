@@ -16,9 +16,9 @@ from torch.autograd import gradcheck
 import cuda_cases as cases
 from conftest import (DTYPE_IDS, WEIGHT_KINDS, make_net, random_grad, random_state, random_weights,
                       reference_forward64, requires_native, to64)
-from l2l_fast import ops, reference
+from l2l_fast import ops
 from test_gradcheck import assert_away_from_kink, away_from_kink, unroll
-from tolerances import ELEMENTWISE, assert_elementwise_close, assert_weight_grads_close
+from tolerances import assert_elementwise_close, assert_weight_grads_close
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
