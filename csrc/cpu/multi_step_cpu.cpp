@@ -243,6 +243,9 @@ void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(l2l_fast, CPU, m) { m.impl("lstm_multi_step_", &lstm_multi_step_cpu); }
+// A sparse tensor among the arguments routes the call here: the checks reject it with a TypeError naming it,
+// instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(l2l_fast, SparseCPU, m) { m.impl("lstm_multi_step_", &lstm_multi_step_cpu); }
 
 }  // namespace cpu
 }  // namespace l2l_fast
