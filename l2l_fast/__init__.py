@@ -2,6 +2,7 @@
 with fused native kernels for the step, forward and backward."""
 from . import ops, reference
 from .net import CoordinatewiseLSTM
+from .optim import LearnedOptimizer
 
-__all__ = ["CoordinatewiseLSTM", "ops", "reference"]
+__all__ = ["CoordinatewiseLSTM", "LearnedOptimizer", "ops", "reference"]
 __version__ = "0.1.0"

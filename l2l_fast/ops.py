@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_step_inputs, check_tensor
+from .checks import check_multi_step_inputs, check_step_inputs, check_tensor
 
 try:  # loading the extension runs its TORCH_LIBRARY registrations
     from . import _C  # noqa: F401
@@ -24,7 +24,7 @@ except ImportError as error:  # pure-Python install: the reference backend still
     HAS_NATIVE = False
     NATIVE_IMPORT_ERROR = error
 
-__all__ = ["HAS_NATIVE", "lstm_step", "lstm_step_", "native_devices"]
+__all__ = ["HAS_NATIVE", "lstm_multi_step_", "lstm_step", "lstm_step_", "native_devices"]
 
 
 # Fixed at import: a plain constant that torch.compile can trace (a pybind call it cannot).
@@ -46,6 +46,17 @@ def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Ten
                output_scale: float = 0.1) -> None:
     """Fused in-place step, no autograd: param [n] += update; state [L, 2, H, n] advanced in place."""
     torch.ops.l2l_fast.lstm_step_(param, grad, state, list(weights), float(preprocess_p), float(output_scale))
+
+
+def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
+                     preprocess_p: float = 10.0, output_scale: float = 0.1) -> None:
+    """Fused in-place step over many tensors in one call, no autograd: params[k] [n_k] += update of grads[k] [n_k];
+    state [L, 2, H, sum_k n_k] advanced in place, tensor k's coordinates at [offset_k, offset_k + n_k) (list order).
+
+    Math in the weights' dtype; params may also be bfloat16 / float16 (with float32 weights; rounded to nearest
+    on store); grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16."""
+    torch.ops.l2l_fast.lstm_multi_step_(list(params), list(grads), state, list(weights), float(preprocess_p),
+                                        float(output_scale))
 
 
 def _check_fake(grad, state, weights, param=None, grad_update=None, grad_new_state=None) -> None:
@@ -79,6 +90,11 @@ if HAS_NATIVE:
     @torch.library.register_fake("l2l_fast::lstm_step_")
     def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale):
         _check_fake(grad, state, weights, param=param)
+        return None
+
+    @torch.library.register_fake("l2l_fast::lstm_multi_step_")
+    def _lstm_multi_step_fake(params, grads, state, weights, preprocess_p, output_scale):
+        check_multi_step_inputs(params, grads, state, weights)
         return None
 
     def _setup_context(ctx, inputs, output):

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["preprocess", "lstm_step", "lstm_step_", "split_weights"]
+__all__ = ["preprocess", "lstm_step", "lstm_step_", "lstm_multi_step_", "split_weights"]
 
 
 def preprocess(grad: Tensor, p: float) -> Tensor:
@@ -84,3 +84,23 @@ def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Ten
     update, new_state = lstm_step(grad, state, weights, preprocess_p, output_scale)
     param.add_(update.to(param.dtype))
     state.copy_(new_state)
+
+
+@torch.no_grad()
+def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
+                     preprocess_p: float = 10.0, output_scale: float = 0.1) -> None:
+    """In-place step of a list of tensors sharing one state: params[k] [n_k] += update of grads[k] [n_k], tensor k's
+    state at state[..., offset_k : offset_k + n_k] of state [L, 2, H, sum_k n_k] (offsets in list order).
+
+    The math runs in the weights' dtype: 16-bit params, their grads and a bfloat16 state are widened to it,
+    and the new param (old + update, summed in the math dtype) and state are rounded to nearest on store.
+    """
+    math_dtype = weights[0].dtype
+    offset = 0
+    for param, grad in zip(params, grads, strict=True):
+        n = param.shape[0]
+        rows = state[..., offset : offset + n]
+        update, new_rows = lstm_step(grad.to(math_dtype), rows.to(math_dtype), weights, preprocess_p, output_scale)
+        param.copy_(param.to(math_dtype) + update)
+        rows.copy_(new_rows)
+        offset += n

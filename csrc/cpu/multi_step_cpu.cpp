@@ -1,0 +1,296 @@
+// CPU binding of lstm_multi_step_, the optimizer's step over a list of parameter tensors in one call.
+//
+// The coordinates of all tensors form one range [0, N), N = sum_k n_k, tensor k at [offset_k, offset_k + n_k)
+// of the state's last axis. Each thread takes a tile-aligned part of that range and walks the tensors
+// it touches. Where a tensor's param and grad are contiguous in the math dtype and the state is too,
+// the kernel runs on them in place (state rows keep their stride N). Otherwise the thread stages blocks
+// of kBlock coordinates in small buffers of the math dtype: grad (any stride, widened), param (widened;
+// rounded to nearest on the way back), and for a bfloat16 state its 2 L H rows. Every coordinate's
+// result is the same whichever path or thread computed it.
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_dispatch.h"
+#include "op_checks.h"
+
+namespace l2l_fast {
+namespace cpu {
+namespace {
+
+// Coordinates staged per block: 2 L H state rows of kBlock values stay in L2 (80 x 512 x 4 B = 160 KiB
+// for H = 20, L = 2); a multiple of every kernel tile.
+constexpr int64_t kBlock = 512;
+
+std::string item(const char* list, size_t k) { return std::string(list) + "[" + std::to_string(k) + "]"; }
+
+bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// params[k] / grads[k]: dense, real, 1-D, on the weights' device.
+void check_listed(const at::Tensor& t, const std::string& name, const at::Device& device) {
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, ": sparse tensors are not supported (got layout ", t.layout(),
+                   "); pass a dense tensor");
+  TORCH_CHECK_TYPE(!t.is_complex(), name, ": complex tensors are not supported (got ", t.scalar_type(), ")");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, name, ": expected a tensor on ", device, " (the device of the weights), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
+}
+
+// Validates the arguments (messages name the argument) and returns the weights' layout.
+PackedLayout check_multi_step(at::TensorList params, at::TensorList grads, const at::Tensor& state,
+                              at::TensorList weights) {
+  TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
+  check_dense_real(weights[0], "weights[0]");
+  const at::ScalarType math = weights[0].scalar_type();
+  const at::Device device = weights[0].device();
+  for (size_t j = 1; j < weights.size(); ++j) {
+    TORCH_CHECK_TYPE(weights[j].scalar_type() == math, item("weights", j), ": expected dtype ", math,
+                     " (the dtype of weights[0]), got ", weights[j].scalar_type());
+    TORCH_CHECK_VALUE(weights[j].device() == device, item("weights", j), ": expected a tensor on ", device,
+                      " (the device of weights[0]), got ", weights[j].device());
+  }
+  const PackedLayout layout = check_weights(weights, weights[0]);
+  TORCH_CHECK_VALUE(params.size() == grads.size(), "grads: expected one gradient per parameter (", params.size(),
+                    "), got ", grads.size());
+  int64_t total = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const at::Tensor& param = params[k];
+    const at::Tensor& grad = grads[k];
+    const std::string pname = item("params", k), gname = item("grads", k);
+    check_listed(param, pname, device);
+    check_listed(grad, gname, device);
+    const at::ScalarType type = param.scalar_type();
+    TORCH_CHECK_TYPE(type == math || (math == at::kFloat && is_16bit(type)), pname, ": expected dtype ", math,
+                     (math == at::kFloat ? " (the weights' dtype), bfloat16 or float16" : " (the weights' dtype)"),
+                     ", got ", type);
+    TORCH_CHECK_TYPE(grad.scalar_type() == type, gname, ": expected dtype ", type, " (the dtype of ", pname,
+                     "), got ", grad.scalar_type());
+    TORCH_CHECK_VALUE(grad.size(0) == param.size(0), gname, ": expected ", param.size(0), " elements (as many as ",
+                      pname, "), got ", grad.size(0));
+    TORCH_CHECK_VALUE(at::has_internal_overlap(param) != at::MemOverlap::Yes, pname,
+                      ": elements share memory (an expanded tensor?); an in-place step needs distinct elements");
+    total += param.size(0);
+  }
+  TORCH_CHECK_TYPE(state.layout() == at::kStrided, "state: sparse tensors are not supported");
+  TORCH_CHECK_TYPE(state.scalar_type() == math || state.scalar_type() == at::kBFloat16, "state: expected dtype ",
+                   math, " (the weights' dtype) or bfloat16, got ", state.scalar_type());
+  TORCH_CHECK_VALUE(state.device() == device, "state: expected a tensor on ", device,
+                    " (the device of the weights), got ", state.device());
+  const std::vector<int64_t> expected = {layout.layers, 2, layout.hidden, total};
+  TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), "state: expected shape ", at::IntArrayRef(expected),
+                    " = [num_layers, 2, hidden_size, sum of the params' numels], got ", state.sizes(),
+                    " (a state made for another net or parameter list?)");
+  return layout;
+}
+
+// Conversions between storage and math types. bfloat16 <-> float go through the bits, in loops the compiler
+// vectorizes (c10::BFloat16's per-value conversion does not, and cost half as much as the step itself on a
+// bfloat16 state); the rounding is c10's: to nearest even, NaN -> 0x7FC0. Other pairs convert by value.
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : rounded;
+}
+
+// The contiguous loops, cloned per instruction set (GCC picks one at load time): 16 lanes where AVX-512 runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define L2L_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define L2L_VECTOR_CLONES
+#endif
+
+L2L_VECTOR_CLONES void widen_bf16(const uint16_t* bits, float* to, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) to[i] = bf16_to_float(bits[i]);
+}
+
+L2L_VECTOR_CLONES void narrow_bf16(const float* from, uint16_t* bits, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) bits[i] = float_to_bf16(from[i]);
+}
+
+template <typename To, typename From>
+void convert(const From* from, int64_t from_stride, To* to, int64_t to_stride, int64_t count) {
+  if constexpr (std::is_same<To, float>::value && std::is_same<From, c10::BFloat16>::value) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(from);
+    if (from_stride == 1 && to_stride == 1) return widen_bf16(bits, to, count);
+    for (int64_t i = 0; i < count; ++i) to[i * to_stride] = bf16_to_float(bits[i * from_stride]);
+  } else if constexpr (std::is_same<To, c10::BFloat16>::value && std::is_same<From, float>::value) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(to);
+    if (from_stride == 1 && to_stride == 1) return narrow_bf16(from, bits, count);
+    for (int64_t i = 0; i < count; ++i) bits[i * to_stride] = float_to_bf16(from[i * from_stride]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) to[i * to_stride] = To(from[i * from_stride]);
+  }
+}
+
+// One tensor of the list: raw pointers and strides, its dtype, its place in the state.
+struct Item {
+  void* param;
+  const void* grad;
+  int64_t param_stride, grad_stride, numel, offset;
+  at::ScalarType type;
+};
+
+template <typename M, typename P, typename S>
+class MultiStep {
+ public:
+  MultiStep(const StepParams<M>& base, void* state, int64_t total, void (*kernel)(const StepParams<M>&, int64_t, int64_t))
+      : base_(base), state_(static_cast<S*>(state)), total_(total), kernel_(kernel),
+        rows_(int64_t(base.layout.layers) * 2 * base.layout.hidden) {}
+
+  // Steps coordinates [begin, end) of item `it`.
+  void run(const Item& it, int64_t begin, int64_t end) {
+    P* param = static_cast<P*>(it.param);
+    const P* grad = static_cast<const P*>(it.grad);
+    constexpr bool same_type = std::is_same<P, M>::value, direct_state = std::is_same<S, M>::value;
+    const bool direct_param = same_type && it.param_stride == 1;
+    const bool direct_grad = same_type && it.grad_stride == 1;
+    if constexpr (same_type && direct_state) {
+      if (direct_param && direct_grad) {
+        launch(param + begin, grad + begin, state_ + it.offset + begin, total_, end - begin);
+        return;
+      }
+    }
+    stage_buffers();
+    for (int64_t s = begin; s < end; s += kBlock) {
+      const int64_t len = std::min(kBlock, end - s);
+      M* param_at = param_buf_.data();
+      const M* grad_at = grad_buf_.data();
+      if constexpr (same_type) {
+        if (direct_param) param_at = param + s;
+        if (direct_grad) grad_at = grad + s;
+      }
+      if (!direct_param) convert(param + s * it.param_stride, it.param_stride, param_buf_.data(), 1, len);
+      if (!direct_grad) convert(grad + s * it.grad_stride, it.grad_stride, grad_buf_.data(), 1, len);
+      S* rows = state_ + it.offset + s;  // row r of this block at rows + r * total_
+      if constexpr (direct_state) {
+        launch(param_at, grad_at, rows, total_, len);
+      } else {
+        for (int64_t r = 0; r < rows_; ++r) convert(rows + r * total_, 1, state_buf_.data() + r * kBlock, 1, len);
+        launch(param_at, grad_at, state_buf_.data(), kBlock, len);
+        for (int64_t r = 0; r < rows_; ++r) convert(state_buf_.data() + r * kBlock, 1, rows + r * total_, 1, len);
+      }
+      // rounded to nearest even
+      if (!direct_param) convert(param_buf_.data(), 1, param + s * it.param_stride, it.param_stride, len);
+    }
+  }
+
+ private:
+  // The kernel over `len` coordinates: state rows of stride `stride`, updated in place.
+  void launch(M* param, const M* grad, M* state, int64_t stride, int64_t len) {
+    StepParams<M> p = base_;
+    p.n = stride;  // the kernels use n only as the row stride of the state
+    p.param = param;
+    p.grad = grad;
+    p.state = state;
+    p.new_state = state;
+    kernel_(p, 0, len);
+  }
+
+  void stage_buffers() {
+    if (!grad_buf_.empty()) return;
+    grad_buf_.resize(kBlock);
+    param_buf_.resize(kBlock);
+    if (!std::is_same<S, M>::value) state_buf_.resize(size_t(rows_) * kBlock);
+  }
+
+  const StepParams<M>& base_;
+  S* state_;
+  const int64_t total_;
+  void (*kernel_)(const StepParams<M>&, int64_t, int64_t);
+  const int64_t rows_;
+  std::vector<M> grad_buf_, param_buf_, state_buf_;
+};
+
+// One thread's part [lo, hi) of the coordinate range, over the items it intersects.
+template <typename M, typename S>
+void run_part(const StepParams<M>& base, void* state, int64_t total, const std::vector<Item>& items, int64_t lo,
+              int64_t hi) {
+  const auto kernel = TypedKernels<M>::forward(active_kernels());
+  MultiStep<M, M, S> same(base, state, total, kernel);
+  MultiStep<M, c10::BFloat16, S> bf16(base, state, total, kernel);
+  MultiStep<M, c10::Half, S> half(base, state, total, kernel);
+  // first item ending after lo
+  auto at = std::upper_bound(items.begin(), items.end(), lo,
+                             [](int64_t v, const Item& it) { return v < it.offset + it.numel; });
+  for (; at != items.end() && at->offset < hi; ++at) {
+    const int64_t begin = std::max(lo, at->offset) - at->offset;
+    const int64_t end = std::min(hi, at->offset + at->numel) - at->offset;
+    if (begin >= end) continue;
+    if (at->type == at::kBFloat16) {
+      if constexpr (std::is_same<M, float>::value) bf16.run(*at, begin, end);
+    } else if (at->type == at::kHalf) {
+      if constexpr (std::is_same<M, float>::value) half.run(*at, begin, end);
+    } else {
+      same.run(*at, begin, end);
+    }
+  }
+}
+
+void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor state, at::TensorList weights,
+                         double preprocess_p, double output_scale) {
+  const PackedLayout layout = check_multi_step(params, grads, state, weights);
+  // Non-contiguous param (1-D, strided) is read and written through its stride; a non-contiguous
+  // state is stepped as a contiguous copy, then written back.
+  at::Tensor state_work = state.contiguous();
+  const at::Tensor packed = pack_weights(weights, layout);
+  const int64_t total = state_work.size(3);
+  std::vector<Item> items;
+  int64_t offset = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const int64_t n = params[k].size(0);
+    if (n > 0)
+      items.push_back(Item{params[k].data_ptr(), grads[k].data_ptr(), params[k].stride(0), grads[k].stride(0), n,
+                           offset, params[k].scalar_type()});
+    offset += n;
+  }
+  if (total > 0) {
+    AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cpu", [&] {
+      using M = scalar_t;
+      StepParams<M> base;
+      base.layout = layout;
+      base.preprocess_p = M(preprocess_p);
+      base.output_scale = M(output_scale);
+      base.weights = packed.data_ptr<M>();
+      const int64_t tile = TypedKernels<M>::tile(active_kernels());
+      const std::vector<int64_t> bounds = chunk_bounds(total, tile, at::get_num_threads());
+      void* state_ptr = state_work.data_ptr();
+      const bool bf16_state = state_work.scalar_type() == at::kBFloat16;
+      run_chunks(int64_t(bounds.size()) - 1, [&](int64_t c) {
+        if (bf16_state)
+          run_part<M, c10::BFloat16>(base, state_ptr, total, items, bounds[c], bounds[c + 1]);
+        else
+          run_part<M, M>(base, state_ptr, total, items, bounds[c], bounds[c + 1]);
+      });
+    });
+  }
+  if (!state_work.is_same(state)) state.copy_(state_work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2l_fast, CPU, m) { m.impl("lstm_multi_step_", &lstm_multi_step_cpu); }
+// A sparse tensor among the arguments routes the call here: the checks reject it with a TypeError naming it,
+// instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(l2l_fast, SparseCPU, m) { m.impl("lstm_multi_step_", &lstm_multi_step_cpu); }
+
+}  // namespace cpu
+}  // namespace l2l_fast

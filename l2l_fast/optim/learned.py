@@ -1,0 +1,156 @@
+"""``LearnedOptimizer``: a trained coordinatewise LSTM (Andrychowicz et al. 2016) as a ``torch.optim.Optimizer``."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..checks import PARAM_DTYPES
+from ..net import CoordinatewiseLSTM
+from .checkpoint import check_loadable, net_signature
+from .fused import FusedGroup, math_dtype_of
+from .sharding import check_placements, local, state_like
+
+__all__ = ["LearnedOptimizer"]
+
+STATE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16)
+
+
+class LearnedOptimizer(Optimizer):
+    """Steps parameters with a trained ``CoordinatewiseLSTM``: param += lr * update(grad, LSTM state).
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer. A group may carry its own ``net``
+            (e.g. one for conv and one for fully connected parameters, as in the paper), ``lr`` and ``state_dtype``.
+        net: the optimizer network; default: the shipped one named by ``pretrained``.
+        pretrained: name of a shipped net ("mnist", "quadratic") or a file from ``save_pretrained``.
+        lr: multiplies the net's update (its output_scale); 1.0 is the optimizer as trained. LR schedulers
+            scale it as they scale any learning rate.
+        state_dtype: storage of the per-coordinate LSTM state: None (float32; float64 for float64 parameters)
+            or torch.bfloat16, which halves the optimizer's memory (the math stays in float32).
+
+    Memory: the state holds 2 * num_layers * hidden_size values per parameter element, 80 for the shipped nets
+    (H = 20, L = 2): 320 bytes per element in float32, 160 in bfloat16 (Adam: 8). Under FSDP2 each rank keeps
+    only its shard's.
+
+    Parameters: float32, float64, bfloat16 or float16, dense, real; DTensors (FSDP2) are stepped shard by
+    shard. Each param group's parameters on one device with one math dtype (float64, or float32 for the
+    others) are stepped in one fused ``lstm_multi_step_`` call over all of them.
+
+    NaN/Inf gradients (the policy of the ops): a coordinate whose gradient is NaN or +-Inf is not updated
+    and its LSTM state is left unchanged; a parameter without a gradient is skipped the same way. Under
+    ``torch.amp.GradScaler`` a step with any Inf is skipped as a whole by the scaler.
+    """
+
+    def __init__(self, params, net: CoordinatewiseLSTM | None = None, *, pretrained: str | None = "mnist",
+                 lr: float = 1.0, state_dtype: torch.dtype | None = None):
+        if net is None:
+            if pretrained is None:
+                raise ValueError("net: pass a CoordinatewiseLSTM, or name a shipped one in pretrained")
+            net = CoordinatewiseLSTM.from_pretrained(pretrained)
+        self._fused: list[list[FusedGroup]] | None = None
+        super().__init__(params, dict(net=net, lr=lr, state_dtype=state_dtype))
+        # The state is made now, not at the first step: torch.distributed.checkpoint initialises an optimizer
+        # without state by a step with zero gradients, which would advance every LSTM state.
+        self._fused = [self._fuse(group) for group in self.param_groups]
+
+    # ------------------------------------------------------------------------------------------
+    # param groups
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
+        _check_options({**self.defaults, **param_group})
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        if not isinstance(params, set):  # torch's own error for sets
+            params = list(params)
+            index = len(self.param_groups)
+            for j, p in enumerate(params):
+                _check_param(p[1] if isinstance(p, tuple) else p, f"param_groups[{index}]['params'][{j}]")
+        super().add_param_group({**param_group, "params": params})
+        if self._fused is not None:
+            self._fused.append(self._fuse(self.param_groups[-1]))
+
+    def _fuse(self, group: dict) -> list[FusedGroup]:
+        """One FusedGroup per (device, math dtype) of the group, taking over the parameters' states so far."""
+        by_key: dict[tuple, list[Tensor]] = {}
+        for p in group["params"]:
+            t = local(p)
+            by_key.setdefault((t.device, math_dtype_of(t.dtype)), []).append(p)
+        parts = []
+        for params in by_key.values():
+            part = FusedGroup(params, group["net"], group["state_dtype"],
+                              [self.state[p].get("lstm_state") for p in params])
+            for p, view in zip(params, part.state_views()):
+                self.state[p]["lstm_state"] = state_like(p, view)
+            parts.append(part)
+        return parts
+
+    # ------------------------------------------------------------------------------------------
+    # step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            net, parts = group["net"], self._fused[index]
+            if not all(part.is_current(group["state_dtype"], net) for part in parts):
+                parts = self._fused[index] = self._fuse(group)
+            for part in parts:
+                part.step(net, float(group["lr"]))
+        return loss
+
+    # ------------------------------------------------------------------------------------------
+    # state_dict
+    @torch._disable_dynamo
+    def state_dict(self) -> dict:
+        """torch.optim's, with each group's net replaced by its signature (sizes, constants, weight hash) and
+        per parameter {"lstm_state": [L, 2, H, *param.shape]} (views of the live state, not copies)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group["net"] = net_signature(group["net"])
+        return state_dict
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state_dict of a LearnedOptimizer with the same nets and parameter layout (else ValueError,
+        nothing changed); the states are copied, stepping continues bit-identically."""
+        states = check_loadable(state_dict, self.param_groups)
+        nets = [group["net"] for group in self.param_groups]
+        # torch.optim would cast every state to its parameter's dtype (a float32 state to bfloat16): the LSTM
+        # states go around it.
+        stripped = {key: {k: v for k, v in value.items() if k != "lstm_state"}
+                    for key, value in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": stripped})
+        for group, net in zip(self.param_groups, nets):
+            group["net"] = net
+        for param, lstm_state in states.items():
+            self.state[param]["lstm_state"] = lstm_state
+        self._fused = [self._fuse(group) for group in self.param_groups]
+
+
+def _check_options(group: dict) -> None:
+    net, lr, state_dtype = group.get("net"), group.get("lr"), group.get("state_dtype")
+    if not isinstance(net, CoordinatewiseLSTM):
+        raise TypeError(f"net: expected an l2l_fast.CoordinatewiseLSTM, got {type(net).__name__}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype: expected None, torch.float32, torch.float64 or torch.bfloat16, got {state_dtype!r}")
+
+
+def _check_param(p, name: str) -> None:
+    if not isinstance(p, Tensor):
+        return  # torch.optim's own TypeError follows
+    if p.is_complex():
+        raise TypeError(f"params: {name} is complex ({p.dtype}); LearnedOptimizer is real-valued (view it with "
+                        "torch.view_as_real)")
+    if p.layout != torch.strided:
+        raise TypeError(f"params: {name} is sparse ({p.layout}); LearnedOptimizer needs dense parameters")
+    if p.dtype not in PARAM_DTYPES:
+        raise TypeError(f"params: {name} has dtype {p.dtype}; expected float32, float64, bfloat16 or float16")
+    check_placements(p, f"params: {name}")
