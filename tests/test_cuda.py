@@ -340,3 +340,51 @@ def test_runs_on_the_current_stream(gen):
     assert torch.equal(update, expected[0]) and torch.equal(new_state, expected[1])
     assert torch.equal(d[0], expected_d[0]) and all(torch.equal(a, b) for a, b in zip(d[2], expected_d[2]))
     assert torch.equal(param, expected[0]) and torch.equal(state_late, expected[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the drop-in optimizer on CUDA tensors (one lstm_multi_step_ launch per group)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_learned_optimizer_matches_reference_optimizer(gen, dtype):
+    from test_optimizer import STEPS, ReferenceOptimizer, assert_close, make_params, set_random_grads
+
+    from l2l_fast import LearnedOptimizer
+
+    net = make_net(gen=gen, dtype=dtype, kind="random")
+    shapes = [(0,), (1,), (7,), (2**16 + 3,), (13, 7), (3, 5, 4)]
+    cpu_params = make_params(shapes, dtype, gen, non_contiguous=(4,))
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_params]
+    start = [p.detach().clone() for p in cpu_params]
+    ref = ReferenceOptimizer(cpu_params, net)
+    opt = LearnedOptimizer(params, net.cuda())
+    for _ in range(STEPS):
+        grads = set_random_grads(cpu_params, gen)
+        for p, g in zip(params, grads):
+            p.grad = g.cuda()
+        opt.step()
+        ref.step(grads)
+    for k, p in enumerate(params):
+        moved = p.detach().cpu().double().reshape(-1) - start[k].double().reshape(-1)
+        assert_close(moved, ref.params[k] - start[k].double().reshape(-1), dtype, f"displacement[{k}]")
+        state = opt.state[p]["lstm_state"].cpu()
+        assert_close(state.reshape(*state.shape[:3], -1), ref.states[k], dtype, f"state[{k}]")
+
+
+def test_learned_optimizer_bfloat16_params_and_state(gen):
+    """bfloat16 parameters with a bfloat16 LSTM state train like float32 ones (within bf16 rounding)."""
+    from l2l_fast import LearnedOptimizer
+
+    net = make_net(gen=gen, dtype=torch.float32, kind="random").cuda()
+    target = torch.randn(4096, generator=gen).cuda()
+    runs = {}
+    for name, dtype, state_dtype in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, torch.bfloat16)):
+        p = torch.nn.Parameter(torch.zeros(4096, device="cuda", dtype=dtype))
+        opt = LearnedOptimizer([p], net, state_dtype=state_dtype)
+        for _ in range(20):
+            opt.zero_grad()
+            ((p.float() - target) ** 2).mean().backward()
+            opt.step()
+        runs[name] = p.detach().float()
+        assert p.dtype == dtype
+    assert torch.isfinite(runs["bf16"]).all()
+    assert (runs["bf16"] - runs["fp32"]).abs().max() <= 0.05 * runs["fp32"].abs().max() + 1e-3
