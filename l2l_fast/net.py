@@ -92,7 +92,8 @@ class CoordinatewiseLSTM(nn.Module):
         return torch.zeros(self.num_layers, 2, self.hidden_size, n, device=device or weight.device,
                            dtype=dtype or weight.dtype)
 
-    def _impl(self, device: torch.device):
+    def implementation(self, device: torch.device):
+        """The module whose ops run this net on `device`: l2l_fast.ops (native kernels) or l2l_fast.reference."""
         if self.backend == "reference":
             return reference
         if device.type in ops.native_devices():
@@ -109,13 +110,13 @@ class CoordinatewiseLSTM(nn.Module):
     def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """grad [n], state [L, 2, H, n] -> (update [n], new_state [L, 2, H, n]); differentiable, inputs untouched."""
         self._check(grad, state)
-        impl = self._impl(grad.device)
+        impl = self.implementation(grad.device)
         return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale)
 
     @torch.no_grad()
     def step_(self, param: Tensor, grad: Tensor, state: Tensor) -> None:
         """In-place inference step on a flat parameter: param [n] += update, state advanced; no autograd graph."""
         self._check(grad, state, param=param)
-        impl = self._impl(grad.device)
+        impl = self.implementation(grad.device)
         impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale)
 

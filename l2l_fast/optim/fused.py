@@ -12,7 +12,6 @@ import itertools
 import torch
 from torch import Tensor
 
-from .. import ops, reference
 from ..net import CoordinatewiseLSTM
 from .sharding import is_dtensor, local
 
@@ -31,16 +30,6 @@ def resolve_state_dtype(state_dtype: torch.dtype | None, math_dtype: torch.dtype
         raise ValueError(f"state_dtype: {state_dtype} is not available for {math_dtype} math; use None (= "
                          f"{math_dtype}) or torch.bfloat16")
     return state_dtype
-
-
-def _implementation(net: CoordinatewiseLSTM, device: torch.device):
-    if net.backend == "reference":
-        return reference
-    if device.type in ops.native_devices():
-        return ops
-    if net.backend == "native":
-        raise RuntimeError(f"backend='native' has no kernel for device {device}; built for {sorted(ops.native_devices())}")
-    return reference
 
 
 class FusedGroup:
@@ -127,7 +116,7 @@ class FusedGroup:
             for k in self.strided:
                 flat[k] = self.locals[k].reshape(-1)
         weights = [w.detach().to(device=self.device, dtype=self.math_dtype) for w in net.weights()]
-        _implementation(net, self.device).lstm_multi_step_(flat, grads, self.state, weights, net.preprocess_p,
+        net.implementation(self.device).lstm_multi_step_(flat, grads, self.state, weights, net.preprocess_p,
                                                            net.output_scale * lr)
         for k in self.strided:
             self.locals[k].copy_(flat[k].view(self.locals[k].shape))
