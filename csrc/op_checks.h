@@ -70,6 +70,31 @@ inline void check_state(const at::Tensor& state, const std::string& name, const 
                     " coordinates, got ", state.sizes(), " (a state made for another net or parameter?)");
 }
 
+// The arguments of each op, checked in one order by every backend; each returns the weights' layout.
+inline PackedLayout check_step_args(const at::Tensor& grad, const at::Tensor& state, at::TensorList weights) {
+  check_grad(grad);
+  const PackedLayout layout = check_weights(weights, grad);
+  check_state(state, "state", layout, grad);
+  return layout;
+}
+
+inline PackedLayout check_backward_args(const at::Tensor& grad_update, const at::Tensor& grad_new_state,
+                                        const at::Tensor& grad, const at::Tensor& state, at::TensorList weights) {
+  const PackedLayout layout = check_step_args(grad, state, weights);
+  check_per_coordinate(grad_update, "grad_update", grad);
+  check_state(grad_new_state, "grad_new_state", layout, grad);
+  return layout;
+}
+
+inline PackedLayout check_inplace_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state,
+                                       at::TensorList weights) {
+  check_grad(grad);
+  const PackedLayout layout = check_weights(weights, grad);
+  check_per_coordinate(param, "param", grad);
+  check_state(state, "state", layout, grad);
+  return layout;
+}
+
 // Packs the weights (any device) into the kernels' layout, on the weights' device.
 inline at::Tensor pack_weights(at::TensorList weights, const PackedLayout& layout) {
   const at::Tensor& like = weights[0];

@@ -71,9 +71,7 @@ at::Tensor run_backward(const StepParams<T>& params) {
 
 std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, const at::Tensor& state_in,
                                                  at::TensorList weights, double preprocess_p, double output_scale) {
-  check_grad(grad_in);
-  const PackedLayout layout = check_weights(weights, grad_in);
-  check_state(state_in, "state", layout, grad_in);
+  const PackedLayout layout = check_step_args(grad_in, state_in, weights);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   at::Tensor update = empty_output_like(grad), new_state = empty_output_like(state);
   const at::Tensor packed = pack_weights(weights, layout);
@@ -89,11 +87,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, cons
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_cpu(
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale) {
-  check_grad(grad_in);
-  const PackedLayout layout = check_weights(weights, grad_in);
-  check_state(state_in, "state", layout, grad_in);
-  check_per_coordinate(grad_update_in, "grad_update", grad_in);
-  check_state(grad_new_state_in, "grad_new_state", layout, grad_in);
+  const PackedLayout layout = check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
   at::Tensor grad_grad = empty_output_like(grad), grad_state = empty_output_like(state);
@@ -112,10 +106,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
 
 void lstm_step_inplace_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
                            double preprocess_p, double output_scale) {
-  check_grad(grad_in);
-  const PackedLayout layout = check_weights(weights, grad_in);
-  check_per_coordinate(param, "param", grad_in);
-  check_state(state, "state", layout, grad_in);
+  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights);
   const at::Tensor grad = grad_in.contiguous();
   // Non-contiguous param/state: work on contiguous copies, then write them back.
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();

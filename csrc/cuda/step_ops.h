@@ -56,9 +56,7 @@ void set_constants(Args& a, const PackedLayout& layout, const at::Tensor& packed
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in, at::TensorList weights,
                                              double preprocess_p, double output_scale) {
-  check_grad(grad_in);
-  const PackedLayout layout = check_weights(weights, grad_in);
-  check_state(state_in, "state", layout, grad_in);
+  const PackedLayout layout = check_step_args(grad_in, state_in, weights);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
@@ -87,11 +85,7 @@ template <class Launcher>
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale) {
-  check_grad(grad_in);
-  const PackedLayout layout = check_weights(weights, grad_in);
-  check_state(state_in, "state", layout, grad_in);
-  check_per_coordinate(grad_update_in, "grad_update", grad_in);
-  check_state(grad_new_state_in, "grad_new_state", layout, grad_in);
+  const PackedLayout layout = check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
@@ -126,10 +120,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
 template <class Launcher>
 void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
                 double preprocess_p, double output_scale) {
-  check_grad(grad_in);
-  const PackedLayout layout = check_weights(weights, grad_in);
-  check_per_coordinate(param, "param", grad_in);
-  check_state(state, "state", layout, grad_in);
+  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const int64_t n = grad_in.size(0);
