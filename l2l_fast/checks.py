@@ -10,13 +10,18 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def check_tensor(name: str, value, *, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+def check_dense_real(name: str, value) -> None:
+    """A dense (strided), real torch.Tensor, else a TypeError naming `name`."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.layout != torch.strided:
         raise TypeError(f"{name}: sparse tensors are not supported (got layout {value.layout}); pass a dense tensor")
     if value.is_complex():
         raise TypeError(f"{name}: complex tensors are not supported (got {value.dtype}); the optimizer is real-valued")
+
+
+def check_tensor(name: str, value, *, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    check_dense_real(name, value)
     if value.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of the net's weights), got {value.dtype}")
     if value.device != device:
@@ -89,12 +94,7 @@ def check_multi_step_inputs(params, grads, state, weights) -> None:
     total = 0
     for k, (param, grad) in enumerate(zip(params, grads)):
         for name, t in ((f"params[{k}]", param), (f"grads[{k}]", grad)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if t.layout != torch.strided:
-                raise TypeError(f"{name}: sparse tensors are not supported (got layout {t.layout}); pass a dense tensor")
-            if t.is_complex():
-                raise TypeError(f"{name}: complex tensors are not supported (got {t.dtype})")
+            check_dense_real(name, t)
             if not t.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
             if t.device != device:
