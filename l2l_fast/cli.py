@@ -44,7 +44,8 @@ def cmd_meta_train(args) -> int:
     kwargs.pop("data_dir", None)  # where the data lies is not part of the run's identity
     config = MetaTrainConfig(task=args.task, task_kwargs=kwargs, epochs=args.epochs, horizon=args.horizon,
                              unroll=args.unroll, meta_batch=args.meta_batch, lr=args.lr, clip=args.clip,
-                             loss_scale=args.loss_scale, lr_schedule=args.lr_schedule, eval_every=args.eval_every,
+                             loss_scale=args.loss_scale, step_weight_power=args.step_weight_power,
+                             lr_schedule=args.lr_schedule, eval_every=args.eval_every,
                              eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
                           data_dir=args.data_dir)
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
     train.add_argument("--loss-scale", choices=["sum", "relative"], default="sum",
                        help="sum: a truncation's meta-loss is the sum of its losses (the paper); relative: each "
                             "problem's losses divided by its loss at the truncation's start")
+    train.add_argument("--step-weight-power", type=float, default=0.0, metavar="K",
+                       help="0: every step's loss counts once (the paper); K > 0: the loss after step t counts "
+                            "(K+1)(t/horizon)^K, leaning the meta-loss toward the end of the horizon")
     train.add_argument("--eval-every", type=int, default=10)
     train.add_argument("--eval-problems", type=int, default=16)
     train.add_argument("--checkpoint-every", type=int, default=1)

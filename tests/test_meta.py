@@ -73,6 +73,39 @@ def test_truncation_weights_scale_each_problems_losses():
     assert not torch.allclose(results["plain"][2][0], results["weighted"][2][0])
 
 
+def test_step_weights_scale_each_steps_losses():
+    """step_weights[j] multiplies the losses after update j: the meta-loss is sum_j sw[j] sum_p loss[j, p],
+    and its gradient differs from the unweighted one."""
+    problems = make_task("quadratic").sample(2, seed=9)
+    step_weights = [0.25, 0.5, 1.5, 3.0]
+    results = {}
+    for name, sw in (("plain", None), ("weighted", step_weights)):
+        torch.manual_seed(0)
+        net = CoordinatewiseLSTM(hidden_size=5).double()
+        problems.W, problems.y = problems.W.double(), problems.y.double()
+        params = problems.init_params().double()
+        _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+        meta_loss, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 4,
+                                            step_weights=sw)
+        meta_loss.backward()
+        results[name] = (meta_loss.detach(), history, [p.grad.clone() for p in net.parameters()])
+    expected = (results["weighted"][1].sum(1) * torch.tensor(step_weights, dtype=torch.float64)).sum()
+    torch.testing.assert_close(results["weighted"][0], expected)
+    assert not torch.allclose(results["plain"][2][0], results["weighted"][2][0])
+
+
+def test_step_weight_power_config(tmp_path):
+    assert [tiny_config(step_weight_power=1).step_weight(t) for t in (1, 5, 10)] == pytest.approx([0.2, 1.0, 2.0])
+    assert tiny_config(step_weight_power=2).step_weight(5) == pytest.approx(0.75)  # horizon 10
+    assert tiny_config().step_weight(7) == 1.0
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="step_weight_power"):
+            tiny_config(step_weight_power=bad)
+    config = tiny_config(step_weight_power=2)
+    summary = MetaTrainer(config, tmp_path, progress=False).run()
+    assert math.isfinite(summary["best_score"])
+
+
 def test_relative_loss_scale_trains_and_rejects_unknown_values(tmp_path):
     with pytest.raises(ValueError, match="loss_scale"):
         tiny_config(loss_scale="log")

@@ -48,6 +48,10 @@ class MetaTrainConfig:
     # losses divided by its (constant) loss at the truncation's start, so late truncations, whose losses
     # are small, weigh in Adam's update as much as the first one.
     loss_scale: str = "sum"
+    # 0: every step's loss counts once (the paper). k > 0: the loss after step t of the horizon counts
+    # (k + 1) (t / horizon)^k (mean ~1), so the meta-loss leans toward where the comparison with
+    # hand-designed optimizers is made (the loss reached at the end), not only the fast first descent.
+    step_weight_power: float = 0.0
     # "constant", or "cosine": the meta learning rate follows a half cosine from lr to lr / 100 over
     # `epochs` (a function of the epoch alone, so a resumed run continues the same schedule)
     lr_schedule: str = "constant"
@@ -58,6 +62,8 @@ class MetaTrainConfig:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.step_weight_power) and self.step_weight_power >= 0):
+            raise ValueError(f"step_weight_power: expected a finite number >= 0, got {self.step_weight_power!r}")
         if self.loss_scale not in LOSS_SCALES:
             raise ValueError(f"loss_scale: expected one of {LOSS_SCALES}, got {self.loss_scale!r}")
         for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
@@ -70,6 +76,11 @@ class MetaTrainConfig:
             return self.lr
         progress = min(epoch / self.epochs, 1.0)
         return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def step_weight(self, step: int) -> float:
+        """The meta-loss weight of the loss after step `step` (1 .. horizon) of an episode."""
+        k = self.step_weight_power
+        return 1.0 if k == 0 else (k + 1) * (step / self.horizon) ** k
 
     def net_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
@@ -113,8 +124,10 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
     scale = 1.0 / (config.unroll * problems.num_problems)
     for start in range(0, config.horizon, config.unroll):
         weights = 1.0 / losses.detach().clamp_min(1e-12) if config.loss_scale == "relative" else None
+        step_weights = None if config.step_weight_power == 0 else [
+            config.step_weight(start + j + 1) for j in range(config.unroll)]
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
-                                                             config.unroll, weights)
+                                                             config.unroll, weights, step_weights)
         losses = history[-1]
         meta_loss = meta_loss * scale
         if not torch.isfinite(meta_loss):

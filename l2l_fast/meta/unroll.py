@@ -25,12 +25,12 @@ def loss_and_grad(problems: ProblemBatch, params: Tensor, step: int, keep_graph:
 
 
 def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state: Tensor, start: int, steps: int,
-               weights: Tensor | None = None):
+               weights: Tensor | None = None, step_weights=None):
     """`steps` differentiable steps from `params` [P, D] whose gradient `grad` is already known.
 
     Returns (meta_loss = sum of the P losses after each update, each problem's losses times
-    `weights` [P] when given, losses [steps, P] detached, params, grad, state) with the last three
-    ready to carry (detached) into the next truncation.
+    `weights` [P] and the losses after update j times `step_weights[j]` when given, losses [steps, P]
+    detached, params, grad, state) with the last three ready to carry (detached) into the next truncation.
     """
     P, D = params.shape
     meta_loss = params.new_zeros(())
@@ -39,7 +39,8 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state:
         update, state = net(grad.reshape(-1), state)
         params = params + update.view(P, D)
         losses, grad = loss_and_grad(problems, params, start + j + 1, keep_graph=True)
-        meta_loss = meta_loss + (losses.sum() if weights is None else (losses * weights).sum())
+        term = losses.sum() if weights is None else (losses * weights).sum()
+        meta_loss = meta_loss + (term if step_weights is None else step_weights[j] * term)
         history.append(losses.detach())
     return meta_loss, torch.stack(history), params.detach(), grad, state.detach()
 
