@@ -24,7 +24,8 @@ except ImportError as error:  # pure-Python install: the reference backend still
     HAS_NATIVE = False
     NATIVE_IMPORT_ERROR = error
 
-__all__ = ["HAS_NATIVE", "lstm_multi_step_", "lstm_step", "lstm_step_", "native_devices"]
+__all__ = ["HAS_NATIVE", "cpu_cache_bytes", "empty_cpu_cache", "lstm_multi_step_", "lstm_step", "lstm_step_",
+           "native_devices"]
 
 
 # Fixed at import: a plain constant that torch.compile can trace (a pybind call it cannot).
@@ -34,6 +35,22 @@ _NATIVE_DEVICES = frozenset(({"cpu", "cuda"} if _C.has_cuda_kernels() else {"cpu
 def native_devices() -> frozenset[str]:
     """Device types with a native kernel in this build."""
     return _NATIVE_DEVICES
+
+
+def empty_cpu_cache() -> int:
+    """Gives the unused blocks of the CPU output cache back to the system; returns the bytes released.
+
+    CPU outputs of 8 MB or more (state-sized outputs of the forward and backward) come from a cache
+    of freed blocks, as CUDA memory does from torch's caching allocator: a fresh block costs a page
+    fault and a kernel zeroing per page on first touch. The cache keeps at most
+    ``L2L_FAST_CPU_CACHE_MB`` MB of unused blocks (default 2048; 0 turns it off).
+    """
+    return _C.empty_cpu_cache() if HAS_NATIVE else 0
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes held by the CPU output cache in blocks no tensor uses."""
+    return _C.cpu_cache_bytes() if HAS_NATIVE else 0
 
 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,

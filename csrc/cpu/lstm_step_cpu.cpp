@@ -5,31 +5,13 @@
 
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "cpu/cpu_dispatch.h"
+#include "cpu/output_cache.h"
 #include "op_checks.h"
 
 namespace l2l_fast {
 namespace cpu {
 namespace {
-
-// A fresh output as large as a state is a new mmap that the kernel first touches page by page: at
-// N = 1e6 the forward+backward took ~156k page faults per call, 29% of its CPU time (measured with
-// getrusage). Asking for transparent huge pages on its 2 MB-aligned interior before the first touch
-// cuts the faults ~500x; where THP is off or unsupported the advice is ignored.
-at::Tensor empty_output_like(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
-#ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr()), bytes = out.nbytes();
-  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1), end = (start + bytes) & ~(kHugePage - 1);
-  if (bytes >= 4 * kHugePage && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return out;
-}
 
 template <typename T>
 StepParams<T> make_params(const PackedLayout& layout, const at::Tensor& packed, const at::Tensor& grad,
