@@ -1,5 +1,5 @@
 // The Python module l2l_fast._C: importing it runs the op registrations; it also exposes
-// which kernels this build has.
+// which kernels this build has and the CPU output cache's controls.
 #include <torch/extension.h>
 
 #include "cpu/isa_select.h"
