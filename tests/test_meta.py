@@ -52,25 +52,29 @@ def test_meta_gradient_native_equals_reference_in_float64():
         torch.testing.assert_close(native, ref, rtol=1e-9, atol=1e-12)
 
 
+def four_step_truncation(problems, **weighting):
+    """A 4-step float64 truncation of a fixed small net: (meta_loss, losses [4, P], the net's gradients)."""
+    torch.manual_seed(0)
+    net = CoordinatewiseLSTM(hidden_size=5).double()
+    problems.W, problems.y = problems.W.double(), problems.y.double()
+    params = problems.init_params().double()
+    _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+    meta_loss, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 4,
+                                        **weighting)
+    meta_loss.backward()
+    return meta_loss.detach(), history, [p.grad.clone() for p in net.parameters()]
+
+
 def test_truncation_weights_scale_each_problems_losses():
     """loss_scale='relative' weighs problem p's losses by a constant w[p]: the meta-loss is sum_t sum_p
     w[p] loss[t, p], and its gradient is that weighted sum's (not the unweighted one's)."""
     problems = make_task("quadratic").sample(3, seed=7)
-    weights = torch.tensor([0.5, 2.0, 3.0])
-    results = {}
-    for name, w in (("plain", None), ("weighted", weights)):
-        torch.manual_seed(0)
-        net = CoordinatewiseLSTM(hidden_size=5).double()
-        problems.W, problems.y = problems.W.double(), problems.y.double()
-        params = problems.init_params().double()
-        _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
-        meta_loss, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 4,
-                                            None if w is None else w.double())
-        meta_loss.backward()
-        results[name] = (meta_loss.detach(), history, [p.grad.clone() for p in net.parameters()])
-    torch.testing.assert_close(results["plain"][0], results["plain"][1].sum())
-    torch.testing.assert_close(results["weighted"][0], (results["weighted"][1] * weights.double()).sum())
-    assert not torch.allclose(results["plain"][2][0], results["weighted"][2][0])
+    weights = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
+    plain = four_step_truncation(problems)
+    weighted = four_step_truncation(problems, weights=weights)
+    torch.testing.assert_close(plain[0], plain[1].sum())
+    torch.testing.assert_close(weighted[0], (weighted[1] * weights).sum())
+    assert not torch.allclose(plain[2][0], weighted[2][0])
 
 
 def test_step_weights_scale_each_steps_losses():
@@ -78,20 +82,11 @@ def test_step_weights_scale_each_steps_losses():
     and its gradient differs from the unweighted one."""
     problems = make_task("quadratic").sample(2, seed=9)
     step_weights = [0.25, 0.5, 1.5, 3.0]
-    results = {}
-    for name, sw in (("plain", None), ("weighted", step_weights)):
-        torch.manual_seed(0)
-        net = CoordinatewiseLSTM(hidden_size=5).double()
-        problems.W, problems.y = problems.W.double(), problems.y.double()
-        params = problems.init_params().double()
-        _, grad = loss_and_grad(problems, params, 0, keep_graph=False)
-        meta_loss, history, *_ = truncation(net, problems, params, grad, net.init_state(params.numel()), 0, 4,
-                                            step_weights=sw)
-        meta_loss.backward()
-        results[name] = (meta_loss.detach(), history, [p.grad.clone() for p in net.parameters()])
-    expected = (results["weighted"][1].sum(1) * torch.tensor(step_weights, dtype=torch.float64)).sum()
-    torch.testing.assert_close(results["weighted"][0], expected)
-    assert not torch.allclose(results["plain"][2][0], results["weighted"][2][0])
+    plain = four_step_truncation(problems)
+    weighted = four_step_truncation(problems, step_weights=step_weights)
+    expected = (weighted[1].sum(1) * torch.tensor(step_weights, dtype=torch.float64)).sum()
+    torch.testing.assert_close(weighted[0], expected)
+    assert not torch.allclose(plain[2][0], weighted[2][0])
 
 
 def test_step_weight_power_config(tmp_path):
