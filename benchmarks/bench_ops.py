@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from bench_step import make_inputs
 from l2l_fast import CoordinatewiseLSTM
 
 
@@ -33,13 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = int(args.n)
-    gen = torch.Generator().manual_seed(0)
     net = CoordinatewiseLSTM()
-    grad = torch.randn(n, generator=gen) * 1e-2
-    state = net.init_state(n).normal_(generator=gen)
+    param, grad, state = make_inputs(net, n)  # the step benchmark's inputs: both preprocessing branches
     weights = [w.detach() for w in net.weights()]
+    gen = torch.Generator().manual_seed(2)
     grad_update, grad_state = torch.randn(n, generator=gen), torch.randn(state.shape, generator=gen)
-    param = torch.zeros(n)
     ops = torch.ops.l2l_fast
     rows = {
         "forward (lstm_step)": lambda: ops.lstm_step(grad, state, weights, 10.0, 0.1),
