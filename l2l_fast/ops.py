@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ._runtime_check import warn_if_private_cxx_runtime
 from .checks import check_multi_step_inputs, check_step_inputs, check_tensor
 
 try:  # loading the extension runs its TORCH_LIBRARY registrations
@@ -20,6 +21,7 @@ try:  # loading the extension runs its TORCH_LIBRARY registrations
 
     HAS_NATIVE = True
     NATIVE_IMPORT_ERROR: Exception | None = None
+    warn_if_private_cxx_runtime(_C.__file__)
 except ImportError as error:  # pure-Python install: the reference backend still works
     HAS_NATIVE = False
     NATIVE_IMPORT_ERROR = error

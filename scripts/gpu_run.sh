@@ -3,7 +3,8 @@
 # CUDA tests and a quick slice of the CPU tests, compute-sanitizer (memcheck, racecheck) on a small
 # program, and the GPU benchmark. Logs under $OUT (at most 8 files); the summary and the benchmark
 # tables are printed last. Fits in about 8 minutes: every stage has a time limit and the whole script
-# a deadline (GPU_RUN_BUDGET seconds, default 470); a stage that would start past it is skipped.
+# a deadline (GPU_RUN_BUDGET seconds, default 470); a stage that would start past it is skipped, and
+# GPU_RUN_SKIP="bench racecheck ..." skips stages by name (for a rerun of what failed).
 #
 #   device tool:  command "bash scripts/gpu_run.sh", timeout_s 540
 #   by hand:      OUT=/tmp/gpu_out bash scripts/gpu_run.sh
@@ -27,6 +28,10 @@ stage() {
   local name=$1 limit=$2 log=$3
   shift 3
   local now left rc t0
+  if [[ " ${GPU_RUN_SKIP:-} " == *" $name "* ]]; then
+    echo "$name: skipped (GPU_RUN_SKIP)" | tee -a "$summary"
+    return 0
+  fi
   now=$(date +%s)
   left=$((deadline - now))
   if ((left < 15)); then
@@ -70,8 +75,29 @@ from l2l_fast import _C, ops
 assert _C.has_cuda_kernels() and 'cuda' in ops.native_devices(), 'built without the CUDA kernels'
 print('CUDA kernels registered')"
 
+# 2b. an error thrown in the extension must reach Python. On one image every C++ error from a build
+# made with its /opt/gcc compiler was a segfault in the unwinder: then print what differs, rebuild
+# with the system compiler, and failing that preload /opt/gcc's runtime, probing again each time.
+if ! stage error_probe 60 build.log "$PY" scripts/error_probe.py; then
+  so=$(ls l2l_fast/_C*.so)
+  { echo "CC=${CC-} CXX=${CXX-}"; ls -l /usr/bin/g++* /usr/bin/gcc* /opt/gcc/lib64/libgcc_s* /opt/gcc/lib64/libstdc++.so*
+    "${CXX:-c++}" --version | head -1; /usr/bin/g++ --version | head -1; readelf -lW "$so" | grep -i eh_frame
+    nm -D "$so" | grep -i register_frame; ldd "$so" | grep -E "gcc|stdc"; } >>"$OUT/build.log" 2>&1
+  fixed=0
+  if [ -x /usr/bin/g++ ] && stage rebuild_system_gcc 180 build.log env CC=/usr/bin/gcc CXX=/usr/bin/g++ \
+      "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . &&
+      stage error_probe_system_gcc 60 build.log "$PY" scripts/error_probe.py; then
+    fixed=1
+  fi
+  pre="$(ls /opt/gcc/lib64/libgcc_s.so.1 /opt/gcc/lib64/libstdc++.so.6 2>/dev/null | tr '\n' ' ')"
+  if ((fixed == 0)) && [ -n "$pre" ] && stage error_probe_preload 60 build.log env LD_PRELOAD="$pre" "$PY" scripts/error_probe.py; then
+    export LD_PRELOAD="$pre"
+  fi
+fi
+
 # 3. the CUDA tests (correctness first: the benchmark of a wrong kernel means nothing)
-stage test_cuda 200 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_cuda.py --maxfail=15 --durations=8
+xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # a crashing test then costs one worker, not the file
+stage test_cuda 200 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider -o addopts="" $xdist tests/test_cuda.py --maxfail=15 --durations=8
 
 # 4. the benchmark, fused rows and baselines at N = 1e6, 1e7, 1e8 (no torch.compile: that is step 6)
 stage bench 130 bench.log "$PY" benchmarks/bench_step.py --device cuda --no-compile --min-run-time 0.25 --markdown
@@ -84,7 +110,6 @@ stage memcheck 90 sanitizer.log compute-sanitizer --tool memcheck --leak-check n
 stage bench_compile 120 bench_compile.log "$PY" benchmarks/bench_step.py --device cuda --sizes 1e7 --min-run-time 0.25 --markdown
 
 # 7. the core CPU tests, a quick slice, with this build (CPU kernels in a CUDA build)
-xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 stage test_cpu 90 tests.log "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $xdist tests/test_kernel_cpu.py tests/test_gradcheck.py \
   tests/test_opcheck_compile.py tests/test_bad_input.py -k "n7 or n1000 or gradcheck or opcheck or bad or reject"
 
@@ -101,6 +126,8 @@ grep -E "passed|failed|error" "$OUT/tests.log" | tail -4
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 echo "-- sanitizer"
 grep -E "ERROR SUMMARY|cuda_smoke:|MISMATCH" "$OUT/sanitizer.log" | head -10
+echo "-- error probe"
+grep -E "^error_probe|^CC=|^ *(GNU_EH|U |w )|libgcc|libstdc|g\+\+ \(" "$OUT/build.log" | head -24
 echo "-- benchmark"
 sed -n '/^```text/,/^```$/p' "$OUT/bench.log" | grep -E "gpu|memory|sanity|GEMM"
 grep -E "^### |^\| (fused|eager|torch)" "$OUT/bench.log" "$OUT/bench_compile.log" | sed 's/^[^:]*://'

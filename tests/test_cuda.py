@@ -7,6 +7,7 @@ Shared checks: tests/cuda_cases.py (also run, on CPU threads, by test_cuda_emula
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -356,7 +357,7 @@ def test_learned_optimizer_matches_reference_optimizer(gen, dtype):
     params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_params]
     start = [p.detach().clone() for p in cpu_params]
     ref = ReferenceOptimizer(cpu_params, net)
-    opt = LearnedOptimizer(params, net.cuda())
+    opt = LearnedOptimizer(params, copy.deepcopy(net).cuda())  # a copy: the CPU reference keeps the CPU net
     for _ in range(STEPS):
         grads = set_random_grads(cpu_params, gen)
         for p, g in zip(params, grads):
