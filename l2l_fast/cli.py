@@ -46,7 +46,8 @@ def cmd_meta_train(args) -> int:
                              unroll=args.unroll, meta_batch=args.meta_batch, lr=args.lr, clip=args.clip,
                              loss_scale=args.loss_scale, step_weight_power=args.step_weight_power,
                              lr_schedule=args.lr_schedule, eval_every=args.eval_every,
-                             eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                             eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                             collapse_patience=args.collapse_patience)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
                           data_dir=args.data_dir)
     summary = trainer.run()
@@ -139,6 +140,9 @@ def main(argv=None) -> int:
                             "(K+1)(t/horizon)^K, leaning the meta-loss toward the end of the horizon")
     train.add_argument("--eval-every", type=int, default=10)
     train.add_argument("--eval-problems", type=int, default=16)
+    train.add_argument("--collapse-patience", type=int, default=5, metavar="E",
+                       help="stop after E evaluations in a row without progress (score >= 99%% of the loss at "
+                            "theta_0, or non-finite): a collapsed or diverged run; 0: never stop")
     train.add_argument("--checkpoint-every", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/meta-train")

@@ -130,8 +130,38 @@ def test_meta_training_improves_on_quadratics(tmp_path):
     before = evaluate_learned(untrained, task, config)
     summary = MetaTrainer(config, tmp_path, progress=False).run()
     assert summary["best_score"] < 0.8 * before
+    assert summary["stopped_early"] is None and summary["epochs"] == 40
     for name in ("checkpoint.pt", "best.pt", "log.csv", "summary.json"):
         assert (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("stuck_score", [math.inf, "initial"])
+def test_a_run_without_progress_stops_and_keeps_its_best_weights(tmp_path, monkeypatch, capsys, stuck_score):
+    """Evaluations 1-2 make progress, then every score is stuck at the loss at theta_0 (a collapsed
+    optimizer) or non-finite (a diverged one): the run stops after `collapse_patience` such evaluations."""
+    import l2l_fast.meta.train as train
+
+    config = tiny_config(epochs=40, eval_every=2, collapse_patience=3)
+    initial = train.initial_validation_loss(make_task("quadratic"), config)
+    scores = iter([0.5 * initial, 0.4 * initial] + [math.inf if stuck_score == math.inf else initial] * 100)
+    monkeypatch.setattr(train, "evaluate_learned", lambda net, task, cfg: next(scores))
+    trainer = MetaTrainer(config, tmp_path, progress=False)
+    summary = trainer.run()
+    assert summary["epochs"] == 2 * (2 + 3) and "collapsed or diverged" in summary["stopped_early"]
+    assert "collapsed or diverged" in capsys.readouterr().err
+    assert summary["best_score"] == pytest.approx(0.4 * initial)
+    assert load_verified(tmp_path / "best.pt")["epoch"] == 4
+    assert load_verified(tmp_path / "checkpoint.pt")["epoch"] == 10  # the stop is checkpointed too
+
+
+def test_collapse_patience_zero_never_stops(tmp_path, monkeypatch):
+    import l2l_fast.meta.train as train
+
+    monkeypatch.setattr(train, "evaluate_learned", lambda net, task, cfg: math.inf)
+    summary = MetaTrainer(tiny_config(epochs=8, eval_every=1, collapse_patience=0), tmp_path, progress=False).run()
+    assert summary["epochs"] == 8 and summary["stopped_early"] is None
+    with pytest.raises(ValueError, match="collapse_patience"):
+        tiny_config(collapse_patience=-1)
 
 
 def test_nonfinite_meta_loss_is_skipped_and_weights_kept():

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,11 @@ class MetaTrainConfig:
     # `epochs` (a function of the epoch alone, so a resumed run continues the same schedule)
     lr_schedule: str = "constant"
     backend: str = "auto"
+    # Stop after this many evaluations in a row whose score shows no progress (>= 99% of the
+    # validation problems' initial loss, or non-finite): a collapsed optimizer (seen with a meta lr too
+    # high: the optimizee saturates at loss ln 10 on MNIST and the meta-gradient vanishes) never came
+    # back in any run, so the rest of the run would be wasted. 0: never stop.
+    collapse_patience: int = 5
 
     def __post_init__(self):
         if self.horizon % self.unroll:
@@ -69,6 +75,8 @@ class MetaTrainConfig:
         for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+        if self.collapse_patience < 0:
+            raise ValueError(f"collapse_patience: expected an int >= 0, got {self.collapse_patience}")
 
     def lr_at(self, epoch: int) -> float:
         """The meta learning rate of epoch `epoch` (0-based)."""
@@ -112,6 +120,13 @@ def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
     tail = max(1, config.horizon // 10)
     score = losses[-tail:].mean().item()
     return score if math.isfinite(score) else math.inf
+
+
+def initial_validation_loss(task, config: MetaTrainConfig) -> float:
+    """The validation problems' mean loss at theta_0: what an optimizer that makes no progress scores."""
+    problems = task.sample(config.eval_problems, seed=config.seed, split="val")
+    with torch.no_grad():
+        return problems.loss(problems.init_params(), 0).mean().item()
 
 
 def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) -> dict:
@@ -160,6 +175,7 @@ class MetaTrainer:
         self.net = build_net(config, self.groups, self.dim)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
+        self.stalled_evaluations, self.stop_reason = 0, None
         checkpoint = self.out_dir / "checkpoint.pt"
         if resume and checkpoint.exists():
             self._restore(load_verified(checkpoint))
@@ -171,19 +187,21 @@ class MetaTrainer:
         saved = payload["config"]
         mine = dataclasses.asdict(self.config)
         defaults = dataclasses.asdict(MetaTrainConfig())  # fields added since the checkpoint was written
-        differing = {k for k in mine if k not in ("epochs",) and saved.get(k, defaults[k]) != mine[k]}
+        differing = {k for k in mine if k not in ("epochs", "collapse_patience") and saved.get(k, defaults[k]) != mine[k]}
         if differing:
             raise CheckpointError(f"checkpoint was made with a different configuration ({sorted(differing)}); "
                                   f"resume with the same settings or use another output directory")
         self.net.load_state_dict(payload["net"])
         self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
         self.epoch, self.best_score = payload["epoch"], payload["best_score"]
+        self.stalled_evaluations = payload.get("stalled_evaluations", 0)
         self.best_state, self.log = payload["best_state"], payload["log"]
 
     def _checkpoint(self) -> None:
         save_atomic({"config": dataclasses.asdict(self.config), "net": self.net.state_dict(),
                      "meta_optimizer": self.meta_optimizer.state_dict(), "epoch": self.epoch,
-                     "best_score": self.best_score, "best_state": self.best_state, "log": self.log},
+                     "best_score": self.best_score, "best_state": self.best_state, "log": self.log,
+                     "stalled_evaluations": self.stalled_evaluations},
                     self.out_dir / "checkpoint.pt")
         # the log is rewritten whole from the checkpoint's rows, so after a resume it never
         # holds epochs the checkpoint does not know
@@ -205,9 +223,25 @@ class MetaTrainer:
             save_atomic({"config": dataclasses.asdict(self.config), "net": self.best_state, "score": score,
                          "epoch": self.epoch}, self.out_dir / "best.pt")
 
+    def _check_progress(self, score: float) -> None:
+        """Counts evaluations in a row without progress; sets stop_reason when they reach the patience."""
+        if self.config.collapse_patience == 0:
+            return
+        if self.initial_loss is None:
+            self.initial_loss = initial_validation_loss(self.task, self.config)
+        stalled = not (score < 0.99 * self.initial_loss)  # a NaN/inf score counts as no progress
+        self.stalled_evaluations = self.stalled_evaluations + 1 if stalled else 0
+        if self.stalled_evaluations >= self.config.collapse_patience:
+            self.stop_reason = (
+                f"stopped at epoch {self.epoch}: the learned optimizer made no progress on the validation problems "
+                f"in {self.stalled_evaluations} evaluations in a row (score {score:.4g} vs {self.initial_loss:.4g} "
+                f"at theta_0): meta-training collapsed or diverged. The best weights so far are kept "
+                f"(best score {self.best_score:.4g}); try a lower --lr or another --seed.")
+
     def run(self) -> dict:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.initial_loss = None
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -224,18 +258,23 @@ class MetaTrainer:
             if self.epoch % config.eval_every == 0 or self.epoch == config.epochs:
                 score = evaluate_learned(self.net, self.task, config)
                 self._keep_if_best(score)
+                self._check_progress(score)
                 row.update(val_score=score, best_score=self.best_score)
             row["seconds"] = time.perf_counter() - t0
             self.log.append(row)
-            if self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs:
+            if self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs or self.stop_reason:
                 self._checkpoint()
             if bar is not None:
                 bar.set_postfix(meta_loss=f"{row['meta_loss']:.4g}", best=f"{self.best_score:.4g}")
                 bar.update(1)
+            if self.stop_reason:
+                break
         if bar is not None:
             bar.close()
+        if self.stop_reason:
+            print(f"meta-train: {self.stop_reason}", file=sys.stderr)
         summary = {"config": dataclasses.asdict(config), "epochs": self.epoch, "best_score": self.best_score,
                    "skipped_truncations": sum(int(r["skipped"]) for r in self.log),
-                   "seconds_this_session": time.perf_counter() - started}
+                   "seconds_this_session": time.perf_counter() - started, "stopped_early": self.stop_reason}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
