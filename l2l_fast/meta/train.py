@@ -175,7 +175,7 @@ class MetaTrainer:
         self.net = build_net(config, self.groups, self.dim)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
-        self.stalled_evaluations, self.stop_reason = 0, None
+        self.stalled_evaluations, self.stop_reason, self.initial_loss = 0, None, None
         checkpoint = self.out_dir / "checkpoint.pt"
         if resume and checkpoint.exists():
             self._restore(load_verified(checkpoint))
@@ -187,7 +187,8 @@ class MetaTrainer:
         saved = payload["config"]
         mine = dataclasses.asdict(self.config)
         defaults = dataclasses.asdict(MetaTrainConfig())  # fields added since the checkpoint was written
-        differing = {k for k in mine if k not in ("epochs", "collapse_patience") and saved.get(k, defaults[k]) != mine[k]}
+        free = ("epochs", "collapse_patience")  # may change on resume
+        differing = {k for k in mine if k not in free and saved.get(k, defaults[k]) != mine[k]}
         if differing:
             raise CheckpointError(f"checkpoint was made with a different configuration ({sorted(differing)}); "
                                   f"resume with the same settings or use another output directory")
@@ -241,7 +242,6 @@ class MetaTrainer:
     def run(self) -> dict:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.initial_loss = None
         bar = None
         if self.progress:
             from tqdm import tqdm
