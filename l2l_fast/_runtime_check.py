@@ -10,33 +10,48 @@ from __future__ import annotations
 import struct
 import warnings
 
-_PT_LOAD, _PT_DYNAMIC, _DT_NEEDED, _DT_STRTAB = 1, 2, 1, 5
+_PT_LOAD, _PT_DYNAMIC, _DT_NEEDED, _DT_STRTAB, _DT_STRSZ = 1, 2, 1, 5, 10
 
 
 def needed_libraries(path: str) -> list[str] | None:
-    """The DT_NEEDED names of an ELF64 little-endian shared object; None when it is not one."""
+    """The DT_NEEDED names of an ELF64 little-endian shared object; None when it is not one.
+
+    Reads only the headers, the dynamic segment and the string table (a few KB of a many-MB file)."""
     with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    phoff, = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    loads, dynamic = [], None
-    for i in range(phnum):
-        p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from("<IIQQQQQQ", data, phoff + i * phentsize)
-        if p_type == _PT_LOAD:
-            loads.append((p_vaddr, p_offset, p_filesz))
-        elif p_type == _PT_DYNAMIC:
-            dynamic = (p_offset, p_filesz)
-    if dynamic is None:
-        return []
-    entries = [struct.unpack_from("<qQ", data, dynamic[0] + k) for k in range(0, dynamic[1], 16)]
-    strtab_vaddr = next((v for tag, v in entries if tag == _DT_STRTAB), None)
-    strtab = next((off + strtab_vaddr - va for va, off, size in loads if va <= strtab_vaddr < va + size), None) \
-        if strtab_vaddr is not None else None
-    if strtab is None:
-        return None
-    return [data[strtab + v:data.index(b"\0", strtab + v)].decode() for tag, v in entries if tag == _DT_NEEDED]
+        def read(offset: int, size: int) -> bytes:
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated ELF file")
+            return data
+
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4:6] != b"\x02\x01":
+            return None
+        if len(header) != 64:
+            raise ValueError("truncated ELF file")
+        phoff, = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        table = read(phoff, phentsize * phnum)
+        loads, dynamic = [], None
+        for i in range(phnum):
+            p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
+            if p_type == _PT_LOAD:
+                loads.append((p_vaddr, p_offset, p_filesz))
+            elif p_type == _PT_DYNAMIC:
+                dynamic = read(p_offset, p_filesz)
+        if dynamic is None:
+            return []
+        entries = [struct.unpack_from("<qQ", dynamic, k) for k in range(0, len(dynamic) - 15, 16)]
+        tags = dict(entries)
+        if _DT_STRTAB not in tags or _DT_STRSZ not in tags:
+            return None
+        vaddr = tags[_DT_STRTAB]
+        offset = next((off + vaddr - va for va, off, size in loads if va <= vaddr < va + size), None)
+        if offset is None:
+            return None
+        strings = read(offset, tags[_DT_STRSZ])
+    return [strings[v:strings.index(b"\0", v)].decode() for tag, v in entries if tag == _DT_NEEDED]
 
 
 def warn_if_private_cxx_runtime(path: str) -> bool:

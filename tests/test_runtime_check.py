@@ -22,6 +22,19 @@ def test_built_extension_links_the_shared_cxx_runtime():
         assert warn_if_private_cxx_runtime(_C.__file__) is False
 
 
+@requires_native
+def test_a_cut_off_extension_is_an_error_not_a_warning(tmp_path):
+    from l2l_fast import _C
+
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(open(_C.__file__, "rb").read(4096))  # the header, then nothing
+    with pytest.raises(ValueError, match="truncated"):
+        needed_libraries(str(cut))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_private_cxx_runtime(str(cut)) is False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF only")
 def test_a_binary_without_libstdcxx_warns():
     python = os.path.realpath(sys.executable)  # a C program: libc, no libstdc++
