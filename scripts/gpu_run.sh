@@ -61,7 +61,10 @@ stage() {
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-# 2. build (ptxas resource report of every kernel into build.log)
+# 2. build (ptxas resource report of every kernel into build.log). With the system compiler where there
+# is one: the image's default (CXX=/opt/gcc/bin/g++, which links libstdc++ statically) gave an
+# extension whose every C++ error was a segfault (H200 run, 2026-11-26); /usr/bin/g++ 13.3 did not.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" NVCC_APPEND_FLAGS="-Xptxas=-v"
 if ! stage build 240 build.log "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .; then
   tail -40 "$OUT/build.log"
@@ -75,24 +78,12 @@ from l2l_fast import _C, ops
 assert _C.has_cuda_kernels() and 'cuda' in ops.native_devices(), 'built without the CUDA kernels'
 print('CUDA kernels registered')"
 
-# 2b. an error thrown in the extension must reach Python. On one image every C++ error from a build
-# made with its /opt/gcc compiler was a segfault in the unwinder: then print what differs, rebuild
-# with the system compiler, and failing that preload /opt/gcc's runtime, probing again each time.
+# 2b. an error thrown in the extension must reach Python (see the compiler note above); if not, print
+# what tells the toolchains apart. The tests then show which of them crash.
 if ! stage error_probe 60 build.log "$PY" scripts/error_probe.py; then
   so=$(ls l2l_fast/_C*.so)
-  { echo "CC=${CC-} CXX=${CXX-}"; ls -l /usr/bin/g++* /usr/bin/gcc* /opt/gcc/lib64/libgcc_s* /opt/gcc/lib64/libstdc++.so*
-    "${CXX:-c++}" --version | head -1; /usr/bin/g++ --version | head -1; readelf -lW "$so" | grep -i eh_frame
-    nm -D "$so" | grep -i register_frame; ldd "$so" | grep -E "gcc|stdc"; } >>"$OUT/build.log" 2>&1
-  fixed=0
-  if [ -x /usr/bin/g++ ] && stage rebuild_system_gcc 180 build.log env CC=/usr/bin/gcc CXX=/usr/bin/g++ \
-      "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . &&
-      stage error_probe_system_gcc 60 build.log "$PY" scripts/error_probe.py; then
-    fixed=1
-  fi
-  pre="$(ls /opt/gcc/lib64/libgcc_s.so.1 /opt/gcc/lib64/libstdc++.so.6 2>/dev/null | tr '\n' ' ')"
-  if ((fixed == 0)) && [ -n "$pre" ] && stage error_probe_preload 60 build.log env LD_PRELOAD="$pre" "$PY" scripts/error_probe.py; then
-    export LD_PRELOAD="$pre"
-  fi
+  { echo "CC=${CC-} CXX=${CXX-}"; ls -l /usr/bin/g++* /usr/bin/gcc*; "${CXX:-c++}" --version | head -1
+    readelf -lW "$so" | grep -i eh_frame; ldd "$so" | grep -E "gcc|stdc"; } >>"$OUT/build.log" 2>&1
 fi
 
 # 3. the CUDA tests (correctness first: the benchmark of a wrong kernel means nothing)
@@ -110,7 +101,7 @@ stage memcheck 90 sanitizer.log compute-sanitizer --tool memcheck --leak-check n
 stage bench_compile 120 bench_compile.log "$PY" benchmarks/bench_step.py --device cuda --sizes 1e7 --min-run-time 0.25 --markdown
 
 # 7. the core CPU tests, a quick slice, with this build (CPU kernels in a CUDA build)
-stage test_cpu 90 tests.log "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $xdist tests/test_kernel_cpu.py tests/test_gradcheck.py \
+stage test_cpu 120 tests.log "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $xdist tests/test_kernel_cpu.py tests/test_gradcheck.py \
   tests/test_opcheck_compile.py tests/test_bad_input.py -k "n7 or n1000 or gradcheck or opcheck or bad or reject"
 
 # 8. racecheck (shared-memory hazards of the backward's staging), smaller n
@@ -127,7 +118,7 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 echo "-- sanitizer"
 grep -E "ERROR SUMMARY|cuda_smoke:|MISMATCH" "$OUT/sanitizer.log" | head -10
 echo "-- error probe"
-grep -E "^error_probe|^CC=|^ *(GNU_EH|U |w )|libgcc|libstdc|g\+\+ \(" "$OUT/build.log" | head -24
+grep -E "^error_probe|^CC=|^ *GNU_EH|libgcc|libstdc|g\+\+ \(" "$OUT/build.log" | head -24
 echo "-- benchmark"
 sed -n '/^```text/,/^```$/p' "$OUT/bench.log" | grep -E "gpu|memory|sanity|GEMM"
 grep -E "^### |^\| (fused|eager|torch)" "$OUT/bench.log" "$OUT/bench_compile.log" | sed 's/^[^:]*://'
