@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from l2l_fast import CoordinatewiseLSTM
-from l2l_fast.cli import main as cli_main
+from l2l_fast.cli import load_optimizer_spec, main as cli_main
 from l2l_fast.meta.checkpoint import CheckpointError, load_verified, save_atomic
 from l2l_fast.meta.evaluate import compare, markdown_table, plot_curves, tune_learning_rate
 from l2l_fast.meta.train import MetaTrainConfig, MetaTrainer, build_net, run_episode
@@ -285,6 +285,30 @@ def test_pretrained_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a valid"):
         load_pretrained(str(tmp_path / "bad.pt"))
+
+
+def test_a_meta_training_runs_files_load_as_its_best_optimizer(tmp_path, monkeypatch):
+    """best.pt and checkpoint.pt of `meta-train --out DIR` load with load_pretrained / --optimizer PATH,
+    both as the best weights (not the last), with where they came from."""
+    import l2l_fast.meta.train as train
+
+    scores = iter([3.0, 1.0, 2.0])  # the evaluations at epochs 2, 4, 6: the best is epoch 4's
+    monkeypatch.setattr(train, "evaluate_learned", lambda net, task, cfg: next(scores))
+    trainer = MetaTrainer(tiny_config(epochs=6, eval_every=2, hidden_size=7), tmp_path, progress=False)
+    summary = trainer.run()
+    assert summary["best_score"] == 1.0
+    best = trainer.best_net().state_dict()
+    assert any(not torch.equal(best[k], v) for k, v in trainer.net.state_dict().items())  # best != last
+    for name in ("best.pt", "checkpoint.pt"):
+        loaded = load_pretrained(str(tmp_path / name))
+        assert loaded.hidden_size == 7 and loaded.record["validation_score"] == summary["best_score"]
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in best.items())
+    _, net = load_optimizer_spec(str(tmp_path / "best.pt"))  # what `l2l-fast evaluate --optimizer PATH` loads
+    assert net.record["source"].endswith("best.pt")
+    body = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(body[: len(body) // 2])
+    with pytest.raises(ValueError, match="not a valid l2l_fast optimizer file"):
+        load_pretrained(str(tmp_path / "torn.pt"))
 
 
 @pytest.mark.parametrize("name", ["mnist", "quadratic"])
