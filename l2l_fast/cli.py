@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     evaluate = sub.add_parser("evaluate", help="compare optimizers on held-out problems")
     _add_task_args(evaluate)
     evaluate.add_argument("--optimizer", action="append", required=True,
-                          help="pretrained:NAME, a .pt file (exported, or a meta-train run's best.pt / checkpoint.pt), adam, rmsprop, nag or sgd (repeat the option)")
+                          help="pretrained:NAME, a .pt file (exported, or a meta-train run's best.pt / checkpoint.pt), "
+                               "adam, rmsprop, nag or sgd (repeat the option)")
     evaluate.add_argument("--steps", type=int, default=100)
     evaluate.add_argument("--problems", type=int, default=10, help="held-out test problems")
     evaluate.add_argument("--tune-problems", type=int, default=10, help="validation problems for the lr grid")

@@ -35,7 +35,8 @@ def main() -> int:
             ok = False
         except ValueError as e:
             good = "state: expected shape" in str(e)
-            print(f"error_probe: {device}: ValueError raised{'' if good else ' WITHOUT the expected message'}", flush=True)
+            note = "" if good else " WITHOUT the expected message"
+            print(f"error_probe: {device}: ValueError raised{note}", flush=True)
             ok &= good
     try:  # one of torch's own C++ errors, for comparison
         torch.ones(2) @ torch.ones(3)
