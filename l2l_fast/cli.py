@@ -61,15 +61,20 @@ def cmd_meta_train(args) -> int:
     return 0
 
 
-def load_optimizer_spec(spec: str):
-    """'pretrained:NAME', a path to a .pt file, or a baseline name ('adam', 'sgd', 'nag', 'rmsprop')."""
+def load_optimizer_spec(spec: str, task=None):
+    """'pretrained:NAME', a path to a .pt file, or a baseline name ('adam', 'sgd', 'nag', 'rmsprop').
+
+    With the task, a file holding one LSTM per parameter group (a cifar10 run) loads for its groups."""
     from .meta.evaluate import BASELINES
     from .pretrained import load_pretrained
 
     if spec in BASELINES:
         return spec, None
     name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else spec
-    return spec, load_pretrained(name)
+    shape = task.sample(1, seed=0, split="val") if task is not None else None
+    if shape is None or len(shape.groups) < 2:
+        return spec, load_pretrained(name)
+    return spec, load_pretrained(name, groups=shape.groups, dim=shape.dim)
 
 
 def cmd_evaluate(args) -> int:
@@ -79,7 +84,7 @@ def cmd_evaluate(args) -> int:
     task = make_task(args.task, **_task_kwargs(args))
     learned, tuned = {}, {}
     for spec in args.optimizer:
-        label, net = load_optimizer_spec(spec)
+        label, net = load_optimizer_spec(spec, task)
         if net is None:
             lr, _ = tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)
             tuned[label] = lr

@@ -371,3 +371,29 @@ def test_cifar_task_with_separate_conv_and_fc_optimizers(tmp_path):
     problems = trainer.task.sample(2, seed=0, split="test")
     losses = run_learned(trainer.best_net(), problems, 3)
     assert losses.shape == (4, 2) and torch.isfinite(losses).all()
+
+
+def test_cifar_run_exports_and_evaluates_with_one_optimizer_per_group(tmp_path, capsys):
+    """meta-train --export and evaluate --optimizer on a cifar10 run keep its conv and fc LSTMs apart."""
+    from test_data import cifar_batches, cifar_tarball
+
+    from l2l_fast.meta.grouped import GroupedLSTM
+
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(cifar_tarball(cifar_batches(seed=1, n=40)))
+    common = ["--task", "cifar10", "--data-dir", str(tmp_path)]
+    assert cli_main(["meta-train", *common, "--epochs", "2", "--horizon", "4", "--unroll", "2", "--meta-batch", "2",
+                     "--eval-every", "1", "--eval-problems", "2", "--out", str(tmp_path / "run"),
+                     "--export", str(tmp_path / "cifar.pt"), "--no-progress"]) == 0
+    task = make_task("cifar10", data_dir=str(tmp_path))
+    shape = task.sample(1, seed=0, split="val")
+    exported = load_pretrained(str(tmp_path / "cifar.pt"), groups=shape.groups, dim=shape.dim)
+    from_run = load_pretrained(str(tmp_path / "run" / "best.pt"), groups=shape.groups, dim=shape.dim)
+    assert isinstance(exported, GroupedLSTM) and sorted(exported.nets) == ["conv", "fc"]
+    for key, value in from_run.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value)
+    assert not torch.equal(exported.nets["conv"].out.weight, exported.nets["fc"].out.weight)
+    with pytest.raises(ValueError, match="one LSTM per parameter group"):
+        CoordinatewiseLSTM.from_pretrained(str(tmp_path / "cifar.pt"))
+    assert cli_main(["evaluate", *common, "--optimizer", str(tmp_path / "cifar.pt"), "--optimizer", "sgd",
+                     "--steps", "3", "--problems", "2", "--tune-problems", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert "cifar.pt" in capsys.readouterr().out and (tmp_path / "eval" / "cifar10_3steps.png").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..meta.checkpoint import FORMAT as CHECKPOINT_FORMAT, load_verified
+from ..meta.grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
 
 SHIPPED_DIR = Path(__file__).parent
@@ -19,9 +20,13 @@ def available() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.pt"))
 
 
-def load_pretrained(name_or_path: str, backend: str = "auto") -> CoordinatewiseLSTM:
+def load_pretrained(name_or_path: str, backend: str = "auto", groups=None, dim: int = 0):
     """By name ('mnist', 'quadratic': files shipped in this folder), by path to a file from
-    save_pretrained, or by path to a meta-training run's best.pt / checkpoint.pt (its best weights)."""
+    save_pretrained, or by path to a meta-training run's best.pt / checkpoint.pt (its best weights).
+
+    A file with one LSTM per parameter group (a cifar10 run: conv and fc) needs the task's `groups`
+    and `dim` and gives a GroupedLSTM; any other gives a CoordinatewiseLSTM. `.record` says how it was
+    trained."""
     path = Path(name_or_path)
     if path.suffix != ".pt":
         path = SHIPPED_DIR / f"{name_or_path}.pt"
@@ -30,36 +35,59 @@ def load_pretrained(name_or_path: str, backend: str = "auto") -> CoordinatewiseL
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-            return _from_meta_training_run(path, backend)
-        net = CoordinatewiseLSTM(**payload["net_kwargs"], backend=backend)
-        net.load_state_dict(payload["state_dict"])
+            parts, record = _parts_of_meta_training_run(path)
+        elif "groups" in payload:
+            parts = {name: (part["net_kwargs"], part["state_dict"]) for name, part in payload["groups"].items()}
+            record = payload.get("record", {})
+        else:
+            parts, record = {None: (payload["net_kwargs"], payload["state_dict"])}, payload.get("record", {})
+        nets = {}
+        for name, (kwargs, state) in parts.items():
+            nets[name] = CoordinatewiseLSTM(**kwargs, backend=backend)
+            nets[name].load_state_dict(state)
     except FileNotFoundError:
         raise
-    except (KeyError, TypeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+    except (KeyError, TypeError, AttributeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(f"pretrained: {path} is not a valid l2l_fast optimizer file ({error})") from error
-    net.record = payload.get("record", {})
+    if list(nets) == [None]:
+        net = nets[None]
+    elif groups is None:
+        raise ValueError(f"pretrained: {path} holds one LSTM per parameter group ({', '.join(sorted(nets))}): "
+                         "load it for its task (l2l-fast evaluate --task ... --optimizer PATH, or "
+                         "load_pretrained(path, groups=..., dim=...))")
+    else:
+        net = GroupedLSTM(nets, groups, dim)
+    net.record = record
     return net
 
 
-def _from_meta_training_run(path: Path, backend: str) -> CoordinatewiseLSTM:
-    """The best weights of an `l2l-fast meta-train --out DIR` run (DIR/best.pt or DIR/checkpoint.pt)."""
-    payload = load_verified(path)  # checksum-verified; CheckpointError if torn
+def _parts_of_meta_training_run(path: Path):
+    """{group name or None: (net kwargs, best weights)} and a record, from an `l2l-fast meta-train --out
+    DIR` run's DIR/best.pt or DIR/checkpoint.pt (checksum-verified; CheckpointError if torn)."""
+    payload = load_verified(path)
     config = payload["config"]
     best = payload["net"] if "score" in payload else payload.get("best_state") or payload["net"]
-    if any(not key.startswith(("lstm.", "out.")) for key in best):
-        raise ValueError(f"pretrained: {path} holds one LSTM per parameter group (task {config['task']!r}); "
-                         "only single-LSTM runs load as one optimizer")
-    net = CoordinatewiseLSTM(hidden_size=config["hidden_size"], num_layers=config["num_layers"],
-                             preprocess_p=config["preprocess_p"], output_scale=config["output_scale"], backend=backend)
-    net.load_state_dict(best)
-    net.record = {"source": str(path), "epoch": payload["epoch"],
-                  "validation_score": payload.get("score", payload.get("best_score")), "config": config}
-    return net
+    kwargs = dict(hidden_size=config["hidden_size"], num_layers=config["num_layers"],
+                  preprocess_p=config["preprocess_p"], output_scale=config["output_scale"])
+    parts: dict = {}
+    for key, value in best.items():
+        name, rest = (None, key) if key.startswith(("lstm.", "out.")) else key.split(".", 2)[1:]
+        parts.setdefault(name, (kwargs, {}))[1][rest] = value
+    record = {"source": str(path), "epoch": payload["epoch"],
+              "validation_score": payload.get("score", payload.get("best_score")), "config": config}
+    return parts, record
 
 
-def save_pretrained(net: CoordinatewiseLSTM, path, record: dict | None = None) -> None:
-    """Writes the weights in float32 and `record` (command, epochs, seed, held-out score, ...)."""
-    kwargs = dict(hidden_size=net.hidden_size, num_layers=net.num_layers, preprocess_p=net.preprocess_p,
-                  output_scale=net.output_scale)
-    state = {k: v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}
-    torch.save({"net_kwargs": kwargs, "state_dict": state, "record": record or {}}, path)
+def save_pretrained(net, path, record: dict | None = None) -> None:
+    """Writes the weights in float32 and `record` (command, epochs, seed, held-out score, ...); a
+    GroupedLSTM is written as one entry per parameter group."""
+    def part(sub: CoordinatewiseLSTM) -> dict:
+        kwargs = dict(hidden_size=sub.hidden_size, num_layers=sub.num_layers, preprocess_p=sub.preprocess_p,
+                      output_scale=sub.output_scale)
+        state = {k: v.detach().cpu().float().contiguous() for k, v in sub.state_dict().items()}
+        return {"net_kwargs": kwargs, "state_dict": state}
+
+    if isinstance(net, GroupedLSTM):
+        torch.save({"groups": {name: part(sub) for name, sub in net.nets.items()}, "record": record or {}}, path)
+    else:
+        torch.save({**part(net), "record": record or {}}, path)
