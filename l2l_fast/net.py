@@ -70,6 +70,12 @@ class CoordinatewiseLSTM(nn.Module):
         self.lstm = LSTMParameters(2, hidden_size, num_layers)
         self.out = nn.Linear(hidden_size, 1)
 
+    def size_kwargs(self) -> dict:
+        """The sizes and constants this net was built with (not the backend):
+        ``CoordinatewiseLSTM(**net.size_kwargs())`` makes a net whose weights load into it."""
+        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
+                    output_scale=self.output_scale)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, backend: str = "auto") -> "CoordinatewiseLSTM":
         """A shipped optimizer by name ('mnist', 'quadratic') or a file written by save_pretrained."""

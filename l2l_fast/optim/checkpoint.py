@@ -20,8 +20,7 @@ __all__ = ["net_signature", "check_loadable"]
 def net_signature(net: CoordinatewiseLSTM) -> dict:
     """Sizes, constants and the SHA-256 of the weights (as float64, so the net's dtype does not matter)."""
     flat = torch.cat([w.detach().reshape(-1).to("cpu", torch.float64) for w in net.weights()])
-    return dict(hidden_size=net.hidden_size, num_layers=net.num_layers, preprocess_p=net.preprocess_p,
-                output_scale=net.output_scale, weights_sha256=hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+    return dict(net.size_kwargs(), weights_sha256=hashlib.sha256(flat.numpy().tobytes()).hexdigest())
 
 
 def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, Tensor]:

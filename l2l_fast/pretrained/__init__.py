@@ -11,6 +11,7 @@ import torch
 
 from ..meta.checkpoint import FORMAT as CHECKPOINT_FORMAT, load_verified
 from ..meta.grouped import GroupedLSTM
+from ..meta.train import MetaTrainConfig
 from ..net import CoordinatewiseLSTM
 
 SHIPPED_DIR = Path(__file__).parent
@@ -67,8 +68,7 @@ def _parts_of_meta_training_run(path: Path):
     payload = load_verified(path)
     config = payload["config"]
     best = payload["net"] if "score" in payload else payload.get("best_state") or payload["net"]
-    kwargs = dict(hidden_size=config["hidden_size"], num_layers=config["num_layers"],
-                  preprocess_p=config["preprocess_p"], output_scale=config["output_scale"])
+    kwargs = MetaTrainConfig(**config).net_kwargs()
     parts: dict = {}
     for key, value in best.items():
         name, rest = (None, key) if key.startswith(("lstm.", "out.")) else key.split(".", 2)[1:]
@@ -82,10 +82,8 @@ def save_pretrained(net, path, record: dict | None = None) -> None:
     """Writes the weights in float32 and `record` (command, epochs, seed, held-out score, ...); a
     GroupedLSTM is written as one entry per parameter group."""
     def part(sub: CoordinatewiseLSTM) -> dict:
-        kwargs = dict(hidden_size=sub.hidden_size, num_layers=sub.num_layers, preprocess_p=sub.preprocess_p,
-                      output_scale=sub.output_scale)
         state = {k: v.detach().cpu().float().contiguous() for k, v in sub.state_dict().items()}
-        return {"net_kwargs": kwargs, "state_dict": state}
+        return {"net_kwargs": sub.size_kwargs(), "state_dict": state}
 
     if isinstance(net, GroupedLSTM):
         torch.save({"groups": {name: part(sub) for name, sub in net.nets.items()}, "record": record or {}}, path)
