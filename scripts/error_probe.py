@@ -1,8 +1,8 @@
 """Does an error thrown inside the extension reach Python as an exception, on every device it has?
 
-scripts/gpu_run.sh runs this in a child process right after the build. On one GPU image the build's
-compiler (/opt/gcc) and the process's libgcc_s disagreed and every C++ error from the extension was a
-segfault while the unwinder walked its frames; the script then rebuilds or preloads and probes again.
+scripts/gpu_run.sh runs this in a child process right after the build. On one GPU image, built with
+its default compiler (/opt/gcc/bin/g++, which links libstdc++ statically), every C++ error from the
+extension was a segfault; if the probe fails, the script prints what tells the toolchains apart.
 Prints one line per check; exits 0 only when every bad call raised ValueError with our message.
 """
 from __future__ import annotations
