@@ -17,9 +17,10 @@ import torch
 
 from ..net import CoordinatewiseLSTM
 from ..tasks import make_task
+from ..tasks.base import seeded
 from .checkpoint import CheckpointError, load_verified, save_atomic
 from .grouped import GroupedLSTM
-from .unroll import loss_and_grad, run_learned, truncation
+from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
 
 LOSS_SCALES = ("sum", "relative")
 LR_SCHEDULES = ("constant", "cosine")
@@ -62,6 +63,10 @@ class MetaTrainConfig:
     # high: the optimizee saturates at loss ln 10 on MNIST and the meta-gradient vanishes) never came
     # back in any run, so the rest of the run would be wasted. 0: never stop.
     collapse_patience: int = 5
+    # Fraction of the coordinates whose LSTM chains carry the meta-gradient in each truncation (a fresh
+    # uniform sample each time, scaled to stay unbiased; see unroll.CoordinateSample). 1: all (exact).
+    # Below 1 the LSTM backward, most of a meta-training step, shrinks in proportion.
+    coordinate_fraction: float = 1.0
 
     def __post_init__(self):
         if self.horizon % self.unroll:
@@ -75,6 +80,8 @@ class MetaTrainConfig:
         for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+        if not (isinstance(self.coordinate_fraction, (int, float)) and 0 < self.coordinate_fraction <= 1):
+            raise ValueError(f"coordinate_fraction: expected a number in (0, 1], got {self.coordinate_fraction!r}")
         if self.collapse_patience < 0:
             raise ValueError(f"collapse_patience: expected an int >= 0, got {self.collapse_patience}")
 
@@ -141,8 +148,10 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
         weights = 1.0 / losses.detach().clamp_min(1e-12) if config.loss_scale == "relative" else None
         step_weights = None if config.step_weight_power == 0 else [
             config.step_weight(start + j + 1) for j in range(config.unroll)]
+        sample = None if config.coordinate_fraction == 1 else CoordinateSample(
+            params.numel(), config.coordinate_fraction, seeded(config.seed, epoch, start, 3))
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
-                                                             config.unroll, weights, step_weights)
+                                                             config.unroll, weights, step_weights, sample)
         losses = history[-1]
         meta_loss = meta_loss * scale
         if not torch.isfinite(meta_loss):
@@ -172,6 +181,9 @@ class MetaTrainer:
         self.task = make_task(config.task, **config.task_kwargs, **location)
         shape = self.task.sample(1, seed=config.seed, split="val")  # the task's parameter groups
         self.groups, self.dim = shape.groups, shape.dim
+        if config.coordinate_fraction < 1 and len(self.groups) > 1:
+            raise ValueError(f"coordinate_fraction < 1 needs a task with one parameter group; {config.task} has "
+                             f"{len(self.groups)} ({', '.join(g.name for g in self.groups)}): use 1")
         self.net = build_net(config, self.groups, self.dim)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
