@@ -47,7 +47,8 @@ def cmd_meta_train(args) -> int:
                              loss_scale=args.loss_scale, step_weight_power=args.step_weight_power,
                              lr_schedule=args.lr_schedule, eval_every=args.eval_every,
                              eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                             collapse_patience=args.collapse_patience, coordinate_fraction=args.coordinate_fraction)
+                             collapse_patience=args.collapse_patience, coordinate_fraction=args.coordinate_fraction,
+                             random_scale=args.random_scale)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
                           data_dir=args.data_dir)
     summary = trainer.run()
@@ -146,6 +147,9 @@ def main(argv=None) -> int:
     train.add_argument("--coordinate-fraction", type=float, default=1.0, metavar="F",
                        help="backpropagate each truncation through a random fraction F of the coordinates "
                             "(an unbiased, cheaper meta-gradient; 1: all, exact)")
+    train.add_argument("--random-scale", type=float, default=0.0, metavar="S",
+                       help="rescale each meta-training problem's coordinates by exp(U(-S, S)) (Lv et al. 2017); "
+                            "0: off")
     train.add_argument("--eval-every", type=int, default=10)
     train.add_argument("--eval-problems", type=int, default=16)
     train.add_argument("--collapse-patience", type=int, default=5, metavar="E",

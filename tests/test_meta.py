@@ -476,3 +476,32 @@ def test_coordinate_fraction_trains_and_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="one parameter group"):
         MetaTrainer(tiny_config(task="cifar10", coordinate_fraction=0.5), tmp_path / "c", progress=False,
                     data_dir=str(tmp_path))
+
+
+def test_rescaled_problems_keep_the_loss_and_scale_the_gradients():
+    """theta' = theta / c: same loss at corresponding points, gradient c * grad, start theta_0 / c."""
+    from l2l_fast.meta.rescale import RescaledProblems
+
+    base = make_task("quadratic").sample(3, seed=13)
+    rescaled = RescaledProblems.random(base, 1.5, torch.Generator().manual_seed(2))
+    c = rescaled.scale
+    assert c.shape == (3, 10) and c.min() >= math.exp(-1.5) and c.max() <= math.exp(1.5) and c.std() > 0.3
+    theta = torch.randn(3, 10, generator=torch.Generator().manual_seed(4))
+    base_losses, base_grad = loss_and_grad(base, theta, 0, keep_graph=False)
+    losses, grad = loss_and_grad(rescaled, theta / c, 0, keep_graph=False)
+    torch.testing.assert_close(losses, base_losses)
+    torch.testing.assert_close(grad, c * base_grad)
+    torch.testing.assert_close(rescaled.init_params(), base.init_params() / c)
+    with pytest.raises(ValueError, match="spread"):
+        RescaledProblems.random(base, 0.0, torch.Generator())
+    with pytest.raises(ValueError, match="scale: expected shape"):
+        RescaledProblems(base, torch.ones(3, 9))
+
+
+def test_random_scale_trains_and_rejects_bad_values(tmp_path):
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="random_scale"):
+            tiny_config(random_scale=bad)
+    summary = MetaTrainer(tiny_config(random_scale=1.0), tmp_path / "a", progress=False).run()
+    plain = MetaTrainer(tiny_config(), tmp_path / "b", progress=False).run()
+    assert math.isfinite(summary["best_score"]) and summary["best_score"] != plain["best_score"]

@@ -20,6 +20,7 @@ from ..tasks import make_task
 from ..tasks.base import seeded
 from .checkpoint import CheckpointError, load_verified, save_atomic
 from .grouped import GroupedLSTM
+from .rescale import RescaledProblems
 from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
 
 LOSS_SCALES = ("sum", "relative")
@@ -67,6 +68,10 @@ class MetaTrainConfig:
     # uniform sample each time, scaled to stay unbiased; see unroll.CoordinateSample). 1: all (exact).
     # Below 1 the LSTM backward, most of a meta-training step, shrinks in proportion.
     coordinate_fraction: float = 1.0
+    # > 0: each meta-training problem's coordinates are rescaled by exp(U(-s, s)) (Lv et al. 2017; see
+    # rescale.py), so the optimizer learns steps that do not depend on one problem family's gradient
+    # scales. Validation and test problems are never rescaled. 0: off (the paper).
+    random_scale: float = 0.0
 
     def __post_init__(self):
         if self.horizon % self.unroll:
@@ -82,6 +87,8 @@ class MetaTrainConfig:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
         if not (isinstance(self.coordinate_fraction, (int, float)) and 0 < self.coordinate_fraction <= 1):
             raise ValueError(f"coordinate_fraction: expected a number in (0, 1], got {self.coordinate_fraction!r}")
+        if not (math.isfinite(self.random_scale) and self.random_scale >= 0):
+            raise ValueError(f"random_scale: expected a finite number >= 0, got {self.random_scale!r}")
         if self.collapse_patience < 0:
             raise ValueError(f"collapse_patience: expected an int >= 0, got {self.collapse_patience}")
 
@@ -139,6 +146,8 @@ def initial_validation_loss(task, config: MetaTrainConfig) -> float:
 def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) -> dict:
     """One epoch: fresh problems, horizon // unroll truncations, an Adam step after each."""
     problems = task.sample(config.meta_batch, seed=config.seed * 1_000_003 + epoch, split="train")
+    if config.random_scale > 0:
+        problems = RescaledProblems.random(problems, config.random_scale, seeded(config.seed, epoch, 4))
     params = problems.init_params()
     state = net.init_state(params.numel())
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
