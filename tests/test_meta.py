@@ -466,6 +466,8 @@ def test_coordinate_fraction_trains_and_rejects_bad_values(tmp_path):
         with pytest.raises(ValueError, match="fraction"):
             CoordinateSample(10, bad, torch.Generator())
     assert CoordinateSample(7, 0.01, torch.Generator()).tracked.numel() == 1  # never an empty sample
+    with pytest.raises(ValueError, match="at least one coordinate"):
+        CoordinateSample(0, 0.5, torch.Generator())
     config = tiny_config(coordinate_fraction=0.25)
     summary = MetaTrainer(config, tmp_path / "a", progress=False).run()
     again = MetaTrainer(config, tmp_path / "b", progress=False).run()

@@ -158,7 +158,7 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
         step_weights = None if config.step_weight_power == 0 else [
             config.step_weight(start + j + 1) for j in range(config.unroll)]
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
-            params.numel(), config.coordinate_fraction, seeded(config.seed, epoch, start, 3))
+            params.numel(), config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device)
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
                                                              config.unroll, weights, step_weights, sample)
         losses = history[-1]

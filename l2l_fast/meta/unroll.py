@@ -35,11 +35,13 @@ class CoordinateSample:
     a graph.
     """
 
-    def __init__(self, n: int, fraction: float, generator: torch.Generator):
+    def __init__(self, n: int, fraction: float, generator: torch.Generator, device=None):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}")
+        if n < 1:
+            raise ValueError(f"n: expected at least one coordinate, got {n}")
         k = min(n, max(1, round(fraction * n)))
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(device)  # drawn on the CPU: the same on any device
         self.tracked, self.untracked = order[:k], order[k:]
         self.inverse = torch.argsort(order)  # positions in cat(tracked, untracked) of coordinates 0..n-1
         self.scale = n / k
