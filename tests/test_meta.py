@@ -345,6 +345,15 @@ def test_cli_meta_train_evaluate(tmp_path):
     assert "| sgd |" in (tmp_path / "eval" / "quadratic_10steps.md").read_text()
 
 
+def test_cli_passes_the_meta_training_estimators_to_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["meta-train", "--task", "quadratic", "--epochs", "1", "--horizon", "4", "--unroll", "2",
+                     "--meta-batch", "2", "--eval-every", "1", "--eval-problems", "2", "--coordinate-fraction", "0.5",
+                     "--random-scale", "0.7", "--out", str(out), "--no-progress"]) == 0
+    config = load_verified(out / "checkpoint.pt")["config"]
+    assert config["coordinate_fraction"] == 0.5 and config["random_scale"] == 0.7
+
+
 def test_cli_demo_falls_back_to_quadratics_without_mnist(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("L2L_FAST_MNIST_MIRRORS", "http://127.0.0.1:9/")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
