@@ -48,7 +48,7 @@ def cmd_meta_train(args) -> int:
                              lr_schedule=args.lr_schedule, eval_every=args.eval_every,
                              eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every,
                              collapse_patience=args.collapse_patience, coordinate_fraction=args.coordinate_fraction,
-                             random_scale=args.random_scale)
+                             random_scale=args.random_scale, init=args.init)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
                           data_dir=args.data_dir)
     summary = trainer.run()
@@ -150,6 +150,10 @@ def main(argv=None) -> int:
     train.add_argument("--random-scale", type=float, default=0.0, metavar="S",
                        help="rescale each meta-training problem's coordinates by exp(U(-S, S)) (Lv et al. 2017); "
                             "0: off")
+    train.add_argument("--init", default="", metavar="SPEC",
+                       help="start from these weights instead of fresh ones (a fine-tune): pretrained:NAME, an "
+                            "exported .pt, or a meta-train run's best.pt / checkpoint.pt; they are scored first, "
+                            "so the best kept is never worse")
     train.add_argument("--eval-every", type=int, default=10)
     train.add_argument("--eval-problems", type=int, default=16)
     train.add_argument("--collapse-patience", type=int, default=5, metavar="E",

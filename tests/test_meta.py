@@ -349,9 +349,72 @@ def test_cli_passes_the_meta_training_estimators_to_the_run(tmp_path):
     out = tmp_path / "run"
     assert cli_main(["meta-train", "--task", "quadratic", "--epochs", "1", "--horizon", "4", "--unroll", "2",
                      "--meta-batch", "2", "--eval-every", "1", "--eval-problems", "2", "--coordinate-fraction", "0.5",
-                     "--random-scale", "0.7", "--out", str(out), "--no-progress"]) == 0
+                     "--random-scale", "0.7", "--init", "pretrained:quadratic", "--out", str(out),
+                     "--no-progress"]) == 0
     config = load_verified(out / "checkpoint.pt")["config"]
     assert config["coordinate_fraction"] == 0.5 and config["random_scale"] == 0.7
+    assert config["init"] == "pretrained:quadratic"
+
+
+def test_init_starts_from_given_weights_and_keeps_them_unless_beaten(tmp_path, monkeypatch):
+    """--init: the run starts from a file's weights, scores them first (epoch 0), keeps them as the best
+    while nothing beats them, and a resumed run neither reloads them nor scores them again."""
+    import l2l_fast.meta.train as train
+
+    source = build_net(tiny_config(seed=5))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_pretrained(source, tmp_path / "start.pt", {"seed": 5})
+    scores = iter([1.0, 2.0, 3.0])  # epoch 0 (the start), 2 and 4: none beats the start
+    monkeypatch.setattr(train, "evaluate_learned", lambda net, task, cfg: next(scores))
+    config = tiny_config(epochs=4, eval_every=2, init=str(tmp_path / "start.pt"))
+    trainer = MetaTrainer(config, tmp_path / "run", progress=False)
+    assert all(torch.equal(trainer.net.state_dict()[k], v) for k, v in source.state_dict().items())
+    summary = trainer.run()
+    assert summary["best_score"] == 1.0 and load_verified(tmp_path / "run" / "best.pt")["epoch"] == 0
+    assert all(torch.equal(trainer.best_net().state_dict()[k], v) for k, v in source.state_dict().items())
+    last = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    assert any(not torch.equal(last[k], v) for k, v in source.state_dict().items())  # it did train
+    assert [r["epoch"] for r in load_verified(tmp_path / "run" / "checkpoint.pt")["log"]] == [0, 1, 2, 3, 4]
+
+    scores = iter([0.5])  # epoch 6 beats the start
+    monkeypatch.setattr(train, "evaluate_learned", lambda net, task, cfg: next(scores))
+    resumed = MetaTrainer(dataclasses.replace(config, epochs=6), tmp_path / "run", resume=True, progress=False)
+    assert all(torch.equal(resumed.net.state_dict()[k], v) for k, v in last.items())
+    assert resumed.run()["best_score"] == 0.5
+    assert [r["epoch"] for r in load_verified(tmp_path / "run" / "checkpoint.pt")["log"]] == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(CheckpointError, match="different configuration"):
+        MetaTrainer(dataclasses.replace(config, init="pretrained:quadratic"), tmp_path / "run", resume=True)
+
+
+def test_init_by_shipped_name_and_bad_inits(tmp_path):
+    trainer = MetaTrainer(tiny_config(init="pretrained:quadratic"), tmp_path / "a", progress=False)
+    shipped = CoordinatewiseLSTM.from_pretrained("quadratic").state_dict()
+    assert all(torch.equal(trainer.net.state_dict()[k], v) for k, v in shipped.items())
+    save_pretrained(build_net(tiny_config(hidden_size=7)), tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        MetaTrainer(tiny_config(init=str(tmp_path / "small.pt")), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="available"):
+        MetaTrainer(tiny_config(init="pretrained:no-such-optimizer"), tmp_path / "c", progress=False)
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a valid"):
+        MetaTrainer(tiny_config(init=str(tmp_path / "bad.pt")), tmp_path / "d", progress=False)
+    with pytest.raises(FileNotFoundError):
+        MetaTrainer(tiny_config(init=str(tmp_path / "missing.pt")), tmp_path / "e", progress=False)
+
+
+def test_init_of_a_multi_group_task_from_one_lstm(tmp_path):
+    """A file with one LSTM starts both of cifar10's LSTMs (conv and fc) from its weights."""
+    from test_data import cifar_batches, cifar_tarball
+
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(cifar_tarball(cifar_batches(seed=2, n=40)))
+    config = tiny_config(task="cifar10", epochs=1, horizon=4, unroll=2, meta_batch=2, eval_every=1, eval_problems=2,
+                         init="pretrained:mnist")
+    trainer = MetaTrainer(config, tmp_path / "run", progress=False, data_dir=str(tmp_path))
+    shipped = CoordinatewiseLSTM.from_pretrained("mnist").state_dict()
+    for group in ("conv", "fc"):
+        assert all(torch.equal(trainer.net.nets[group].state_dict()[k], v) for k, v in shipped.items())
 
 
 def test_cli_demo_falls_back_to_quadratics_without_mnist(tmp_path, monkeypatch, capsys):

@@ -72,6 +72,10 @@ class MetaTrainConfig:
     # rescale.py), so the optimizer learns steps that do not depend on one problem family's gradient
     # scales. Validation and test problems are never rescaled. 0: off (the paper).
     random_scale: float = 0.0
+    # "": fresh weights. Otherwise the run starts from these (a fine-tune): "pretrained:NAME" or NAME of a
+    # shipped optimizer, an exported .pt file, or a meta-training run's best.pt / checkpoint.pt. Its
+    # first evaluation scores them, so the best weights it keeps are never worse than its start.
+    init: str = ""
 
     def __post_init__(self):
         if self.horizon % self.unroll:
@@ -123,6 +127,22 @@ def build_net(config: MetaTrainConfig, groups=None, dim: int = 0):
     if names == [None]:
         return nets[None]
     return GroupedLSTM(nets, groups, dim)
+
+
+def load_initial_weights(net, spec: str, groups, dim: int) -> None:
+    """Loads the weights named by `spec` (see MetaTrainConfig.init) into `net`. A file with one LSTM
+    initialises every parameter group's LSTM of a multi-group task (e.g. cifar10's conv and fc)."""
+    from ..pretrained import load_pretrained  # imported here: pretrained imports this module
+
+    name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else spec
+    source = load_pretrained(name, groups=groups if len(groups) > 1 else None, dim=dim)
+    targets = dict(net.nets) if isinstance(net, GroupedLSTM) else {None: net}
+    for group, target in targets.items():
+        part = source.nets[group] if isinstance(source, GroupedLSTM) else source
+        if part.size_kwargs() != target.size_kwargs():
+            raise ValueError(f"init: {spec} was built with {part.size_kwargs()}, this run with "
+                             f"{target.size_kwargs()}: its weights do not fit; start from a file of the same sizes")
+        target.load_state_dict(part.state_dict())
 
 
 def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
@@ -203,6 +223,8 @@ class MetaTrainer:
         elif checkpoint.exists() and not resume:
             raise FileExistsError(f"{checkpoint} exists: pass resume=True (--resume) to continue that run, "
                                   f"or choose another output directory")
+        elif config.init:
+            load_initial_weights(self.net, config.init, self.groups, self.dim)
 
     def _restore(self, payload: dict) -> None:
         saved = payload["config"]
@@ -245,6 +267,14 @@ class MetaTrainer:
             save_atomic({"config": dataclasses.asdict(self.config), "net": self.best_state, "score": score,
                          "epoch": self.epoch}, self.out_dir / "best.pt")
 
+    def _score_initial_weights(self) -> None:
+        """A fine-tune's epoch 0: its starting weights are evaluated and kept as the best so far."""
+        t0 = time.perf_counter()
+        score = evaluate_learned(self.net, self.task, self.config)
+        self._keep_if_best(score)
+        self.log.append({"epoch": 0, "meta_loss": "", "skipped": 0, "grad_norm": "", "val_score": score,
+                         "best_score": self.best_score, "seconds": time.perf_counter() - t0})
+
     def _check_progress(self, score: float) -> None:
         """Counts evaluations in a row without progress; sets stop_reason when they reach the patience."""
         if self.config.collapse_patience == 0:
@@ -269,6 +299,8 @@ class MetaTrainer:
 
             bar = tqdm(total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch")
         started = time.perf_counter()
+        if config.init and not self.log:
+            self._score_initial_weights()
         while self.epoch < config.epochs:
             t0 = time.perf_counter()
             for group in self.meta_optimizer.param_groups:
