@@ -71,11 +71,10 @@ def load_optimizer_spec(spec: str, task=None):
 
     if spec in BASELINES:
         return spec, None
-    name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else spec
     shape = task.sample(1, seed=0, split="val") if task is not None else None
     if shape is None or len(shape.groups) < 2:
-        return spec, load_pretrained(name)
-    return spec, load_pretrained(name, groups=shape.groups, dim=shape.dim)
+        return spec, load_pretrained(spec)
+    return spec, load_pretrained(spec, groups=shape.groups, dim=shape.dim)
 
 
 def cmd_evaluate(args) -> int:

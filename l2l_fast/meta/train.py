@@ -134,8 +134,7 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
     initialises every parameter group's LSTM of a multi-group task (e.g. cifar10's conv and fc)."""
     from ..pretrained import load_pretrained  # imported here: pretrained imports this module
 
-    name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else spec
-    source = load_pretrained(name, groups=groups if len(groups) > 1 else None, dim=dim)
+    source = load_pretrained(spec, groups=groups if len(groups) > 1 else None, dim=dim)
     targets = dict(net.nets) if isinstance(net, GroupedLSTM) else {None: net}
     for group, target in targets.items():
         part = source.nets[group] if isinstance(source, GroupedLSTM) else source

@@ -22,12 +22,14 @@ def available() -> list[str]:
 
 
 def load_pretrained(name_or_path: str, backend: str = "auto", groups=None, dim: int = 0):
-    """By name ('mnist', 'quadratic': files shipped in this folder), by path to a file from
+    """By name ('mnist', 'quadratic', also spelt 'pretrained:mnist': files shipped in this folder), by path to a file from
     save_pretrained, or by path to a meta-training run's best.pt / checkpoint.pt (its best weights).
 
     A file with one LSTM per parameter group (a cifar10 run: conv and fc) needs the task's `groups`
     and `dim` and gives a GroupedLSTM; any other gives a CoordinatewiseLSTM. `.record` says how it was
     trained."""
+    if name_or_path.startswith("pretrained:"):  # the CLI's spelling of a shipped name
+        name_or_path = name_or_path.split(":", 1)[1]
     path = Path(name_or_path)
     if path.suffix != ".pt":
         path = SHIPPED_DIR / f"{name_or_path}.pt"
