@@ -22,8 +22,9 @@ def available() -> list[str]:
 
 
 def load_pretrained(name_or_path: str, backend: str = "auto", groups=None, dim: int = 0):
-    """By name ('mnist', 'quadratic', also spelt 'pretrained:mnist': files shipped in this folder), by path to a file from
-    save_pretrained, or by path to a meta-training run's best.pt / checkpoint.pt (its best weights).
+    """By name ('mnist', 'quadratic', also spelt 'pretrained:mnist': files shipped in this folder), by
+    path to a file from save_pretrained, or by path to a meta-training run's best.pt / checkpoint.pt
+    (its best weights).
 
     A file with one LSTM per parameter group (a cifar10 run: conv and fc) needs the task's `groups`
     and `dim` and gives a GroupedLSTM; any other gives a CoordinatewiseLSTM. `.record` says how it was
