@@ -17,8 +17,20 @@ def _task_kwargs(args) -> dict:
     return {}
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (steps, problems, epochs, threads): a clear usage error for 0 or less,
+    instead of a failure deep inside a run (e.g. an empty plot for --problems 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_threads_arg(parser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's); small problems run fastest on 1")
 
 
@@ -31,7 +43,7 @@ def _apply_threads(args) -> None:
 
 def _add_task_args(parser) -> None:
     parser.add_argument("--task", choices=["quadratic", "mnist", "cifar10"], default="quadratic")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[20], help="MNIST MLP hidden layer sizes")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[20], help="MNIST MLP hidden layer sizes")
     parser.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"])
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_FAST_DATA, then a cache)")
 
@@ -78,7 +90,7 @@ def load_optimizer_spec(spec: str, task=None):
 
 
 def cmd_evaluate(args) -> int:
-    from .meta.evaluate import compare, markdown_table, plot_curves, tune_learning_rate
+    from .meta.evaluate import compare, final_ratios, markdown_table, plot_curves, tune_learning_rate
     from .tasks import make_task
 
     task = make_task(args.task, **_task_kwargs(args))
@@ -99,7 +111,10 @@ def cmd_evaluate(args) -> int:
     stem += f"_{args.steps}steps"
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
     (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps([c.row() for c in curves], indent=2))
+    ratios = final_ratios(curves)
+    rows = [dict(c.row(), **({"final_vs_adam": dict(zip(("ratio", "ci95_low", "ci95_high"), ratios[c.name]))}
+                            if ratios else {})) for c in curves]
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     print(f"plot: {out / f'{stem}.png'}")
     return 0
 
@@ -129,10 +144,10 @@ def main(argv=None) -> int:
 
     train = sub.add_parser("meta-train", help="meta-train an LSTM optimizer")
     _add_task_args(train)
-    train.add_argument("--epochs", type=int, default=100)
-    train.add_argument("--horizon", type=int, default=100)
-    train.add_argument("--unroll", type=int, default=20)
-    train.add_argument("--meta-batch", type=int, default=8)
+    train.add_argument("--epochs", type=positive_int, default=100)
+    train.add_argument("--horizon", type=positive_int, default=100)
+    train.add_argument("--unroll", type=positive_int, default=20)
+    train.add_argument("--meta-batch", type=positive_int, default=8)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--clip", type=float, default=1.0)
     train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
@@ -153,12 +168,12 @@ def main(argv=None) -> int:
                        help="start from these weights instead of fresh ones (a fine-tune): pretrained:NAME, an "
                             "exported .pt, or a meta-train run's best.pt / checkpoint.pt; they are scored first, "
                             "so the best kept is never worse")
-    train.add_argument("--eval-every", type=int, default=10)
-    train.add_argument("--eval-problems", type=int, default=16)
+    train.add_argument("--eval-every", type=positive_int, default=10)
+    train.add_argument("--eval-problems", type=positive_int, default=16)
     train.add_argument("--collapse-patience", type=int, default=5, metavar="E",
                        help="stop after E evaluations in a row without progress (score >= 99%% of the loss at "
                             "theta_0, or non-finite): a collapsed or diverged run; 0: never stop")
-    train.add_argument("--checkpoint-every", type=int, default=1)
+    train.add_argument("--checkpoint-every", type=positive_int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/meta-train")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -171,17 +186,17 @@ def main(argv=None) -> int:
     evaluate.add_argument("--optimizer", action="append", required=True,
                           help="pretrained:NAME, a .pt file (exported, or a meta-train run's best.pt / checkpoint.pt), "
                                "adam, rmsprop, nag or sgd (repeat the option)")
-    evaluate.add_argument("--steps", type=int, default=100)
-    evaluate.add_argument("--problems", type=int, default=10, help="held-out test problems")
-    evaluate.add_argument("--tune-problems", type=int, default=10, help="validation problems for the lr grid")
+    evaluate.add_argument("--steps", type=positive_int, default=100)
+    evaluate.add_argument("--problems", type=positive_int, default=10, help="held-out test problems")
+    evaluate.add_argument("--tune-problems", type=positive_int, default=10, help="validation problems for the lr grid")
     evaluate.add_argument("--seed", type=int, default=1)
     evaluate.add_argument("--out", default="runs/evaluate")
     evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="the shipped MNIST optimizer against tuned Adam, RMSprop, NAG, SGD")
     demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"))
-    demo.add_argument("--steps", type=int, default=100)
-    demo.add_argument("--problems", type=int, default=10)
+    demo.add_argument("--steps", type=positive_int, default=100)
+    demo.add_argument("--problems", type=positive_int, default=10)
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import torch
 from l2l_fast import CoordinatewiseLSTM
 from l2l_fast.cli import load_optimizer_spec, main as cli_main
 from l2l_fast.meta.checkpoint import CheckpointError, load_verified, save_atomic
-from l2l_fast.meta.evaluate import compare, markdown_table, plot_curves, tune_learning_rate
+from l2l_fast.meta.evaluate import Curve, compare, final_ratio, markdown_table, plot_curves, tune_learning_rate
 from l2l_fast.meta.train import MetaTrainConfig, MetaTrainer, build_net, run_episode
 from l2l_fast.meta.unroll import CoordinateSample, loss_and_grad, run_learned, truncation
 from l2l_fast.pretrained import available, load_pretrained, save_pretrained
@@ -259,8 +260,60 @@ def test_baselines_tuned_and_compared(tmp_path):
     assert torch.equal(curves[0].losses[0], curves[1].losses[0])
     table = markdown_table(curves, "step 20")
     assert "| adam |" in table and "lr=" in table
+    # the ratio column: tuned Adam is the reference, every other row gets its ratio and interval
+    assert "final / adam (95% CI)" in table
+    sgd_row = next(line for line in table.splitlines() if line.startswith("| sgd |"))
+    ratio, low, high = final_ratio(curves[2], curves[1])
+    assert f"{ratio:.3f} ({low:.3f}-{high:.3f})" in sgd_row
+    assert "(95% CI)" not in markdown_table([curves[0], curves[2]], "step 20")  # no Adam, no column
     plot_curves(curves, tmp_path / "plot.png", "test")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def _final_curve(name, finals):
+    """A curve whose last row holds the given final losses (one per problem)."""
+    return Curve(name, torch.stack([torch.full_like(finals, 2.3), finals]))
+
+
+def test_final_ratio_is_paired_over_problems():
+    generator = torch.Generator().manual_seed(5)
+    # problems of very different difficulty (losses over three decades), each shared by both optimizers
+    base = torch.exp(3 * torch.randn(40, dtype=torch.float64, generator=generator))
+    adam = _final_curve("adam", base)
+    exact = final_ratio(_final_curve("x", 2 * base), adam)
+    assert exact == pytest.approx((2.0, 2.0, 2.0), rel=1e-12)
+    noisy = base * 0.8 * (1 + 0.01 * torch.randn(40, dtype=torch.float64, generator=generator))
+    ratio, low, high = final_ratio(_final_curve("x", noisy), adam)
+    assert ratio == pytest.approx((noisy.mean() / base.mean()).item())
+    assert low < ratio < high
+    # resampled in pairs, the shared difficulty cancels: an unpaired bootstrap spans 0.2-3 here
+    assert high - low < 0.02
+    assert final_ratio(_final_curve("x", noisy), adam, seed=1) != (ratio, low, high)  # resampling is real
+
+
+def test_final_ratio_errors_and_divergence():
+    adam = _final_curve("adam", torch.rand(5) + 0.1)
+    with pytest.raises(ValueError, match="different problems"):
+        final_ratio(_final_curve("x", torch.rand(4)), adam)
+    diverged = final_ratio(_final_curve("x", torch.tensor([1.0, float("inf"), 1.0, 1.0, 1.0])), adam)
+    assert diverged == (math.inf, math.inf, math.inf)
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--optimizer", "adam", "--problems", "0"],
+    ["evaluate", "--optimizer", "adam", "--steps", "-3"],
+    ["evaluate", "--optimizer", "adam", "--tune-problems", "two"],
+    ["evaluate", "--task", "mnist", "--hidden", "20", "0", "--optimizer", "adam"],
+    ["demo", "--problems", "0"],
+    ["meta-train", "--epochs", "0"],
+    ["meta-train", "--meta-batch", "0"],
+    ["meta-train", "--threads", "0"],
+])
+def test_cli_counts_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
 
 
 def test_run_learned_matches_differentiable_path():
@@ -343,6 +396,16 @@ def test_cli_meta_train_evaluate(tmp_path):
                      "--steps", "10", "--problems", "3", "--tune-problems", "2", "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "quadratic_10steps.png").exists()
     assert "| sgd |" in (tmp_path / "eval" / "quadratic_10steps.md").read_text()
+    rows = json.loads((tmp_path / "eval" / "quadratic_10steps.json").read_text())
+    assert [row["optimizer"] for row in rows] == [str(tmp_path / "q.pt"), "sgd"]
+    assert all("final_vs_adam" not in row for row in rows)  # no Adam among them
+    assert cli_main(["evaluate", "--task", "quadratic", "--optimizer", str(tmp_path / "q.pt"), "--optimizer", "adam",
+                     "--steps", "10", "--problems", "3", "--tune-problems", "2", "--out", str(tmp_path / "eval2")]) == 0
+    learned, adam = json.loads((tmp_path / "eval2" / "quadratic_10steps.json").read_text())
+    ratio = learned["final_vs_adam"]
+    assert ratio["ratio"] == pytest.approx(learned["final_mean"] / adam["final_mean"], rel=1e-5)
+    assert ratio["ci95_low"] <= ratio["ratio"] <= ratio["ci95_high"]
+    assert adam["final_vs_adam"]["ratio"] == 1.0
 
 
 def test_cli_passes_the_meta_training_estimators_to_the_run(tmp_path):

@@ -68,13 +68,45 @@ def compare(task, learned: dict, steps: int, num_problems: int, seed: int, tuned
     return curves
 
 
-def markdown_table(curves: list[Curve], step_label: str) -> str:
-    lines = [f"| optimizer | loss at {step_label} (mean ± std) | summed loss (mean ± std) | notes |",
-             "|---|---|---|---|"]
+def final_ratio(curve: Curve, reference: Curve, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): `curve`'s mean final loss over `reference`'s on the same problems, with a 95%
+    bootstrap interval. The bootstrap resamples problems in pairs (one index picks both optimizers' losses),
+    so a problem's own difficulty, which both share, cancels; the interval shows how much the ratio
+    depends on which problems were drawn."""
+    mine, theirs = curve.losses[-1].double(), reference.losses[-1].double()
+    if mine.shape != theirs.shape:
+        raise ValueError(f"final_ratio: {curve.name} and {reference.name} ran on different problems "
+                         f"({mine.numel()} vs {theirs.numel()})")
+    ratio = (mine.mean() / theirs.mean()).item()
+    if not math.isfinite(ratio):  # a diverged run: no interval to give
+        return ratio, ratio, ratio
+    picks = torch.randint(mine.numel(), (resamples, mine.numel()), generator=torch.Generator().manual_seed(seed))
+    ratios = mine[picks].mean(1) / theirs[picks].mean(1)
+    low, high = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=ratios.dtype)).tolist()
+    return ratio, low, high
+
+
+def final_ratios(curves: list[Curve], reference: str = "adam") -> dict[str, tuple[float, float, float]]:
+    """final_ratio of every curve to the one named `reference`; {} when there is none."""
+    base = next((c for c in curves if c.name == reference), None)
+    return {} if base is None else {c.name: final_ratio(c, base) for c in curves}
+
+
+def markdown_table(curves: list[Curve], step_label: str, reference: str = "adam") -> str:
+    """One row per optimizer; with a curve named `reference` (tuned Adam), a column of final-loss ratios
+    to it with their 95% paired bootstrap intervals over the problems."""
+    ratios = final_ratios(curves, reference)
+    ratio_head = f" final / {reference} (95% CI) |" if ratios else ""
+    lines = [f"| optimizer | loss at {step_label} (mean ± std) | summed loss (mean ± std) |{ratio_head} notes |",
+             "|---|---|---|---|" + ("---|" if ratios else "")]
     for curve in curves:
         r = curve.row()
+        cell = ""
+        if ratios:
+            ratio, low, high = ratios[curve.name]
+            cell = " 1 |" if curve.name == reference else f" {ratio:.3f} ({low:.3f}-{high:.3f}) |"
         lines.append(f"| {r['optimizer']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
-                     f"{r['summed_mean']:.2f} ± {r['summed_std']:.2f} | {r['detail']} |")
+                     f"{r['summed_mean']:.2f} ± {r['summed_std']:.2f} |{cell} {r['detail']} |")
     return "\n".join(lines)
 
 
