@@ -103,7 +103,8 @@ def cmd_evaluate(args) -> int:
         else:
             learned[label] = net
     curves = compare(task, learned, args.steps, args.problems, seed=args.seed, tuned_lrs=tuned)
-    table = markdown_table(curves, f"step {args.steps}")
+    ratios = final_ratios(curves)  # to tuned Adam, when it is among them
+    table = markdown_table(curves, f"step {args.steps}", ratios)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,9 +112,10 @@ def cmd_evaluate(args) -> int:
     stem += f"_{args.steps}steps"
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
     (out / f"{stem}.md").write_text(table + "\n")
-    ratios = final_ratios(curves)
-    rows = [dict(c.row(), **({"final_vs_adam": dict(zip(("ratio", "ci95_low", "ci95_high"), ratios[c.name]))}
-                            if ratios else {})) for c in curves]
+    rows = [c.row() for c in curves]
+    for row in rows:
+        if ratios:
+            row["final_vs_adam"] = dict(zip(("ratio", "ci95_low", "ci95_high"), ratios[row["optimizer"]]))
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     print(f"plot: {out / f'{stem}.png'}")
     return 0

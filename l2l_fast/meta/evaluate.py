@@ -92,10 +92,11 @@ def final_ratios(curves: list[Curve], reference: str = "adam") -> dict[str, tupl
     return {} if base is None else {c.name: final_ratio(c, base) for c in curves}
 
 
-def markdown_table(curves: list[Curve], step_label: str, reference: str = "adam") -> str:
+def markdown_table(curves: list[Curve], step_label: str, ratios: dict | None = None, reference: str = "adam") -> str:
     """One row per optimizer; with a curve named `reference` (tuned Adam), a column of final-loss ratios
-    to it with their 95% paired bootstrap intervals over the problems."""
-    ratios = final_ratios(curves, reference)
+    to it with their 95% paired bootstrap intervals over the problems (`ratios`: final_ratios' result,
+    when the caller has it already)."""
+    ratios = final_ratios(curves, reference) if ratios is None else ratios
     ratio_head = f" final / {reference} (95% CI) |" if ratios else ""
     lines = [f"| optimizer | loss at {step_label} (mean ± std) | summed loss (mean ± std) |{ratio_head} notes |",
              "|---|---|---|---|" + ("---|" if ratios else "")]
