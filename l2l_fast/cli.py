@@ -113,8 +113,8 @@ def cmd_evaluate(args) -> int:
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
     (out / f"{stem}.md").write_text(table + "\n")
     rows = [c.row() for c in curves]
-    for row in rows:
-        if ratios:
+    if ratios:
+        for row in rows:
             row["final_vs_adam"] = dict(zip(("ratio", "ci95_low", "ci95_high"), ratios[row["optimizer"]]))
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     print(f"plot: {out / f'{stem}.png'}")
