@@ -9,6 +9,12 @@ import time
 from pathlib import Path
 
 
+def _user_errors() -> tuple:
+    from .meta.checkpoint import CheckpointError
+
+    return (OSError, ValueError, CheckpointError)  # OSError covers missing files and datasets
+
+
 def _task_kwargs(args) -> dict:
     if args.task == "mnist":
         return {"hidden": tuple(args.hidden), "activation": args.activation, "data_dir": args.data_dir}
@@ -79,10 +85,13 @@ def load_optimizer_spec(spec: str, task=None):
 
     With the task, a file holding one LSTM per parameter group (a cifar10 run) loads for its groups."""
     from .meta.evaluate import BASELINES
-    from .pretrained import load_pretrained
+    from .pretrained import available, load_pretrained
 
     if spec in BASELINES:
         return spec, None
+    if not spec.startswith("pretrained:") and not spec.endswith(".pt"):
+        raise ValueError(f"--optimizer {spec!r}: expected one of {', '.join(sorted(BASELINES))}, "
+                         f"pretrained:NAME (NAME one of {', '.join(available())}) or a path to a .pt file")
     shape = task.sample(1, seed=0, split="val") if task is not None else None
     if shape is None or len(shape.groups) < 2:
         return spec, load_pretrained(spec)
@@ -94,14 +103,11 @@ def cmd_evaluate(args) -> int:
     from .tasks import make_task
 
     task = make_task(args.task, **_task_kwargs(args))
-    learned, tuned = {}, {}
-    for spec in args.optimizer:
-        label, net = load_optimizer_spec(spec, task)
-        if net is None:
-            lr, _ = tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)
-            tuned[label] = lr
-        else:
-            learned[label] = net
+    # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
+    loaded = [load_optimizer_spec(spec, task) for spec in args.optimizer]
+    learned = {label: net for label, net in loaded if net is not None}
+    tuned = {label: tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)[0]
+             for label, net in loaded if net is None}
     curves = compare(task, learned, args.steps, args.problems, seed=args.seed, tuned_lrs=tuned)
     ratios = final_ratios(curves)  # to tuned Adam, when it is among them
     table = markdown_table(curves, f"step {args.steps}", ratios)
@@ -207,7 +213,14 @@ def main(argv=None) -> int:
         _add_threads_arg(command)
     args = parser.parse_args(argv)
     _apply_threads(args)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        # What a user can fix (a missing file or dataset, a torn checkpoint, a bad value) gets its message,
+        # not a traceback; L2L_FAST_TRACEBACK=1 shows the traceback too.
+        if os.environ.get("L2L_FAST_TRACEBACK"):
+            raise
+        parser.exit(2, f"l2l-fast {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def save_atomic(payload: dict, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+def load_error_reason(error: BaseException) -> str:
+    """A one-line reason why torch.load failed; torch's own messages run to a dozen lines."""
+    if isinstance(error, (pickle.UnpicklingError, IndexError)):
+        return "not a torch file of weights: a foreign or damaged file"
+    # torch reports a truncated zip as a miniz error, and a non-torch file as a KeyError of its magic number
+    if "zip archive" in str(error) or (isinstance(error, KeyError) and error.args and isinstance(error.args[0], int)):
+        return "not a torch file, or a truncated one"
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
 def load_verified(path: str | os.PathLike) -> dict:
     """Reads a checkpoint written by save_atomic; raises CheckpointError if it is not intact."""
     path = Path(path)
@@ -50,7 +63,7 @@ def load_verified(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise
     except Exception as error:  # torn or foreign file: say so instead of a pickle traceback
-        raise CheckpointError(f"{path}: not a readable l2l_fast checkpoint ({error})") from error
+        raise CheckpointError(f"{path}: not a readable l2l_fast checkpoint ({load_error_reason(error)})") from error
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an l2l_fast meta-training checkpoint (format {record.get('format')!r})"
                               if isinstance(record, dict) else f"{path}: not an l2l_fast checkpoint")

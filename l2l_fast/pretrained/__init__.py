@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
-from ..meta.checkpoint import FORMAT as CHECKPOINT_FORMAT, load_verified
+from ..meta.checkpoint import FORMAT as CHECKPOINT_FORMAT, load_error_reason, load_verified
 from ..meta.grouped import GroupedLSTM
 from ..meta.train import MetaTrainConfig
 from ..net import CoordinatewiseLSTM
@@ -38,6 +37,11 @@ def load_pretrained(name_or_path: str, backend: str = "auto", groups=None, dim: 
             raise ValueError(f"pretrained: no shipped optimizer named {name_or_path!r}; available: {available()}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch's unpickler fails in many ways on a foreign or torn file
+        raise _not_an_optimizer_file(path, error) from error
+    try:
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
             parts, record = _parts_of_meta_training_run(path)
         elif "groups" in payload:
@@ -49,10 +53,8 @@ def load_pretrained(name_or_path: str, backend: str = "auto", groups=None, dim: 
         for name, (kwargs, state) in parts.items():
             nets[name] = CoordinatewiseLSTM(**kwargs, backend=backend)
             nets[name].load_state_dict(state)
-    except FileNotFoundError:
-        raise
-    except (KeyError, TypeError, AttributeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise ValueError(f"pretrained: {path} is not a valid l2l_fast optimizer file ({error})") from error
+    except (KeyError, TypeError, AttributeError, RuntimeError, OSError) as error:  # not the layout save_pretrained writes
+        raise _not_an_optimizer_file(path, error) from error
     if list(nets) == [None]:
         net = nets[None]
     elif groups is None:
@@ -63,6 +65,10 @@ def load_pretrained(name_or_path: str, backend: str = "auto", groups=None, dim: 
         net = GroupedLSTM(nets, groups, dim)
     net.record = record
     return net
+
+
+def _not_an_optimizer_file(path: Path, error: BaseException) -> ValueError:
+    return ValueError(f"pretrained: {path} is not a valid l2l_fast optimizer file ({load_error_reason(error)})")
 
 
 def _parts_of_meta_training_run(path: Path):

@@ -1,0 +1,73 @@
+"""The `l2l-fast` command answers what a user can fix with one line on stderr and exit status 2, not a traceback."""
+import pytest
+
+import l2l_fast.meta.evaluate as evaluate_module
+from l2l_fast.cli import main as cli_main
+from l2l_fast.pretrained import SHIPPED_DIR
+
+TRAIN = ["meta-train", "--task", "quadratic", "--epochs", "1", "--horizon", "4", "--unroll", "2", "--meta-batch", "1",
+         "--eval-every", "1", "--eval-problems", "1", "--no-progress"]
+
+
+def run_failing(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def evaluate_argv(spec):
+    return ["evaluate", "--task", "quadratic", "--optimizer", spec, "--steps", "3", "--problems", "1",
+            "--tune-problems", "1"]
+
+
+def test_missing_optimizer_file(tmp_path, capsys):
+    err = run_failing(evaluate_argv(str(tmp_path / "absent.pt")), capsys)
+    assert err.startswith("l2l-fast evaluate: error:") and "No such file" in err and "absent.pt" in err
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"these are not weights\n", "not a torch file"),
+    (None, "truncated"),  # the first 500 bytes of a real optimizer file
+])
+def test_unreadable_optimizer_file(tmp_path, capsys, content, reason):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content if content is not None else (SHIPPED_DIR / "mnist.pt").read_bytes()[:500])
+    err = run_failing(evaluate_argv(str(path)), capsys)
+    assert "not a valid l2l_fast optimizer file" in err and reason in err
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("adamw", "expected one of adam, nag, rmsprop, sgd, pretrained:NAME"),
+    ("pretrained:nope", "no shipped optimizer named 'nope'"),
+])
+def test_unknown_optimizer_names_the_choices(capsys, spec, expected):
+    err = run_failing(evaluate_argv(spec), capsys)
+    assert expected in err and "mnist" in err and "quadratic" in err
+
+
+def test_a_bad_optimizer_fails_before_any_baseline_is_tuned(tmp_path, capsys, monkeypatch):
+    def tuned(*args, **kwargs):
+        raise AssertionError("a baseline was tuned before the bad spec was noticed")
+
+    monkeypatch.setattr(evaluate_module, "tune_learning_rate", tuned)
+    argv = evaluate_argv("adam") + ["--optimizer", str(tmp_path / "absent.pt")]
+    assert "No such file" in run_failing(argv, capsys)
+
+
+def test_meta_train_refuses_to_overwrite_and_to_resume_another_configuration(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run")]
+    assert cli_main(TRAIN + out) == 0
+    capsys.readouterr()
+    assert "--resume" in run_failing(TRAIN + out, capsys)
+    assert "different configuration" in run_failing(TRAIN + out + ["--resume", "--lr", "0.5"], capsys)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"torn")
+    assert "not a readable l2l_fast checkpoint" in run_failing(TRAIN + out + ["--resume"], capsys)
+
+
+def test_traceback_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2L_FAST_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        cli_main(evaluate_argv(str(tmp_path / "absent.pt")))
