@@ -67,6 +67,8 @@ def cmd_meta_train(args) -> int:
                              eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every,
                              collapse_patience=args.collapse_patience, coordinate_fraction=args.coordinate_fraction,
                              random_scale=args.random_scale, init=args.init)
+    if args.export:  # found out now, not after the run
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
                           data_dir=args.data_dir)
     summary = trainer.run()

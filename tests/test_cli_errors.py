@@ -71,3 +71,14 @@ def test_traceback_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("L2L_FAST_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         cli_main(evaluate_argv(str(tmp_path / "absent.pt")))
+
+
+def test_export_directory_is_made_before_the_run(tmp_path, capsys):
+    export = tmp_path / "new" / "dir" / "q.pt"
+    assert cli_main(TRAIN + ["--out", str(tmp_path / "run"), "--export", str(export)]) == 0
+    assert export.exists()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    err = run_failing(TRAIN + ["--out", str(tmp_path / "run2"), "--export", str(blocked / "q.pt")], capsys)
+    assert "a_file" in err
+    assert not (tmp_path / "run2").exists()  # refused before any training

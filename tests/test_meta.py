@@ -110,6 +110,18 @@ def test_relative_loss_scale_trains_and_rejects_unknown_values(tmp_path):
     assert math.isfinite(summary["best_score"])
 
 
+@pytest.mark.parametrize("field, bad", [("lr", 0.0), ("lr", -1e-3), ("lr", math.nan), ("lr", math.inf),
+                                        ("clip", 0.0), ("clip", -1.0), ("clip", math.nan)])
+def test_meta_lr_and_clip_must_be_positive(field, bad):
+    with pytest.raises(ValueError, match=f"{field}: expected"):
+        tiny_config(**{field: bad})
+
+
+def test_infinite_clip_turns_clipping_off(tmp_path):
+    summary = MetaTrainer(tiny_config(clip=math.inf, epochs=2), tmp_path, progress=False).run()
+    assert math.isfinite(summary["best_score"])
+
+
 def test_cosine_meta_lr_schedule(tmp_path):
     config = tiny_config(epochs=4, lr=1e-2, lr_schedule="cosine")
     assert config.lr_at(0) == pytest.approx(1e-2)

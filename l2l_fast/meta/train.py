@@ -80,6 +80,11 @@ class MetaTrainConfig:
     def __post_init__(self):
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        # clip 0 would zero every meta-gradient and train nothing; inf turns clipping off
+        if not (isinstance(self.clip, (int, float)) and self.clip > 0 and not math.isnan(self.clip)):
+            raise ValueError(f"clip: expected a number > 0 (inf: no clipping), got {self.clip!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not (math.isfinite(self.step_weight_power) and self.step_weight_power >= 0):
