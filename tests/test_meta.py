@@ -209,6 +209,14 @@ def test_resume_continues_and_rejects_other_config(tmp_path):
         MetaTrainer(tiny_config(epochs=6, lr=0.5), tmp_path, resume=True, progress=False)
 
 
+def test_resume_without_a_checkpoint_warns_and_starts_fresh(tmp_path):
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        trainer = MetaTrainer(tiny_config(epochs=1), tmp_path / "new", resume=True, progress=False)
+    assert trainer.epoch == 0
+    trainer.run()
+    assert load_verified(tmp_path / "new" / "checkpoint.pt")["epoch"] == 1
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     MetaTrainer(tiny_config(epochs=4), tmp_path / "straight", progress=False).run()
     MetaTrainer(tiny_config(epochs=2), tmp_path / "split", progress=False).run()

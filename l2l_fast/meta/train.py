@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,8 +228,11 @@ class MetaTrainer:
         elif checkpoint.exists() and not resume:
             raise FileExistsError(f"{checkpoint} exists: pass resume=True (--resume) to continue that run, "
                                   f"or choose another output directory")
-        elif config.init:
-            load_initial_weights(self.net, config.init, self.groups, self.dim)
+        else:
+            if resume:  # a requeued job passes --resume every time; its first start has nothing to resume
+                warnings.warn(f"resume: no checkpoint in {self.out_dir}; starting a new run", stacklevel=2)
+            if config.init:
+                load_initial_weights(self.net, config.init, self.groups, self.dim)
 
     def _restore(self, payload: dict) -> None:
         saved = payload["config"]
