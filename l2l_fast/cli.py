@@ -91,7 +91,8 @@ def load_optimizer_spec(spec: str, task=None):
 
     if spec in BASELINES:
         return spec, None
-    if not spec.startswith("pretrained:") and not spec.endswith(".pt"):
+    # load_pretrained also takes a bare shipped name; anything else that is not a file gets the CLI's choices
+    if not spec.startswith("pretrained:") and not spec.endswith(".pt") and spec not in available():
         raise ValueError(f"--optimizer {spec!r}: expected one of {', '.join(sorted(BASELINES))}, "
                          f"pretrained:NAME (NAME one of {', '.join(available())}) or a path to a .pt file")
     shape = task.sample(1, seed=0, split="val") if task is not None else None

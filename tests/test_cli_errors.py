@@ -2,7 +2,7 @@
 import pytest
 
 import l2l_fast.meta.evaluate as evaluate_module
-from l2l_fast.cli import main as cli_main
+from l2l_fast.cli import load_optimizer_spec, main as cli_main
 from l2l_fast.pretrained import SHIPPED_DIR
 
 TRAIN = ["meta-train", "--task", "quadratic", "--epochs", "1", "--horizon", "4", "--unroll", "2", "--meta-batch", "1",
@@ -82,3 +82,8 @@ def test_export_directory_is_made_before_the_run(tmp_path, capsys):
     err = run_failing(TRAIN + ["--out", str(tmp_path / "run2"), "--export", str(blocked / "q.pt")], capsys)
     assert "a_file" in err
     assert not (tmp_path / "run2").exists()  # refused before any training
+
+
+def test_a_bare_shipped_name_still_loads():
+    label, net = load_optimizer_spec("mnist")
+    assert label == "mnist" and net.record
