@@ -11,6 +11,12 @@ BACKENDS = ("auto", "native", "reference")
 _GATE_NAMES = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
 
 
+def math_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step of parameters of `dtype` computes in: float64 for float64, float32 for float32,
+    bfloat16 and float16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class LSTMParameters(nn.Module):
     """The parameters of ``torch.nn.LSTM(input_size, hidden_size, num_layers)``, same names, shapes and
     initialisation, without its cuDNN machinery (which torch.compile refuses to trace).
@@ -69,6 +75,7 @@ class CoordinatewiseLSTM(nn.Module):
         self.backend = backend
         self.lstm = LSTMParameters(2, hidden_size, num_layers)
         self.out = nn.Linear(hidden_size, 1)
+        self._converted: dict = {}  # (device, dtype) -> (source weights' identity and versions, converted copies)
 
     def size_kwargs(self) -> dict:
         """The sizes and constants this net was built with (not the backend):
@@ -98,6 +105,22 @@ class CoordinatewiseLSTM(nn.Module):
         return torch.zeros(self.num_layers, 2, self.hidden_size, n, device=device or weight.device,
                            dtype=dtype or weight.dtype)
 
+    def weights_for(self, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+        """The weights (op order) on `device` in `dtype`, detached: the net's own tensors when they already
+        are, else converted copies kept until a weight changes (its version or storage), so that the ops'
+        packed-weight cache sees the same tensors on every step of one weight version."""
+        weights = self.weights()
+        if all(w.device == device and w.dtype == dtype for w in weights):
+            return weights
+        if torch.compiler.is_compiling():
+            return [w.detach().to(device=device, dtype=dtype) for w in weights]
+        source = tuple((id(w), w.data_ptr(), w._version) for w in weights)
+        cached = self._converted.get((device, dtype))
+        if cached is None or cached[0] != source:
+            cached = (source, [w.detach().to(device=device, dtype=dtype) for w in weights])
+            self._converted[(device, dtype)] = cached
+        return cached[1]
+
     def implementation(self, device: torch.device):
         """The module whose ops run this net on `device`: l2l_fast.ops (native kernels) or l2l_fast.reference."""
         if self.backend == "reference":
@@ -125,4 +148,22 @@ class CoordinatewiseLSTM(nn.Module):
         self._check(grad, state, param=param)
         impl = self.implementation(grad.device)
         impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale)
+
+    @torch.no_grad()
+    def multi_step_(self, params: list[Tensor], grads: list[Tensor], state: Tensor, lr: float = 1.0) -> None:
+        """The optimizer's fused step over many flat tensors sharing one state, in place, no autograd graph:
+        params[k] [n_k] += lr * update of grads[k] [n_k]; state [L, 2, H, sum_k n_k] advanced, tensor k's
+        coordinates at [offset_k, offset_k + n_k) in list order.
+
+        The math runs in float64 for float64 params and in float32 for float32, bfloat16 and float16 ones
+        (the weights are converted to it, once per weight version); grads[k] in params[k]'s dtype; state in
+        the math dtype or bfloat16. A coordinate whose gradient is NaN or +-Inf does not move and keeps its
+        state."""
+        if not params:
+            return
+        device = params[0].device
+        impl = self.implementation(device)
+        impl.lstm_multi_step_(params, grads, state, self.weights_for(device, math_dtype_of(params[0].dtype)),
+                              self.preprocess_p,
+                              self.output_scale * lr)
 

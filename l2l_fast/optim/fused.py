@@ -12,15 +12,10 @@ import itertools
 import torch
 from torch import Tensor
 
-from ..net import CoordinatewiseLSTM
+from ..net import CoordinatewiseLSTM, math_dtype_of
 from .sharding import is_dtensor, local
 
 __all__ = ["FusedGroup", "math_dtype_of"]
-
-
-def math_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """float64 parameters step in float64; float32, bfloat16 and float16 ones in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def resolve_state_dtype(state_dtype: torch.dtype | None, math_dtype: torch.dtype) -> torch.dtype:
@@ -115,8 +110,6 @@ class FusedGroup:
             flat = list(flat)
             for k in self.strided:
                 flat[k] = self.locals[k].reshape(-1)
-        weights = [w.detach().to(device=self.device, dtype=self.math_dtype) for w in net.weights()]
-        net.implementation(self.device).lstm_multi_step_(flat, grads, self.state, weights, net.preprocess_p,
-                                                           net.output_scale * lr)
+        net.multi_step_(flat, grads, self.state, lr)
         for k in self.strided:
             self.locals[k].copy_(flat[k].view(self.locals[k].shape))
