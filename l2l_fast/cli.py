@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _user_errors() -> tuple:
-    from .meta.checkpoint import CheckpointError
+    from .files import CheckpointError
 
     return (OSError, ValueError, CheckpointError)  # OSError covers missing files and datasets
 

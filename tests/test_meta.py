@@ -17,7 +17,7 @@ import torch
 
 from l2l_fast import CoordinatewiseLSTM
 from l2l_fast.cli import load_optimizer_spec, main as cli_main
-from l2l_fast.meta.checkpoint import CheckpointError, load_verified, save_atomic
+from l2l_fast.files import CheckpointError, load_verified, save_atomic
 from l2l_fast.meta.evaluate import Curve, compare, final_ratio, markdown_table, plot_curves, tune_learning_rate
 from l2l_fast.meta.train import MetaTrainConfig, MetaTrainer, build_net, run_episode
 from l2l_fast.meta.unroll import CoordinateSample, loss_and_grad, run_learned, truncation
@@ -533,7 +533,7 @@ def test_cifar_run_exports_and_evaluates_with_one_optimizer_per_group(tmp_path, 
     """meta-train --export and evaluate --optimizer on a cifar10 run keep its conv and fc LSTMs apart."""
     from test_data import cifar_batches, cifar_tarball
 
-    from l2l_fast.meta.grouped import GroupedLSTM
+    from l2l_fast.grouped import GroupedLSTM
 
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(cifar_tarball(cifar_batches(seed=1, n=40)))
     common = ["--task", "cifar10", "--data-dir", str(tmp_path)]

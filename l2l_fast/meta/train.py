@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..files import CheckpointError, load_verified, save_atomic
+from ..grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
+from ..pretrained import load_pretrained
 from ..tasks import make_task
 from ..tasks.base import seeded
-from .checkpoint import CheckpointError, load_verified, save_atomic
-from .grouped import GroupedLSTM
 from .rescale import RescaledProblems
 from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
 
@@ -135,11 +136,16 @@ def build_net(config: MetaTrainConfig, groups=None, dim: int = 0):
     return GroupedLSTM(nets, groups, dim)
 
 
+def net_kwargs(net) -> dict:
+    """The constructor arguments of the run's nets (build_net makes every group's alike), as its files record
+    them: what the loader of pretrained optimizers builds the nets from (it reads no MetaTrainConfig)."""
+    first = next(iter(net.nets.values())) if isinstance(net, GroupedLSTM) else net
+    return first.size_kwargs()
+
+
 def load_initial_weights(net, spec: str, groups, dim: int) -> None:
     """Loads the weights named by `spec` (see MetaTrainConfig.init) into `net`. A file with one LSTM
     initialises every parameter group's LSTM of a multi-group task (e.g. cifar10's conv and fc)."""
-    from ..pretrained import load_pretrained  # imported here: pretrained imports this module
-
     source = load_pretrained(spec, groups=groups if len(groups) > 1 else None, dim=dim)
     targets = dict(net.nets) if isinstance(net, GroupedLSTM) else {None: net}
     for group, target in targets.items():
@@ -250,10 +256,10 @@ class MetaTrainer:
         self.best_state, self.log = payload["best_state"], payload["log"]
 
     def _checkpoint(self) -> None:
-        save_atomic({"config": dataclasses.asdict(self.config), "net": self.net.state_dict(),
-                     "meta_optimizer": self.meta_optimizer.state_dict(), "epoch": self.epoch,
-                     "best_score": self.best_score, "best_state": self.best_state, "log": self.log,
-                     "stalled_evaluations": self.stalled_evaluations},
+        save_atomic({"config": dataclasses.asdict(self.config), "net_kwargs": net_kwargs(self.net),
+                     "net": self.net.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                     "epoch": self.epoch, "best_score": self.best_score, "best_state": self.best_state,
+                     "log": self.log, "stalled_evaluations": self.stalled_evaluations},
                     self.out_dir / "checkpoint.pt")
         # the log is rewritten whole from the checkpoint's rows, so after a resume it never
         # holds epochs the checkpoint does not know
@@ -272,8 +278,8 @@ class MetaTrainer:
         if score < self.best_score:
             self.best_score = score
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            save_atomic({"config": dataclasses.asdict(self.config), "net": self.best_state, "score": score,
-                         "epoch": self.epoch}, self.out_dir / "best.pt")
+            save_atomic({"config": dataclasses.asdict(self.config), "net_kwargs": net_kwargs(self.net),
+                         "net": self.best_state, "score": score, "epoch": self.epoch}, self.out_dir / "best.pt")
 
     def _score_initial_weights(self) -> None:
         """A fine-tune's epoch 0: its starting weights are evaluated and kept as the best so far."""

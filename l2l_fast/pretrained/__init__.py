@@ -8,12 +8,15 @@ from pathlib import Path
 
 import torch
 
-from ..meta.checkpoint import FORMAT as CHECKPOINT_FORMAT, load_error_reason, load_verified
-from ..meta.grouped import GroupedLSTM
-from ..meta.train import MetaTrainConfig
+from ..files import FORMAT as CHECKPOINT_FORMAT, load_error_reason, load_verified
+from ..grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
 
 SHIPPED_DIR = Path(__file__).parent
+# The net's constructor arguments among a meta-training run's config entries (fields of MetaTrainConfig, read
+# here by name so that loading an optimizer needs no meta-training code): the files of runs made before their
+# checkpoints held "net_kwargs" explicitly. `features` appears only in runs that know it.
+RUN_CONFIG_NET_KEYS = ("hidden_size", "num_layers", "preprocess_p", "output_scale", "features")
 
 
 def available() -> list[str]:
@@ -77,7 +80,7 @@ def _parts_of_meta_training_run(path: Path):
     payload = load_verified(path)
     config = payload["config"]
     best = payload["net"] if "score" in payload else payload.get("best_state") or payload["net"]
-    kwargs = MetaTrainConfig(**config).net_kwargs()
+    kwargs = run_net_kwargs(payload)
     parts: dict = {}
     for key, value in best.items():
         name, rest = (None, key) if key.startswith(("lstm.", "out.")) else key.split(".", 2)[1:]
@@ -85,6 +88,16 @@ def _parts_of_meta_training_run(path: Path):
     record = {"source": str(path), "epoch": payload["epoch"],
               "validation_score": payload.get("score", payload.get("best_score")), "config": config}
     return parts, record
+
+
+def run_net_kwargs(payload: dict) -> dict:
+    """The constructor arguments of the nets of a run's checkpoint.pt / best.pt payload: its "net_kwargs" as
+    written (every entry passed on), or for a file written before it held them, the net's entries of its
+    config (defaults for those it lacks)."""
+    if "net_kwargs" in payload:
+        return dict(payload["net_kwargs"])
+    config = payload["config"]
+    return {key: config[key] for key in RUN_CONFIG_NET_KEYS if key in config}
 
 
 def save_pretrained(net, path, record: dict | None = None) -> None:

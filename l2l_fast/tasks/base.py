@@ -11,14 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@dataclass
-class ParamGroup:
-    """A named slice of the D parameters of each problem (for separate optimizers per group)."""
-
-    name: str
-    start: int
-    stop: int
+from ..grouped import ParamGroup  # the net layer's: one LSTM per group reads these slices
 
 
 class ProblemBatch:

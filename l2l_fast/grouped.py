@@ -6,11 +6,21 @@ The state is one tensor [L, 2, H, P * D] whose coordinates are ordered group by 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from ..net import CoordinatewiseLSTM
-from ..tasks.base import ParamGroup
+from .net import CoordinatewiseLSTM
+
+
+@dataclass
+class ParamGroup:
+    """A named slice [start, stop) of the D parameters of each problem (for separate optimizers per group)."""
+
+    name: str
+    start: int
+    stop: int
 
 
 class GroupedLSTM(nn.Module):

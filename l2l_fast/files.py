@@ -1,5 +1,10 @@
-"""Atomic, verified checkpoints: a run killed at any moment leaves either the previous complete
-checkpoint or the new complete one, never a torn file."""
+"""File formats of the lowest layer: atomic, verified checkpoints.
+
+A run killed at any moment leaves either the previous complete checkpoint or the new complete one, never a
+torn file. The format is a torch file {"format": FORMAT, "sha256": hex digest of body, "body": bytes of
+torch.save(payload)}; meta-training writes its checkpoint.pt and best.pt with it and the loader of
+pretrained optimizers reads them. Nothing here knows what a payload holds.
+"""
 from __future__ import annotations
 
 import hashlib
