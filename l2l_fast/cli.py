@@ -8,31 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from .argtypes import positive_int
+
+DEFAULT_TASK = "quadratic"
+
 
 def _user_errors() -> tuple:
     from .files import CheckpointError
 
     return (OSError, ValueError, CheckpointError)  # OSError covers missing files and datasets
-
-
-def _task_kwargs(args) -> dict:
-    if args.task == "mnist":
-        return {"hidden": tuple(args.hidden), "activation": args.activation, "data_dir": args.data_dir}
-    if args.task == "cifar10":
-        return {"data_dir": args.data_dir}
-    return {}
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts (steps, problems, epochs, threads): a clear usage error for 0 or less,
-    instead of a failure deep inside a run (e.g. an empty plot for --problems 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _add_threads_arg(parser) -> None:
@@ -47,20 +31,56 @@ def _apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _task_flags() -> dict:
+    """{option name: [(task spec, its option)]} over the registered tasks, in their order: one flag per name."""
+    from .tasks import TASKS
+
+    flags: dict = {}
+    for spec in TASKS.values():
+        for option in spec.options:
+            flags.setdefault(option.name, []).append((spec, option))
+    return flags
+
+
 def _add_task_args(parser) -> None:
-    parser.add_argument("--task", choices=["quadratic", "mnist", "cifar10"], default="quadratic")
-    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[20], help="MNIST MLP hidden layer sizes")
-    parser.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"])
+    """--task (the registered tasks), one flag per task option, --data-dir."""
+    from .tasks import TASKS
+
+    parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK)
+    for name, declared in _task_flags().items():
+        option = declared[0][1]
+        if len({(o.type, o.nargs, None if o.choices is None else tuple(o.choices)) for _, o in declared}) > 1:
+            raise TypeError(f"tasks {[spec.name for spec, _ in declared]} declare {option.flag} with different "
+                            "types, nargs or choices: one flag cannot serve them")
+        defaults = [o.default for _, o in declared]
+        shared = all(d == defaults[0] for d in defaults)
+        where = "; ".join(f"--task {spec.name}" + ("" if shared else f": default {_words(o.default)}")
+                          for spec, o in declared)
+        parser.add_argument(option.flag, dest=name, type=option.type, nargs=option.nargs, choices=option.choices,
+                            default=option.default if shared else None,
+                            help=f"{option.help} ({where})".replace("%", "%%"))
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_FAST_DATA, then a cache)")
+
+
+def _words(value) -> str:
+    """A value as the command line spells it: a sequence as its words."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _task_of(args):
+    """(the spec of --task, its options from the command line: defaults for those not given)."""
+    from .tasks import get_task
+
+    spec = get_task(args.task)
+    return spec, spec.complete({o.name: getattr(args, o.name, None) for o in spec.options})
 
 
 def cmd_meta_train(args) -> int:
     from .meta.train import MetaTrainConfig, MetaTrainer
     from .pretrained import save_pretrained
 
-    kwargs = _task_kwargs(args)
-    kwargs.pop("data_dir", None)  # where the data lies is not part of the run's identity
-    config = MetaTrainConfig(task=args.task, task_kwargs=kwargs, epochs=args.epochs, horizon=args.horizon,
+    _, options = _task_of(args)  # where the data lies (--data-dir) is not part of the run's identity
+    config = MetaTrainConfig(task=args.task, task_kwargs=options, epochs=args.epochs, horizon=args.horizon,
                              unroll=args.unroll, meta_batch=args.meta_batch, lr=args.lr, clip=args.clip,
                              loss_scale=args.loss_scale, step_weight_power=args.step_weight_power,
                              lr_schedule=args.lr_schedule, eval_every=args.eval_every,
@@ -103,9 +123,8 @@ def load_optimizer_spec(spec: str, task=None):
 
 def cmd_evaluate(args) -> int:
     from .meta.evaluate import compare, final_ratios, markdown_table, plot_curves, tune_learning_rate
-    from .tasks import make_task
-
-    task = make_task(args.task, **_task_kwargs(args))
+    spec, options = _task_of(args)
+    task = spec.make(options, data_dir=args.data_dir)
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
     loaded = [load_optimizer_spec(spec, task) for spec in args.optimizer]
     learned = {label: net for label, net in loaded if net is not None}
@@ -117,8 +136,8 @@ def cmd_evaluate(args) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.task}" + (f"_{'x'.join(map(str, args.hidden))}_{args.activation}" if args.task == "mnist" else "")
-    stem += f"_{args.steps}steps"
+    labels = [_words(options[o.name]).replace(" ", "x") for o in spec.options if o.label]  # mnist_20x20_relu
+    stem = "_".join([args.task, *labels, f"{args.steps}steps"])
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
     (out / f"{stem}.md").write_text(table + "\n")
     rows = [c.row() for c in curves]
@@ -141,7 +160,7 @@ def cmd_demo(args) -> int:
         print(f"{error}\nFalling back to the quadratic task.")
         task = "quadratic"
     started = time.perf_counter()
-    ns = argparse.Namespace(threads=args.threads, task=task, hidden=[20], activation="sigmoid", data_dir=args.data_dir, steps=args.steps,
+    ns = argparse.Namespace(threads=args.threads, task=task, data_dir=args.data_dir, steps=args.steps,  # task defaults
                             problems=args.problems, tune_problems=args.problems, seed=args.seed, out=args.out,
                             optimizer=[f"pretrained:{task}", "adam", "rmsprop", "nag", "sgd"])
     code = cmd_evaluate(ns)
@@ -149,7 +168,8 @@ def cmd_demo(args) -> int:
     return code
 
 
-def main(argv=None) -> int:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command's parser and its subcommands' parsers by name (built anew: the task registry may have grown)."""
     parser = argparse.ArgumentParser(prog="l2l-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -214,6 +234,11 @@ def main(argv=None) -> int:
 
     for command in (train, evaluate, demo):
         _add_threads_arg(command)
+    return parser, {"meta-train": train, "evaluate": evaluate, "demo": demo}
+
+
+def main(argv=None) -> int:
+    parser, _ = _build_parser()
     args = parser.parse_args(argv)
     _apply_threads(args)
     try:

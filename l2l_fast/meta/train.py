@@ -20,7 +20,7 @@ from ..files import CheckpointError, load_verified, save_atomic
 from ..grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
 from ..pretrained import load_pretrained
-from ..tasks import make_task
+from ..tasks import get_task
 from ..tasks.base import seeded
 from .rescale import RescaledProblems
 from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
@@ -217,8 +217,7 @@ class MetaTrainer:
     def __init__(self, config: MetaTrainConfig, out_dir, *, resume: bool = False, progress: bool = True,
                  data_dir=None):
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        location = {"data_dir": data_dir} if config.task in ("mnist", "cifar10") else {}
-        self.task = make_task(config.task, **config.task_kwargs, **location)
+        self.task = get_task(config.task).make(config.task_kwargs, data_dir=data_dir)
         shape = self.task.sample(1, seed=config.seed, split="val")  # the task's parameter groups
         self.groups, self.dim = shape.groups, shape.dim
         if config.coordinate_fraction < 1 and len(self.groups) > 1:
@@ -241,11 +240,13 @@ class MetaTrainer:
                 load_initial_weights(self.net, config.init, self.groups, self.dim)
 
     def _restore(self, payload: dict) -> None:
-        saved = payload["config"]
+        saved = {**dataclasses.asdict(MetaTrainConfig()), **payload["config"]}  # fields added since: defaults
         mine = dataclasses.asdict(self.config)
-        defaults = dataclasses.asdict(MetaTrainConfig())  # fields added since the checkpoint was written
+        if saved["task"] == mine["task"]:  # task options added since, or given at their defaults, change nothing
+            complete = get_task(mine["task"]).complete
+            saved["task_kwargs"], mine["task_kwargs"] = complete(saved["task_kwargs"]), complete(mine["task_kwargs"])
         free = ("epochs", "collapse_patience")  # may change on resume
-        differing = {k for k in mine if k not in free and saved.get(k, defaults[k]) != mine[k]}
+        differing = {k for k in mine if k not in free and saved[k] != mine[k]}
         if differing:
             raise CheckpointError(f"checkpoint was made with a different configuration ({sorted(differing)}); "
                                   f"resume with the same settings or use another output directory")

@@ -1,23 +1,19 @@
-"""Optimizees of the paper, as batches of problems with functional losses."""
+"""Optimizees of the paper, as batches of problems with functional losses, and the registry that names them.
+
+A new task is a module that registers its Task class with @register_task (see registry.py) and one line below
+that imports it.
+"""
 from __future__ import annotations
 
 from .base import ParamGroup, ProblemBatch, Task
-from .mnist_mlp import MNISTMLPTask
-from .quadratic import QuadraticTask
+from .registry import TASKS, TaskOption, TaskSpec, get_task, make_task, register, register_task
 
-__all__ = ["ParamGroup", "ProblemBatch", "Task", "MNISTMLPTask", "QuadraticTask", "make_task", "TASKS"]
+# The tasks, registered as they are imported, in the order of the CLI's --task choices.
+from . import quadratic, mnist_mlp, cifar_cnn  # noqa: E402, I001
 
-TASKS = ("quadratic", "mnist", "cifar10")
+from .cifar_cnn import CIFARCNNTask  # noqa: E402
+from .mnist_mlp import MNISTMLPTask  # noqa: E402
+from .quadratic import QuadraticTask  # noqa: E402
 
-
-def make_task(name: str, **kwargs) -> Task:
-    """'quadratic' (dim), 'mnist' (hidden, activation, batch_size, data_dir), 'cifar10' (data_dir)."""
-    if name == "quadratic":
-        return QuadraticTask(**kwargs)
-    if name == "mnist":
-        return MNISTMLPTask(**kwargs)
-    if name == "cifar10":
-        from .cifar_cnn import CIFARCNNTask
-
-        return CIFARCNNTask(**kwargs)
-    raise ValueError(f"task: expected one of {TASKS}, got {name!r}")
+__all__ = ["ParamGroup", "ProblemBatch", "Task", "TASKS", "TaskOption", "TaskSpec", "get_task", "make_task",
+           "register", "register_task", "CIFARCNNTask", "MNISTMLPTask", "QuadraticTask"]

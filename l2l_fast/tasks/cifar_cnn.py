@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import ClassifierBatch, ParamGroup, Task, check_split, seeded
+from .registry import register_task
 
 _SPLIT_SALT = {"train": 20, "val": 21, "test": 22}
 TRAIN_IMAGES = 45_000
@@ -72,6 +73,7 @@ class CNNBatch(ClassifierBatch):
         return torch.baddbmm(named["out.bias"].unsqueeze(1), h, named["out.weight"].transpose(1, 2))
 
 
+@register_task("cifar10", needs_data=True, help="a CNN classifying CIFAR-10 minibatches (separate conv and fc LSTMs)")
 class CIFARCNNTask(Task):
     def __init__(self, batch_size: int = 128, data_dir=None):
         super().__init__("cifar10", {"batch_size": batch_size})

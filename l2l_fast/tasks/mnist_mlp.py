@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..argtypes import positive_int
 from .base import ClassifierBatch, ParamGroup, Task, check_split, seeded
+from .registry import TaskOption, register_task
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 _SPLIT_SALT = {"train": 10, "val": 11, "test": 12}
@@ -54,6 +56,9 @@ class MLPBatch(ClassifierBatch):
         return x
 
 
+@register_task("mnist", needs_data=True, help="an MLP classifying MNIST minibatches", options=[
+    TaskOption("hidden", positive_int, "MNIST MLP hidden layer sizes", nargs="+", label=True),
+    TaskOption("activation", str, "MNIST MLP activation", choices=tuple(ACTIVATIONS), label=True)])
 class MNISTMLPTask(Task):
     """hidden: sizes of the hidden layers ((20,) in the paper; (40,) and (20, 20) are its variants)."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..argtypes import positive_int
 from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
+from .registry import TaskOption, register_task
 
 # Problems of different splits never share a seed stream.
 _SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
@@ -24,6 +26,8 @@ class QuadraticBatch(ProblemBatch):
         return residual.pow(2).sum(1)
 
 
+@register_task("quadratic", options=[TaskOption("dim", positive_int, "size of theta (W is dim x dim)")],
+               help="f(theta) = ||W theta - y||^2, W and y drawn N(0, 1)")
 class QuadraticTask(Task):
     def __init__(self, dim: int = 10):
         super().__init__("quadratic", {"dim": dim})
