@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -632,7 +634,25 @@ def bad_state_dicts(gen):
         "more_params": saved_state(gen, shapes=((4, 3), (5,), (1,))),
         "adam": adam.state_dict(),
         "not_a_state_dict": {"weights": 1},
+        # the options of the saved groups are checked as the constructor's (they used to be loaded unchecked, the
+        # last one failing at the next step, after the groups had been replaced)
+        "negative_lr": _with_group_options(saved_state(gen), lr=-1.0),
+        "float16_state": _with_group_options(saved_state(gen), state_dtype=torch.float16),
+        "float64_state_for_float32_params": _with_group_options(saved_state(gen), state_dtype=torch.float64),
+        "no_state_dtype": _without_group_option(saved_state(gen), "state_dtype"),
     }
+
+
+def _without_group_option(state_dict, name):
+    for group in state_dict["param_groups"]:
+        del group[name]
+    return state_dict
+
+
+def _with_group_options(state_dict, **options):
+    for group in state_dict["param_groups"]:
+        group.update(options)
+    return state_dict
 
 
 def test_rejects_bad_state_dicts_and_changes_nothing(gen):
@@ -648,6 +668,7 @@ def test_rejects_bad_state_dicts_and_changes_nothing(gen):
         after = opt.state_dict()
         for k in before["state"]:
             assert torch.equal(after["state"][k]["lstm_state"], before["state"][k]["lstm_state"]), name
+        assert after["param_groups"] == before["param_groups"], name
         assert opt.param_groups[0]["net"] is not None and isinstance(opt.param_groups[0]["net"], CoordinatewiseLSTM)
 
 
@@ -676,3 +697,113 @@ def test_group_net_replaced_by_another_size_is_an_error(gen):
 
 def test_exported_from_the_package():
     assert l2l_fast.LearnedOptimizer is LearnedOptimizer and issubclass(LearnedOptimizer, torch.optim.Optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients replaced behind torch's back, parameters listed twice
+def snapshot(opt, params):
+    return [p.detach().clone() for p in params], [opt.state[p]["lstm_state"].clone() for p in params]
+
+
+def assert_unchanged(opt, params, before):
+    values, states = before
+    for k, p in enumerate(params):
+        assert torch.equal(p, values[k]), f"params[{k}] moved"
+        assert torch.equal(opt.state[p]["lstm_state"], states[k]), f"the state of params[{k}] moved"
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (12,), (2, 6, 1)], ids=str)
+def test_rejects_a_gradient_reshaped_behind_torchs_back(gen, shape):
+    """Regression: `p.grad.data = g.view(other_shape)` (same numel) slipped past torch's size check on `p.grad =`
+    and was stepped as if it had p's shape, every coordinate paired with another's gradient. Refused naming both
+    shapes, before any parameter of any group moves."""
+    first, params = make_params([(5,)], torch.float32, gen), make_params([(4, 3), (2,)], torch.float32, gen)
+    opt = LearnedOptimizer([{"params": first}, {"params": params}])
+    set_random_grads(first + params, gen)
+    with pytest.raises(RuntimeError, match="size"):  # torch's own check of `p.grad = ...`
+        params[0].grad = torch.randn(shape, generator=gen)
+    params[0].grad.data = torch.randn(shape, generator=gen)
+    before = snapshot(opt, first + params)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*\(4, 3\).*{re.escape(str(shape))}"):
+        opt.step()
+    assert_unchanged(opt, first + params, before)
+    params[0].grad = None
+    opt.step()  # usable again once the gradient is fixed
+    assert not torch.equal(first[0], before[0][0])
+
+
+def test_rejects_a_gradient_of_another_dtype_naming_the_parameter(gen):
+    """Regression: `p.grad.data = g.double()` for a float32 p reached the op, whose error named its own fused list
+    index (grads[k]) and came after the earlier groups had been stepped."""
+    first, params = make_params([(5,)], torch.float32, gen), make_params([(2,), (4, 3)], torch.float32, gen)
+    opt = LearnedOptimizer([{"params": first}, {"params": params}])
+    set_random_grads(first + params, gen)
+    params[1].grad.data = params[1].grad.double()
+    before = snapshot(opt, first + params)
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\].*float32.*float64"):
+        opt.step()
+    assert_unchanged(opt, first + params, before)
+
+
+def duplicate_groups():
+    p, q = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(2))
+    return {
+        "list": (lambda: LearnedOptimizer([q, p, p]), 2, 1),
+        "group": (lambda: LearnedOptimizer([{"params": [q]}, {"params": [p, q, p]}]), 2, 0),
+        "named": (lambda: LearnedOptimizer([("w", p), ("b", q), ("w2", p)]), 2, 0),
+        "added_later": (lambda: LearnedOptimizer([q]).add_param_group({"params": [p, p]}), 1, 0),
+    }
+
+
+@pytest.mark.parametrize("case", duplicate_groups())
+def test_same_parameter_twice_in_a_group_is_refused(case):
+    """Regression: torch.optim only warns about a parameter listed twice in a group; LearnedOptimizer stepped it
+    twice per step, with two LSTM states of which state_dict kept one. Refused (ValueError) naming both places."""
+    make, second, first = duplicate_groups()[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ValueError, not torch's warning
+        with pytest.raises(ValueError, match=rf"\['params'\]\[{second}\].*same tensor.*\['params'\]\[{first}\]"):
+            make()
+
+
+def test_same_parameter_in_two_groups_is_refused_and_changes_nothing(gen):
+    p, q = make_params([(4, 3), (2,)], torch.float32, gen)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        LearnedOptimizer([{"params": [p]}, {"params": [q, p]}])
+    opt = LearnedOptimizer([p])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [q, p]})
+    with pytest.raises(ValueError, match="same tensor"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1 and list(opt.state) == [p]
+    set_random_grads([p, q], gen)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p, before) and q.grad is not None
+
+
+def test_parameters_put_into_a_group_directly_are_stepped(gen):
+    """Regression: a parameter appended to param_groups[i]["params"] directly (not by add_param_group), or put in
+    place of another there, was never stepped (the fused groups kept the old list), while torch.optim's
+    optimizers step whatever the list holds. The group is fused again, the other parameters keep their states,
+    and the new list is checked as add_param_group checks one."""
+    a, b, c, d = make_params([(3,), (2, 2), (4,), (5,)], torch.float32, gen)
+    alone = nn.Parameter(a.detach().clone())
+    opt, opt_alone = LearnedOptimizer([a, b]), LearnedOptimizer([alone])
+    for step in range(4):
+        set_random_grads([a, b, c, d], gen)
+        alone.grad = a.grad.clone()
+        if step == 1:
+            opt.param_groups[0]["params"].append(c)
+        if step == 2:
+            opt.param_groups[0]["params"][1] = d
+        before = [p.detach().clone() for p in (b, c, d)]
+        opt.step()
+        opt_alone.step()
+        assert torch.equal(a, alone) and torch.equal(opt.state[a]["lstm_state"], opt_alone.state[alone]["lstm_state"])
+        moved = [not torch.equal(p, q) for p, q in zip((b, c, d), before)]
+        assert moved == [step < 2, step >= 1, step >= 2], f"step {step}: b, c, d moved: {moved}"
+    opt.param_groups[0]["params"].append(a)
+    set_random_grads([a, c, d], gen)
+    with pytest.raises(ValueError, match="same tensor"):
+        opt.step()

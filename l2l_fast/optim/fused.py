@@ -29,11 +29,12 @@ def resolve_state_dtype(state_dtype: torch.dtype | None, math_dtype: torch.dtype
 
 class FusedGroup:
     """params: the tensors (Parameters or DTensors), one device, one math dtype; states: each one's previous
-    LSTM state (any dtype, [L, 2, H, *shape]) or None for a zero state."""
+    LSTM state (any dtype, [L, 2, H, *shape]) or None for a zero state; positions: each one's index in its param
+    group's list; names: how errors name each parameter."""
 
     def __init__(self, params: list[Tensor], net: CoordinatewiseLSTM, state_dtype: torch.dtype | None,
-                 states: list[Tensor | None]):
-        self.params = params
+                 states: list[Tensor | None], positions: list[int], names: list[str]):
+        self.params, self.positions, self.names = params, positions, names
         self.locals = [local(p) for p in params]
         self.device = self.locals[0].device
         self.math_dtype = math_dtype_of(self.locals[0].dtype)
@@ -53,7 +54,7 @@ class FusedGroup:
                                  "group's net replaced by one of another size?")
             self._rows(k).copy_(previous.reshape(*self.lead, self.numels[k]))
         self.dynamic = any(is_dtensor(p) for p in params)  # DTensor locals are re-read every step
-        self.nan: dict[torch.dtype, Tensor] = {}
+        self.nan = {t.dtype: torch.full((), float("nan"), dtype=t.dtype, device=self.device) for t in self.locals}
         self._cache_views()
 
     def _rows(self, k: int) -> Tensor:
@@ -68,40 +69,46 @@ class FusedGroup:
         """Each parameter's state: a view [L, 2, H, *local shape] of the fused state."""
         return [self._rows(k).view(*self.lead, *t.shape) for k, t in enumerate(self.locals)]
 
-    def is_current(self, state_dtype: torch.dtype | None, net: CoordinatewiseLSTM) -> bool:
-        """False when a parameter was given other storage (p.data = ...), or the group's state_dtype or the
-        size of its net changed."""
+    def is_current(self, state_dtype: torch.dtype | None, net: CoordinatewiseLSTM, group_params: list[Tensor]) -> bool:
+        """False when the group's list holds another tensor at one of this part's positions, a parameter was
+        given other storage (p.data = ...), or the group's state_dtype or the size of its net changed."""
         if state_dtype != self.requested_state_dtype or self.lead != (net.num_layers, 2, net.hidden_size):
             return False
-        if self.dynamic or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return True
-        return list(map(Tensor.data_ptr, self.params)) == self.pointers
+        if not all(j < len(group_params) and group_params[j] is p for j, p in zip(self.positions, self.params)):
+            return False
+        return self.dynamic or list(map(Tensor.data_ptr, self.params)) == self.pointers
 
-    def _flat_grads(self) -> list[Tensor] | None:
+    def gradients(self) -> list[Tensor] | None:
+        """The flat gradients to step with (NaN for a parameter without one), or None when no parameter has one.
+
+        Raises (before anything is stepped) for a gradient that is sparse, or whose shape or dtype is not its
+        parameter's: torch checks the shape when p.grad is assigned, but not p.grad.data = g.view(...).
+        """
         grads, missing = [], 0
         for k, p in enumerate(self.params):
             g = p.grad
             if g is None:
                 missing += 1
-                grads.append(self._no_grad(k))
+                grads.append(self.nan[self.locals[k].dtype].expand(self.numels[k]))
                 continue
             if g.layout != torch.strided:
-                raise TypeError(f"params: LearnedOptimizer does not support sparse gradients (got {g.layout} for a "
-                                f"parameter of shape {tuple(p.shape)}); use a dense gradient")
+                raise TypeError(f"params: LearnedOptimizer does not support sparse gradients (got {g.layout} for "
+                                f"{self.names[k]}, of shape {tuple(p.shape)}); use a dense gradient")
+            if g.shape != p.shape:
+                raise ValueError(f"params: {self.names[k]} has shape {tuple(p.shape)} but its gradient {tuple(g.shape)}; "
+                                 "a gradient must have its parameter's shape (was p.grad.data replaced by a reshaped "
+                                 "tensor?)")
+            if g.dtype != p.dtype:
+                raise TypeError(f"params: {self.names[k]} has dtype {p.dtype} but its gradient {g.dtype}; a gradient "
+                                "must have its parameter's dtype")
             grads.append(local(g).reshape(-1))
         return None if missing == len(self.params) else grads
 
-    def _no_grad(self, k: int) -> Tensor:
-        dtype = self.locals[k].dtype
-        if dtype not in self.nan:
-            self.nan[dtype] = torch.full((), float("nan"), dtype=dtype, device=self.device)
-        return self.nan[dtype].expand(self.numels[k])
-
     @torch.no_grad()
-    def step(self, net: CoordinatewiseLSTM, lr: float) -> None:
-        grads = self._flat_grads()
-        if grads is None:  # no gradient at all: nothing moves
-            return
+    def step(self, net: CoordinatewiseLSTM, lr: float, grads: list[Tensor]) -> None:
+        """grads: from gradients(), not None."""
         if self.dynamic:
             self.locals = [local(p) for p in self.params]
             self._cache_views()

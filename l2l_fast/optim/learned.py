@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 from ..checks import PARAM_DTYPES
 from ..net import CoordinatewiseLSTM
 from .checkpoint import check_loadable, net_signature
-from .fused import FusedGroup, math_dtype_of
+from .fused import FusedGroup, math_dtype_of, resolve_state_dtype
 from .sharding import check_placements, local, state_like
 
 __all__ = ["LearnedOptimizer"]
@@ -37,7 +37,14 @@ class LearnedOptimizer(Optimizer):
 
     Parameters: float32, float64, bfloat16 or float16, dense, real; DTensors (FSDP2) are stepped shard by
     shard. Each param group's parameters on one device with one math dtype (float64, or float32 for the
-    others) are stepped in one fused ``lstm_multi_step_`` call over all of them.
+    others) are stepped in one fused ``lstm_multi_step_`` call over all of them. Each parameter at most once:
+    the same tensor twice in a group is refused with a ValueError (torch.optim only warns, but it would be
+    stepped twice per step, with two LSTM states), as is a tensor in two groups (torch's ValueError).
+
+    Gradients: dense, with the parameter's shape and dtype, checked at every step before any parameter moves
+    (torch checks the shape of ``p.grad = g``, not of ``p.grad.data = g.view(...)``). A zero gradient is not
+    "no gradient": the LSTM's update for an input of 0 is not 0, so a coordinate with gradient 0 moves (unlike
+    SGD or Adam); ``zero_grad()`` (set_to_none=True, the default) leaves parameters that get no gradient alone.
 
     NaN/Inf gradients (the policy of the ops): a coordinate whose gradient is NaN or +-Inf is not updated
     and its LSTM state is left unchanged; a parameter without a gradient is skipped the same way. Under
@@ -50,11 +57,13 @@ class LearnedOptimizer(Optimizer):
             if pretrained is None:
                 raise ValueError("net: pass a CoordinatewiseLSTM, or name a shipped one in pretrained")
             net = CoordinatewiseLSTM.from_pretrained(pretrained)
+        defaults = dict(net=net, lr=lr, state_dtype=state_dtype)
+        _check_options(defaults)
         self._fused: list[list[FusedGroup]] | None = None
-        super().__init__(params, dict(net=net, lr=lr, state_dtype=state_dtype))
+        super().__init__(params, defaults)
         # The state is made now, not at the first step: torch.distributed.checkpoint initialises an optimizer
         # without state by a step with zero gradients, which would advance every LSTM state.
-        self._fused = [self._fuse(group) for group in self.param_groups]
+        self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
 
     # ------------------------------------------------------------------------------------------
     # param groups
@@ -66,23 +75,23 @@ class LearnedOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else params
         if not isinstance(params, set):  # torch's own error for sets
             params = list(params)
-            index = len(self.param_groups)
-            for j, p in enumerate(params):
-                _check_param(p[1] if isinstance(p, tuple) else p, f"param_groups[{index}]['params'][{j}]")
+            _check_params([p[1] if isinstance(p, tuple) else p for p in params], len(self.param_groups))
         super().add_param_group({**param_group, "params": params})
         if self._fused is not None:
-            self._fused.append(self._fuse(self.param_groups[-1]))
+            self._fused.append(self._fuse(self.param_groups[-1], len(self.param_groups) - 1))
 
-    def _fuse(self, group: dict) -> list[FusedGroup]:
+    def _fuse(self, group: dict, index: int) -> list[FusedGroup]:
         """One FusedGroup per (device, math dtype) of the group, taking over the parameters' states so far."""
-        by_key: dict[tuple, list[Tensor]] = {}
-        for p in group["params"]:
+        by_key: dict[tuple, list[int]] = {}
+        for j, p in enumerate(group["params"]):
             t = local(p)
-            by_key.setdefault((t.device, math_dtype_of(t.dtype)), []).append(p)
+            by_key.setdefault((t.device, math_dtype_of(t.dtype)), []).append(j)
         parts = []
-        for params in by_key.values():
+        for positions in by_key.values():
+            params = [group["params"][j] for j in positions]
             part = FusedGroup(params, group["net"], group["state_dtype"],
-                              [self.state[p].get("lstm_state") for p in params])
+                              [self.state[p].get("lstm_state") for p in params], positions,
+                              [f"param_groups[{index}]['params'][{j}]" for j in positions])
             for p, view in zip(params, part.state_views()):
                 self.state[p]["lstm_state"] = state_like(p, view)
             parts.append(part)
@@ -96,12 +105,20 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # every gradient is checked before the first parameter moves
+        work = []
         for index, group in enumerate(self.param_groups):
-            net, parts = group["net"], self._fused[index]
-            if not all(part.is_current(group["state_dtype"], net) for part in parts):
-                parts = self._fused[index] = self._fuse(group)
+            net, parts, params = group["net"], self._fused[index], group["params"]
+            if sum(len(part.params) for part in parts) != len(params) or not all(
+                    part.is_current(group["state_dtype"], net, params) for part in parts):
+                _check_params(params, index)  # the list may have been edited in place
+                parts = self._fused[index] = self._fuse(group, index)
             for part in parts:
-                part.step(net, float(group["lr"]))
+                grads = part.gradients()
+                if grads is not None:  # None: no gradient at all, nothing moves
+                    work.append((part, net, float(group["lr"]), grads))
+        for part, net, lr, grads in work:
+            part.step(net, lr, grads)
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -120,6 +137,16 @@ class LearnedOptimizer(Optimizer):
         """Loads a state_dict of a LearnedOptimizer with the same nets and parameter layout (else ValueError,
         nothing changed); the states are copied, stepping continues bit-identically."""
         states = check_loadable(state_dict, self.param_groups)
+        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            try:
+                missing = {"lr", "state_dtype"} - saved.keys()
+                if missing:
+                    raise ValueError(f"has no {sorted(missing)} (not the state_dict of a LearnedOptimizer?)")
+                _check_options({**saved, "net": group["net"]})
+                for p in group["params"]:
+                    resolve_state_dtype(saved["state_dtype"], math_dtype_of(local(p).dtype))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"state_dict: param_groups[{index}]: {error}") from None
         nets = [group["net"] for group in self.param_groups]
         # torch.optim would cast every state to its parameter's dtype (a float32 state to bfloat16): the LSTM
         # states go around it.
@@ -130,7 +157,7 @@ class LearnedOptimizer(Optimizer):
             group["net"] = net
         for param, lstm_state in states.items():
             self.state[param]["lstm_state"] = lstm_state
-        self._fused = [self._fuse(group) for group in self.param_groups]
+        self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
 
 
 def _check_options(group: dict) -> None:
@@ -141,6 +168,18 @@ def _check_options(group: dict) -> None:
         raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype: expected None, torch.float32, torch.float64 or torch.bfloat16, got {state_dtype!r}")
+
+
+def _check_params(params: list, index: int) -> None:
+    """The parameters of param_groups[index]: each one's dtype and layout, and none listed twice."""
+    name, first = f"param_groups[{index}]['params']", {}
+    for j, p in enumerate(params):
+        _check_param(p, f"{name}[{j}]")
+        if isinstance(p, Tensor) and id(p) in first:
+            raise ValueError(f"params: {name}[{j}] is the same tensor as {name}[{first[id(p)]}]; a parameter listed "
+                             "twice would be stepped twice per step, with two LSTM states (torch.optim only warns); "
+                             "list it once")
+        first[id(p)] = j
 
 
 def _check_param(p, name: str) -> None:
