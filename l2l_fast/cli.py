@@ -46,7 +46,7 @@ def _add_task_args(parser) -> None:
     """--task (the registered tasks), one flag per task option, --data-dir."""
     from .tasks import TASKS
 
-    parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK)
+    parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK, help="the optimizees")
     for name, declared in _task_flags().items():
         option = declared[0][1]
         if len({(o.type, o.nargs, None if o.choices is None else tuple(o.choices)) for _, o in declared}) > 1:
@@ -54,7 +54,7 @@ def _add_task_args(parser) -> None:
                             "types, nargs or choices: one flag cannot serve them")
         defaults = [o.default for _, o in declared]
         shared = all(d == defaults[0] for d in defaults)
-        where = "; ".join(f"--task {spec.name}" + ("" if shared else f": default {_words(o.default)}")
+        where = "; ".join(f"with --task {spec.name}" + ("" if shared else f": default {_words(o.default)}")
                           for spec, o in declared)
         parser.add_argument(option.flag, dest=name, type=option.type, nargs=option.nargs, choices=option.choices,
                             default=option.default if shared else None,
@@ -75,18 +75,30 @@ def _task_of(args):
     return spec, spec.complete({o.name: getattr(args, o.name, None) for o in spec.options})
 
 
-def cmd_meta_train(args) -> int:
-    from .meta.train import MetaTrainConfig, MetaTrainer
-    from .pretrained import save_pretrained
+def _add_config_args(parser) -> None:
+    """One flag per field of MetaTrainConfig that has one, from the field's metadata (meta/config.py)."""
+    from .meta.config import flag_fields, flag_type
+
+    for f in flag_fields():
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=flag_type(f),
+                            choices=f.metadata["choices"], metavar=f.metadata["metavar"],
+                            help=f.metadata["help"].replace("%", "%%"))
+
+
+def _config_from_args(args):
+    """The MetaTrainConfig of a parsed meta-train command line."""
+    from .meta.config import MetaTrainConfig, flag_fields
 
     _, options = _task_of(args)  # where the data lies (--data-dir) is not part of the run's identity
-    config = MetaTrainConfig(task=args.task, task_kwargs=options, epochs=args.epochs, horizon=args.horizon,
-                             unroll=args.unroll, meta_batch=args.meta_batch, lr=args.lr, clip=args.clip,
-                             loss_scale=args.loss_scale, step_weight_power=args.step_weight_power,
-                             lr_schedule=args.lr_schedule, eval_every=args.eval_every,
-                             eval_problems=args.eval_problems, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                             collapse_patience=args.collapse_patience, coordinate_fraction=args.coordinate_fraction,
-                             random_scale=args.random_scale, init=args.init)
+    flags = {f.name: getattr(args, f.name) for f in flag_fields()}
+    return MetaTrainConfig(task=args.task, task_kwargs=options, **flags)
+
+
+def cmd_meta_train(args) -> int:
+    from .meta.train import MetaTrainer
+    from .pretrained import save_pretrained
+
+    config = _config_from_args(args)
     if args.export:  # found out now, not after the run
         Path(args.export).parent.mkdir(parents=True, exist_ok=True)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
@@ -168,6 +180,25 @@ def cmd_demo(args) -> int:
     return code
 
 
+def meta_train_flags_markdown() -> str:
+    """The flags of `l2l-fast meta-train` as a markdown table (flag, default, meaning), from its parser: what
+    README.md shows between its "meta-train flags" markers."""
+    _, commands = _build_parser()
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for action in commands["meta-train"]._actions:  # argparse keeps no public list of a parser's options
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs != 0:
+            word = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices
+                                      else action.dest.upper())
+            flag += f" {word}" + (f" [{word} ...]" if action.nargs == "+" else "")
+        shown = "" if action.default is None or action.nargs == 0 else "`" + (_words(action.default) or '""') + "`"
+        meaning = (action.help or "").replace("%%", "%").replace("|", "\\|")
+        rows.append(f"| `{flag}` | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command's parser and its subcommands' parsers by name (built anew: the task registry may have grown)."""
     parser = argparse.ArgumentParser(prog="l2l-fast", description=__doc__)
@@ -175,41 +206,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
     train = sub.add_parser("meta-train", help="meta-train an LSTM optimizer")
     _add_task_args(train)
-    train.add_argument("--epochs", type=positive_int, default=100)
-    train.add_argument("--horizon", type=positive_int, default=100)
-    train.add_argument("--unroll", type=positive_int, default=20)
-    train.add_argument("--meta-batch", type=positive_int, default=8)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--clip", type=float, default=1.0)
-    train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                       help="cosine: the meta learning rate decays from --lr to --lr/100 over --epochs")
-    train.add_argument("--loss-scale", choices=["sum", "relative"], default="sum",
-                       help="sum: a truncation's meta-loss is the sum of its losses (the paper); relative: each "
-                            "problem's losses divided by its loss at the truncation's start")
-    train.add_argument("--step-weight-power", type=float, default=0.0, metavar="K",
-                       help="0: every step's loss counts once (the paper); K > 0: the loss after step t counts "
-                            "(K+1)(t/horizon)^K, leaning the meta-loss toward the end of the horizon")
-    train.add_argument("--coordinate-fraction", type=float, default=1.0, metavar="F",
-                       help="backpropagate each truncation through a random fraction F of the coordinates "
-                            "(an unbiased, cheaper meta-gradient; 1: all, exact)")
-    train.add_argument("--random-scale", type=float, default=0.0, metavar="S",
-                       help="rescale each meta-training problem's coordinates by exp(U(-S, S)) (Lv et al. 2017); "
-                            "0: off")
-    train.add_argument("--init", default="", metavar="SPEC",
-                       help="start from these weights instead of fresh ones (a fine-tune): pretrained:NAME, an "
-                            "exported .pt, or a meta-train run's best.pt / checkpoint.pt; they are scored first, "
-                            "so the best kept is never worse")
-    train.add_argument("--eval-every", type=positive_int, default=10)
-    train.add_argument("--eval-problems", type=positive_int, default=16)
-    train.add_argument("--collapse-patience", type=int, default=5, metavar="E",
-                       help="stop after E evaluations in a row without progress (score >= 99%% of the loss at "
-                            "theta_0, or non-finite): a collapsed or diverged run; 0: never stop")
-    train.add_argument("--checkpoint-every", type=positive_int, default=1)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default="runs/meta-train")
+    _add_config_args(train)
+    train.add_argument("--out", default="runs/meta-train",
+                       help="the run's directory: checkpoint.pt, best.pt, log.csv, summary.json")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--export", default=None, help="write the best optimizer to this .pt file")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_meta_train)
 
     evaluate = sub.add_parser("evaluate", help="compare optimizers on held-out problems")

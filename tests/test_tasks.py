@@ -91,7 +91,7 @@ def test_two_tasks_may_share_an_option_flag(toy, tmp_path):
 
     _, commands = _build_parser()
     action = commands["evaluate"]._option_string_actions["--scale"]
-    assert action.default is None and "--task toy: default 1.0; --task toy2: default 2.0" in action.help
+    assert action.default is None and "with --task toy: default 1.0; with --task toy2: default 2.0" in action.help
     evaluate = ["evaluate", "--optimizer", "sgd", "--steps", "2", "--problems", "2", "--tune-problems", "2"]
     assert cli_main([*evaluate, "--task", "toy2", "--out", str(tmp_path / "a")]) == 0
     assert cli_main([*evaluate, "--task", "toy2", "--scale", "3", "--out", str(tmp_path / "b")]) == 0

@@ -11,7 +11,6 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,102 +21,11 @@ from ..net import CoordinatewiseLSTM
 from ..pretrained import load_pretrained
 from ..tasks import get_task
 from ..tasks.base import seeded
+from .config import MetaTrainConfig
 from .rescale import RescaledProblems
 from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
 
-LOSS_SCALES = ("sum", "relative")
-LR_SCHEDULES = ("constant", "cosine")
 LOG_FIELDS = ["epoch", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
-
-
-@dataclass
-class MetaTrainConfig:
-    task: str = "quadratic"
-    task_kwargs: dict = field(default_factory=dict)
-    epochs: int = 100
-    horizon: int = 100
-    unroll: int = 20
-    meta_batch: int = 8          # problems per episode; their coordinates share each kernel call
-    lr: float = 1e-3
-    clip: float = 1.0            # meta-gradient norm clip
-    eval_every: int = 10
-    eval_problems: int = 16
-    checkpoint_every: int = 1    # epochs between checkpoints (the most a killed run loses)
-    seed: int = 0
-    hidden_size: int = 20
-    num_layers: int = 2
-    preprocess_p: float = 10.0
-    output_scale: float = 0.1
-    out_init_scale: float = 0.1  # small first updates (later work found this helps)
-    # "sum": a truncation's meta-loss is the sum of its losses (the paper). "relative": each problem's
-    # losses divided by its (constant) loss at the truncation's start, so late truncations, whose losses
-    # are small, weigh in Adam's update as much as the first one.
-    loss_scale: str = "sum"
-    # 0: every step's loss counts once (the paper). k > 0: the loss after step t of the horizon counts
-    # (k + 1) (t / horizon)^k (mean ~1), so the meta-loss leans toward where the comparison with
-    # hand-designed optimizers is made (the loss reached at the end), not only the fast first descent.
-    step_weight_power: float = 0.0
-    # "constant", or "cosine": the meta learning rate follows a half cosine from lr to lr / 100 over
-    # `epochs` (a function of the epoch alone, so a resumed run continues the same schedule)
-    lr_schedule: str = "constant"
-    backend: str = "auto"
-    # Stop after this many evaluations in a row whose score shows no progress (>= 99% of the
-    # validation problems' initial loss, or non-finite): a collapsed optimizer (seen with a meta lr too
-    # high: the optimizee saturates at loss ln 10 on MNIST and the meta-gradient vanishes) never came
-    # back in any run, so the rest of the run would be wasted. 0: never stop.
-    collapse_patience: int = 5
-    # Fraction of the coordinates whose LSTM chains carry the meta-gradient in each truncation (a fresh
-    # uniform sample each time, scaled to stay unbiased; see unroll.CoordinateSample). 1: all (exact).
-    # Below 1 the LSTM backward, most of a meta-training step, shrinks in proportion.
-    coordinate_fraction: float = 1.0
-    # > 0: each meta-training problem's coordinates are rescaled by exp(U(-s, s)) (Lv et al. 2017; see
-    # rescale.py), so the optimizer learns steps that do not depend on one problem family's gradient
-    # scales. Validation and test problems are never rescaled. 0: off (the paper).
-    random_scale: float = 0.0
-    # "": fresh weights. Otherwise the run starts from these (a fine-tune): "pretrained:NAME" or NAME of a
-    # shipped optimizer, an exported .pt file, or a meta-training run's best.pt / checkpoint.pt. Its
-    # first evaluation scores them, so the best weights it keeps are never worse than its start.
-    init: str = ""
-
-    def __post_init__(self):
-        if self.horizon % self.unroll:
-            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
-        # clip 0 would zero every meta-gradient and train nothing; inf turns clipping off
-        if not (isinstance(self.clip, (int, float)) and self.clip > 0 and not math.isnan(self.clip)):
-            raise ValueError(f"clip: expected a number > 0 (inf: no clipping), got {self.clip!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not (math.isfinite(self.step_weight_power) and self.step_weight_power >= 0):
-            raise ValueError(f"step_weight_power: expected a finite number >= 0, got {self.step_weight_power!r}")
-        if self.loss_scale not in LOSS_SCALES:
-            raise ValueError(f"loss_scale: expected one of {LOSS_SCALES}, got {self.loss_scale!r}")
-        for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
-        if not (isinstance(self.coordinate_fraction, (int, float)) and 0 < self.coordinate_fraction <= 1):
-            raise ValueError(f"coordinate_fraction: expected a number in (0, 1], got {self.coordinate_fraction!r}")
-        if not (math.isfinite(self.random_scale) and self.random_scale >= 0):
-            raise ValueError(f"random_scale: expected a finite number >= 0, got {self.random_scale!r}")
-        if self.collapse_patience < 0:
-            raise ValueError(f"collapse_patience: expected an int >= 0, got {self.collapse_patience}")
-
-    def lr_at(self, epoch: int) -> float:
-        """The meta learning rate of epoch `epoch` (0-based)."""
-        if self.lr_schedule == "constant":
-            return self.lr
-        progress = min(epoch / self.epochs, 1.0)
-        return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    def step_weight(self, step: int) -> float:
-        """The meta-loss weight of the loss after step `step` (1 .. horizon) of an episode."""
-        k = self.step_weight_power
-        return 1.0 if k == 0 else (k + 1) * (step / self.horizon) ** k
-
-    def net_kwargs(self) -> dict:
-        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
-                    output_scale=self.output_scale)
 
 
 def build_net(config: MetaTrainConfig, groups=None, dim: int = 0):

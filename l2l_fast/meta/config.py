@@ -1,0 +1,129 @@
+"""MetaTrainConfig: the settings of a meta-training run, each field's meaning written once.
+
+Each field's `metadata` holds its help and, where the default's type is not enough, the argparse type, choices
+and metavar of its `l2l-fast meta-train` flag (`--` and the name with dashes). The CLI generates the flags from
+it and the README's table of flags is rendered from that parser (`l2l_fast.cli.meta_train_flags_markdown`).
+A field with `cli=False` has no flag of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from ..argtypes import positive_int
+
+LOSS_SCALES = ("sum", "relative")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _flag(default, help: str, *, type=None, choices=None, metavar=None):
+    """A field with a meta-train flag. type: argparse's (default: the default's int, float or str)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "metavar": metavar})
+
+
+def _no_flag(default=dataclasses.MISSING, help: str = "", *, why: str, default_factory=dataclasses.MISSING):
+    """A field without a meta-train flag of its own; `why` says where it is set instead."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, "cli": False, "why": why})
+
+
+@dataclass
+class MetaTrainConfig:
+    task: str = _no_flag("quadratic", "the optimizees: a registered task (l2l_fast.tasks.TASKS)",
+                         why="--task and the task's option flags come from the task registry")
+    task_kwargs: dict = _no_flag(help="the task's options (its factory's keyword arguments)", default_factory=dict,
+                                 why="the task's option flags (--hidden, --activation, --dim, ...)")
+    epochs: int = _flag(100, "meta-training epochs: each optimizes fresh problems for a horizon", type=positive_int)
+    horizon: int = _flag(100, "optimization steps of an episode; a multiple of --unroll", type=positive_int)
+    unroll: int = _flag(20, "steps of a truncation: the meta-gradient flows through them, then Adam updates the "
+                            "LSTM (--unroll equal to --horizon: one meta-step through the whole episode)",
+                        type=positive_int)
+    meta_batch: int = _flag(8, "problems per episode; their coordinates share each kernel call", type=positive_int)
+    lr: float = _flag(1e-3, "meta learning rate (Adam's, on the LSTM's weights)")
+    clip: float = _flag(1.0, "meta-gradient norm clip (inf: none)")
+    eval_every: int = _flag(10, "epochs between evaluations on held-out validation problems, which keep the best "
+                                "weights (best.pt)", type=positive_int)
+    eval_problems: int = _flag(16, "validation problems per evaluation", type=positive_int)
+    checkpoint_every: int = _flag(1, "epochs between checkpoints (the most a killed run loses)", type=positive_int)
+    seed: int = _flag(0, "seeds the LSTM's initial weights and every problem and sample the run draws")
+    hidden_size: int = _no_flag(20, "LSTM units per layer", why="the LSTM's sizes are the paper's; set from code")
+    num_layers: int = _no_flag(2, "LSTM layers", why="the LSTM's sizes are the paper's; set from code")
+    preprocess_p: float = _no_flag(10.0, "the gradient preprocessing's p", why="the paper's; set from code")
+    output_scale: float = _no_flag(0.1, "the net's update is its output times this", why="the paper's; set from code")
+    out_init_scale: float = _no_flag(0.1, "the output layer's initial weights are scaled by this (small first "
+                                          "updates; later work found this helps)", why="set from code")
+    loss_scale: str = _flag("sum", "sum: a truncation's meta-loss is the sum of its losses (the paper); relative: "
+                                   "each problem's losses divided by its loss at the truncation's start, so late "
+                                   "truncations, whose losses are small, weigh as much as the first",
+                            choices=LOSS_SCALES)
+    step_weight_power: float = _flag(0.0, "0: every step's loss counts once (the paper); K > 0: the loss after step t "
+                                          "counts (K+1)(t/horizon)^K (mean about 1), leaning the meta-loss toward the "
+                                          "loss reached at the end of the horizon", metavar="K")
+    lr_schedule: str = _flag("constant", "cosine: the meta learning rate decays from --lr to --lr/100 over --epochs "
+                                         "(a function of the epoch alone: a resumed run goes on with it)",
+                             choices=LR_SCHEDULES)
+    backend: str = _no_flag("auto", "the nets' backend: auto, native or reference",
+                            why="auto picks the native kernels where they exist; set from code")
+    collapse_patience: int = _flag(5, "stop after E evaluations in a row without progress (score >= 99% of the loss "
+                                      "at theta_0, or non-finite): a collapsed or diverged run, which never came "
+                                      "back in any run; 0: never stop", metavar="E")
+    coordinate_fraction: float = _flag(1.0, "backpropagate each truncation through a fresh random fraction F of the "
+                                            "coordinates, scaled by 1/F: an unbiased, cheaper meta-gradient; 1: all, "
+                                            "exact (tasks with one parameter group)", metavar="F")
+    random_scale: float = _flag(0.0, "rescale each meta-training problem's coordinates by exp(U(-S, S)) (Lv et al. "
+                                     "2017), so the optimizer cannot fit one problem family's gradient scales; "
+                                     "validation and test problems are never rescaled; 0: off", metavar="S")
+    init: str = _flag("", "start from these weights instead of fresh ones (a fine-tune): pretrained:NAME, an "
+                          "exported .pt, or a meta-train run's best.pt / checkpoint.pt; they are scored first, so "
+                          "the best kept is never worse", metavar="SPEC")
+
+    def __post_init__(self):
+        if self.horizon % self.unroll:
+            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        # clip 0 would zero every meta-gradient and train nothing; inf turns clipping off
+        if not (isinstance(self.clip, (int, float)) and self.clip > 0 and not math.isnan(self.clip)):
+            raise ValueError(f"clip: expected a number > 0 (inf: no clipping), got {self.clip!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.step_weight_power) and self.step_weight_power >= 0):
+            raise ValueError(f"step_weight_power: expected a finite number >= 0, got {self.step_weight_power!r}")
+        if self.loss_scale not in LOSS_SCALES:
+            raise ValueError(f"loss_scale: expected one of {LOSS_SCALES}, got {self.loss_scale!r}")
+        for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+        if not (isinstance(self.coordinate_fraction, (int, float)) and 0 < self.coordinate_fraction <= 1):
+            raise ValueError(f"coordinate_fraction: expected a number in (0, 1], got {self.coordinate_fraction!r}")
+        if not (math.isfinite(self.random_scale) and self.random_scale >= 0):
+            raise ValueError(f"random_scale: expected a finite number >= 0, got {self.random_scale!r}")
+        if self.collapse_patience < 0:
+            raise ValueError(f"collapse_patience: expected an int >= 0, got {self.collapse_patience}")
+
+    def lr_at(self, epoch: int) -> float:
+        """The meta learning rate of epoch `epoch` (0-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(epoch / self.epochs, 1.0)
+        return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def step_weight(self, step: int) -> float:
+        """The meta-loss weight of the loss after step `step` (1 .. horizon) of an episode."""
+        k = self.step_weight_power
+        return 1.0 if k == 0 else (k + 1) * (step / self.horizon) ** k
+
+    def net_kwargs(self) -> dict:
+        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
+                    output_scale=self.output_scale)
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    """The fields offered as meta-train flags, in the dataclass's order."""
+    return [f for f in dataclasses.fields(MetaTrainConfig) if f.metadata.get("cli", True)]
+
+
+def flag_type(f: dataclasses.Field):
+    """argparse's type for field f: its metadata's, else that of its default (int, float; str needs none)."""
+    declared = f.metadata.get("type")
+    return declared if declared is not None else (type(f.default) if type(f.default) in (int, float) else None)
