@@ -97,9 +97,9 @@ class FusedGroup:
                 raise TypeError(f"params: LearnedOptimizer does not support sparse gradients (got {g.layout} for "
                                 f"{self.names[k]}, of shape {tuple(p.shape)}); use a dense gradient")
             if g.shape != p.shape:
-                raise ValueError(f"params: {self.names[k]} has shape {tuple(p.shape)} but its gradient {tuple(g.shape)}; "
-                                 "a gradient must have its parameter's shape (was p.grad.data replaced by a reshaped "
-                                 "tensor?)")
+                raise ValueError(f"params: {self.names[k]} has shape {tuple(p.shape)} but its gradient "
+                                 f"{tuple(g.shape)}; a gradient must have its parameter's shape (was p.grad.data "
+                                 "replaced by a reshaped tensor?)")
             if g.dtype != p.dtype:
                 raise TypeError(f"params: {self.names[k]} has dtype {p.dtype} but its gradient {g.dtype}; a gradient "
                                 "must have its parameter's dtype")

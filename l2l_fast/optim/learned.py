@@ -1,7 +1,9 @@
 """``LearnedOptimizer``: a trained coordinatewise LSTM (Andrychowicz et al. 2016) as a ``torch.optim.Optimizer``."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -27,7 +29,9 @@ class LearnedOptimizer(Optimizer):
         net: the optimizer network; default: the shipped one named by ``pretrained``.
         pretrained: name of a shipped net ("mnist", "quadratic") or a file from ``save_pretrained``.
         lr: multiplies the net's update (its output_scale); 1.0 is the optimizer as trained. LR schedulers
-            scale it as they scale any learning rate.
+            scale it as they scale any learning rate. A float: the kernels take it as one, so a Tensor lr (torch's
+            way to change lr without recompiling a compiled step) is refused; under torch.compile each new lr
+            value compiles the step again.
         state_dtype: storage of the per-coordinate LSTM state: None (float32; float64 for float64 parameters)
             or torch.bfloat16, which halves the optimizer's memory (the math stays in float32).
 
@@ -65,6 +69,11 @@ class LearnedOptimizer(Optimizer):
         # without state by a step with zero gradients, which would advance every LSTM state.
         self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_fused" not in self.__dict__:  # unpickled or deep-copied: the fused views are not part of the state
+            self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
+
     # ------------------------------------------------------------------------------------------
     # param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -82,6 +91,9 @@ class LearnedOptimizer(Optimizer):
 
     def _fuse(self, group: dict, index: int) -> list[FusedGroup]:
         """One FusedGroup per (device, math dtype) of the group, taking over the parameters' states so far."""
+        if torch.is_inference_mode_enabled():  # the state outlives inference mode: it must be a normal tensor
+            with torch.inference_mode(False):
+                return self._fuse(group, index)
         by_key: dict[tuple, list[int]] = {}
         for j, p in enumerate(group["params"]):
             t = local(p)
@@ -126,16 +138,30 @@ class LearnedOptimizer(Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict:
         """torch.optim's, with each group's net replaced by its signature (sizes, constants, weight hash) and
-        per parameter {"lstm_state": [L, 2, H, *param.shape]} (views of the live state, not copies)."""
-        state_dict = super().state_dict()
+        per parameter {"lstm_state": [L, 2, H, *param.shape]} (views of the live state, not copies). Post hooks
+        (register_state_dict_post_hook) see this form."""
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
+            state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group["net"] = net_signature(group["net"])
+        for post_hook in post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of a LearnedOptimizer with the same nets and parameter layout (else ValueError,
-        nothing changed); the states are copied, stepping continues bit-identically."""
+        nothing changed); the states are copied, stepping continues bit-identically.
+
+        As in torch.optim, pre hooks (register_load_state_dict_pre_hook) run first and may convert the
+        state_dict; it is validated after them. Post hooks run once the nets and LSTM states are in place."""
+        state_dict = dict(state_dict) if isinstance(state_dict, dict) else state_dict  # shallow, as torch.optim
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         states = check_loadable(state_dict, self.param_groups)
         for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
             try:
@@ -150,20 +176,40 @@ class LearnedOptimizer(Optimizer):
         nets = [group["net"] for group in self.param_groups]
         # torch.optim would cast every state to its parameter's dtype (a float32 state to bfloat16): the LSTM
         # states go around it.
-        stripped = {key: {k: v for k, v in value.items() if k != "lstm_state"}
+        stripped = {key: {k: v for k, v in value.items() if k != "lstm_state"} if isinstance(value, dict) else value
                     for key, value in state_dict["state"].items()}
-        super().load_state_dict({**state_dict, "state": stripped})
+        with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as (
+                _, post_hooks):
+            super().load_state_dict({**state_dict, "state": stripped})
         for group, net in zip(self.param_groups, nets):
             group["net"] = net
         for param, lstm_state in states.items():
             self.state[param]["lstm_state"] = lstm_state
         self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
+        for post_hook in post_hooks.values():
+            post_hook(self)
+
+    @contextlib.contextmanager
+    def _hooks_held(self, *names: str):
+        """Holds back torch.optim's hooks `names` (yielded) while torch.optim's state_dict / load_state_dict run,
+        so that they can run on the LearnedOptimizer form instead."""
+        held = [getattr(self, name) for name in names]
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in zip(names, held):
+                setattr(self, name, hooks)
 
 
 def _check_options(group: dict) -> None:
     net, lr, state_dtype = group.get("net"), group.get("lr"), group.get("state_dtype")
     if not isinstance(net, CoordinatewiseLSTM):
         raise TypeError(f"net: expected an l2l_fast.CoordinatewiseLSTM, got {type(net).__name__}")
+    if isinstance(lr, Tensor):
+        raise ValueError(f"lr: lr as a Tensor is not supported (got one of shape {tuple(lr.shape)}); the kernels take "
+                         "the learning rate as a Python float: pass float(lr)")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
     if state_dtype not in STATE_DTYPES:
