@@ -135,8 +135,9 @@ def load_optimizer_spec(spec: str, task=None):
 
 def cmd_evaluate(args) -> int:
     from .meta.evaluate import compare, final_ratios, markdown_table, plot_curves, tune_learning_rate
-    spec, options = _task_of(args)
-    task = spec.make(options, data_dir=args.data_dir)
+
+    task_spec, options = _task_of(args)
+    task = task_spec.make(options, data_dir=args.data_dir)
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
     loaded = [load_optimizer_spec(spec, task) for spec in args.optimizer]
     learned = {label: net for label, net in loaded if net is not None}
@@ -148,7 +149,7 @@ def cmd_evaluate(args) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [_words(options[o.name]).replace(" ", "x") for o in spec.options if o.label]  # mnist_20x20_relu
+    labels = [_words(options[o.name]).replace(" ", "x") for o in task_spec.options if o.label]  # mnist_20x20_relu
     stem = "_".join([args.task, *labels, f"{args.steps}steps"])
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
     (out / f"{stem}.md").write_text(table + "\n")
@@ -172,7 +173,8 @@ def cmd_demo(args) -> int:
         print(f"{error}\nFalling back to the quadratic task.")
         task = "quadratic"
     started = time.perf_counter()
-    ns = argparse.Namespace(threads=args.threads, task=task, data_dir=args.data_dir, steps=args.steps,  # task defaults
+    # the task's options are left out: each takes its default
+    ns = argparse.Namespace(threads=args.threads, task=task, data_dir=args.data_dir, steps=args.steps,
                             problems=args.problems, tune_problems=args.problems, seed=args.seed, out=args.out,
                             optimizer=[f"pretrained:{task}", "adam", "rmsprop", "nag", "sgd"])
     code = cmd_evaluate(ns)
