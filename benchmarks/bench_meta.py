@@ -21,7 +21,7 @@ from machine import machine_lines  # noqa: E402
 
 from l2l_fast.meta.train import MetaTrainConfig, build_net  # noqa: E402
 from l2l_fast.meta.unroll import CoordinateSample, loss_and_grad, truncation  # noqa: E402
-from l2l_fast.tasks import make_task  # noqa: E402
+from l2l_fast.tasks import TASKS, get_task  # noqa: E402
 
 
 def truncations_per_second(backend: str, task, args, fraction: float = 1.0) -> tuple[float, int]:
@@ -49,7 +49,7 @@ def truncations_per_second(backend: str, task, args, fraction: float = 1.0) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="mnist", choices=["quadratic", "mnist"])
+    parser.add_argument("--task", default="mnist", choices=list(TASKS))
     parser.add_argument("--meta-batch", type=int, default=4)
     parser.add_argument("--unroll", type=int, default=20)
     parser.add_argument("--truncations", type=int, default=3)
@@ -61,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for line in machine_lines("cpu", args.threads):
         print(line)
-    task = make_task(args.task, **({"data_dir": args.data_dir} if args.task == "mnist" else {}))
+    task = get_task(args.task).make({}, data_dir=args.data_dir)
     rows = {}
     for backend in ("native", "reference"):
         rows[backend] = truncations_per_second(backend, task, args)
