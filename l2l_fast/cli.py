@@ -133,9 +133,20 @@ def load_optimizer_spec(spec: str, task=None):
     return spec, load_pretrained(spec, groups=shape.groups, dim=shape.dim)
 
 
+# evaluate's defaults for one task; its parser leaves them None so that --suite can tell which were given
+EVALUATE_DEFAULTS = {"steps": 100, "problems": 10, "tune_problems": 10}
+
+
 def cmd_evaluate(args) -> int:
     from .meta.evaluate import compare, final_ratios, markdown_table, plot_curves, tune_learning_rate
 
+    if getattr(args, "suite", None):
+        return _evaluate_suite(args)
+    if getattr(args, "quick", False):
+        raise ValueError("--quick: applies to --suite only")
+    args = argparse.Namespace(**{**vars(args), "task": args.task or DEFAULT_TASK, **{
+        name: default if getattr(args, name, None) is None else getattr(args, name)
+        for name, default in EVALUATE_DEFAULTS.items()}})
     task_spec, options = _task_of(args)
     task = task_spec.make(options, data_dir=args.data_dir)
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
@@ -159,6 +170,37 @@ def cmd_evaluate(args) -> int:
             row["final_vs_adam"] = dict(zip(("ratio", "ci95_low", "ci95_high"), ratios[row["optimizer"]]))
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     print(f"plot: {out / f'{stem}.png'}")
+    return 0
+
+
+def _evaluate_suite(args) -> int:
+    """evaluate --suite NAME: every entry of the suite, each --optimizer against Adam 1e-3 and tuned Adam."""
+    from .meta.evaluate import BASELINES
+    from .meta.suite import run_suite
+    from .meta.suite_report import write_report
+
+    given = [flag for flag, value in [("--task", args.task), ("--steps", args.steps)] if value is not None]
+    given += ["--" + name.replace("_", "-") for name in _task_flags() if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"--suite {args.suite}: its entries set their tasks, options and horizons; "
+                         f"{', '.join(given)} apply to a single --task")
+    started = time.perf_counter()
+    specs = list(dict.fromkeys(args.optimizer))
+    # loaded for each task (a file with one LSTM per parameter group loads for its groups), all before any run
+    learned = {spec: lambda task, spec=spec: load_optimizer_spec(spec, task)[1] for spec in specs
+               if spec not in BASELINES}
+    baselines = [spec for spec in specs if spec in BASELINES]
+    result = run_suite(args.suite, learned, baselines=baselines, problems=args.problems,
+                       tune_problems=args.tune_problems, seed=args.seed, quick=args.quick, data_dir=args.data_dir,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - started
+    import torch
+
+    paths = write_report(result, args.out, {"optimizers": specs, "wall_seconds": round(seconds, 1),
+                                            "threads": torch.get_num_threads()})
+    print(paths["md"].read_text(), end="")
+    print(f"suite {args.suite}: {len(result.entries)} tasks in {seconds:.0f} s; table {paths['md']}, "
+          f"rows {paths['json']}, plot {paths['png']}")
     return 0
 
 
@@ -203,6 +245,8 @@ def meta_train_flags_markdown() -> str:
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command's parser and its subcommands' parsers by name (built anew: the task registry may have grown)."""
+    from .meta.suite import SUITES
+
     parser = argparse.ArgumentParser(prog="l2l-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -221,12 +265,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     evaluate.add_argument("--optimizer", action="append", required=True,
                           help="pretrained:NAME, a .pt file (exported, or a meta-train run's best.pt / checkpoint.pt), "
                                "adam, rmsprop, nag or sgd (repeat the option)")
-    evaluate.add_argument("--steps", type=positive_int, default=100)
-    evaluate.add_argument("--problems", type=positive_int, default=10, help="held-out test problems")
-    evaluate.add_argument("--tune-problems", type=positive_int, default=10, help="validation problems for the lr grid")
+    evaluate.add_argument("--steps", type=positive_int, default=None, help="(default 100; not with --suite)")
+    evaluate.add_argument("--problems", type=positive_int, default=None,
+                          help="held-out test problems (default 10; --quick: 3)")
+    evaluate.add_argument("--tune-problems", type=positive_int, default=None,
+                          help="validation problems for the lr grid (default 10; --quick: 2)")
     evaluate.add_argument("--seed", type=int, default=1)
     evaluate.add_argument("--out", default="runs/evaluate")
-    evaluate.set_defaults(func=cmd_evaluate)
+    evaluate.add_argument("--suite", choices=list(SUITES), default=None,
+                          help="a declared list of held-out tasks and horizons (l2l_fast/meta/suite.py) instead of "
+                               "--task: each --optimizer against Adam at lr 1e-3 and tuned Adam, with divergence "
+                               "counts and a summary; writes suite_NAME.md, .json and .png into --out")
+    evaluate.add_argument("--quick", action="store_true",
+                          help="with --suite: 3 test and 2 validation problems, horizons cut to 20 steps")
+    # --task and its options left None, so that --suite can refuse them; a single-task run fills in the defaults
+    evaluate.set_defaults(func=cmd_evaluate, task=None, **{name: None for name in _task_flags()})
 
     demo = sub.add_parser("demo", help="the shipped MNIST optimizer against tuned Adam, RMSprop, NAG, SGD")
     demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"))

@@ -87,3 +87,29 @@ def test_export_directory_is_made_before_the_run(tmp_path, capsys):
 def test_a_bare_shipped_name_still_loads():
     label, net = load_optimizer_spec("mnist")
     assert label == "mnist" and net.record
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--task", "quadratic"], "--task apply to a single --task"),
+    (["--steps", "5"], "--steps apply to a single --task"),
+    (["--dim", "3"], "--dim apply to a single --task"),
+])
+def test_a_suite_refuses_single_task_flags(capsys, extra, expected):
+    err = run_failing(["evaluate", "--suite", "smoke", "--quick", "--optimizer", "adam", *extra], capsys)
+    assert expected in err and "its entries set their tasks" in err
+
+
+def test_quick_and_unknown_suites_are_refused(capsys, tmp_path):
+    assert "--quick: applies to --suite only" in run_failing(["evaluate", "--optimizer", "adam", "--quick"], capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["evaluate", "--suite", "nope", "--optimizer", "adam"])
+    assert exit_info.value.code == 2 and "smoke" in capsys.readouterr().err  # argparse names the choices
+    err = run_failing(["evaluate", "--suite", "smoke", "--quick", "--optimizer", str(tmp_path / "absent.pt")], capsys)
+    assert "No such file" in err
+
+
+def test_a_single_task_evaluate_keeps_its_defaults(tmp_path):
+    """The flags --suite made optional (--task, --steps, the task options) still default as before."""
+    assert cli_main(["evaluate", "--optimizer", "adam", "--problems", "2", "--tune-problems", "1",
+                     "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "quadratic_100steps.json").exists()

@@ -70,13 +70,24 @@ def compare(task, learned: dict, steps: int, num_problems: int, seed: int, tuned
 
 def final_ratio(curve: Curve, reference: Curve, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """(ratio, low, high): `curve`'s mean final loss over `reference`'s on the same problems, with a 95%
-    bootstrap interval. The bootstrap resamples problems in pairs (one index picks both optimizers' losses),
-    so a problem's own difficulty, which both share, cancels; the interval shows how much the ratio
-    depends on which problems were drawn."""
-    mine, theirs = curve.losses[-1].double(), reference.losses[-1].double()
+    bootstrap interval (paired_ratio of their last losses)."""
+    mine, theirs = curve.losses[-1], reference.losses[-1]
     if mine.shape != theirs.shape:
         raise ValueError(f"final_ratio: {curve.name} and {reference.name} ran on different problems "
                          f"({mine.numel()} vs {theirs.numel()})")
+    return paired_ratio(mine, theirs, resamples, seed)
+
+
+def paired_ratio(mine: torch.Tensor, theirs: torch.Tensor, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): mean(mine) / mean(theirs) over problems (mine, theirs [P], the same problems) with a
+    95% percentile bootstrap interval. The bootstrap resamples problems in pairs (one index picks both
+    optimizers' losses), so a problem's own difficulty, which both share, cancels; the interval shows how
+    much the ratio depends on which problems were drawn. A non-finite ratio (a diverged run) has no interval:
+    all three are the ratio."""
+    mine, theirs = mine.double(), theirs.double()
+    if mine.shape != theirs.shape:
+        raise ValueError(f"paired_ratio: {mine.numel()} losses against {theirs.numel()}: not the same problems")
     ratio = (mine.mean() / theirs.mean()).item()
     if not math.isfinite(ratio):  # a diverged run: no interval to give
         return ratio, ratio, ratio
