@@ -267,9 +267,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                                "adam, rmsprop, nag or sgd (repeat the option)")
     evaluate.add_argument("--steps", type=positive_int, default=None, help="(default 100; not with --suite)")
     evaluate.add_argument("--problems", type=positive_int, default=None,
-                          help="held-out test problems (default 10; --quick: 3)")
+                          help="held-out test problems (default 10; --suite: 8, --quick: 3)")
     evaluate.add_argument("--tune-problems", type=positive_int, default=None,
-                          help="validation problems for the lr grid (default 10; --quick: 2)")
+                          help="validation problems for the lr grid (default 10; --suite: 8, --quick: 2)")
     evaluate.add_argument("--seed", type=int, default=1)
     evaluate.add_argument("--out", default="runs/evaluate")
     evaluate.add_argument("--suite", choices=list(SUITES), default=None,

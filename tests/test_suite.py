@@ -109,7 +109,8 @@ def test_tuning_is_cached_per_task_horizon_and_seed(monkeypatch):
     twice = Suite("twice", (entry("a", "quadratic", 6, dim=3), entry("b", "quadratic", 6, dim=3),
                             entry("c", "quadratic", 7, dim=3)))
     cache = {}
-    result = run_suite(twice, {}, baselines=["sgd"], problems=2, tune_problems=2, grid=(1e-3, 1e-2), cache=cache)
+    result = run_suite(twice, {}, baselines=["sgd"], problems=2, tune_problems=2, grid=(1e-3, 1e-2),
+                       baseline_grid=(1e-2, 1e-1), cache=cache)
     assert sorted(calls) == [("adam", 3, 6), ("adam", 3, 7), ("sgd", 3, 6), ("sgd", 3, 7)]
     run_suite(twice, {}, problems=2, tune_problems=2, grid=(1e-3, 1e-2), cache=cache)
     assert len(calls) == 4  # all from the cache
@@ -119,6 +120,9 @@ def test_tuning_is_cached_per_task_horizon_and_seed(monkeypatch):
     assert a.runs[ADAM_TUNED].lr == min(a.tune_scores, key=a.tune_scores.get)
     if a.runs[ADAM_TUNED].lr == 1e-3:  # the same rate: one run serves both references
         assert a.runs[ADAM_TUNED].losses is a.runs[ADAM_DEFAULT].losses
+    assert a.runs["sgd"].grid == (1e-2, 1e-1)
+    edge = {(r["entry"], r["optimizer"]): r["lr_at_grid_edge"] for r in result.rows()}
+    assert edge["a", ADAM_TUNED] and not edge["a", ADAM_DEFAULT]  # a two-point grid is all edge
 
 
 def test_quick_mode_cuts_horizons_and_problems():
@@ -167,7 +171,7 @@ def test_tiny_suite_through_the_cli_table_matches_json(tmp_path, monkeypatch, ca
             assert cells[label, f"{name}: / {reference} (95% CI)"] == format_ratio(ratio)
             assert ratio["ci95_low"] <= ratio["ratio"] <= ratio["ci95_high"]
         if name == ADAM_TUNED:
-            assert cells[label, "tuned lr"] == f"{r['lr']:.3g}"
+            assert cells[label, "tuned lr"] == f"{r['lr']:.3g}" + (" (grid edge)" if r["lr_at_grid_edge"] else "")
     # the summary lines follow from the rows, by the definitions of suite.py's docstring
     for name in ("pretrained:quadratic", "sgd"):
         mine = [r for r in rows if r["optimizer"] == name]

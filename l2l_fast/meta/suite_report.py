@@ -35,7 +35,7 @@ def _columns(name: str) -> list[tuple[str, str | None]]:
 def markdown_table(rows: list[dict]) -> str:
     """Rows: the entries; per optimizer its mean final loss, its ratios to Adam 1e-3 and to tuned Adam (95% paired
     bootstrap intervals; a reference's ratio to itself left out) and its diverged runs / problems. Tuned Adam's
-    learning rate has a column."""
+    learning rate has a column, marked when it is at the edge of its grid (the grid may be too narrow there)."""
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     by_entry: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -44,7 +44,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, found in by_entry.items():
         first = found[names[0]]
-        cells = [label, str(first["steps"]), first["held_out"], f"{found[ADAM_TUNED]['lr']:.3g}"]
+        tuned = found[ADAM_TUNED]
+        cells = [label, str(first["steps"]), first["held_out"],
+                 f"{tuned['lr']:.3g}" + (" (grid edge)" if tuned["lr_at_grid_edge"] else "")]
         for name in names:
             r = found[name]
             for _, key in _columns(name):
