@@ -116,11 +116,14 @@ register_suite("general", [
     entry("mnist_20_relu_2000", "mnist", 2000, activation="relu", held_out="activation, horizon x20"),
     entry("linreg_20", "quadratic", 200, dim=20, held_out="family (least squares), dimension"),
     entry("linreg_10_2000", "quadratic", 2000, dim=10, held_out="family (least squares), horizon x20"),
-    # waiting for their task families (names and options to match the registry once they land):
-    # entry("digits_mlp_gelu", "digits_mlp", 500, hidden=(32,), activation="gelu", held_out="dataset, activation"),
-    # entry("cnn_small", "small_cnn", 500, held_out="architecture family (convolutions)"),
-    # entry("char_rnn", "char_lstm", 500, held_out="architecture family (recurrent), sequence data"),
-    # entry("teacher_mse", "teacher_regression", 2000, hidden=(32,), held_out="regression (MSE), horizon x20"),
+    # Waiting for their task families (tasks/mlp.py, cnn.py, charlm.py, not registered yet): uncomment as they land.
+    # entry("digits_mlp_gelu", "mlp", 500, dataset="digits", hidden=(32,), nonlinearity="gelu",
+    #       held_out="dataset, activation"),
+    # entry("digits_cnn", "cnn", 500, dataset="digits", channels=(8, 8), held_out="architecture family (conv)"),
+    # entry("charlm", "charlm", 500, hidden=(20,), held_out="architecture family (recurrent), text"),
+    # entry("teacher_mse_2000", "mlp", 2000, dataset="teacher_regression", hidden=(32,), nonlinearity="relu",
+    #       held_out="regression (squared error), horizon x20"),
+    # entry("wine_mlp", "mlp", 500, dataset="wine", hidden=(32,), nonlinearity="relu", held_out="dataset"),
 ], help="held-out widths, depths, activations, families and 2,000-step horizons")
 
 register_suite("smoke", [
