@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch (on this project's machines it is on disk); override for other builds.
 TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy tqdm matplotlib ninja pybind11 setuptools wheel pytest pytest-benchmark hypothesis expecttest
+DEPS := numpy tqdm matplotlib scikit-learn ninja pybind11 setuptools wheel pytest pytest-benchmark hypothesis expecttest
 
 .PHONY: setup build test demo bench clean sanitize
 

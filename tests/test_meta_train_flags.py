@@ -59,7 +59,7 @@ def test_every_field_is_a_flag_or_says_why_not():
 
 
 def test_every_flag_reaches_the_config():
-    given = {"epochs": "7", "horizon": "12", "unroll": "4", "meta_batch": "3", "lr": "0.02", "clip": "2.5",
+    given = {"epochs": "7", "horizon": "12", "horizon_min": "5", "unroll": "4", "meta_batch": "3", "lr": "0.02", "clip": "2.5",
              "eval_every": "2", "eval_problems": "5", "checkpoint_every": "3", "seed": "11", "loss_scale": "relative",
              "step_weight_power": "1.5", "lr_schedule": "cosine", "collapse_patience": "0",
              "coordinate_fraction": "0.5", "random_scale": "0.3", "init": "pretrained:mnist"}

@@ -11,9 +11,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..argtypes import positive_int
+import torch
 
-LOSS_SCALES = ("sum", "relative")
+from ..argtypes import positive_int
+from ..tasks.base import seeded
+
+LOSS_SCALES = ("sum", "relative", "initial")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -29,12 +32,17 @@ def _no_flag(default=dataclasses.MISSING, help: str = "", *, why: str, default_f
 
 @dataclass
 class MetaTrainConfig:
-    task: str = _no_flag("quadratic", "the optimizees: a registered task (l2l_fast.tasks.TASKS)",
+    task: str = _no_flag("quadratic", "the optimizees: a registered task (l2l_fast.tasks.TASKS); mixed samples "
+                                      "problems of several families (its families and datasets options)",
                          why="--task and the task's option flags come from the task registry")
     task_kwargs: dict = _no_flag(help="the task's options (its factory's keyword arguments)", default_factory=dict,
                                  why="the task's option flags (--hidden, --activation, --dim, ...)")
     epochs: int = _flag(100, "meta-training epochs: each optimizes fresh problems for a horizon", type=positive_int)
     horizon: int = _flag(100, "optimization steps of an episode; a multiple of --unroll", type=positive_int)
+    horizon_min: int = _flag(0, "episodes of random length: each epoch's drawn log-uniform between M and --horizon "
+                                "steps (rounded up to a multiple of --unroll; from --seed and the epoch), the LSTM "
+                                "state and the parameters carried across its truncations; validation runs --horizon "
+                                "steps; 0: every episode --horizon steps (the paper)", metavar="M")
     unroll: int = _flag(20, "steps of a truncation: the meta-gradient flows through them, then Adam updates the "
                             "LSTM (--unroll equal to --horizon: one meta-step through the whole episode)",
                         type=positive_int)
@@ -54,7 +62,9 @@ class MetaTrainConfig:
                                           "updates; later work found this helps)", why="set from code")
     loss_scale: str = _flag("sum", "sum: a truncation's meta-loss is the sum of its losses (the paper); relative: "
                                    "each problem's losses divided by its loss at the truncation's start, so late "
-                                   "truncations, whose losses are small, weigh as much as the first",
+                                   "truncations, whose losses are small, weigh as much as the first; initial: each "
+                                   "problem's losses divided by its loss at the episode's start, so problems of "
+                                   "different loss scales (--task mixed) weigh alike",
                             choices=LOSS_SCALES)
     step_weight_power: float = _flag(0.0, "0: every step's loss counts once (the paper); K > 0: the loss after step t "
                                           "counts (K+1)(t/horizon)^K (mean about 1), leaning the meta-loss toward the "
@@ -94,6 +104,9 @@ class MetaTrainConfig:
         for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+        if not (isinstance(self.horizon_min, int) and 0 <= self.horizon_min <= self.horizon):
+            raise ValueError(f"horizon_min: expected an int in [0, horizon = {self.horizon}] (0: a fixed horizon), "
+                             f"got {self.horizon_min!r}")
         if not (isinstance(self.coordinate_fraction, (int, float)) and 0 < self.coordinate_fraction <= 1):
             raise ValueError(f"coordinate_fraction: expected a number in (0, 1], got {self.coordinate_fraction!r}")
         if not (math.isfinite(self.random_scale) and self.random_scale >= 0):
@@ -108,10 +121,21 @@ class MetaTrainConfig:
         progress = min(epoch / self.epochs, 1.0)
         return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    def step_weight(self, step: int) -> float:
-        """The meta-loss weight of the loss after step `step` (1 .. horizon) of an episode."""
+    def episode_horizon(self, epoch: int) -> int:
+        """The steps of epoch `epoch`'s episode: --horizon, or with --horizon-min M a log-uniform draw in
+        [M, horizon] rounded up to a multiple of unroll, a function of (seed, epoch) alone (a resumed run draws
+        the same)."""
+        if self.horizon_min == 0:
+            return self.horizon
+        u = torch.rand((), generator=seeded(self.seed, epoch, 5), dtype=torch.float64).item()
+        steps = math.exp(math.log(self.horizon_min) + u * (math.log(self.horizon) - math.log(self.horizon_min)))
+        return min(self.horizon, max(self.unroll, math.ceil(steps / self.unroll - 1e-9) * self.unroll))
+
+    def step_weight(self, step: int, horizon: int | None = None) -> float:
+        """The meta-loss weight of the loss after step `step` (1 .. horizon) of an episode of `horizon` steps
+        (default --horizon)."""
         k = self.step_weight_power
-        return 1.0 if k == 0 else (k + 1) * (step / self.horizon) ** k
+        return 1.0 if k == 0 else (k + 1) * (step / (horizon or self.horizon)) ** k
 
     def net_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,

@@ -13,18 +13,28 @@ from ..tasks.base import ProblemBatch
 
 
 class RescaledProblems(ProblemBatch):
+    """base with coordinates scaled by `scale` (base.param_shape: [P, D], or [N] for a MixedBatch)."""
+
     def __init__(self, base: ProblemBatch, scale: Tensor):
-        if scale.shape != (base.num_problems, base.dim):
-            raise ValueError(f"scale: expected shape {(base.num_problems, base.dim)}, got {tuple(scale.shape)}")
+        if scale.shape != base.param_shape:
+            raise ValueError(f"scale: expected shape {tuple(base.param_shape)}, got {tuple(scale.shape)}")
         self.base, self.scale = base, scale
         self.num_problems, self.dim, self.groups = base.num_problems, base.dim, base.groups
+        self.relative_scores = base.relative_scores
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return self.base.param_shape
+
+    def problem_sizes(self) -> list[int]:
+        return self.base.problem_sizes()
 
     @classmethod
     def random(cls, base: ProblemBatch, spread: float, generator: torch.Generator) -> "RescaledProblems":
         """Scales exp(U(-spread, spread)), independent per problem and coordinate."""
         if not spread > 0:
             raise ValueError(f"spread: expected a number > 0, got {spread!r}")
-        u = torch.rand(base.num_problems, base.dim, generator=generator, dtype=torch.float64)
+        u = torch.rand(*base.param_shape, generator=generator, dtype=torch.float64)
         return cls(base, torch.exp((2 * u - 1) * spread).to(torch.get_default_dtype()))
 
     def init_params(self) -> Tensor:

@@ -1,6 +1,7 @@
-"""Meta-training (the paper's procedure): each epoch optimizes fresh problems for `horizon` steps
-in truncations of `unroll` steps; after each truncation Adam updates the LSTM's weights from the
-sum of the optimizee losses. Held-out evaluation every `eval_every` epochs keeps the best weights.
+"""Meta-training (the paper's procedure): each epoch optimizes fresh problems for `horizon` steps (or a
+random length: horizon_min) in truncations of `unroll` steps; after each truncation Adam updates the LSTM's
+weights from the sum of the optimizee losses. Held-out evaluation every `eval_every` epochs keeps the best
+weights.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from ..files import CheckpointError, load_verified, save_atomic
 from ..grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
 from ..pretrained import load_pretrained
-from ..tasks import get_task
+from ..tasks import TASKS, get_task
 from ..tasks.base import seeded
 from .config import MetaTrainConfig
 from .rescale import RescaledProblems
 from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
 
-LOG_FIELDS = ["epoch", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
+LOG_FIELDS = ["epoch", "horizon", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
 
 
 def build_net(config: MetaTrainConfig, groups=None, dim: int = 0):
@@ -67,9 +68,12 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
 def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
     """Validation score (lower is better): the mean loss over the last tenth of the horizon on fixed
     validation problems. It selects for where the comparison with hand-designed optimizers is made
-    (the loss reached at the end), averaged over a few steps against minibatch noise."""
+    (the loss reached at the end), averaged over a few steps against minibatch noise. Problems of different
+    scales (a mixed batch: relative_scores) count each loss relative to the problem's loss at theta_0."""
     problems = task.sample(config.eval_problems, seed=config.seed, split="val")
     losses = run_learned(net, problems, config.horizon)
+    if problems.relative_scores:
+        losses = losses / losses[0].clamp_min(1e-12)
     tail = max(1, config.horizon // 10)
     score = losses[-tail:].mean().item()
     return score if math.isfinite(score) else math.inf
@@ -78,24 +82,29 @@ def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
 def initial_validation_loss(task, config: MetaTrainConfig) -> float:
     """The validation problems' mean loss at theta_0: what an optimizer that makes no progress scores."""
     problems = task.sample(config.eval_problems, seed=config.seed, split="val")
+    if problems.relative_scores:
+        return 1.0  # scores relative to the loss at theta_0
     with torch.no_grad():
         return problems.loss(problems.init_params(), 0).mean().item()
 
 
 def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) -> dict:
-    """One epoch: fresh problems, horizon // unroll truncations, an Adam step after each."""
+    """One epoch: fresh problems, horizon // unroll truncations (the episode's horizon: config.episode_horizon),
+    an Adam step after each."""
     problems = task.sample(config.meta_batch, seed=config.seed * 1_000_003 + epoch, split="train")
     if config.random_scale > 0:
         problems = RescaledProblems.random(problems, config.random_scale, seeded(config.seed, epoch, 4))
+    horizon = config.episode_horizon(epoch)
     params = problems.init_params()
     state = net.init_state(params.numel())
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+    initial = 1.0 / losses.detach().clamp_min(1e-12)
     total, skipped, norms = 0.0, 0, []
     scale = 1.0 / (config.unroll * problems.num_problems)
-    for start in range(0, config.horizon, config.unroll):
-        weights = 1.0 / losses.detach().clamp_min(1e-12) if config.loss_scale == "relative" else None
+    for start in range(0, horizon, config.unroll):
+        weights = {"relative": 1.0 / losses.detach().clamp_min(1e-12), "initial": initial}.get(config.loss_scale)
         step_weights = None if config.step_weight_power == 0 else [
-            config.step_weight(start + j + 1) for j in range(config.unroll)]
+            config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
             params.numel(), config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device)
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
@@ -115,17 +124,22 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
         meta_optimizer.step()
         total += meta_loss.item()
         norms.append(norm.item())
-    done = config.horizon // config.unroll - skipped
-    return {"meta_loss": total / max(done, 1), "skipped": skipped, "grad_norm": max(norms, default=0.0)}
+    done = horizon // config.unroll - skipped
+    return {"horizon": horizon, "meta_loss": total / max(done, 1), "skipped": skipped,
+            "grad_norm": max(norms, default=0.0)}
 
 
 class MetaTrainer:
-    """Owns a run directory: checkpoint.pt (resume state), best.pt (best weights), log.csv, summary.json."""
+    """Owns a run directory: checkpoint.pt (resume state), best.pt (best weights), log.csv, summary.json.
+
+    task: the Task to meta-train on instead of the registered one named by config.task (e.g. a ModuleTask of
+    your own model; config.task is then its label in the run's files, and config.task_kwargs are not used).
+    """
 
     def __init__(self, config: MetaTrainConfig, out_dir, *, resume: bool = False, progress: bool = True,
-                 data_dir=None):
+                 data_dir=None, task=None):
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        self.task = get_task(config.task).make(config.task_kwargs, data_dir=data_dir)
+        self.task = task if task is not None else get_task(config.task).make(config.task_kwargs, data_dir=data_dir)
         shape = self.task.sample(1, seed=config.seed, split="val")  # the task's parameter groups
         self.groups, self.dim = shape.groups, shape.dim
         if config.coordinate_fraction < 1 and len(self.groups) > 1:
@@ -150,7 +164,7 @@ class MetaTrainer:
     def _restore(self, payload: dict) -> None:
         saved = {**dataclasses.asdict(MetaTrainConfig()), **payload["config"]}  # fields added since: defaults
         mine = dataclasses.asdict(self.config)
-        if saved["task"] == mine["task"]:  # task options added since, or given at their defaults, change nothing
+        if saved["task"] == mine["task"] and mine["task"] in TASKS:  # options added since, or at defaults: same
             complete = get_task(mine["task"]).complete
             saved["task_kwargs"], mine["task_kwargs"] = complete(saved["task_kwargs"]), complete(mine["task_kwargs"])
         free = ("epochs", "collapse_patience")  # may change on resume

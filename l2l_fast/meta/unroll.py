@@ -2,7 +2,8 @@
 the no-grad evaluation runs share this module.
 
 theta_{t+1} = theta_t + update_t; gradients of the optimizee are data (no second derivatives); the
-P * D coordinates of all problems go through one kernel call per step.
+coordinates of all problems go through one kernel call per step: params are [P, D] for problems of one
+shape, [N] for a MixedBatch of problems of different shapes, and the LSTM sees them flattened alike.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..tasks.base import ProblemBatch
 
 
 def loss_and_grad(problems: ProblemBatch, params: Tensor, step: int, keep_graph: bool) -> tuple[Tensor, Tensor]:
-    """Losses [P] at `params` [P, D] and their gradient [P, D] (detached).
+    """Losses [P] at `params` (problems.param_shape) and their gradient, of params' shape (detached).
 
     keep_graph: the losses stay differentiable (meta-loss terms), so their graph is retained.
     """
@@ -68,14 +69,14 @@ def _sampled_step(net, grad: Tensor, state: tuple[Tensor, Tensor], sample: Coord
 
 def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state: Tensor, start: int, steps: int,
                weights: Tensor | None = None, step_weights=None, sample: CoordinateSample | None = None):
-    """`steps` differentiable steps from `params` [P, D] whose gradient `grad` is already known.
+    """`steps` differentiable steps from `params` ([P, D], or [N] for a MixedBatch) whose gradient `grad`
+    (params' shape) is already known; state [L, 2, H, params.numel()].
 
     Returns (meta_loss = sum of the P losses after each update, each problem's losses times
     `weights` [P] and the losses after update j times `step_weights[j]` when given, losses [steps, P]
     detached, params, grad, state) with the last three ready to carry (detached) into the next truncation.
     `sample`: backpropagate through those coordinates only (an unbiased estimate; see CoordinateSample).
     """
-    P, D = params.shape
     meta_loss = params.new_zeros(())
     history = []
     carried = sample.split(state) if sample is not None else state
@@ -85,7 +86,7 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state:
             update, carried = net(flat_grad, carried)
         else:
             update, carried = _sampled_step(net, flat_grad, carried, sample)
-        params = params + update.view(P, D)
+        params = params + update.view(params.shape)
         losses, grad = loss_and_grad(problems, params, start + j + 1, keep_graph=True)
         term = losses.sum() if weights is None else (losses * weights).sum()
         meta_loss = meta_loss + (term if step_weights is None else step_weights[j] * term)
@@ -100,12 +101,11 @@ def run_learned(net, problems: ProblemBatch, steps: int) -> Tensor:
     Returns the losses [steps + 1, P] at theta_0 .. theta_steps.
     """
     params = problems.init_params()
-    P, D = params.shape
     flat = params.reshape(-1).clone()
     state = net.init_state(flat.numel())
     history = []
     for t in range(steps + 1):
-        losses, grad = loss_and_grad(problems, flat.view(P, D), t, keep_graph=False)
+        losses, grad = loss_and_grad(problems, flat.view(params.shape), t, keep_graph=False)
         history.append(losses.detach())
         if t < steps:
             with torch.no_grad():
@@ -114,8 +114,9 @@ def run_learned(net, problems: ProblemBatch, steps: int) -> Tensor:
 
 
 def run_torch_optimizer(make_optimizer, problems: ProblemBatch, steps: int) -> Tensor:
-    """The same with a torch.optim optimizer over the stacked [P, D] parameters: all four baselines
-    are elementwise, so this equals optimizing each problem on its own. Returns losses [steps + 1, P]."""
+    """The same with a torch.optim optimizer over the stacked parameters ([P, D], or [N] for a MixedBatch):
+    all four baselines are elementwise, so this equals optimizing each problem on its own. Returns losses
+    [steps + 1, P]."""
     params = problems.init_params().clone().requires_grad_(True)
     optimizer = make_optimizer([params])
     history = []

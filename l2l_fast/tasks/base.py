@@ -1,11 +1,14 @@
-"""What a meta-training problem is: a batch of P optimizees of D parameters each, with a functional loss.
+"""What a meta-training problem is: a batch of P optimizees with a functional loss.
 
-Batching the problems lets one kernel call step all P * D coordinates and one batched forward
-(bmm) compute all P losses.
+Batching the problems lets one kernel call step all their coordinates and one batched forward (bmm)
+compute all P losses. P problems of one shape hold params [P, D]; a MixedBatch holds problems of
+different shapes as one flat [N] with a segment per problem, so they still share each kernel call.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,22 +18,75 @@ from ..grouped import ParamGroup  # the net layer's: one LSTM per group reads th
 
 
 class ProblemBatch:
-    """P problems of the same shape. Subclasses define `init_params` and `loss`.
+    """P problems. Subclasses define `init_params` and `loss`.
 
-    params are always [P, D]; `loss(params, step)` returns the P losses [P] at optimization step
-    `step` (minibatch problems draw the batch of that step deterministically from their seeds, so an
-    optimizer and its baselines see the same data).
+    params have the shape `param_shape`: [P, D] for P problems of one shape (the default), [N] for a
+    MixedBatch. `loss(params, step)` returns the P losses [P] at optimization step `step` (minibatch
+    problems draw the batch of that step deterministically from their seeds, so an optimizer and its
+    baselines see the same data). Every optimizer of the package is elementwise, so the meta-training
+    engine only ever needs params flattened: problem p owns the p-th segment of `problem_sizes()`.
     """
 
     num_problems: int
     dim: int
     groups: list[ParamGroup]
+    # evaluation scores each problem's losses relative to its loss at theta_0 (problems of different scales)
+    relative_scores: bool = False
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """The shape of `init_params()` and of the params `loss` takes."""
+        return (self.num_problems, self.dim)
+
+    def problem_sizes(self) -> list[int]:
+        """Coordinates of each problem, in the order of the flattened params: [P] ints."""
+        return [self.dim] * self.num_problems
 
     def init_params(self) -> Tensor:
         raise NotImplementedError
 
     def loss(self, params: Tensor, step: int) -> Tensor:
         raise NotImplementedError
+
+
+class MixedBatch(ProblemBatch):
+    """Problems of different shapes as one batch: the parts' params flattened and concatenated, [N].
+
+    parts: ProblemBatches (each of one shape, [P_k, D_k], or mixed itself), with one parameter group each;
+    the problems are the parts' in order, and `loss(params [N], step)` their losses [sum P_k]. `specs`:
+    optional, a description of each problem (the sampler's family and options), [P].
+    """
+
+    relative_scores = True
+
+    def __init__(self, parts: Sequence[ProblemBatch], specs: Sequence | None = None):
+        if not parts:
+            raise ValueError("parts: expected at least one ProblemBatch")
+        for part in parts:
+            if len(part.groups) > 1:
+                raise ValueError(f"parts: a part with {len(part.groups)} parameter groups cannot be mixed "
+                                 "(one LSTM steps all of a mixed batch's coordinates)")
+        self.parts = list(parts)
+        self.counts = [math.prod(part.param_shape) for part in self.parts]
+        self.num_problems = sum(part.num_problems for part in self.parts)
+        self.dim = sum(self.counts)  # N: all coordinates (params are [N])
+        self.groups = [ParamGroup("all", 0, self.dim)]
+        self.specs = list(specs) if specs is not None else None
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def problem_sizes(self) -> list[int]:
+        return [size for part in self.parts for size in part.problem_sizes()]
+
+    def init_params(self) -> Tensor:
+        return torch.cat([part.init_params().reshape(-1) for part in self.parts])
+
+    def loss(self, params: Tensor, step: int) -> Tensor:
+        """params [N] -> losses [P]."""
+        pieces = params.split(self.counts)
+        return torch.cat([part.loss(piece.view(part.param_shape), step) for part, piece in zip(self.parts, pieces)])
 
 
 class ClassifierBatch(ProblemBatch):
@@ -77,9 +133,14 @@ def check_split(split: str) -> None:
         raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
 
 
-def seeded(seed: int, *salt: int) -> torch.Generator:
-    """A CPU generator for (seed, *salt): independent streams without global RNG state."""
+def derive_seed(seed: int, *salt: int) -> int:
+    """An int seed for (seed, *salt): what `seeded` seeds its generator with."""
     value = int(seed)
     for s in salt:
         value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(value)
+    return value
+
+
+def seeded(seed: int, *salt: int) -> torch.Generator:
+    """A CPU generator for (seed, *salt): independent streams without global RNG state."""
+    return torch.Generator().manual_seed(derive_seed(seed, *salt))
