@@ -140,8 +140,9 @@ def check_suite(suite: Suite) -> None:
         spec = get_task(e.task)
         unknown = set(e.kwargs) - {o.name for o in spec.options}
         if unknown:
+            declared = ", ".join(o.name for o in spec.options) or "none"
             raise ValueError(f"suite {suite.name!r}, entry {e.label!r}: task {e.task!r} has no option "
-                             f"{', '.join(map(repr, sorted(unknown)))} (it has {', '.join(o.name for o in spec.options) or 'none'})")
+                             f"{', '.join(map(repr, sorted(unknown)))} (it has {declared})")
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -166,7 +167,11 @@ class Run:
     name: str
     losses: torch.Tensor  # [steps + 1, P]
     lr: float | None = None  # a baseline's learning rate; None for a learned optimizer
-    grid: tuple = ()  # the rates it was tuned over
+    scores: dict = field(default_factory=dict)  # a tuned baseline's grid: lr -> mean final validation loss
+
+    @property
+    def lr_at_grid_edge(self) -> bool:
+        return bool(self.scores) and self.lr in (min(self.scores), max(self.scores))
 
     @property
     def finals(self) -> torch.Tensor:
@@ -182,7 +187,6 @@ class EntryResult:
     entry: SuiteEntry
     steps: int
     runs: dict[str, Run]  # by optimizer name, the references first
-    tune_scores: dict[float, float]  # tuned Adam's grid: lr -> mean final validation loss
     seconds: float
 
     def ratio(self, name: str, reference: str) -> tuple[float, float, float]:
@@ -210,8 +214,8 @@ class SuiteResult:
                 finals = run.finals
                 row = {"entry": e.label, "task": e.task, "options": result.entry.kwargs, "steps": result.steps,
                        "held_out": e.held_out, "optimizer": name, "lr": run.lr,
-                       "lr_at_grid_edge": run.lr is not None and name != ADAM_DEFAULT and run.lr in (
-                           min(run.grid), max(run.grid)),
+                       "lr_at_grid_edge": run.lr_at_grid_edge,
+                       "validation_scores": {f"{lr:.6g}": score for lr, score in run.scores.items()},
                        "final_mean": finals.mean().item(), "finals": finals.tolist(),
                        "divergences": run.divergences, "problems": finals.numel()}
                 for reference, key in ((ADAM_DEFAULT, "vs_adam_1e-3"), (ADAM_TUNED, "vs_adam_tuned")):
@@ -273,7 +277,8 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
         tune_problems = QUICK_TUNE_PROBLEMS if quick else TUNE_PROBLEMS
     cache = {} if cache is None else cache
     settings = {"suite": suite.name, "problems": problems, "tune_problems": tune_problems, "seed": seed,
-                "quick": quick, "adam_grid": list(grid), "baseline_grid": list(baseline_grid), "divergence_factor": DIVERGENCE_FACTOR, "within": WITHIN_FACTOR}
+                "quick": quick, "adam_grid": list(grid), "baseline_grid": list(baseline_grid),
+                "divergence_factor": DIVERGENCE_FACTOR, "within": WITHIN_FACTOR}
     clash = set(optimizers) & (set(REFERENCES) | set(baselines))
     if clash:
         raise ValueError(f"optimizers: labels {sorted(clash)} are taken by the baselines")
@@ -298,10 +303,10 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
         test = task.sample(problems, seed=seed, split="test")
         baseline_runs: dict[tuple[str, float], torch.Tensor] = {}  # Adam 1e-3 may be the tuned rate too
 
-        def baseline(label, name, lr, rates=()):
+        def baseline(label, name, lr, scores=None):
             if (name, lr) not in baseline_runs:
                 baseline_runs[name, lr] = run_baseline(name, lr, test, steps)
-            return Run(label, baseline_runs[name, lr], lr, tuple(rates))
+            return Run(label, baseline_runs[name, lr], lr, dict(scores or {}))
 
         adam_lr, scores = tuned("adam")
         runs = {ADAM_DEFAULT: baseline(ADAM_DEFAULT, "adam", ADAM_DEFAULT_LR),
@@ -311,7 +316,7 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
         for name in baselines:
             if name != "adam":
                 runs[name] = baseline(name, name, *tuned(name))
-        result.entries.append(EntryResult(e, steps, runs, scores, time.perf_counter() - started))
+        result.entries.append(EntryResult(e, steps, runs, time.perf_counter() - started))
         if log is not None:
             log(f"{e.label}: {steps} steps, {problems} problems, {result.entries[-1].seconds:.1f} s")
     return result
