@@ -1,9 +1,13 @@
 """The `l2l-fast` command answers what a user can fix with one line on stderr and exit status 2, not a traceback."""
+import math
+
 import pytest
+import torch
+from test_weight_files import RunsCode, flip_a_bit_in_the_weights, small_net, write_net
 
 import l2l_fast.meta.evaluate as evaluate_module
 from l2l_fast.cli import load_optimizer_spec, main as cli_main
-from l2l_fast.pretrained import SHIPPED_DIR
+from l2l_fast.pretrained import SHIPPED_DIR, save_pretrained
 
 TRAIN = ["meta-train", "--task", "quadratic", "--epochs", "1", "--horizon", "4", "--unroll", "2", "--meta-batch", "1",
          "--eval-every", "1", "--eval-problems", "1", "--no-progress"]
@@ -87,6 +91,42 @@ def test_export_directory_is_made_before_the_run(tmp_path, capsys):
 def test_a_bare_shipped_name_still_loads():
     label, net = load_optimizer_spec("mnist")
     assert label == "mnist" and net.record
+
+
+
+def _flipped(path):
+    net = small_net()
+    save_pretrained(net, path)
+    flip_a_bit_in_the_weights(path, net)
+
+
+def _nan_weight(path):
+    write_net(path, "verified", out__bias=torch.full((1,), math.nan))
+
+
+def _runs_code(path):
+    torch.save({"state_dict": RunsCode(path.parent / "code-ran")}, path)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_flipped, "checksum mismatch"),
+    (_nan_weight, "weight 'out.bias' has 1 non-finite value"),
+    (_runs_code, "refused by torch's weights-only unpickler"),
+], ids=["bit-flip", "nan-weight", "runs-code"])
+def test_a_corrupt_or_unsafe_optimizer_file_is_one_line(tmp_path, capsys, make, reason):
+    path = tmp_path / "opt.pt"
+    make(path)
+    err = run_failing(evaluate_argv(str(path)), capsys)
+    assert "not a valid l2l_fast optimizer file" in err and reason in err and str(path) in err
+    assert not (tmp_path / "code-ran").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="cli.load_optimizer_spec accepts only '.pt' paths before load_pretrained "
+                                       "sees them; it should ask l2l_fast.pretrained.names_a_file(spec)")
+def test_a_pth_file_is_an_optimizer_file(tmp_path):
+    save_pretrained(small_net(), tmp_path / "opt.pth")
+    label, net = load_optimizer_spec(str(tmp_path / "opt.pth"))
+    assert net.hidden_size == 4
 
 
 @pytest.mark.parametrize("extra, expected", [
