@@ -160,3 +160,24 @@ def test_meta_training_on_a_module_task_runs_and_resumes(tmp_path):
     resumed = MetaTrainer(config, tmp_path, progress=False, task=task, resume=True)
     assert resumed.epoch == 2 and resumed.run()["epochs"] == 3
     assert load_verified(tmp_path / "checkpoint.pt")["config"]["task"] == "my-mlp"
+
+
+def test_the_readme_example(tmp_path):
+    """README's "your own model" example, with a tiny run."""
+    import l2l_fast
+
+    x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
+
+    def make_model():
+        width = int(torch.randint(16, 65, ()))
+        return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 4))
+
+    task = ModuleTask(make_model, F.cross_entropy, data=(x, y), batch_size=64)
+    config = MetaTrainConfig(task="my-mlps", epochs=1, horizon=4, unroll=2, meta_batch=3, eval_problems=2,
+                             loss_scale="initial")
+    trainer = MetaTrainer(config, tmp_path / "my-mlps", task=task, progress=False)
+    trainer.run()
+    model = make_model()
+    opt = l2l_fast.LearnedOptimizer(model.parameters(), trainer.best_net())
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
