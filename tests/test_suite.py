@@ -110,11 +110,11 @@ def test_tuning_is_cached_per_task_horizon_and_seed(monkeypatch):
                             entry("c", "quadratic", 7, dim=3)))
     cache = {}
     result = run_suite(twice, {}, baselines=["sgd"], problems=2, tune_problems=2, grid=(1e-3, 1e-2),
-                       baseline_grid=(1e-2, 1e-1), cache=cache)
+                       baseline_grid=(1e-2, 1e-1), extend_to=None, cache=cache)
     assert sorted(calls) == [("adam", 3, 6), ("adam", 3, 7), ("sgd", 3, 6), ("sgd", 3, 7)]
-    run_suite(twice, {}, problems=2, tune_problems=2, grid=(1e-3, 1e-2), cache=cache)
+    run_suite(twice, {}, problems=2, tune_problems=2, grid=(1e-3, 1e-2), extend_to=None, cache=cache)
     assert len(calls) == 4  # all from the cache
-    run_suite(twice, {}, problems=2, tune_problems=2, seed=5, grid=(1e-3, 1e-2), cache=cache)
+    run_suite(twice, {}, problems=2, tune_problems=2, seed=5, grid=(1e-3, 1e-2), extend_to=None, cache=cache)
     assert len(calls) == 6  # another seed tunes again
     a = result.entries[0]
     scores = a.runs[ADAM_TUNED].scores
@@ -124,6 +124,20 @@ def test_tuning_is_cached_per_task_horizon_and_seed(monkeypatch):
     assert set(a.runs["sgd"].scores) == {1e-2, 1e-1}
     edge = {(r["entry"], r["optimizer"]): r["lr_at_grid_edge"] for r in result.rows()}
     assert edge["a", ADAM_TUNED] and not edge["a", ADAM_DEFAULT]  # a two-point grid is all edge
+
+
+def test_a_grid_whose_best_rate_is_its_highest_grows_upwards():
+    """Adam wants rates near 0.3 on small quadratics: a grid stopping at 1e-3 grows until its best is inside."""
+    from l2l_fast.tasks import make_task
+
+    task = make_task("quadratic", dim=3)
+    best, scores = suite_module.tune_extending("adam", task, 20, 2, seed=0, grid=(1e-4, 1e-3))
+    assert best == min(scores, key=scores.get) and 1e-3 < best < max(scores)
+    assert all(any(math.isclose(lr, 10 ** (k / 4)) for k in range(-16, 5)) for lr in scores)  # the grids' rates
+    capped = suite_module.tune_extending("adam", task, 20, 2, seed=0, grid=(1e-4, 1e-3), extend_to=3e-3)
+    assert max(capped[1]) == pytest.approx(10 ** -2.75)  # the last quarter decade below the cap
+    assert suite_module.tune_extending("adam", task, 20, 2, seed=0, grid=(1e-4, 1e-3), extend_to=None)[1].keys() \
+        == {1e-4, 1e-3}
 
 
 def test_quick_mode_cuts_horizons_and_problems():

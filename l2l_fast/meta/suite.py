@@ -10,9 +10,11 @@ the same initialisations and minibatches, together with two references:
 
 - "adam 1e-3": Adam at its default learning rate, what an untuned user runs;
 - "adam tuned": Adam at the learning rate of ADAM_GRID (1e-4 .. 1 in quarter decades) with the lowest mean
-  final loss on `tune_problems` validation problems (split "val") over the entry's horizon; a rate at the grid's
-  edge is flagged (lr_at_grid_edge). Grids are cached per (task, options, horizon, validation problems, seed)
-  within a run (`cache`), so entries sharing them tune once. Other baselines tune on evaluate.DEFAULT_GRID.
+  final loss on `tune_problems` validation problems (split "val") over the entry's horizon. While the best rate
+  is the highest tried, the grid grows by a quarter decade, up to 10 (evaluate's grid): cut short for speed, it
+  must not cap a baseline that wants larger steps. A rate still at an edge is flagged (lr_at_grid_edge).
+  Other baselines tune on evaluate.DEFAULT_GRID, extended alike. Grids are cached per (task, options, horizon,
+  validation problems, seed) within a run (`cache`), so entries sharing them tune once.
 
 Definitions (what the table, the JSON rows and the summary report):
 
@@ -39,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .evaluate import BASELINES, DEFAULT_GRID, paired_ratio, run_baseline, tune_learning_rate
+from .evaluate import BASELINES, DEFAULT_GRID, final_score, paired_ratio, run_baseline, tune_learning_rate
 from .unroll import run_learned
 
 DIVERGENCE_FACTOR = 10.0
@@ -50,6 +52,7 @@ REFERENCES = (ADAM_DEFAULT, ADAM_TUNED)
 # Adam's lr grid: evaluate's without the rates above 1, where Adam never wins on these tasks (the grid costs
 # a full-horizon run per point: 17 instead of 21)
 ADAM_GRID = tuple(10 ** (e / 4) for e in range(-16, 1))
+EXTEND_TO = 10.0  # the grids grow upwards to here when their best rate is their highest
 # --quick: few problems, short horizons (tests, a first look)
 QUICK_STEPS, QUICK_PROBLEMS, QUICK_TUNE_PROBLEMS = 20, 3, 2
 PROBLEMS, TUNE_PROBLEMS, SEED = 8, 8, 1
@@ -252,9 +255,26 @@ def summary_line(s: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- running
+def tune_extending(name: str, task, steps: int, num_problems: int, seed: int, grid,
+                   extend_to: float | None = EXTEND_TO) -> tuple[float, dict[float, float]]:
+    """evaluate.tune_learning_rate over `grid`; then, while the best rate is the highest tried, the next quarter
+    decade above it (10^(k/4), as the grids' rates) is tried too, up to `extend_to` (None: never).
+    Returns (best lr, {lr: mean final validation loss})."""
+    best, scores = tune_learning_rate(name, task, steps, num_problems, seed=seed, grid=grid)
+    while extend_to is not None and best == max(scores):
+        higher = 10 ** ((round(4 * math.log10(best)) + 1) / 4)
+        if higher > extend_to * (1 + 1e-9):
+            break
+        problems = task.sample(num_problems, seed=seed, split="val")  # the problems tune_learning_rate draws
+        scores[higher] = final_score(run_baseline(name, higher, problems, steps))
+        best = min(scores, key=scores.get)
+    return best, scores
+
+
 def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines: Sequence[str] = (),
               problems: int | None = None, tune_problems: int | None = None, seed: int = SEED, quick: bool = False,
-              data_dir=None, grid=ADAM_GRID, baseline_grid=DEFAULT_GRID, cache: dict | None = None,
+              data_dir=None, grid=ADAM_GRID, baseline_grid=DEFAULT_GRID, extend_to: float | None = EXTEND_TO,
+              cache: dict | None = None,
               log: Callable[[str], None] | None = None) -> SuiteResult:
     """Runs every entry of `suite` (a name of SUITES or a Suite).
 
@@ -262,7 +282,8 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
     CoordinatewiseLSTM), or a function task -> one (a file with one LSTM per parameter group loads per task)}.
     baselines: more hand-designed optimizers (BASELINES' names), each tuned as Adam is; "adam" is tuned Adam.
     problems, tune_problems: test and validation problems per entry (defaults 8 and 8; quick: 3 and 2, and
-    horizons cut to 20 steps). grid: Adam's learning rates to tune over; baseline_grid: the other baselines'.
+    horizons cut to 20 steps). grid: Adam's learning rates to tune over; baseline_grid: the other baselines';
+    extend_to: how far a grid whose best rate is its highest grows (tune_extending).
     cache: tuning results to reuse, {key: (lr, scores)}; filled as tuning runs.
     log: called with one line per finished entry.
     """
@@ -277,7 +298,7 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
         tune_problems = QUICK_TUNE_PROBLEMS if quick else TUNE_PROBLEMS
     cache = {} if cache is None else cache
     settings = {"suite": suite.name, "problems": problems, "tune_problems": tune_problems, "seed": seed,
-                "quick": quick, "adam_grid": list(grid), "baseline_grid": list(baseline_grid),
+                "quick": quick, "adam_grid": list(grid), "baseline_grid": list(baseline_grid), "extend_to": extend_to,
                 "divergence_factor": DIVERGENCE_FACTOR, "within": WITHIN_FACTOR}
     clash = set(optimizers) & (set(REFERENCES) | set(baselines))
     if clash:
@@ -295,9 +316,9 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
 
         def tuned(name):
             rates = tuple(grid if name == "adam" else baseline_grid)
-            key = (e.task, e.options, steps, tune_problems, seed, name, rates)
+            key = (e.task, e.options, steps, tune_problems, seed, name, rates, extend_to)
             if key not in cache:
-                cache[key] = tune_learning_rate(name, task, steps, tune_problems, seed=seed, grid=rates)
+                cache[key] = tune_extending(name, task, steps, tune_problems, seed, rates, extend_to)
             return cache[key]
 
         test = task.sample(problems, seed=seed, split="test")
