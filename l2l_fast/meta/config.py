@@ -62,9 +62,10 @@ class MetaTrainConfig:
                                           "updates; later work found this helps)", why="set from code")
     loss_scale: str = _flag("sum", "sum: a truncation's meta-loss is the sum of its losses (the paper); relative: "
                                    "each problem's losses divided by its loss at the truncation's start, so late "
-                                   "truncations, whose losses are small, weigh as much as the first; initial: each "
-                                   "problem's losses divided by its loss at the episode's start, so problems of "
-                                   "different loss scales (--task mixed) weigh alike",
+                                   "truncations, whose losses are small, weigh as much as the first (on long "
+                                   "horizons its meta-gradients explode); initial: each problem's losses divided by "
+                                   "its loss at the episode's start, so problems of different loss scales (--task "
+                                   "mixed) weigh alike",
                             choices=LOSS_SCALES)
     step_weight_power: float = _flag(0.0, "0: every step's loss counts once (the paper); K > 0: the loss after step t "
                                           "counts (K+1)(t/horizon)^K (mean about 1), leaning the meta-loss toward the "
