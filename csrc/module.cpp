@@ -1,9 +1,14 @@
 // The Python module l2l_fast._C: importing it runs the op registrations; it also exposes
-// which kernels this build has and the CPU output cache's controls.
+// which kernels this build has, their table of input features and the CPU output cache's controls.
 #include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "cpu/isa_select.h"
 #include "cpu/output_cache.h"
+#include "input_features.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &l2l_fast::cpu::active_isa_name, "Instruction set of the CPU kernels in use");
@@ -12,6 +17,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cpu_cache", &l2l_fast::cpu::release_cached_outputs,
         "Give the unused blocks of the CPU output cache back to the system; returns the bytes released");
   m.def("cpu_cache_bytes", &l2l_fast::cpu::cached_output_bytes, "Bytes held in unused CPU output cache blocks");
+  m.def("feature_table", [] {
+    std::vector<std::tuple<std::string, int64_t, int64_t>> table;
+    for (const l2l_fast::FeatureInfo& f : l2l_fast::kFeatureTable) table.emplace_back(f.name, f.bit, f.width);
+    return table;
+  }, "The kernels' input features as (name, bit, width), in bit order (l2l_fast.features mirrors it)");
   m.def("has_cuda_kernels", [] {
 #ifdef L2L_FAST_WITH_CUDA
     return true;

@@ -117,6 +117,6 @@ class FusedGroup:
                 flat[k] = self.locals[k].reshape(-1)
         weights = [w.detach().to(device=self.device, dtype=self.math_dtype) for w in net.weights()]
         net.implementation(self.device).lstm_multi_step_(flat, grads, self.state, weights, net.preprocess_p,
-                                                           net.output_scale * lr)
+                                                           net.output_scale * lr, net.feature_mask)
         for k in self.strided:
             self.locals[k].copy_(flat[k].view(self.locals[k].shape))
