@@ -2,6 +2,7 @@
 // which kernels this build has, their table of input features and the CPU output cache's controls.
 #include <torch/extension.h>
 
+#include <map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "cpu/isa_select.h"
 #include "cpu/output_cache.h"
 #include "input_features.h"
+#include "packed_cache.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &l2l_fast::cpu::active_isa_name, "Instruction set of the CPU kernels in use");
@@ -22,6 +24,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const l2l_fast::FeatureInfo& f : l2l_fast::kFeatureTable) table.emplace_back(f.name, f.bit, f.width);
     return table;
   }, "The kernels' input features as (name, bit, width), in bit order (l2l_fast.features mirrors it)");
+  m.def("packed_cache_stats", [] {
+    const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
+    return std::map<std::string, int64_t>{{"hits", s.hits},         {"misses", s.misses},   {"stale", s.stale},
+                                          {"bypassed", s.bypassed}, {"entries", s.entries}, {"capacity", s.capacity}};
+  }, "Counters of the cache of packed weights (csrc/packed_cache.h)");
+  m.def("clear_packed_cache", &l2l_fast::clear_packed_cache,
+        "Drop every cached packing of the weights (needed after writes to CUDA weights that bypass the version "
+        "counter, e.g. through w.data)");
+  m.def("set_packed_cache_capacity", &l2l_fast::set_packed_cache_capacity, py::arg("entries"),
+        "Weight versions kept packed at most (0 turns the cache off); returns the previous capacity");
   m.def("has_cuda_kernels", [] {
 #ifdef L2L_FAST_WITH_CUDA
     return true;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lstm_layout.h"
+#include "packed_cache.h"
 
 namespace l2l_fast {
 
@@ -206,6 +207,12 @@ inline at::Tensor pack_weights(at::TensorList weights, const PackedLayout& layou
     out[layout.out_bias_offset()] = out_b.item<scalar_t>();
   });
   return packed.to(like.device());
+}
+
+// pack_weights through the cache of weight versions (packed_cache.h), hits confirmed by the weights' bytes.
+inline at::Tensor cpu_packed_weights(at::TensorList weights, const PackedLayout& layout) {
+  return packed_weights(weights, layout, /*stream=*/0, /*use_cache=*/true, /*verify=*/true,
+                        [&] { return pack_weights(weights, layout); });
 }
 
 // The inverse for gradients: packed float64 sums [layout.size()] -> one gradient per weight tensor.

@@ -312,6 +312,44 @@ def test_cuda_graph_capture(gen):
         assert torch.equal(param, param_e) and torch.equal(state, state_e), f"replay {replay}"
 
 
+def test_cuda_graph_replays_see_in_place_weight_updates(gen):
+    """Regression guard of the packed-weight cache (csrc/packed_cache.h): during capture the packing is recorded
+    into the graph instead of taken from the cache, so replays pack the weights as they are at replay time. The
+    capture stream was warmed up with these very weights, so a cached packing would be found there."""
+    grad, state, weights, _, _ = cases.on(IMPL, cases.inputs(4096, 20, 2, torch.float32, gen))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.lstm_step(grad, state, weights, P, SCALE)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        update, _ = ops.lstm_step(grad, state, weights, P, SCALE)
+    for _ in range(2):
+        with torch.no_grad():
+            weights[-2].add_(0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ops.lstm_step(grad, state, [w.clone() for w in weights], P, SCALE)[0]
+        assert torch.equal(update, expected)
+
+
+def test_packed_weights_are_cached_per_stream(gen):
+    from l2l_fast import _C
+
+    grad, state, weights, _, _ = cases.on(IMPL, cases.inputs(1000, 20, 2, torch.float32, gen))
+    _C.clear_packed_cache()
+    ops.lstm_step(grad, state, weights, P, SCALE)
+    ops.lstm_step(grad, state, weights, P, SCALE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.lstm_step(grad, state, weights, P, SCALE)
+    torch.cuda.current_stream().wait_stream(side)
+    stats = _C.packed_cache_stats()
+    assert (stats["hits"], stats["misses"]) == (1, 2)
+
+
 def test_compile_reduce_overhead(gen):
     net = make_net(20, 2, gen=gen, dtype=torch.float32).cuda()
     torch._dynamo.reset()

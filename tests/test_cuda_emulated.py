@@ -33,7 +33,8 @@ def emu():
 
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
-    module = load(name="l2l_fast_cuda_emulation", sources=[str(ROOT / "tests" / "cuda_emulation" / "emulate.cpp")],
+    sources = [str(ROOT / "tests" / "cuda_emulation" / "emulate.cpp"), str(ROOT / "csrc" / "packed_cache.cpp")]
+    module = load(name="l2l_fast_cuda_emulation", sources=sources,
                   extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-fno-strict-aliasing"],
                   build_directory=str(build), verbose=False)
     return module
@@ -153,3 +154,23 @@ def test_multi_step_keeps_the_cpu_contract(impl, gen):
         impl.lstm_multi_step_(params, grads, state, weights, 10.0, 0.1)
     with pytest.raises(ValueError, match="features"):
         impl.lstm_multi_step_(params[:1], grads[:1], state[..., :9], weights, 10.0, 0.1, 0)
+
+
+def test_packed_weights_cached_per_version(impl, emu, gen):
+    """step_ops.h packs through the cache (csrc/packed_cache.h): a hit on the same weights, a miss after an
+    in-place change, which the result shows; calls autograd records for the weights bypass it (a CUDA hit is
+    not checked against the values, and gradcheck perturbs them through .data)."""
+    grad, state, weights, _, _ = cases.inputs(50, 3, 2, torch.float32, gen)
+    hits, misses, bypassed = emu.packed_cache_counts()
+    first = impl.lstm_step(grad, state, weights, 10.0, 0.1)[0]
+    assert torch.equal(first, impl.lstm_step(grad, state, weights, 10.0, 0.1)[0])
+    assert emu.packed_cache_counts() == (hits + 1, misses + 1, bypassed)
+    with torch.no_grad():
+        weights[-2].add_(1)
+    assert not torch.equal(first, impl.lstm_step(grad, state, weights, 10.0, 0.1)[0])
+    assert emu.packed_cache_counts() == (hits + 1, misses + 2, bypassed)
+    recorded = [w.requires_grad_(True) for w in weights]
+    impl.lstm_step(grad, state, recorded, 10.0, 0.1)
+    with torch.no_grad():
+        impl.lstm_step(grad, state, recorded, 10.0, 0.1)
+    assert emu.packed_cache_counts() == (hits + 2, misses + 2, bypassed + 1)

@@ -8,6 +8,7 @@
 #include "cpu/cpu_dispatch.h"
 #include "cpu/output_cache.h"
 #include "op_checks.h"
+#include "packed_cache.h"
 
 namespace l2l_fast {
 namespace cpu {
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, cons
   const PackedLayout layout = check_step_args(grad_in, state_in, weights, features);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   at::Tensor update = empty_output_like(grad), new_state = empty_output_like(state);
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
     params.update = update.data_ptr<scalar_t>();
@@ -72,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
   at::Tensor grad_grad = empty_output_like(grad), grad_state = empty_output_like(state);
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   at::Tensor sums;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
@@ -91,7 +92,7 @@ void lstm_step_inplace_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tens
   const at::Tensor grad = grad_in.contiguous();
   // Non-contiguous param/state: work on contiguous copies, then write them back.
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state_work, preprocess_p, output_scale);
     params.new_state = state_work.data_ptr<scalar_t>();

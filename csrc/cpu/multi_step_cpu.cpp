@@ -187,7 +187,7 @@ void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   // Non-contiguous param (1-D, strided) is read and written through its stride; a non-contiguous
   // state is stepped as a contiguous copy, then written back.
   at::Tensor state_work = state.contiguous();
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   const int64_t total = state_work.size(3);
   std::vector<Item> items;
   int64_t offset = 0;

@@ -9,10 +9,14 @@
 //   template <T> static BackwardPlan backward_plan(const PackedLayout&, int64_t n);
 //   template <T> static void backward(BackwardArgs<T>&, const BackwardPlan&);
 //   static void sum_partials(const double* partials, int blocks, int64_t size, double* out);
+//   static int64_t stream_id();   the stream the launches go on (packed weights are cached per stream)
+//   static bool capturing();      whether that stream is capturing a CUDA graph (then nothing is cached)
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -41,6 +45,17 @@ inline void check_hidden_supported(const PackedLayout& layout) {
                     " is larger than the CUDA kernels support (", kMaxHiddenCuda, "); use the CPU or the reference backend");
 }
 
+// The packed weights on the weights' device, through the cache of weight versions (packed_cache.h) except
+// during graph capture (the packing must be part of the graph) and in calls autograd records for the
+// weights (a hit cannot be checked against the weights' values here; gradcheck perturbs them through .data).
+template <class Launcher>
+at::Tensor device_packed_weights(at::TensorList weights, const PackedLayout& layout) {
+  const bool recorded = at::GradMode::is_enabled() &&
+                        std::any_of(weights.begin(), weights.end(), [](const at::Tensor& w) { return w.requires_grad(); });
+  return packed_weights(weights, layout, Launcher::stream_id(), !recorded && !Launcher::capturing(),
+                        /*verify=*/false, [&] { return pack_weights_on_device(weights, layout); });
+}
+
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in, at::TensorList weights,
                                              double preprocess_p, double output_scale, int64_t features) {
@@ -52,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at
   at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
   const int64_t n = grad.size(0);
   if (n == 0) return {update, new_state};
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cuda", [&] {
     ForwardArgs<scalar_t, scalar_t> a;
     a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
@@ -84,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
   const int64_t n = grad.size(0), size = layout.size();
   const at::TensorOptions sums_options = grad.options().dtype(at::kDouble);
   if (n == 0) return {grad_grad, grad_state, unpack_weight_grads_on_device(at::zeros({size}, sums_options), weights, layout)};
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   at::Tensor sums = at::empty({size}, sums_options);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cuda", [&] {
     const BackwardPlan plan = Launcher::template backward_plan<scalar_t>(layout, n);
@@ -117,7 +132,7 @@ void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, a
   const at::Tensor grad = grad_in.contiguous();
   // non-contiguous param / state: work on contiguous copies, then write them back
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cuda", [&] {
     ForwardArgs<scalar_t, scalar_t> a;
     a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
@@ -180,7 +195,7 @@ void lstm_multi_step_(at::TensorList params_in, at::TensorList grads_in, at::Ten
     total += params_in[k].size(0);
   }
   at::Tensor state_work = state.contiguous();
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   const bool bf16_state = state.scalar_type() == at::kBFloat16;  // else the weights' dtype (checked)
   AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cuda", [&] {
     if (bf16_state)

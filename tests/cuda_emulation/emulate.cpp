@@ -118,6 +118,9 @@ struct EmuLauncher {
     });
   }
 
+  static int64_t stream_id() { return 0; }
+  static bool capturing() { return false; }
+
   static void sum_partials(const double* partials, int blocks, int64_t size, double* out) {
     const int threads = 64;
     run_grid(int((size + threads - 1) / threads), threads, 0, [&](const EmuCtx& ctx, unsigned char*) {
@@ -190,6 +193,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure", &configure, py::arg("forward_threads"), py::arg("forward_blocks"), py::arg("backward_blocks"),
         py::arg("smem_limit"), py::arg("forward_smem_limit"));
   m.def("launches", [] { return settings.launches; });
+  m.def("packed_cache_counts", [] {
+    const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
+    return std::make_tuple(s.hits, s.misses, s.bypassed);
+  });
   m.def("to_bf16", &to_bf16_bits);
   m.def("to_f16", &to_f16_bits);
   m.def("from_f16", &from_f16_bits);
