@@ -3,19 +3,13 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define L2L_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-// always_inline: the CPU kernels are compiled per instruction set (#pragma GCC target); inlined
-// into them, this math is compiled for their vector width instead of the baseline's.
-#define L2L_HD inline __attribute__((always_inline))
-#else
-#define L2L_HD inline
-#endif
+#include "host_device.h"
+#include "input_features.h"
 
 namespace l2l_fast {
 
-// Weights packed for the kernels. For layer l with input size I_l (2 for layer 0, H above)
+// Weights packed for the kernels. For layer l with input size I_l (the features' width for layer 0,
+// H above)
 // and K_l = I_l + H inputs to the gates (the layer input, then its own h):
 //   W_l [H][K_l][4]  the four gate rows (i, f, g, o) of unit u, adjacent so one unit's
 //                    gates accumulate together and its cell update needs no gate buffer
@@ -24,8 +18,10 @@ namespace l2l_fast {
 struct PackedLayout {
   int hidden;
   int layers;
+  uint32_t features;  // mask of the first layer's input features (input_features.h)
+  int inputs;         // their count, input_width(features)
 
-  L2L_HD int input_size(int l) const { return l == 0 ? 2 : hidden; }
+  L2L_HD int input_size(int l) const { return l == 0 ? inputs : hidden; }
   L2L_HD int k_size(int l) const { return input_size(l) + hidden; }
   L2L_HD int64_t layer_offset(int l) const {
     int64_t offset = 0;
@@ -38,21 +34,44 @@ struct PackedLayout {
   L2L_HD int64_t size() const { return out_bias_offset() + 1; }
 };
 
+inline PackedLayout make_layout(int hidden, int layers, uint32_t features) {
+  return PackedLayout{hidden, layers, features, input_width(features)};
+}
+
 // State is one tensor [L][2][H][n]: row (l, 0, u) is h of unit u of layer l, row (l, 1, u) its c,
 // each row n contiguous coordinates.
 L2L_HD int64_t state_row(const PackedLayout& layout, int l, int which, int u) {
   return (int64_t(l) * 2 + which) * layout.hidden + u;
 }
 
-// Pointers of one call. Forward/step use the first block; backward also the second.
+// What every kernel of a call needs of the network, on any device: the CPU kernels' StepParams and
+// the CUDA kernels' launch arguments (cuda/kernel_args.h) hold one.
+template <typename T>
+struct NetConstants {
+  PackedLayout layout;
+  FeatureConstants<T> features;  // the constants of the input features (preprocess_p, e^-p, e^p)
+  T output_scale;
+  const T* weights;  // packed, layout.size(), on the kernels' device
+};
+
+// The constants of a call in the arithmetic type T, computed on the host once for every device.
+template <typename T>
+inline NetConstants<T> make_net_constants(const PackedLayout& layout, double preprocess_p, double output_scale,
+                                          const T* packed) {
+  NetConstants<T> net;
+  net.layout = layout;
+  net.features = make_feature_constants<T>(preprocess_p);
+  net.output_scale = T(output_scale);
+  net.weights = packed;
+  return net;
+}
+
+// The CPU kernels' arguments. Forward/step use the first block; backward also the second.
 // Every per-coordinate array is contiguous; new_state may alias state (in-place step).
 template <typename T>
 struct StepParams {
-  PackedLayout layout;
+  NetConstants<T> net;
   int64_t n = 0;
-  T preprocess_p = 10;
-  T output_scale = T(0.1);
-  const T* weights = nullptr;  // packed, layout.size()
   const T* grad = nullptr;     // [n]
   const T* state = nullptr;    // [L][2][H][n]
   T* new_state = nullptr;      // [L][2][H][n] or null

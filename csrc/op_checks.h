@@ -1,11 +1,15 @@
-// Argument checks and weight packing shared by the CPU and CUDA bindings of the ops.
-// Every message names the argument and what was expected.
+// Argument checks and weight packing shared by the CPU and CUDA bindings of the ops: one validator
+// per op (the contract; l2l_fast/checks.py is its Python mirror). Every message names the argument
+// and what was expected.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <torch/types.h>
 
 #include <string>
+#include <vector>
 
 #include "lstm_layout.h"
+#include "packed_cache.h"
 
 namespace l2l_fast {
 
@@ -17,24 +21,36 @@ inline void check_dense_real(const at::Tensor& t, const std::string& name) {
                    ": expected float32 or float64, got ", t.scalar_type());
 }
 
-inline void check_like(const at::Tensor& t, const std::string& name, const at::Tensor& like) {
+// In the dtype and on the device of `like`, named like_name in the messages.
+inline void check_like(const at::Tensor& t, const std::string& name, const at::Tensor& like,
+                       const std::string& like_name) {
   check_dense_real(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(),
-                   " (the dtype of grad), got ", t.scalar_type());
+                   " (the dtype of ", like_name, "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
-                    " (the device of grad), got ", t.device());
+                    " (the device of ", like_name, "), got ", t.device());
 }
 
-// Validates the weight list against torch.nn.LSTM(2, H, L) + Linear(H, 1) and returns its layout.
-inline PackedLayout check_weights(at::TensorList weights, const at::Tensor& grad) {
+// The ops' `features`: a nonzero mask of known feature bits (input_features.h).
+inline uint32_t check_features(int64_t features) {
+  TORCH_CHECK_VALUE(valid_features(features), "features: expected a nonzero mask of the known feature bits (",
+                    feature_table(), "), got ", features);
+  return uint32_t(features);
+}
+
+// Validates the weight list against torch.nn.LSTM(input_width(features), H, L) + Linear(H, 1), every
+// tensor in the dtype and on the device of `like` (named like_name), and returns its layout.
+inline PackedLayout check_weights(at::TensorList weights, const at::Tensor& like, const std::string& like_name,
+                                  int64_t features) {
+  const uint32_t mask = check_features(features);
   const int64_t count = int64_t(weights.size());
   TORCH_CHECK_VALUE(count >= 6 && (count - 2) % 4 == 0, "weights: expected 4 tensors per LSTM layer plus 2 for the ",
                     "output layer (6, 10, 14, ...), got ", count);
-  for (int64_t j = 0; j < count; ++j) check_like(weights[j], "weights[" + std::to_string(j) + "]", grad);
+  for (int64_t j = 0; j < count; ++j) check_like(weights[j], "weights[" + std::to_string(j) + "]", like, like_name);
   const at::Tensor& out_w = weights[count - 2];
   TORCH_CHECK_VALUE(out_w.dim() == 2 && out_w.size(0) == 1 && out_w.size(1) >= 1,
                     "weights[-2] (out.weight): expected shape [1, hidden_size], got ", out_w.sizes());
-  PackedLayout layout{int(out_w.size(1)), int((count - 2) / 4)};
+  const PackedLayout layout = make_layout(int(out_w.size(1)), int((count - 2) / 4), mask);
   const int64_t H = layout.hidden;
   TORCH_CHECK_VALUE(weights[count - 1].sizes() == at::IntArrayRef({1}), "weights[-1] (out.bias): expected shape [1], got ",
                     weights[count - 1].sizes());
@@ -43,8 +59,11 @@ inline PackedLayout check_weights(at::TensorList weights, const at::Tensor& grad
     const char* names[] = {"weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l"};
     for (int j = 0; j < 4; ++j) {
       const at::Tensor& w = weights[4 * l + j];
+      const std::string because =
+          l == 0 && j == 0 ? " and features=" + std::to_string(mask) + " (" + feature_names(mask) + ")" : "";
       TORCH_CHECK_VALUE(w.sizes() == at::IntArrayRef(expected[j]), "weights[", 4 * l + j, "] (", names[j], l,
-                        "): expected shape ", at::IntArrayRef(expected[j]), " for hidden_size ", H, ", got ", w.sizes());
+                        "): expected shape ", at::IntArrayRef(expected[j]), " for hidden_size ", H, because, ", got ",
+                        w.sizes());
     }
   }
   return layout;
@@ -56,42 +75,117 @@ inline void check_grad(const at::Tensor& grad, const std::string& name = "grad")
 }
 
 inline void check_per_coordinate(const at::Tensor& t, const std::string& name, const at::Tensor& grad) {
-  check_like(t, name, grad);
+  check_like(t, name, grad, "grad");
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == grad.size(0), name, ": expected shape [", grad.size(0),
                     "] (one value per coordinate of grad), got ", t.sizes());
 }
 
 inline void check_state(const at::Tensor& state, const std::string& name, const PackedLayout& layout,
                         const at::Tensor& grad) {
-  check_like(state, name, grad);
+  check_like(state, name, grad, "grad");
   const std::vector<int64_t> expected = {layout.layers, 2, layout.hidden, grad.size(0)};
   TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), name, ": expected shape ", at::IntArrayRef(expected),
                     " = [num_layers, 2, hidden_size, n] for these weights and ", grad.size(0),
                     " coordinates, got ", state.sizes(), " (a state made for another net or parameter?)");
 }
 
-// The arguments of each op, checked in one order by every backend; each returns the weights' layout.
-inline PackedLayout check_step_args(const at::Tensor& grad, const at::Tensor& state, at::TensorList weights) {
+// ------------------------------------------------------------------------------------------------
+// One validator per op, run by the CPU and the CUDA bindings alike (l2l_fast/checks.py mirrors each for
+// the fake kernels); each returns the weights' layout. Device limits (the CUDA kernels' largest hidden
+// size) are the bindings' own, checked after these.
+
+inline PackedLayout check_step_args(const at::Tensor& grad, const at::Tensor& state, at::TensorList weights,
+                                    int64_t features) {
   check_grad(grad);
-  const PackedLayout layout = check_weights(weights, grad);
+  const PackedLayout layout = check_weights(weights, grad, "grad", features);
   check_state(state, "state", layout, grad);
   return layout;
 }
 
 inline PackedLayout check_backward_args(const at::Tensor& grad_update, const at::Tensor& grad_new_state,
-                                        const at::Tensor& grad, const at::Tensor& state, at::TensorList weights) {
-  const PackedLayout layout = check_step_args(grad, state, weights);
+                                        const at::Tensor& grad, const at::Tensor& state, at::TensorList weights,
+                                        int64_t features) {
+  const PackedLayout layout = check_step_args(grad, state, weights, features);
   check_per_coordinate(grad_update, "grad_update", grad);
   check_state(grad_new_state, "grad_new_state", layout, grad);
   return layout;
 }
 
 inline PackedLayout check_inplace_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state,
-                                       at::TensorList weights) {
+                                       at::TensorList weights, int64_t features) {
   check_grad(grad);
-  const PackedLayout layout = check_weights(weights, grad);
+  const PackedLayout layout = check_weights(weights, grad, "grad", features);
   check_per_coordinate(param, "param", grad);
   check_state(state, "state", layout, grad);
+  return layout;
+}
+
+inline bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// params[k] / grads[k] of the multi-tensor step: dense, real, floating point, 1-D, on the weights' device.
+inline void check_listed(const at::Tensor& t, const std::string& name, const at::Device& device) {
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, ": sparse tensors are not supported (got layout ", t.layout(),
+                   "); pass a dense tensor");
+  TORCH_CHECK_TYPE(!t.is_complex(), name, ": complex tensors are not supported (got ", t.scalar_type(), ")");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, name, ": expected a tensor on ", device, " (the device of the weights), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
+}
+
+// lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]. params in the weights' dtype, or
+// bfloat16 / float16 with float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or
+// bfloat16; everything on the weights' device.
+inline PackedLayout check_multi_step_args(at::TensorList params, at::TensorList grads, const at::Tensor& state,
+                                          at::TensorList weights, int64_t features) {
+  TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
+  check_dense_real(weights[0], "weights[0]");
+  const at::ScalarType math = weights[0].scalar_type();
+  const at::Device device = weights[0].device();
+  for (size_t j = 1; j < weights.size(); ++j) {
+    const std::string name = "weights[" + std::to_string(j) + "]";
+    TORCH_CHECK_TYPE(weights[j].layout() == at::kStrided, name, ": sparse tensors are not supported (got layout ",
+                     weights[j].layout(), "); pass a dense tensor");
+    TORCH_CHECK_TYPE(!weights[j].is_complex(), name, ": complex tensors are not supported (got ",
+                     weights[j].scalar_type(), ")");
+    TORCH_CHECK_TYPE(weights[j].scalar_type() == math, name, ": expected dtype ", math,
+                     " (the dtype of weights[0]), got ", weights[j].scalar_type());
+    TORCH_CHECK_VALUE(weights[j].device() == device, name, ": expected a tensor on ", device,
+                      " (the device of weights[0]), got ", weights[j].device());
+  }
+  const PackedLayout layout = check_weights(weights, weights[0], "weights[0]", features);
+  TORCH_CHECK_VALUE(params.size() == grads.size(), "grads: expected one gradient per parameter (", params.size(),
+                    "), got ", grads.size());
+  int64_t total = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const at::Tensor& param = params[k];
+    const at::Tensor& grad = grads[k];
+    const std::string index = "[" + std::to_string(k) + "]", pname = "params" + index, gname = "grads" + index;
+    check_listed(param, pname, device);
+    check_listed(grad, gname, device);
+    const at::ScalarType type = param.scalar_type();
+    TORCH_CHECK_TYPE(type == math || (math == at::kFloat && is_16bit(type)), pname, ": expected dtype ", math,
+                     (math == at::kFloat ? " (the weights' dtype), bfloat16 or float16" : " (the weights' dtype)"),
+                     ", got ", type);
+    TORCH_CHECK_TYPE(grad.scalar_type() == type, gname, ": expected dtype ", type, " (the dtype of ", pname,
+                     "), got ", grad.scalar_type());
+    TORCH_CHECK_VALUE(grad.size(0) == param.size(0), gname, ": expected ", param.size(0), " elements (as many as ",
+                      pname, "), got ", grad.size(0));
+    TORCH_CHECK_VALUE(at::has_internal_overlap(param) != at::MemOverlap::Yes, pname,
+                      ": elements share memory (an expanded tensor?); an in-place step needs distinct elements");
+    total += param.size(0);
+  }
+  TORCH_CHECK_TYPE(state.layout() == at::kStrided, "state: sparse tensors are not supported (got layout ",
+                   state.layout(), "); pass a dense tensor");
+  TORCH_CHECK_TYPE(state.scalar_type() == math || state.scalar_type() == at::kBFloat16, "state: expected dtype ",
+                   math, " (the weights' dtype) or bfloat16, got ", state.scalar_type());
+  TORCH_CHECK_VALUE(state.device() == device, "state: expected a tensor on ", device,
+                    " (the device of the weights), got ", state.device());
+  const std::vector<int64_t> expected = {layout.layers, 2, layout.hidden, total};
+  TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), "state: expected shape ", at::IntArrayRef(expected),
+                    " = [num_layers, 2, hidden_size, sum of the params' numels], got ", state.sizes(),
+                    " (a state made for another net or parameter list?)");
   return layout;
 }
 
@@ -113,6 +207,12 @@ inline at::Tensor pack_weights(at::TensorList weights, const PackedLayout& layou
     out[layout.out_bias_offset()] = out_b.item<scalar_t>();
   });
   return packed.to(like.device());
+}
+
+// pack_weights through the cache of weight versions (packed_cache.h), hits confirmed by the weights' bytes.
+inline at::Tensor cpu_packed_weights(at::TensorList weights, const PackedLayout& layout) {
+  return packed_weights(weights, layout, /*stream=*/0, /*use_cache=*/true, /*verify=*/true,
+                        [&] { return pack_weights(weights, layout); });
 }
 
 // The inverse for gradients: packed float64 sums [layout.size()] -> one gradient per weight tensor.

@@ -1,13 +1,21 @@
-"""Argument checks shared by every backend, so bad input fails the same way everywhere.
+"""Argument checks, so bad input fails the same way everywhere. Each message names the argument and what
+was expected.
 
-Each message names the argument and what was expected.
+- One validator per op (``check_step_args``, ``check_backward_args``, ``check_inplace_args``,
+  ``check_multi_step_args``): the Python mirror of ``csrc/op_checks.h``, check for check in the same order,
+  run by the ops' fake kernels (torch.compile, meta tensors), so that they fail like the C++ kernels
+  (tests/test_bad_input.py and tests/test_multi_step.py compare the two).
+- ``check_step_inputs``: the module front's (CoordinatewiseLSTM), against the net's own sizes.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import features as features_
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_dense_real(name: str, value) -> None:
@@ -30,62 +38,120 @@ def check_tensor(name: str, value, *, dim: int, dtype: torch.dtype, device: torc
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(value.shape)}")
 
 
-def check_step_inputs(grad, state, *, num_layers: int, hidden_size: int, dtype: torch.dtype,
-                      device: torch.device, param=None, names: tuple[str, str] = ("grad", "state")) -> None:
-    """grad [n], state [num_layers, 2, hidden_size, n], param [n] (optional); `names` for the messages."""
-    grad_name, state_name = names
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"net weights: expected float32 or float64, got {dtype}")
-    check_tensor(grad_name, grad, dim=1, dtype=dtype, device=device)
-    n = grad.shape[0]
-    if param is not None:
-        check_tensor("param", param, dim=1, dtype=dtype, device=device)
-        if param.shape[0] != n:
-            raise ValueError(f"param: expected {n} elements (as many as grad), got {param.shape[0]}")
-    check_tensor(state_name, state, dim=4, dtype=dtype, device=device)
-    expected = (num_layers, 2, hidden_size, n)
-    if tuple(state.shape) != expected:
-        raise ValueError(
-            f"{state_name}: expected shape {expected} = (num_layers, 2, hidden_size, n) for this net and {n} coordinates, "
-            f"got {tuple(state.shape)}; was it made by init_state of another net or for another parameter?")
+# ---------------------------------------------------------------------------------------------
+# the ops' contracts (csrc/op_checks.h)
+def _check_float(name: str, t) -> None:
+    check_dense_real(name, t)
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected float32 or float64, got {t.dtype}")
 
 
-PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+def _check_like(name: str, t, like: Tensor, like_name: str) -> None:
+    _check_float(name, t)
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device} (the device of {like_name}), got {t.device}")
 
 
-def check_weight_list(weights) -> tuple[int, int, torch.dtype, torch.device]:
-    """The flat weight list of torch.nn.LSTM(2, H, L) + Linear(H, 1): returns (L, H, dtype, device);
-    weights[0] sets the dtype (float32 or float64) and device of all."""
+def check_features(features) -> int:
+    """The ops' `features`: a nonzero int mask of known feature bits (l2l_fast.features), else ValueError."""
+    if isinstance(features, bool) or not isinstance(features, int):
+        raise ValueError(f"features: expected an int mask of feature bits, got {features!r}")
+    return features_.mask_of(features)
+
+
+def check_weights(weights, like: Tensor, like_name: str, features) -> tuple[int, int]:
+    """The flat weight list of torch.nn.LSTM(input_size(features), H, L) + Linear(H, 1), each tensor in like's
+    dtype and on its device: returns (L, H)."""
+    mask = check_features(features)
     if not isinstance(weights, (list, tuple)) or len(weights) < 6 or (len(weights) - 2) % 4:
         count = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
-        raise ValueError(f"weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got {count}")
-    first = weights[0]
-    if not isinstance(first, Tensor):
-        raise TypeError(f"weights[0]: expected a torch.Tensor, got {type(first).__name__}")
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"weights[0]: expected float32 or float64, got {first.dtype}")
-    dtype, device = first.dtype, first.device
-    for index, weight in enumerate(weights):
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weights[{index}]: expected a torch.Tensor, got {type(weight).__name__}")
-        check_tensor(f"weights[{index}]", weight, dim=weight.dim(), dtype=dtype, device=device)
-    layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[-1] if weights[-2].dim() else 0
-    expected = []
+        raise ValueError(f"weights: expected 4 tensors per LSTM layer plus 2 for the output layer (6, 10, 14, ...), "
+                         f"got {count}")
+    for j, weight in enumerate(weights):
+        _check_like(f"weights[{j}]", weight, like, like_name)
+    out_w = weights[-2]
+    if out_w.dim() != 2 or out_w.shape[0] != 1 or out_w.shape[1] < 1:
+        raise ValueError(f"weights[-2] (out.weight): expected shape [1, hidden_size], got {tuple(out_w.shape)}")
+    layers, hidden = (len(weights) - 2) // 4, out_w.shape[1]
+    if tuple(weights[-1].shape) != (1,):
+        raise ValueError(f"weights[-1] (out.bias): expected shape [1], got {tuple(weights[-1].shape)}")
+    inputs = features_.input_size(mask)
     for l in range(layers):
-        inputs = 2 if l == 0 else hidden
-        expected += [(4 * hidden, inputs), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,)]
-    expected += [(1, hidden), (1,)]
-    for index, (weight, shape) in enumerate(zip(weights, expected)):
-        if tuple(weight.shape) != shape or hidden < 1:
-            raise ValueError(f"weights[{index}]: expected shape {shape} for hidden_size {hidden}, got {tuple(weight.shape)}")
-    return layers, hidden, dtype, device
+        first = inputs if l == 0 else hidden
+        expected = [(4 * hidden, first), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,)]
+        for j, name in enumerate(("weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l")):
+            if tuple(weights[4 * l + j].shape) != expected[j]:
+                names = "+".join(features_.names_of(mask))
+                because = f" and features={mask} ({names})" if l == 0 and j == 0 else ""
+                raise ValueError(f"weights[{4 * l + j}] ({name}{l}): expected shape {list(expected[j])} for hidden_size "
+                                 f"{hidden}{because}, got {tuple(weights[4 * l + j].shape)}")
+    return layers, hidden
 
 
-def check_multi_step_inputs(params, grads, state, weights) -> None:
-    """The checks of lstm_multi_step_ (csrc/cpu/multi_step_cpu.cpp): params[k], grads[k] [n_k];
-    state [L, 2, H, sum_k n_k]; params in the weights' dtype, or bfloat16 / float16 with float32 weights;
-    grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16."""
-    layers, hidden, dtype, device = check_weight_list(weights)
+def _check_grad(grad, name: str = "grad") -> None:
+    _check_float(name, grad)
+    if grad.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of per-coordinate values, got shape {tuple(grad.shape)}")
+
+
+def _check_per_coordinate(t, name: str, grad: Tensor) -> None:
+    _check_like(name, t, grad, "grad")
+    if t.dim() != 1 or t.shape[0] != grad.shape[0]:
+        raise ValueError(f"{name}: expected shape [{grad.shape[0]}] (one value per coordinate of grad), "
+                         f"got {tuple(t.shape)}")
+
+
+def _check_state(state, name: str, layers: int, hidden: int, grad: Tensor) -> None:
+    _check_like(name, state, grad, "grad")
+    expected = (layers, 2, hidden, grad.shape[0])
+    if tuple(state.shape) != expected:
+        raise ValueError(f"{name}: expected shape {list(expected)} = [num_layers, 2, hidden_size, n] for these weights "
+                         f"and {grad.shape[0]} coordinates, got {tuple(state.shape)} (a state made for another net "
+                         "or parameter?)")
+
+
+def check_step_args(grad, state, weights, features) -> None:
+    """lstm_step: grad [n], state [L, 2, H, n], weights; one dtype (float32 / float64) and device."""
+    _check_grad(grad)
+    layers, hidden = check_weights(weights, grad, "grad", features)
+    _check_state(state, "state", layers, hidden, grad)
+
+
+def check_backward_args(grad_update, grad_new_state, grad, state, weights, features) -> None:
+    """lstm_step_backward: lstm_step's arguments and the upstream gradients grad_update [n], grad_new_state."""
+    check_step_args(grad, state, weights, features)
+    layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[1]
+    _check_per_coordinate(grad_update, "grad_update", grad)
+    _check_state(grad_new_state, "grad_new_state", layers, hidden, grad)
+
+
+def check_inplace_args(param, grad, state, weights, features) -> None:
+    """lstm_step_: param [n] modified in place, and lstm_step's arguments."""
+    _check_grad(grad)
+    layers, hidden = check_weights(weights, grad, "grad", features)
+    _check_per_coordinate(param, "param", grad)
+    _check_state(state, "state", layers, hidden, grad)
+
+
+def check_multi_step_args(params, grads, state, weights, features) -> None:
+    """lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]; params in the weights' dtype, or
+    bfloat16 / float16 with float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or
+    bfloat16; everything on the weights' device."""
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError("weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0")
+    first = weights[0]
+    _check_float("weights[0]", first)
+    dtype, device = first.dtype, first.device
+    for j, weight in enumerate(weights[1:], start=1):
+        check_dense_real(f"weights[{j}]", weight)
+        if weight.dtype != dtype:
+            raise TypeError(f"weights[{j}]: expected dtype {dtype} (the dtype of weights[0]), got {weight.dtype}")
+        if weight.device != device:
+            raise ValueError(f"weights[{j}]: expected a tensor on {device} (the device of weights[0]), got "
+                             f"{weight.device}")
+    layers, hidden = check_weights(weights, first, "weights[0]", features)
     if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)):
         raise TypeError("params, grads: expected lists of tensors")
     if len(params) != len(grads):
@@ -112,10 +178,7 @@ def check_multi_step_inputs(params, grads, state, weights) -> None:
             raise ValueError(f"params[{k}]: elements share memory (an expanded tensor?); an in-place step needs "
                              "distinct elements")
         total += param.shape[0]
-    if not isinstance(state, Tensor):
-        raise TypeError(f"state: expected a torch.Tensor, got {type(state).__name__}")
-    if state.layout != torch.strided:
-        raise TypeError("state: sparse tensors are not supported")
+    check_dense_real("state", state)
     if state.dtype not in (dtype, torch.bfloat16):
         raise TypeError(f"state: expected dtype {dtype} (the weights' dtype) or torch.bfloat16, got {state.dtype}")
     if state.device != device:
@@ -124,3 +187,25 @@ def check_multi_step_inputs(params, grads, state, weights) -> None:
     if tuple(state.shape) != expected:
         raise ValueError(f"state: expected shape {expected} = (num_layers, 2, hidden_size, sum of the params' numels), "
                          f"got {tuple(state.shape)} (a state made for another net or parameter list?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the module front (CoordinatewiseLSTM)
+def check_step_inputs(grad, state, *, num_layers: int, hidden_size: int, dtype: torch.dtype,
+                      device: torch.device, param=None, names: tuple[str, str] = ("grad", "state")) -> None:
+    """grad [n], state [num_layers, 2, hidden_size, n], param [n] (optional); `names` for the messages."""
+    grad_name, state_name = names
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"net weights: expected float32 or float64, got {dtype}")
+    check_tensor(grad_name, grad, dim=1, dtype=dtype, device=device)
+    n = grad.shape[0]
+    if param is not None:
+        check_tensor("param", param, dim=1, dtype=dtype, device=device)
+        if param.shape[0] != n:
+            raise ValueError(f"param: expected {n} elements (as many as grad), got {param.shape[0]}")
+    check_tensor(state_name, state, dim=4, dtype=dtype, device=device)
+    expected = (num_layers, 2, hidden_size, n)
+    if tuple(state.shape) != expected:
+        raise ValueError(
+            f"{state_name}: expected shape {expected} = (num_layers, 2, hidden_size, n) for this net and {n} coordinates, "
+            f"got {tuple(state.shape)}; was it made by init_state of another net or for another parameter?")

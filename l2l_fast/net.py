@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import features as features_
 from . import ops, reference
 from .checks import check_step_inputs
 
@@ -46,9 +47,13 @@ class LSTMParameters(nn.Module):
 class CoordinatewiseLSTM(nn.Module):
     """LSTM optimizer of Andrychowicz et al. (2016), applied to every coordinate independently.
 
-    ``state_dict`` keys are those of ``torch.nn.LSTM(2, hidden_size, num_layers)`` under ``lstm.`` and of
+    ``state_dict`` keys are those of ``torch.nn.LSTM(I, hidden_size, num_layers)`` under ``lstm.`` and of
     ``torch.nn.Linear(hidden_size, 1)`` under ``out.``, so the weights move to and from plain torch modules
-    (``net.lstm.to_torch()`` builds the ``nn.LSTM``).
+    (``net.lstm.to_torch()`` builds the ``nn.LSTM``). I is the input size of the features (2 for the paper's).
+
+    features: the LSTM's input features, names or a mask (:mod:`l2l_fast.features`); kept as a tuple of names
+    in bit order. The default, ``("paper",)``, is the paper's preprocessing of the gradient, and what a file
+    saved without a ``features`` entry was made with.
 
     State layout: one tensor [num_layers, 2, hidden_size, n]; ``state[l, 0]`` is h and ``state[l, 1]`` is c
     of layer l, coordinates last. Make it with :meth:`init_state`.
@@ -58,7 +63,8 @@ class CoordinatewiseLSTM(nn.Module):
     """
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess_p: float = 10.0,
-                 output_scale: float = 0.1, backend: str = "auto"):
+                 output_scale: float = 0.1, backend: str = "auto",
+                 features: features_.FeaturesLike = features_.DEFAULT):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
@@ -70,10 +76,12 @@ class CoordinatewiseLSTM(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "native" and not ops.HAS_NATIVE:
             raise RuntimeError(f"backend='native' but the l2l_fast._C extension failed to load: {ops.NATIVE_IMPORT_ERROR}")
+        self.features = features_.names_of(features)  # ValueError naming `features` for unknown ones
+        self.feature_mask = features_.mask_of(self.features)
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess_p, self.output_scale = float(preprocess_p), float(output_scale)
         self.backend = backend
-        self.lstm = LSTMParameters(2, hidden_size, num_layers)
+        self.lstm = LSTMParameters(features_.input_size(self.features), hidden_size, num_layers)
         self.out = nn.Linear(hidden_size, 1)
         self._converted: dict = {}  # (device, dtype) -> (source weights' identity and versions, converted copies)
 
@@ -81,7 +89,7 @@ class CoordinatewiseLSTM(nn.Module):
         """The sizes and constants this net was built with (not the backend):
         ``CoordinatewiseLSTM(**net.size_kwargs())`` makes a net whose weights load into it."""
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
-                    output_scale=self.output_scale)
+                    output_scale=self.output_scale, features=self.features)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, backend: str = "auto") -> "CoordinatewiseLSTM":
@@ -91,7 +99,8 @@ class CoordinatewiseLSTM(nn.Module):
         return load_pretrained(name_or_path, backend=backend)
 
     def extra_repr(self) -> str:
-        return f"preprocess_p={self.preprocess_p}, output_scale={self.output_scale}, backend={self.backend!r}"
+        return (f"features={self.features}, preprocess_p={self.preprocess_p}, output_scale={self.output_scale}, "
+                f"backend={self.backend!r}")
 
     def weights(self) -> list[Tensor]:
         """The weights in the order the ops take them (see :mod:`l2l_fast.reference`)."""
@@ -140,14 +149,14 @@ class CoordinatewiseLSTM(nn.Module):
         """grad [n], state [L, 2, H, n] -> (update [n], new_state [L, 2, H, n]); differentiable, inputs untouched."""
         self._check(grad, state)
         impl = self.implementation(grad.device)
-        return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale)
+        return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask)
 
     @torch.no_grad()
     def step_(self, param: Tensor, grad: Tensor, state: Tensor) -> None:
         """In-place inference step on a flat parameter: param [n] += update, state advanced; no autograd graph."""
         self._check(grad, state, param=param)
         impl = self.implementation(grad.device)
-        impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale)
+        impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask)
 
     @torch.no_grad()
     def multi_step_(self, params: list[Tensor], grads: list[Tensor], state: Tensor, lr: float = 1.0) -> None:
@@ -164,6 +173,5 @@ class CoordinatewiseLSTM(nn.Module):
         device = params[0].device
         impl = self.implementation(device)
         impl.lstm_multi_step_(params, grads, state, self.weights_for(device, math_dtype_of(params[0].dtype)),
-                              self.preprocess_p,
-                              self.output_scale * lr)
+                              self.preprocess_p, self.output_scale * lr, self.feature_mask)
 

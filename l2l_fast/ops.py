@@ -4,7 +4,8 @@ The schemas live in ``csrc/ops_schema.cpp``; each backend registers its kernels 
 Here: the fake (meta) kernels that let ``torch.compile`` trace the ops, and the autograd formula,
 whose backward is itself a custom op.
 
-Shapes: grad [n], state [L, 2, H, n], weights as in :mod:`l2l_fast.reference`.
+Shapes: grad [n], state [L, 2, H, n], weights as in :mod:`l2l_fast.reference`; ``features`` is the mask of the
+LSTM's input features (:mod:`l2l_fast.features`; 1, the default, is the paper's preprocessing of the gradient).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._runtime_check import warn_if_private_cxx_runtime
-from .checks import check_multi_step_inputs, check_step_inputs, check_tensor
+from .checks import check_backward_args, check_inplace_args, check_multi_step_args, check_step_args
 
 try:  # loading the extension runs its TORCH_LIBRARY registrations
     from . import _C  # noqa: F401
@@ -56,70 +57,60 @@ def cpu_cache_bytes() -> int:
 
 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
-              output_scale: float = 0.1) -> tuple[Tensor, Tensor]:
+              output_scale: float = 0.1, features: int = 1) -> tuple[Tensor, Tensor]:
     """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched."""
-    return torch.ops.l2l_fast.lstm_step(grad, state, list(weights), float(preprocess_p), float(output_scale))
+    return torch.ops.l2l_fast.lstm_step(grad, state, list(weights), float(preprocess_p), float(output_scale),
+                                        int(features))
 
 
 def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
-               output_scale: float = 0.1) -> None:
+               output_scale: float = 0.1, features: int = 1) -> None:
     """Fused in-place step, no autograd: param [n] += update; state [L, 2, H, n] advanced in place."""
-    torch.ops.l2l_fast.lstm_step_(param, grad, state, list(weights), float(preprocess_p), float(output_scale))
+    torch.ops.l2l_fast.lstm_step_(param, grad, state, list(weights), float(preprocess_p), float(output_scale),
+                                  int(features))
 
 
 def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
-                     preprocess_p: float = 10.0, output_scale: float = 0.1) -> None:
+                     preprocess_p: float = 10.0, output_scale: float = 0.1, features: int = 1) -> None:
     """Fused in-place step over many tensors in one call, no autograd: params[k] [n_k] += update of grads[k] [n_k];
     state [L, 2, H, sum_k n_k] advanced in place, tensor k's coordinates at [offset_k, offset_k + n_k) (list order).
 
     Math in the weights' dtype; params may also be bfloat16 / float16 (with float32 weights; rounded to nearest
     on store); grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16."""
     torch.ops.l2l_fast.lstm_multi_step_(list(params), list(grads), state, list(weights), float(preprocess_p),
-                                        float(output_scale))
-
-
-def _check_fake(grad, state, weights, param=None, grad_update=None, grad_new_state=None) -> None:
-    """The checks of csrc/op_checks.h for fake tensors: mixed meta/real inputs reach the fake kernels
-    instead of the C++ ones, and must fail the same way."""
-    if len(weights) < 6 or (len(weights) - 2) % 4:
-        raise ValueError(f"weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got {len(weights)}")
-    # the weights define dtype and device, as for the module front
-    dtype, device = weights[-2].dtype, weights[-2].device
-    layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[-1]
-    check_step_inputs(grad, state, num_layers=layers, hidden_size=hidden, dtype=dtype, device=device, param=param)
-    if grad_update is not None:
-        check_step_inputs(grad_update, grad_new_state, num_layers=layers, hidden_size=hidden, dtype=dtype,
-                          device=device, names=("grad_update", "grad_new_state"))
-    for index, weight in enumerate(weights):
-        check_tensor(f"weights[{index}]", weight, dim=weight.dim(), dtype=dtype, device=device)
+                                        float(output_scale), int(features))
 
 
 if HAS_NATIVE:
+    # The fake kernels run the ops' checks (l2l_fast.checks mirrors csrc/op_checks.h): mixed meta / real inputs
+    # reach them instead of the C++ kernels, and must fail the same way. `features` has its schema default here:
+    # the dispatcher drops trailing arguments equal to their defaults.
 
     @torch.library.register_fake("l2l_fast::lstm_step")
-    def _lstm_step_fake(grad, state, weights, preprocess_p, output_scale):
-        _check_fake(grad, state, weights)
+    def _lstm_step_fake(grad, state, weights, preprocess_p, output_scale, features=1):
+        check_step_args(grad, state, weights, features)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape)
 
     @torch.library.register_fake("l2l_fast::lstm_step_backward")
-    def _lstm_step_backward_fake(grad_update, grad_new_state, grad, state, weights, preprocess_p, output_scale):
-        _check_fake(grad, state, weights, grad_update=grad_update, grad_new_state=grad_new_state)
+    def _lstm_step_backward_fake(grad_update, grad_new_state, grad, state, weights, preprocess_p, output_scale,
+                                 features=1):
+        check_backward_args(grad_update, grad_new_state, grad, state, weights, features)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape), [w.new_empty(w.shape) for w in weights]
 
     @torch.library.register_fake("l2l_fast::lstm_step_")
-    def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale):
-        _check_fake(grad, state, weights, param=param)
+    def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale, features=1):
+        check_inplace_args(param, grad, state, weights, features)
         return None
 
     @torch.library.register_fake("l2l_fast::lstm_multi_step_")
-    def _lstm_multi_step_fake(params, grads, state, weights, preprocess_p, output_scale):
-        check_multi_step_inputs(params, grads, state, weights)
+    def _lstm_multi_step_fake(params, grads, state, weights, preprocess_p, output_scale, features=1):
+        check_multi_step_args(params, grads, state, weights, features)
         return None
 
     def _setup_context(ctx, inputs, output):
-        grad, state, weights, preprocess_p, output_scale = inputs
+        grad, state, weights, preprocess_p, output_scale, features = inputs
         ctx.save_for_backward(grad, state, *weights)
-        ctx.preprocess_p, ctx.output_scale = preprocess_p, output_scale
+        ctx.preprocess_p, ctx.output_scale, ctx.features = preprocess_p, output_scale, features
 
     def _backward(ctx, grad_update, grad_new_state):
         grad, state, *weights = ctx.saved_tensors
@@ -129,7 +120,9 @@ if HAS_NATIVE:
         if grad_new_state is None:
             grad_new_state = torch.zeros_like(state)
         d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(
-            grad_update, grad_new_state, grad, state, weights, ctx.preprocess_p, ctx.output_scale)
-        return d_grad, d_state, d_weights, None, None
+            grad_update, grad_new_state, grad, state, weights, ctx.preprocess_p, ctx.output_scale, ctx.features)
+        # One entry per argument as the op received it: the dispatcher drops trailing arguments equal to their
+        # defaults (features=1), and needs_input_grad has the received structure.
+        return (d_grad, d_state, d_weights) + (None,) * (len(ctx.needs_input_grad) - 3)
 
     torch.library.register_autograd("l2l_fast::lstm_step", _backward, setup_context=_setup_context)

@@ -9,9 +9,11 @@ Shapes (n = number of coordinates, L = num_layers, H = hidden_size):
                          Coordinates are the last (contiguous) axis so that both the CPU vector
                          lanes and the GPU threads read consecutive coordinates.
   weights list in ``torch.nn.LSTM`` + ``torch.nn.Linear`` order:
-          [weight_ih_l0 [4H, 2], weight_hh_l0 [4H, H], bias_ih_l0 [4H], bias_hh_l0 [4H],
+          [weight_ih_l0 [4H, I], weight_hh_l0 [4H, H], bias_ih_l0 [4H], bias_hh_l0 [4H],
            ... one group of four per layer (input size H above layer 0) ...,
            out_weight [1, H], out_bias [1]]
+  features mask of the LSTM's input features (l2l_fast.features; default 1, the paper's preprocessing
+          of the gradient): the first layer's I = features.input_size(features) inputs.
 
 Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets update 0 and keeps its
 state unchanged (the LSTM never sees the bad value); gradients flow through it as through the
@@ -19,27 +21,18 @@ identity for the state and are 0 for the gradient input.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from . import features as features_
+
 __all__ = ["preprocess", "lstm_step", "lstm_step_", "lstm_multi_step_", "split_weights"]
 
 
-def preprocess(grad: Tensor, p: float) -> Tensor:
-    """Appendix A of the paper: [n] -> [n, 2].
-
-    |g| >= e^-p: (log|g| / p, sign g); otherwise (-1, e^p g). Both branches meet at |g| = e^-p.
-    """
-    magnitude = grad.abs()
-    big = magnitude >= math.exp(-p)
-    # clamp keeps log finite on the branch that torch.where discards (and its gradient NaN-free)
-    log_part = torch.log(torch.clamp(magnitude, min=math.exp(-p))) / p
-    x0 = torch.where(big, log_part, torch.full_like(grad, -1.0))
-    x1 = torch.where(big, torch.sign(grad), grad * math.exp(p))
-    return torch.stack([x0, x1], dim=1)
+# The paper's feature (appendix A): |g| >= e^-p -> (log|g| / p, sign g), else (-1, e^p g); [n] -> [n, 2].
+preprocess = features_.paper
 
 
 def split_weights(weights: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tensor, Tensor, Tensor]], Tensor, Tensor]:
@@ -50,9 +43,10 @@ def split_weights(weights: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tensor,
     return layers, weights[-2], weights[-1]
 
 
-def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], p: float, scale: float):
+def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], p: float, scale: float,
+                        features: int):
     layers, out_w, out_b = split_weights(weights)
-    x = preprocess(grad, p)  # [n, 2]
+    x = features_.compute(grad, features, p)  # [n, I]
     new_rows = []
     for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         h, c = state[l, 0].t(), state[l, 1].t()  # [n, H]
@@ -67,11 +61,11 @@ def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], 
 
 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
-              output_scale: float = 0.1) -> tuple[Tensor, Tensor]:
+              output_scale: float = 0.1, features: int = 1) -> tuple[Tensor, Tensor]:
     """One optimizer step for every coordinate: returns (update [n], new_state [L, 2, H, n])."""
     finite = torch.isfinite(grad)
     safe_grad = torch.where(finite, grad, torch.zeros_like(grad))
-    update, new_state = _lstm_step_unmasked(safe_grad, state, weights, preprocess_p, output_scale)
+    update, new_state = _lstm_step_unmasked(safe_grad, state, weights, preprocess_p, output_scale, features)
     update = torch.where(finite, update, torch.zeros_like(update))
     new_state = torch.where(finite, new_state, state)
     return update, new_state
@@ -79,16 +73,16 @@ def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess
 
 @torch.no_grad()
 def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
-               output_scale: float = 0.1) -> None:
+               output_scale: float = 0.1, features: int = 1) -> None:
     """In-place step: param [n] += update, state [L, 2, H, n] advanced."""
-    update, new_state = lstm_step(grad, state, weights, preprocess_p, output_scale)
+    update, new_state = lstm_step(grad, state, weights, preprocess_p, output_scale, features)
     param.add_(update.to(param.dtype))
     state.copy_(new_state)
 
 
 @torch.no_grad()
 def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
-                     preprocess_p: float = 10.0, output_scale: float = 0.1) -> None:
+                     preprocess_p: float = 10.0, output_scale: float = 0.1, features: int = 1) -> None:
     """In-place step of a list of tensors sharing one state: params[k] [n_k] += update of grads[k] [n_k], tensor k's
     state at state[..., offset_k : offset_k + n_k] of state [L, 2, H, sum_k n_k] (offsets in list order).
 
@@ -100,7 +94,8 @@ def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: T
     for param, grad in zip(params, grads, strict=True):
         n = param.shape[0]
         rows = state[..., offset : offset + n]
-        update, new_rows = lstm_step(grad.to(math_dtype), rows.to(math_dtype), weights, preprocess_p, output_scale)
+        update, new_rows = lstm_step(grad.to(math_dtype), rows.to(math_dtype), weights, preprocess_p, output_scale,
+                                     features)
         param.copy_(param.to(math_dtype) + update)
         rows.copy_(new_rows)
         offset += n

@@ -4,7 +4,12 @@ Every random tensor comes from a ``torch.Generator`` seeded from the test's node
 or from an explicit seed, so a failing case reproduces by re-running the same test id.
 
 Shapes as in :mod:`l2l_fast.reference`: grad [n], state [L, 2, H, n], weights = the flat list in
-``torch.nn.LSTM`` + ``torch.nn.Linear`` order.
+``torch.nn.LSTM`` + ``torch.nn.Linear`` order, whose first layer takes the inputs of a feature mask
+(``features``, :mod:`l2l_fast.features`; 1 = the paper's preprocessing, the default).
+
+FEATURE_SETS: every registered feature alone and, when there are several, all of them together. The
+core test families (float64 vs the reference, gradcheck, opcheck / compile, bad input) are
+parametrized over it, so a feature added to the registry is tested without editing the tests.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ if importlib.util.find_spec("l2l_fast") is None:  # running from a source checko
     sys.path.insert(0, str(_ROOT))
 
 from l2l_fast import CoordinatewiseLSTM, ops, reference  # noqa: E402
+from l2l_fast import features as registry  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # hypothesis profiles: HYPOTHESIS_PROFILE=thorough pytest tests/test_property.py
@@ -42,6 +48,13 @@ requires_native = pytest.mark.skipif(not ops.HAS_NATIVE,
                                      reason=f"l2l_fast._C is not built ({ops.NATIVE_IMPORT_ERROR})")
 
 DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64"}
+
+FEATURE_SETS = [f.bit for f in registry.REGISTRY.values()] + ([registry.ALL_MASK] if len(registry.ALL) > 1 else [])
+
+
+def feature_id(mask: int) -> str:
+    """Readable test id of a feature mask: "paper", "paper+raw"."""
+    return "+".join(registry.names_of(mask))
 
 
 def available_cpu_isas() -> list[str]:
@@ -98,17 +111,17 @@ def gen(request) -> torch.Generator:
 
 # ---------------------------------------------------------------------------------------------
 # random inputs
-def weight_shapes(hidden_size: int, num_layers: int) -> list[tuple[int, ...]]:
+def weight_shapes(hidden_size: int, num_layers: int, features: int = 1) -> list[tuple[int, ...]]:
     H = hidden_size
     shapes = []
     for layer in range(num_layers):
-        inputs = 2 if layer == 0 else H
+        inputs = registry.input_size(features) if layer == 0 else H
         shapes += [(4 * H, inputs), (4 * H, H), (4 * H,), (4 * H,)]
     return shapes + [(1, H), (1,)]
 
 
 def random_weights(hidden_size: int, num_layers: int, *, gen: torch.Generator, dtype=torch.float64,
-                   kind: str = "random") -> list[torch.Tensor]:
+                   kind: str = "random", features: int = 1) -> list[torch.Tensor]:
     """Weights in op order.
 
     kind: "init"       U(-1/sqrt(H), 1/sqrt(H)) everywhere, the distribution of torch.nn.LSTM's own init;
@@ -117,7 +130,7 @@ def random_weights(hidden_size: int, num_layers: int, *, gen: torch.Generator, d
     """
     H = hidden_size
     out = []
-    for shape in weight_shapes(hidden_size, num_layers):
+    for shape in weight_shapes(hidden_size, num_layers, features):
         if kind == "init":
             w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(H)
         elif kind == "random":
@@ -171,14 +184,17 @@ def load_weights(net: CoordinatewiseLSTM, weights) -> CoordinatewiseLSTM:
 
 def make_net(hidden_size: int = 20, num_layers: int = 2, *, gen: torch.Generator, dtype=torch.float64,
              kind: str = "random", backend: str = "auto", preprocess_p: float = 10.0,
-             output_scale: float = 0.1) -> CoordinatewiseLSTM:
-    net = CoordinatewiseLSTM(hidden_size, num_layers, preprocess_p, output_scale, backend=backend).to(dtype)
-    return load_weights(net, random_weights(hidden_size, num_layers, gen=gen, dtype=dtype, kind=kind))
+             output_scale: float = 0.1, features: int = 1) -> CoordinatewiseLSTM:
+    net = CoordinatewiseLSTM(hidden_size, num_layers, preprocess_p, output_scale, backend=backend,
+                             features=features).to(dtype)
+    return load_weights(net, random_weights(hidden_size, num_layers, gen=gen, dtype=dtype, kind=kind,
+                                            features=features))
 
 
 def copy_net(net: CoordinatewiseLSTM, *, backend: str, dtype=None) -> CoordinatewiseLSTM:
     """The same weights in a new net with another backend (and optionally dtype)."""
-    other = CoordinatewiseLSTM(net.hidden_size, net.num_layers, net.preprocess_p, net.output_scale, backend=backend)
+    other = CoordinatewiseLSTM(net.hidden_size, net.num_layers, net.preprocess_p, net.output_scale, backend=backend,
+                               features=net.features)
     other.to(net.out.weight.dtype).load_state_dict(net.state_dict())  # load at the source dtype: no rounding
     return other.to(dtype or net.out.weight.dtype)
 
@@ -191,19 +207,19 @@ def to64(tensors):
     return [t.detach().double() for t in tensors]
 
 
-def reference_forward64(grad, state, weights, p, scale, chunk: int = 1 << 17):
+def reference_forward64(grad, state, weights, p, scale, chunk: int = 1 << 17, features: int = 1):
     """Float64 reference on the (possibly lower-precision) inputs, in coordinate chunks to bound memory."""
     grad, state, weights = to64(grad), to64(state), to64(weights)
     updates, states = [], []
     for start in range(0, max(grad.shape[0], 1), chunk):
         sl = slice(start, start + chunk)
-        u, s = reference.lstm_step(grad[sl], state[..., sl], weights, p, scale)
+        u, s = reference.lstm_step(grad[sl], state[..., sl], weights, p, scale, features)
         updates.append(u)
         states.append(s)
     return torch.cat(updates), torch.cat(states, dim=-1)
 
 
-def step_grads(step_fn, grad, state, weights, p, scale, up_update, up_state):
+def step_grads(step_fn, grad, state, weights, p, scale, up_update, up_state, features: int = 1):
     """(update, new_state, d_grad, d_state, d_weights) of one step under upstream grads (up_update, up_state).
 
     The inputs are detached copies with requires_grad set, so the caller's tensors are left alone.
@@ -211,17 +227,17 @@ def step_grads(step_fn, grad, state, weights, p, scale, up_update, up_state):
     grad = grad.detach().clone().requires_grad_(True)
     state = state.detach().clone().requires_grad_(True)
     weights = [w.detach().clone().requires_grad_(True) for w in weights]
-    update, new_state = step_fn(grad, state, weights, p, scale)
+    update, new_state = step_fn(grad, state, weights, p, scale, features)
     d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_update, up_state])
     return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
 
 
-def native_step(grad, state, weights, p, scale):
-    return ops.lstm_step(grad, state, weights, p, scale)
+def native_step(grad, state, weights, p, scale, features=1):
+    return ops.lstm_step(grad, state, weights, p, scale, features)
 
 
-def reference_step(grad, state, weights, p, scale):
-    return reference.lstm_step(grad, state, weights, p, scale)
+def reference_step(grad, state, weights, p, scale, features=1):
+    return reference.lstm_step(grad, state, weights, p, scale, features)
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -43,9 +43,9 @@ def on(impl: Impl, tensors):
     return [on(impl, t) for t in tensors]
 
 
-def inputs(n, H, L, dtype, gen, kind="random", p=10.0, non_finite=False):
+def inputs(n, H, L, dtype, gen, kind="random", p=10.0, non_finite=False, features=1):
     """CPU tensors: grad [n], state [L, 2, H, n], weights, upstream (grad_update [n], grad_new_state)."""
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind)
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind, features=features)
     grad = random_grad(n, gen=gen, dtype=dtype, p=p)
     if non_finite and n >= 6:
         grad[3], grad[4], grad[5] = math.nan, math.inf, -math.inf
@@ -55,30 +55,30 @@ def inputs(n, H, L, dtype, gen, kind="random", p=10.0, non_finite=False):
     return grad, state, weights, up_u, up_s
 
 
-def reference_grads(grad, state, weights, p, scale, up_u, up_s):
+def reference_grads(grad, state, weights, p, scale, up_u, up_s, features=1):
     """(update, new_state, d_grad, d_state, d_weights) of the reference's autograd on these (CPU) tensors."""
     grad = grad.detach().clone().requires_grad_(True)
     state = state.detach().clone().requires_grad_(True)
     weights = [w.detach().clone().requires_grad_(True) for w in weights]
-    update, new_state = reference.lstm_step(grad, state, weights, p, scale)
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features)
     d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_u, up_s])
     return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
 
 
 def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=10.0, scale=0.1,
-                           non_finite=False, saturating=False):
+                           non_finite=False, saturating=False, features=1):
     """lstm_step and lstm_step_backward on impl.device vs the float64 reference; returns the kernel outputs."""
-    grad, state, weights, up_u, up_s = inputs(n, H, L, dtype, gen, kind, p, non_finite)
-    update, new_state = impl.lstm_step(*on(impl, [grad, state]), on(impl, weights), p, scale)
+    grad, state, weights, up_u, up_s = inputs(n, H, L, dtype, gen, kind, p, non_finite, features)
+    update, new_state = impl.lstm_step(*on(impl, [grad, state]), on(impl, weights), p, scale, features)
     d_grad, d_state, d_weights = impl.lstm_step_backward(*on(impl, [up_u, up_s, grad, state]), on(impl, weights),
-                                                         p, scale)
+                                                         p, scale, features)
     got = [t.cpu() for t in (update, new_state, d_grad, d_state)], [t.cpu() for t in d_weights]
-    ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s))
+    ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s), features)
     scales, ref_same = [None, None, None], None
     if dtype == torch.float64:
-        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s)
+        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, features=features)
     else:
-        ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s)[4]
+        ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s, features)[4]
     for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[0], ref[:4],
                               [None, None, *scales[:2]]):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
@@ -93,11 +93,11 @@ def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=
     return got
 
 
-def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False, p=10.0, scale=0.1):
+def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False, p=10.0, scale=0.1, features=1):
     """lstm_step_ (param += update, state advanced in place) vs the float64 reference."""
-    grad, state, weights, _, _ = inputs(n, H, L, dtype, gen, non_finite=True)
+    grad, state, weights, _, _ = inputs(n, H, L, dtype, gen, non_finite=True, features=features)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale, features=features)
     g_dev, w_dev = on(impl, grad), on(impl, weights)
     if non_contiguous:  # every second element of a buffer twice as long; state with coordinates not last-contiguous
         param_buf = torch.zeros(2 * n, dtype=dtype, device=impl.device)
@@ -107,7 +107,7 @@ def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False,
         assert n <= 1 or not param_dev.is_contiguous()
     else:
         param_dev, state_dev = on(impl, param), on(impl, state)
-    impl.lstm_step_(param_dev, g_dev, state_dev, w_dev, p, scale)
+    impl.lstm_step_(param_dev, g_dev, state_dev, w_dev, p, scale, features)
     assert_elementwise_close(param_dev.cpu(), param.double() + e_update, dtype, "param")
     assert_elementwise_close(state_dev.cpu(), e_state, dtype, "state")
     if non_contiguous:
@@ -117,7 +117,7 @@ def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False,
         assert torch.equal(param_dev.cpu()[3:6], param[3:6]), "non-finite coordinates: param kept"
 
 
-def multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p=10.0):
+def multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p=10.0, features=1):
     """CPU params and grads (one per size, dtypes cycling through param_dtypes; grads in the param's dtype),
     float64 master copies, weights, a float64 state [L, 2, H, sum(sizes)]; a few non-finite gradients."""
     params, grads = [], []
@@ -128,18 +128,18 @@ def multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p=10.0):
         if n >= 5 and k % 2 == 0:
             g[2], g[4] = math.nan, math.inf
         grads.append(g.to(dtype))
-    weights = random_weights(H, L, gen=gen, dtype=weight_dtype)
+    weights = random_weights(H, L, gen=gen, dtype=weight_dtype, features=features)
     state = random_state(L, H, sum(sizes), gen=gen)
     return params, grads, weights, state
 
 
 def check_multi_step(impl: Impl, sizes, param_dtypes, H, L, gen, *, weight_dtype=torch.float32,
-                     state_dtype=torch.float32, p=10.0, scale=0.1):
+                     state_dtype=torch.float32, p=10.0, scale=0.1, features=1):
     """lstm_multi_step_ vs the float64 reference on the rounded inputs, tensor by tensor."""
-    params, grads, weights, state64 = multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p)
+    params, grads, weights, state64 = multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p, features)
     state = state64.to(state_dtype)
     params_dev, grads_dev, state_dev = on(impl, params), on(impl, grads), on(impl, state)
-    impl.lstm_multi_step_(params_dev, grads_dev, state_dev, on(impl, weights), p, scale)
+    impl.lstm_multi_step_(params_dev, grads_dev, state_dev, on(impl, weights), p, scale, features)
     new_state = state_dev.cpu()
     assert new_state.dtype == state_dtype
     math_dtype = weight_dtype  # float32 arithmetic for float32 weights, whatever the storage
@@ -147,7 +147,7 @@ def check_multi_step(impl: Impl, sizes, param_dtypes, H, L, gen, *, weight_dtype
     for k, n in enumerate(sizes):
         cols = slice(begin, begin + n)
         begin += n
-        e_update, e_state = reference_forward64(grads[k], state[..., cols], weights, p, scale)
+        e_update, e_state = reference_forward64(grads[k], state[..., cols], weights, p, scale, features=features)
         got_param = params_dev[k].cpu()
         assert got_param.dtype == params[k].dtype
         expected_param = params[k].double() + e_update

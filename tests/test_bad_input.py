@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_net, random_grad, random_state, random_weights, requires_native
-from l2l_fast import CoordinatewiseLSTM
+from conftest import FEATURE_SETS, feature_id, make_net, random_grad, random_state, random_weights, requires_native
+from l2l_fast import CoordinatewiseLSTM, checks
+from l2l_fast import features as registry
 
 H, L, N = 4, 2, 9
 ERRORS = (ValueError, TypeError, RuntimeError)
@@ -141,7 +142,9 @@ def test_module_rejects_unsupported_weight_dtype(gen, backend, dtype):
 @pytest.mark.parametrize("kwargs,name", [
     (dict(hidden_size=0), "hidden_size"), (dict(hidden_size=2.5), "hidden_size"), (dict(num_layers=0), "num_layers"),
     (dict(preprocess_p=0.0), "preprocess_p"), (dict(preprocess_p=-1.0), "preprocess_p"),
-    (dict(backend="cuda"), "backend")], ids=lambda v: str(v) if isinstance(v, str) else None)
+    (dict(backend="cuda"), "backend"), (dict(features=()), "features"), (dict(features=("no such",)), "features"),
+    (dict(features=0), "features"), (dict(features=registry.ALL_MASK + 1), "features")],
+    ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_module_rejects_bad_constructor_arguments(kwargs, name):
     with pytest.raises(ValueError, match=arg(name)):
         CoordinatewiseLSTM(**kwargs)
@@ -164,23 +167,36 @@ def test_module_zero_coordinates_return_empties(gen, backend):
 
 # ---------------------------------------------------------------------------------------------
 # raw ops: the C++ checks
-def raw_inputs(gen, n=N, dtype=torch.float64):
-    weights = random_weights(H, L, gen=gen, dtype=dtype)
+def raw_inputs(gen, n=N, dtype=torch.float64, features=1):
+    weights = random_weights(H, L, gen=gen, dtype=dtype, features=features)
     grad = random_grad(n, gen=gen, dtype=dtype)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     return param, grad, state, weights
 
 
-def call_op(which, param, grad, state, weights, p=10.0, scale=0.1):
+def call_op(which, param, grad, state, weights, p=10.0, scale=0.1, features=1, grad_update=None,
+            grad_new_state=None):
     if which == "lstm_step":
-        return torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale)
+        return torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale, features)
     if which == "lstm_step_":
-        return torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale)
-    # the backward with good upstream gradients shaped like the (good) outputs
-    grad_update = torch.ones(N, dtype=torch.float64)
-    grad_new_state = torch.ones(L, 2, H, N, dtype=torch.float64)
-    return torch.ops.l2l_fast.lstm_step_backward(grad_update, grad_new_state, grad, state, weights, p, scale)
+        return torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale, features)
+    # the backward with good upstream gradients shaped like the (good) outputs unless given
+    grad_update = torch.ones(N, dtype=torch.float64) if grad_update is None else grad_update
+    grad_new_state = torch.ones(L, 2, H, N, dtype=torch.float64) if grad_new_state is None else grad_new_state
+    return torch.ops.l2l_fast.lstm_step_backward(grad_update, grad_new_state, grad, state, weights, p, scale, features)
+
+
+def check_op(which, param, grad, state, weights, p=10.0, scale=0.1, features=1, grad_update=None,
+             grad_new_state=None):
+    """The op's Python validator (l2l_fast.checks, run by its fake kernel) on call_op's arguments."""
+    if which == "lstm_step":
+        return checks.check_step_args(grad, state, weights, features)
+    if which == "lstm_step_":
+        return checks.check_inplace_args(param, grad, state, weights, features)
+    grad_update = torch.ones(N, dtype=torch.float64) if grad_update is None else grad_update
+    grad_new_state = torch.ones(L, 2, H, N, dtype=torch.float64) if grad_new_state is None else grad_new_state
+    return checks.check_backward_args(grad_update, grad_new_state, grad, state, weights, features)
 
 
 OPS = [pytest.param(op, marks=requires_native) for op in ("lstm_step", "lstm_step_", "lstm_step_backward")]
@@ -288,3 +304,111 @@ def test_ops_zero_coordinates_return_empties(gen, dtype):
         torch.empty(0, dtype=dtype), torch.empty(L, 2, H, 0, dtype=dtype), grad, state, weights, 10.0, 0.1)
     assert d_grad.shape == (0,) and d_state.shape == (L, 2, H, 0)
     assert all(dw.shape == w.shape and torch.count_nonzero(dw) == 0 for dw, w in zip(d_weights, weights))
+
+
+# ---------------------------------------------------------------------------------------------
+# features: the mask and the weights it asks for
+BAD_FEATURES = {  # name: (features, weights of which input width, argument named)
+    "zero": (lambda f: 0, lambda f: registry.input_size(f), "features"),
+    "negative": (lambda f: -f, lambda f: registry.input_size(f), "features"),
+    "unknown_bit": (lambda f: f | (registry.ALL_MASK + 1), lambda f: registry.input_size(f), "features"),
+    "w_ih_one_wider": (lambda f: f, lambda f: registry.input_size(f) + 1, r"weights\[0\]"),
+    "w_ih_one_narrower": (lambda f: f, lambda f: registry.input_size(f) - 1, r"weights\[0\]"),
+}
+
+
+def with_input_width(weights, width, gen):
+    """weights with weight_ih_l0 replaced by one of `width` inputs."""
+    return replace(weights, 0, torch.randn(4 * H, width, generator=gen, dtype=weights[0].dtype))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", BAD_FEATURES)
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+def test_op_rejects_bad_features(gen, op, bad, features):
+    """A mask with no feature or an unknown bit, or weights whose weight_ih_l0 does not take the mask's inputs:
+    a ValueError naming the argument, and nothing modified."""
+    param, grad, state, weights = raw_inputs(gen, features=features)
+    mask_of, width_of, name = BAD_FEATURES[bad]
+    weights = with_input_width(weights, width_of(features), gen)
+    before = param.clone(), state.clone()
+    with pytest.raises(ValueError, match=arg(name)):
+        call_op(op, param, grad, state, weights, features=mask_of(features))
+    assert torch.equal(param, before[0]) and torch.equal(state, before[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+def test_module_takes_its_features(gen, backend, features):
+    """A net made for a feature set builds weight_ih_l0 for it and steps with it; its state_dict does not load
+    into a net of another input width."""
+    net = make_net(H, L, gen=gen, backend=backend, features=features)
+    assert net.lstm.weight_ih_l0.shape == (4 * H, registry.input_size(features))
+    assert net.features == registry.names_of(features) and net.size_kwargs()["features"] == net.features
+    param, grad, state = good(gen, net)
+    update, new_state = net(grad, state)
+    net.step_(param, grad, state)
+    assert torch.equal(state, new_state)
+    other = CoordinatewiseLSTM(H, L, backend=backend)
+    other.lstm.weight_ih_l0 = torch.nn.Parameter(torch.zeros(4 * H, registry.input_size(features) + 1))
+    with pytest.raises(RuntimeError, match="weight_ih_l0"):
+        other.load_state_dict(net.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python validators (fake kernels) and the C++ ones fail the same way
+def _named(error: BaseException) -> str:
+    """The argument an error message names first: the text before its first ':'."""
+    return str(error).split(":")[0].strip()
+
+
+def _cases():
+    """name: function of (inputs dict, gen) -> the bad inputs dict, for every bad real (non-meta, dense) input."""
+    cases = {}
+    for key, fn in RAW_BAD_GRAD.items():
+        if key != "meta":
+            cases[f"grad-{key}"] = lambda a, g, fn=fn: {**a, "grad": fn(a["grad"])}
+    for key, fn in BAD_STATE.items():
+        if key not in ("meta", "sparse"):
+            cases[f"state-{key}"] = lambda a, g, fn=fn: {**a, "state": fn(a["state"])}
+    for key, fn in BAD_PARAM.items():
+        if key not in ("meta", "sparse"):
+            cases[f"param-{key}"] = lambda a, g, fn=fn: {**a, "param": fn(a["param"])}
+    for key, (fn, _) in BAD_WEIGHTS.items():
+        if "meta" not in key and "sparse" not in key:
+            cases[f"weights-{key}"] = lambda a, g, fn=fn: {**a, "weights": fn(a["weights"])}
+    for which in ("grad_update", "grad_new_state"):
+        cases[f"{which}-shape"] = lambda a, g, w=which: {**a, w: torch.ones(N - 1, dtype=torch.float64)
+                                                          if w == "grad_update"
+                                                          else torch.ones(L, 2, H, N - 1, dtype=torch.float64)}
+        cases[f"{which}-dtype"] = lambda a, g, w=which: {**a, w: torch.ones(N) if w == "grad_update"
+                                                          else torch.ones(L, 2, H, N)}
+    for key, (mask_of, width_of, _) in BAD_FEATURES.items():
+        cases[f"features-{key}"] = lambda a, g, m=mask_of, w=width_of: {
+            **a, "features": m(a["features"]), "weights": with_input_width(a["weights"], w(a["features"]), g)}
+    return cases
+
+
+AGREE_CASES = _cases()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", AGREE_CASES)
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+def test_python_checks_agree(gen, op, bad, features):
+    """Each op's Python validator (l2l_fast.checks, its fake kernel's) raises the C++ validator's error type,
+    naming the same argument first, or both accept."""
+    param, grad, state, weights = raw_inputs(gen, features=features)
+    args = AGREE_CASES[bad](dict(param=param, grad=grad, state=state, weights=weights, features=features), gen)
+    errors = []
+    for fn in (call_op, check_op):
+        try:
+            fn(op, **args)
+            errors.append(None)
+        except (*ERRORS, NotImplementedError) as error:
+            errors.append(error)
+    cpp, python = errors
+    if cpp is None or python is None:
+        assert cpp is None and python is None, f"C++: {cpp!r}, Python: {python!r}"
+        return
+    assert (type(cpp), _named(cpp)) == (type(python), _named(python)), f"C++: {cpp!r}\nPython: {python!r}"

@@ -15,8 +15,8 @@ import torch
 from torch.autograd import gradcheck
 
 import cuda_cases as cases
-from conftest import (DTYPE_IDS, WEIGHT_KINDS, make_net, random_grad, random_state, random_weights,
-                      reference_forward64, requires_native, to64)
+from conftest import (DTYPE_IDS, FEATURE_SETS, WEIGHT_KINDS, feature_id, make_net, random_grad, random_state,
+                      random_weights, reference_forward64, requires_native, to64)
 from l2l_fast import ops
 from test_gradcheck import assert_away_from_kink, away_from_kink, unroll
 from tolerances import assert_elementwise_close, assert_weight_grads_close
@@ -55,6 +55,18 @@ def test_step_matches_reference(gen, n, dtype, kind):
 def test_hidden_sizes_and_layers(gen, hidden_size, num_layers, dtype):
     """Every size but (20, 2) runs the run-time-sized kernels (per-thread arrays in local memory)."""
     cases.check_forward_backward(IMPL, 133, hidden_size, num_layers, dtype, gen, non_finite=True)
+
+
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("hidden,layers", [(20, 2), (3, 2)], ids=lambda v: str(v))
+def test_features(gen, hidden, layers, dtype, features):
+    """Every set of input features: forward, backward, step_ and the multi-tensor step (with 20 x 2, the paper's
+    set runs the compiled-in sizes and every other set the run-time path)."""
+    cases.check_forward_backward(IMPL, 4097, hidden, layers, dtype, gen, non_finite=True, features=features)
+    cases.check_step_inplace(IMPL, 1000, hidden, layers, dtype, gen, features=features)
+    cases.check_multi_step(IMPL, [7, 0, 4000], [dtype], hidden, layers, gen, weight_dtype=dtype, state_dtype=dtype,
+                           features=features)
 
 
 @pytest.mark.parametrize("p,scale", [(1.0, 1.0), (20.0, -0.5), (0.25, 7.0)], ids=lambda v: str(v))
@@ -245,12 +257,12 @@ def test_opcheck_multi_step(gen):
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32-state", "bf16-state"])
 def test_multi_step_mixed_dtypes(gen, state_dtype):
     sizes = [7, 0, 1, 4097, 5, 2**16 + 3, 33]
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]  # the params float32 weights take
     cases.check_multi_step(IMPL, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype)
 
 
 def test_multi_step_float64_weights(gen):
-    cases.check_multi_step(IMPL, [9, 4000], [torch.float64, torch.float32], 4, 2, gen, weight_dtype=torch.float64,
+    cases.check_multi_step(IMPL, [9, 4000], [torch.float64], 4, 2, gen, weight_dtype=torch.float64,
                            state_dtype=torch.float64)
     cases.check_multi_step(IMPL, [9, 4000], [torch.float64], 20, 2, gen, weight_dtype=torch.float64,
                            state_dtype=torch.bfloat16)
@@ -298,6 +310,44 @@ def test_cuda_graph_capture(gen):
         for j, (a, b) in enumerate(zip(outputs, expected)):
             assert torch.equal(a, b), f"replay {replay}, output {j}"
         assert torch.equal(param, param_e) and torch.equal(state, state_e), f"replay {replay}"
+
+
+def test_cuda_graph_replays_see_in_place_weight_updates(gen):
+    """Regression guard of the packed-weight cache (csrc/packed_cache.h): during capture the packing is recorded
+    into the graph instead of taken from the cache, so replays pack the weights as they are at replay time. The
+    capture stream was warmed up with these very weights, so a cached packing would be found there."""
+    grad, state, weights, _, _ = cases.on(IMPL, cases.inputs(4096, 20, 2, torch.float32, gen))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.lstm_step(grad, state, weights, P, SCALE)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        update, _ = ops.lstm_step(grad, state, weights, P, SCALE)
+    for _ in range(2):
+        with torch.no_grad():
+            weights[-2].add_(0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ops.lstm_step(grad, state, [w.clone() for w in weights], P, SCALE)[0]
+        assert torch.equal(update, expected)
+
+
+def test_packed_weights_are_cached_per_stream(gen):
+    from l2l_fast import _C
+
+    grad, state, weights, _, _ = cases.on(IMPL, cases.inputs(1000, 20, 2, torch.float32, gen))
+    _C.clear_packed_cache()
+    ops.lstm_step(grad, state, weights, P, SCALE)
+    ops.lstm_step(grad, state, weights, P, SCALE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.lstm_step(grad, state, weights, P, SCALE)
+    torch.cuda.current_stream().wait_stream(side)
+    stats = _C.packed_cache_stats()
+    assert (stats["hits"], stats["misses"]) == (1, 2)
 
 
 def test_compile_reduce_overhead(gen):

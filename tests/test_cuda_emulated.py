@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cuda_cases as cases
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, FEATURE_SETS, feature_id
 
 if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
     pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
@@ -33,7 +33,8 @@ def emu():
 
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
-    module = load(name="l2l_fast_cuda_emulation", sources=[str(ROOT / "tests" / "cuda_emulation" / "emulate.cpp")],
+    sources = [str(ROOT / "tests" / "cuda_emulation" / "emulate.cpp"), str(ROOT / "csrc" / "packed_cache.cpp")]
+    module = load(name="l2l_fast_cuda_emulation", sources=sources,
                   extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-fno-strict-aliasing"],
                   build_directory=str(build), verbose=False)
     return module
@@ -51,6 +52,18 @@ def impl(emu):
 @pytest.mark.parametrize("n", [1, 7, 300], ids=lambda n: f"n{n}")
 def test_forward_backward(impl, gen, n, hidden, layers, dtype):
     cases.check_forward_backward(impl, n, hidden, layers, dtype, gen, non_finite=True)
+
+
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("hidden,layers", [(20, 2), (3, 2)], ids=lambda v: str(v))
+def test_features(impl, gen, hidden, layers, dtype, features):
+    """Every set of input features: forward, backward, step_ and the multi-tensor step (with 20 x 2, the paper's
+    set runs the compiled-in sizes and every other set the run-time path)."""
+    cases.check_forward_backward(impl, 100, hidden, layers, dtype, gen, non_finite=True, features=features)
+    cases.check_step_inplace(impl, 37, hidden, layers, dtype, gen, features=features)
+    cases.check_multi_step(impl, [7, 0, 40], [dtype], hidden, layers, gen, weight_dtype=dtype, state_dtype=dtype,
+                           features=features)
 
 
 @pytest.mark.parametrize("kind", ["init", "saturating"])
@@ -84,7 +97,7 @@ def test_step_inplace(impl, gen, dtype, non_contiguous):
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32-state", "bf16-state"])
 def test_multi_step_mixed_dtypes(impl, gen, state_dtype):
     sizes = [7, 0, 1, 130, 5, 64, 33]
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]  # the params float32 weights take
     cases.check_multi_step(impl, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype)
 
 
@@ -93,7 +106,7 @@ def test_bf16_state_trajectory(impl, gen):
 
 
 def test_multi_step_float64_weights(impl, gen):
-    cases.check_multi_step(impl, [9, 40], [torch.float64, torch.float32], 4, 2, gen, weight_dtype=torch.float64,
+    cases.check_multi_step(impl, [9, 40], [torch.float64], 4, 2, gen, weight_dtype=torch.float64,
                            state_dtype=torch.float64)
     cases.check_multi_step(impl, [9, 40], [torch.float64], 4, 2, gen, weight_dtype=torch.float64,
                            state_dtype=torch.bfloat16)
@@ -130,3 +143,34 @@ def test_rejects_hidden_size_over_limit(impl, gen):
     grad, state, weights, _, _ = cases.inputs(3, 129, 1, torch.float32, gen)
     with pytest.raises(ValueError, match="hidden_size 129"):
         impl.lstm_step(grad, state, weights, 10.0, 0.1)
+
+
+def test_multi_step_keeps_the_cpu_contract(impl, gen):
+    """Regression: the CUDA binding's own validator accepted float32 params with float64 weights, which the CPU one
+    rejects; both now run csrc/op_checks.h's check_multi_step_args."""
+    params, grads, weights, state = cases.multi_inputs([9, 40], [torch.float64, torch.float32], 4, 2, torch.float64,
+                                                       gen)
+    with pytest.raises(TypeError, match=r"params\[1\]"):
+        impl.lstm_multi_step_(params, grads, state, weights, 10.0, 0.1)
+    with pytest.raises(ValueError, match="features"):
+        impl.lstm_multi_step_(params[:1], grads[:1], state[..., :9], weights, 10.0, 0.1, 0)
+
+
+def test_packed_weights_cached_per_version(impl, emu, gen):
+    """step_ops.h packs through the cache (csrc/packed_cache.h): a hit on the same weights, a miss after an
+    in-place change, which the result shows; calls autograd records for the weights bypass it (a CUDA hit is
+    not checked against the values, and gradcheck perturbs them through .data)."""
+    grad, state, weights, _, _ = cases.inputs(50, 3, 2, torch.float32, gen)
+    hits, misses, bypassed = emu.packed_cache_counts()
+    first = impl.lstm_step(grad, state, weights, 10.0, 0.1)[0]
+    assert torch.equal(first, impl.lstm_step(grad, state, weights, 10.0, 0.1)[0])
+    assert emu.packed_cache_counts() == (hits + 1, misses + 1, bypassed)
+    with torch.no_grad():
+        weights[-2].add_(1)
+    assert not torch.equal(first, impl.lstm_step(grad, state, weights, 10.0, 0.1)[0])
+    assert emu.packed_cache_counts() == (hits + 1, misses + 2, bypassed)
+    recorded = [w.requires_grad_(True) for w in weights]
+    impl.lstm_step(grad, state, recorded, 10.0, 0.1)
+    with torch.no_grad():
+        impl.lstm_step(grad, state, recorded, 10.0, 0.1)
+    assert emu.packed_cache_counts() == (hits + 2, misses + 2, bypassed + 1)

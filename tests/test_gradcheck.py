@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from conftest import native_step, random_state, random_weights, reference_step, requires_native
+from conftest import FEATURE_SETS, feature_id, native_step, random_state, random_weights, reference_step, requires_native
 
 pytestmark = requires_native
 
@@ -37,19 +37,21 @@ def assert_away_from_kink(grad, p, margin=0.1):
     assert ((ratio - 1).abs() > margin).all(), f"|grad| too close to e^-p: ratios {ratio.tolist()}"
 
 
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("backend", STEP_FNS)
 @pytest.mark.parametrize("hidden_size,num_layers,n,p", [(3, 2, 7, 10.0), (4, 1, 6, 2.0), (5, 3, 5, 1.0)],
                          ids=["H3-L2-n7-p10", "H4-L1-n6-p2", "H5-L3-n5-p1"])
-def test_gradcheck_single_step(gen, backend, hidden_size, num_layers, n, p):
+def test_gradcheck_single_step(gen, backend, hidden_size, num_layers, n, p, features):
     scale = 0.3
-    weights = [w.requires_grad_(True) for w in random_weights(hidden_size, num_layers, gen=gen, kind="random")]
+    weights = [w.requires_grad_(True)
+               for w in random_weights(hidden_size, num_layers, gen=gen, kind="random", features=features)]
     grad = away_from_kink(n, p, gen=gen)
     state = random_state(num_layers, hidden_size, n, gen=gen).requires_grad_(True)
     assert_away_from_kink(grad, p, margin=0.25)
     step = STEP_FNS[backend]
 
     def fn(k, state, *weights):
-        return step(k * math.exp(-p), state, list(weights), p, scale)
+        return step(k * math.exp(-p), state, list(weights), p, scale, features)
 
     k = (grad.detach() / math.exp(-p)).requires_grad_(True)
     assert gradcheck(fn, (k, state, *weights), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -84,7 +86,7 @@ def test_gradcheck_with_non_finite_gradient(gen, bad):
     assert gradcheck(fn, (state, *weights), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def unroll(step, weights, state0, theta0, noises, *, a, p, scale):
+def unroll(step, weights, state0, theta0, noises, *, a, p, scale, features=1):
     """An optimizee-like rollout: grad_t = noise_t + a * theta_t, theta_{t+1} = theta_t + update_t.
 
     The gradient fed to the optimizer depends on theta (so on earlier updates) and on inputs that
@@ -94,18 +96,20 @@ def unroll(step, weights, state0, theta0, noises, *, a, p, scale):
     for noise in noises:
         grad = noise + a * theta
         grads.append(grad)
-        update, state = step(grad, state, list(weights), p, scale)
+        update, state = step(grad, state, list(weights), p, scale, features)
         theta = theta + update
     return theta, state, grads
 
 
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("backend,hidden_size,num_layers,n", [("native", 3, 2, 6), ("reference", 3, 2, 6),
                                                              ("native", 20, 2, 2)],
                          ids=["native-H3-L2-n6", "reference-H3-L2-n6", "native-H20-L2-n2"])
-def test_gradcheck_three_unrolled_steps(gen, backend, hidden_size, num_layers, n):
+def test_gradcheck_three_unrolled_steps(gen, backend, hidden_size, num_layers, n, features):
     """Through 3 steps with the state carried: wrt every weight, the initial state, theta0 and the gradient noise."""
     p, scale, a, steps = 2.0, 0.1, 0.02, 3
-    weights = [w.requires_grad_(True) for w in random_weights(hidden_size, num_layers, gen=gen, kind="random")]
+    weights = [w.requires_grad_(True)
+               for w in random_weights(hidden_size, num_layers, gen=gen, kind="random", features=features)]
     state0 = random_state(num_layers, hidden_size, n, gen=gen).requires_grad_(True)
     theta0 = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     noises = [away_from_kink(n, p, gen=gen).requires_grad_(True) for _ in range(steps)]
@@ -113,7 +117,7 @@ def test_gradcheck_three_unrolled_steps(gen, backend, hidden_size, num_layers, n
 
     # the inputs keep every gradient of the rollout away from the kink (and the log branch away from 0)
     with torch.no_grad():
-        _, _, grads = unroll(step, weights, state0, theta0, noises, a=a, p=p, scale=scale)
+        _, _, grads = unroll(step, weights, state0, theta0, noises, a=a, p=p, scale=scale, features=features)
     for grad in grads:
         assert_away_from_kink(grad, p, margin=0.1)
 
@@ -121,7 +125,7 @@ def test_gradcheck_three_unrolled_steps(gen, backend, hidden_size, num_layers, n
 
     def fn(*inputs):
         ws, state, theta, ns = inputs[:n_w], inputs[n_w], inputs[n_w + 1], inputs[n_w + 2:]
-        theta_T, state_T, _ = unroll(step, ws, state, theta, ns, a=a, p=p, scale=scale)
+        theta_T, state_T, _ = unroll(step, ws, state, theta, ns, a=a, p=p, scale=scale, features=features)
         return theta_T, state_T
 
     assert gradcheck(fn, (*weights, state0, theta0, *noises), eps=1e-6, atol=1e-7, rtol=1e-5)

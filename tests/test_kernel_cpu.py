@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from conftest import (DTYPE_IDS, WEIGHT_KINDS, available_cpu_isas, branch_counts, copy_net, make_net, native_step,
-                      random_grad, random_state, random_weights, reference_forward64, reference_step,
-                      requires_native, step_grads, to64)
+from conftest import (DTYPE_IDS, FEATURE_SETS, WEIGHT_KINDS, available_cpu_isas, branch_counts, copy_net, feature_id,
+                      make_net, native_step, random_grad, random_state, random_weights, reference_forward64,
+                      reference_step, requires_native, step_grads, to64)
 from l2l_fast import ops, reference
 from tolerances import (ELEMENTWISE, REORDERED_SUM, assert_close_rel_max, assert_elementwise_close,
                         assert_weight_grads_close, backward_error_scale)
@@ -30,19 +30,20 @@ def random_upstream(n, L, H, *, gen, dtype):
 
 
 def check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, *, kernel_step=native_step,
-                                 saturating=False):
+                                 saturating=False, features=1):
     """Kernel forward + backward vs the float64 reference (and, for float32, the flash-attention rule).
 
     saturating: the weights saturate most gates (kind "saturating"), see tolerances.WEIGHT_GRAD.
     """
     dtype = grad.dtype
-    got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s)
-    ref = step_grads(reference_step, to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s))
+    got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s, features)
+    ref = step_grads(reference_step, to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s),
+                     features)
     ref_same, scales = None, [None, None, None]
     if dtype != torch.float64:
-        ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s)[4]
+        ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s, features)[4]
     else:
-        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s)
+        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, features=features)
     for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref[:4], [None, None, *scales[:2]]):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
         assert_elementwise_close(a, e, dtype, name, es)
@@ -72,16 +73,17 @@ def test_step_matches_reference(gen, n, dtype, kind):
     assert update.shape == (n,) and new_state.shape == (L, 2, H, n)
 
 
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("hidden_size,num_layers", [(1, 1), (2, 2), (3, 1), (4, 3), (8, 2), (16, 2), (19, 1),
                                                     (21, 2), (32, 2), (33, 3), (64, 1), (100, 2)],
                          ids=lambda v: str(v))
-def test_hidden_sizes_and_layers(gen, hidden_size, num_layers):
+def test_hidden_sizes_and_layers(gen, hidden_size, num_layers, features):
     n, p, scale = 133, 10.0, 0.1
-    weights = random_weights(hidden_size, num_layers, gen=gen, kind="random")
+    weights = random_weights(hidden_size, num_layers, gen=gen, kind="random", features=features)
     grad = random_grad(n, gen=gen, p=p)
     state = random_state(num_layers, hidden_size, n, gen=gen)
     up_u, up_s = random_upstream(n, num_layers, hidden_size, gen=gen, dtype=torch.float64)
-    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, features=features)
 
 
 @pytest.mark.parametrize("p,scale", [(10.0, 0.1), (1.0, 1.0), (20.0, -0.5), (3.5, 0.0), (0.25, 7.0)],
@@ -161,31 +163,34 @@ def test_outputs_past_the_caches_match_reference(gen, dtype, n):
 ISAS = available_cpu_isas()
 
 
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [1, 7, 37, 1000, 8195], ids=lambda n: f"n{n}")
-def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype):
-    """Forward, backward, step_ and the non-finite policy with the kernels of one instruction set.
+def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype, features):
+    """Forward, backward, step_ and the non-finite policy with the kernels of one instruction set, for every
+    set of input features.
 
     n covers a partial vector, several tiles with a tail, and (8195) more than one thread chunk.
     """
     H, L, p, scale = 20, 2, 10.0, 0.1
     kind = "saturating" if n == 37 else "random"
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind)
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind, features=features)
     grad = random_grad(n, gen=gen, dtype=dtype, p=p)
     if n >= 7:
         grad[[2, n - 1]] = torch.tensor([math.nan, -math.inf], dtype=dtype)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
     update, new_state, d_grad, d_state, _ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s,
-                                                                         saturating=kind == "saturating")
+                                                                         saturating=kind == "saturating",
+                                                                         features=features)
     bad = ~torch.isfinite(grad)
     assert torch.equal(new_state[..., bad], state[..., bad]) and torch.count_nonzero(update[bad]) == 0
     assert torch.count_nonzero(d_grad[bad]) == 0 and torch.equal(d_state[..., bad], up_s[..., bad])
 
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     expected_param = param + update
-    ops.lstm_step_(param, grad, state, weights, p, scale)
+    ops.lstm_step_(param, grad, state, weights, p, scale, features)
     torch.testing.assert_close(param, expected_param)
     torch.testing.assert_close(state, new_state)
 

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from conftest import (DTYPE_IDS, available_cpu_isas, random_grad, random_state, random_weights, requires_native)
+from conftest import (DTYPE_IDS, FEATURE_SETS, available_cpu_isas, feature_id, random_grad, random_state, random_weights,
+                      requires_native)
+from l2l_fast import features as registry
 from l2l_fast import ops, reference
 from tolerances import assert_elementwise_close
 
@@ -20,13 +22,13 @@ SIZE_LISTS = {"0-1-7-65539": [0, 1, 7, 2**16 + 3], "7": [7], "empty": [], "zeros
               "many": [3, 4097, 1, 40000, 5, 0, 33]}
 
 
-def inputs(gen, sizes, dtype, param_dtype=None, state_dtype=None):
+def inputs(gen, sizes, dtype, param_dtype=None, state_dtype=None, features=1):
     """params, grads (param_dtype), state [L, 2, H, sum] (state_dtype), weights (dtype): fresh random values."""
     param_dtype, state_dtype = param_dtype or dtype, state_dtype or dtype
     params = [torch.randn(n, generator=gen, dtype=torch.float64).to(param_dtype) for n in sizes]
     grads = [random_grad(n, gen=gen, p=P).to(param_dtype) for n in sizes]
     state = random_state(L, H, sum(sizes), gen=gen).to(state_dtype)
-    return params, grads, state, random_weights(H, L, gen=gen, dtype=dtype)
+    return params, grads, state, random_weights(H, L, gen=gen, dtype=dtype, features=features)
 
 
 def per_tensor(params, grads, state, weights, p=P, scale=SCALE):
@@ -54,13 +56,15 @@ def assert_same(actual, expected, name):
 # values
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("sizes", SIZE_LISTS.values(), ids=SIZE_LISTS.keys())
-def test_matches_reference(gen, dtype, sizes):
-    params, grads, state, weights = inputs(gen, sizes, dtype)
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+def test_matches_reference(gen, dtype, sizes, features):
+    params, grads, state, weights = inputs(gen, sizes, dtype, features=features)
     ref_params = [p.double() for p in params]
     ref_state = state.double()
-    reference.lstm_multi_step_(ref_params, [g.double() for g in grads], ref_state, [w.double() for w in weights], P, SCALE)
+    reference.lstm_multi_step_(ref_params, [g.double() for g in grads], ref_state, [w.double() for w in weights], P, SCALE,
+                               features)
     before = [p.clone() for p in params]
-    ops.lstm_multi_step_(params, grads, state, weights, P, SCALE)
+    ops.lstm_multi_step_(params, grads, state, weights, P, SCALE, features)
     for k, (p, b, e) in enumerate(zip(params, before, ref_params)):
         # the update, so the tolerance scales with it, not with the parameter
         assert_elementwise_close(p.double() - b.double(), e - b.double(), dtype, f"update[{k}]")
@@ -283,15 +287,33 @@ def test_rejects_bad_input(gen, bad):
     assert torch.equal(state, before[1]), "a rejected call must not change anything"
 
 
-@pytest.mark.parametrize("bad", list(BAD) + list(BAD_META))
-def test_python_checks_agree(gen, bad):
-    """The fake kernel's checks (l2l_fast.checks.check_multi_step_inputs) fail the same way as the C++ ones."""
-    from l2l_fast.checks import check_multi_step_inputs
+BAD_FEATURES = {  # name: (features, weight_ih_l0's input width, both functions of the good mask)
+    "features_zero": (lambda f: 0, registry.input_size),
+    "features_unknown_bit": (lambda f: f | (registry.ALL_MASK + 1), registry.input_size),
+    "w_ih_other_width": (lambda f: f, lambda f: registry.input_size(f) + 1),
+}
 
-    change, name, error = {**BAD, **BAD_META}[bad]
-    params, grads, state, weights = inputs(gen, [4, 9, 2], torch.float64)
+
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+@pytest.mark.parametrize("bad", list(BAD) + list(BAD_META) + list(BAD_FEATURES))
+def test_python_checks_agree(gen, bad, features):
+    """The fake kernel's checks (l2l_fast.checks.check_multi_step_args) fail the same way as the C++ ones."""
+    from l2l_fast.checks import check_multi_step_args
+
+    params, grads, state, weights = inputs(gen, [4, 9, 2], torch.float64, features=features)
+    if bad in BAD_FEATURES:
+        mask_of, width_of = BAD_FEATURES[bad]
+        weights = _replace(weights, 0, torch.zeros(4 * H, width_of(features), dtype=torch.float64))
+        args, name, error = (params, grads, state, weights, mask_of(features)), "features", ValueError
+        if bad == "w_ih_other_width":
+            name = r"weights\[0\]"
+    else:
+        change, name, error = {**BAD, **BAD_META}[bad]
+        args = (*change(params, grads, state, weights), features)
     with pytest.raises(error, match=arg(name)):
-        check_multi_step_inputs(*change(params, grads, state, weights))
-    if bad in BAD_META:
-        with pytest.raises(ERRORS, match=arg(name)):
-            ops.lstm_multi_step_(*change(params, grads, state, weights), P, SCALE)
+        check_multi_step_args(*args)
+    if bad not in BAD:  # real tensors: the C++ checks (the meta ones go to the fake kernel)
+        before = state.clone()
+        with pytest.raises(error if bad in BAD_FEATURES else ERRORS, match=arg(name)):
+            ops.lstm_multi_step_(*args[:4], P, SCALE, args[4])
+        assert torch.equal(state, before)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import DTYPE_IDS, make_net, random_grad, random_state, random_weights, requires_native
+from conftest import (DTYPE_IDS, FEATURE_SETS, feature_id, make_net, random_grad, random_state, random_weights,
+                      requires_native)
 from l2l_fast import ops
 
 pytestmark = requires_native
@@ -15,12 +16,12 @@ DTYPES = [torch.float64, torch.float32]
 H, L, P, SCALE = 3, 2, 10.0, 0.1
 
 
-def sample(gen, dtype, n=7):
+def sample(gen, dtype, n=7, features=1):
     grad = random_grad(n, gen=gen, dtype=dtype, p=P)
     if n >= 5:
         grad[4] = math.nan  # the masked path is part of the op's behaviour under test too
     state = random_state(L, H, n, gen=gen, dtype=dtype)
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random", features=features)
     return grad, state, weights
 
 
@@ -36,35 +37,47 @@ def fresh_dynamo():
 REQUIRES_GRAD = {"none": (), "all": ("grad", "state", "weights"), "weights": ("weights",), "state": ("state",)}
 
 
+# The features argument given (every set of the registry) and left to its default (the dispatcher drops an
+# argument equal to its default: the autograd formula and the fake kernels must take both).
+FEATURE_ARGS = [pytest.param((f,), id=feature_id(f)) for f in FEATURE_SETS] + [pytest.param((), id="default")]
+
+
+def features_of(extra):
+    return extra[0] if extra else 1
+
+
+@pytest.mark.parametrize("extra", FEATURE_ARGS)
 @pytest.mark.parametrize("requires_grad", REQUIRES_GRAD)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [7, 0], ids=lambda n: f"n{n}")
-def test_opcheck_lstm_step(gen, dtype, requires_grad, n):
-    grad, state, weights = sample(gen, dtype, n)
+def test_opcheck_lstm_step(gen, dtype, requires_grad, n, extra):
+    grad, state, weights = sample(gen, dtype, n, features_of(extra))
     which = REQUIRES_GRAD[requires_grad]
     grad.requires_grad_("grad" in which)
     state.requires_grad_("state" in which)
     for w in weights:
         w.requires_grad_("weights" in which)
-    torch.library.opcheck(torch.ops.l2l_fast.lstm_step.default, (grad, state, weights, P, SCALE))
+    torch.library.opcheck(torch.ops.l2l_fast.lstm_step.default, (grad, state, weights, P, SCALE, *extra))
 
 
+@pytest.mark.parametrize("extra", FEATURE_ARGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [7, 0], ids=lambda n: f"n{n}")
-def test_opcheck_lstm_step_backward(gen, dtype, n):
-    grad, state, weights = sample(gen, dtype, n)
+def test_opcheck_lstm_step_backward(gen, dtype, n, extra):
+    grad, state, weights = sample(gen, dtype, n, features_of(extra))
     grad_update = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     grad_new_state = torch.randn(state.shape, generator=gen, dtype=torch.float64).to(dtype)
     torch.library.opcheck(torch.ops.l2l_fast.lstm_step_backward.default,
-                          (grad_update, grad_new_state, grad, state, weights, P, SCALE))
+                          (grad_update, grad_new_state, grad, state, weights, P, SCALE, *extra))
 
 
+@pytest.mark.parametrize("extra", FEATURE_ARGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [7, 0], ids=lambda n: f"n{n}")
-def test_opcheck_lstm_step_inplace(gen, dtype, n):
-    grad, state, weights = sample(gen, dtype, n)
+def test_opcheck_lstm_step_inplace(gen, dtype, n, extra):
+    grad, state, weights = sample(gen, dtype, n, features_of(extra))
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    torch.library.opcheck(torch.ops.l2l_fast.lstm_step_.default, (param, grad, state, weights, P, SCALE))
+    torch.library.opcheck(torch.ops.l2l_fast.lstm_step_.default, (param, grad, state, weights, P, SCALE, *extra))
 
 
 def test_schemas_mark_the_mutated_arguments():
@@ -78,9 +91,10 @@ def test_schemas_mark_the_mutated_arguments():
 
 # ---------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_compile_forward(gen, dtype):
-    net = make_net(H, L, gen=gen, dtype=dtype, backend="native")
+def test_compile_forward(gen, dtype, features):
+    net = make_net(H, L, gen=gen, dtype=dtype, backend="native", features=features)
     grad, state, _ = sample(gen, dtype, n=37)
 
     def fn(grad, state):
@@ -113,11 +127,12 @@ def test_compile_step_inplace(gen, dtype):
         torch.testing.assert_close(state, state_eager, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_compile_forward_backward_unrolled(gen, dtype):
+def test_compile_forward_backward_unrolled(gen, dtype, features):
     """A compiled 3-step rollout whose loss is differentiated (AOTAutograd compiles the backward too)."""
-    net = make_net(H, L, gen=gen, dtype=dtype, backend="native")
-    net_eager = make_net(H, L, gen=gen, dtype=dtype, backend="native")
+    net = make_net(H, L, gen=gen, dtype=dtype, backend="native", features=features)
+    net_eager = make_net(H, L, gen=gen, dtype=dtype, backend="native", features=features)
     net_eager.load_state_dict(net.state_dict())
     n = 37
     grads = [random_grad(n, gen=gen, dtype=dtype, p=P) for _ in range(3)]

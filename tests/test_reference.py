@@ -7,14 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (DTYPE_IDS, WEIGHT_KINDS, branch_counts, make_net, random_grad, random_state,
-                      random_weights)
+from conftest import (DTYPE_IDS, FEATURE_SETS, WEIGHT_KINDS, branch_counts, feature_id, make_net, random_grad,
+                      random_state, random_weights)
 from l2l_fast import CoordinatewiseLSTM, reference
+from l2l_fast import features as registry
 
 
 def torch_modules(weights, hidden_size, num_layers):
-    """nn.LSTM(2, H, L) and nn.Linear(H, 1) in float64 holding `weights` (op order)."""
-    lstm = nn.LSTM(2, hidden_size, num_layers).double()
+    """nn.LSTM(I, H, L) and nn.Linear(H, 1) in float64 holding `weights` (op order; I from weight_ih_l0)."""
+    lstm = nn.LSTM(weights[0].shape[1], hidden_size, num_layers).double()
     out = nn.Linear(hidden_size, 1).double()
     names = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
     targets = [getattr(lstm, name.format(l)) for l in range(num_layers) for name in names] + [out.weight, out.bias]
@@ -33,20 +34,22 @@ def torch_step(lstm, out, x_seq, state, scale):
     return update, torch.stack([h.transpose(1, 2), c.transpose(1, 2)], dim=1)
 
 
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("hidden_size,num_layers", [(1, 1), (20, 2), (7, 3)], ids=["H1-L1", "H20-L2", "H7-L3"])
-def test_reference_equals_torch_lstm_and_linear(gen, hidden_size, num_layers, kind):
+def test_reference_equals_torch_lstm_and_linear(gen, hidden_size, num_layers, kind, features):
     p, scale, n = 10.0, 0.1, 257
-    weights = random_weights(hidden_size, num_layers, gen=gen, kind=kind)
+    weights = random_weights(hidden_size, num_layers, gen=gen, kind=kind, features=features)
     grad = random_grad(n, gen=gen, p=p)
     state = random_state(num_layers, hidden_size, n, gen=gen)
     big, small = branch_counts(grad, p)
     assert big > 0 and small > 0
 
-    update, new_state = reference.lstm_step(grad, state, weights, p, scale)
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features)
 
     lstm, out = torch_modules(weights, hidden_size, num_layers)
-    x = reference.preprocess(grad, p).unsqueeze(0)  # [1, n, 2]
+    # the features in bit order, each its registered function of the gradient
+    x = torch.cat([f.fn(grad, p) for f in registry.REGISTRY.values() if features & f.bit], dim=1).unsqueeze(0)
     expected_update, expected_state = torch_step(lstm, out, x, state, scale)
     torch.testing.assert_close(update, expected_update, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(new_state, expected_state, rtol=1e-12, atol=1e-14)

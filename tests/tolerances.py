@@ -20,10 +20,9 @@ Weight gradients (sums over all n coordinates), table WEIGHT_GRAD:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from l2l_fast import features as registry
 from l2l_fast import reference
 
 ELEMENTWISE = {
@@ -106,23 +105,29 @@ class _FlooredActivation(torch.autograd.Function):
         return g * (d.abs() + ctx.floor), None, None
 
 
-class _AbsPreprocess(torch.autograd.Function):
+class _AbsFeatures(torch.autograd.Function):
+    """The input features [n] -> [n, I] (each coordinate's from its own gradient); backward by |d feature / d grad|,
+    taken from autograd through the registry's reference functions."""
+
     @staticmethod
-    def forward(ctx, grad, p):
+    def forward(ctx, grad, p, features):
         ctx.save_for_backward(grad)
-        ctx.p = p
-        return reference.preprocess(grad, p)
+        ctx.p, ctx.features = p, features
+        return registry.compute(grad, features, p)
 
     @staticmethod
     def backward(ctx, g):
         grad, = ctx.saved_tensors
-        big = grad.abs() >= math.exp(-ctx.p)
-        d0 = torch.where(big, 1 / (ctx.p * grad.abs().clamp_min(math.exp(-ctx.p))), torch.zeros_like(grad))
-        d1 = torch.where(big, torch.zeros_like(grad), torch.full_like(grad, math.exp(ctx.p)))
-        return g[:, 0] * d0 + g[:, 1] * d1, None
+        with torch.enable_grad():
+            x = grad.detach().requires_grad_(True)
+            out = registry.compute(x, ctx.features, ctx.p)
+            # coordinatewise: d out[:, k].sum() / d grad is each coordinate's own derivative of input k
+            slopes = [torch.autograd.grad(out[:, k].sum(), x, retain_graph=True, allow_unused=True,
+                                          materialize_grads=True)[0] for k in range(out.shape[1])]
+        return sum(g[:, k] * slopes[k].abs() for k in range(len(slopes))), None, None
 
 
-def backward_error_scale(grad, state, weights, p, scale, up_u, up_s, derivative_floor=None):
+def backward_error_scale(grad, state, weights, p, scale, up_u, up_s, derivative_floor=None, features=1):
     """Error scale of (d_grad [n], d_state [L, 2, H, n], d_weights) for upstream gradients (up_u, up_s).
 
     The reference's backward with the absolute value of every factor (so no cancellation, neither
@@ -138,7 +143,7 @@ def backward_error_scale(grad, state, weights, p, scale, up_u, up_s, derivative_
     keep = finite.double()
     g = torch.where(finite, grad, torch.zeros_like(grad)).requires_grad_(True)
     layers, out_w, out_b = reference.split_weights(weights)
-    x = _AbsPreprocess.apply(g, p)
+    x = _AbsFeatures.apply(g, p, features)
     rows = []
     for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         h, c = state[l, 0].t(), state[l, 1].t()

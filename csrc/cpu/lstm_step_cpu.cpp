@@ -8,6 +8,7 @@
 #include "cpu/cpu_dispatch.h"
 #include "cpu/output_cache.h"
 #include "op_checks.h"
+#include "packed_cache.h"
 
 namespace l2l_fast {
 namespace cpu {
@@ -17,11 +18,8 @@ template <typename T>
 StepParams<T> make_params(const PackedLayout& layout, const at::Tensor& packed, const at::Tensor& grad,
                           const at::Tensor& state, double p, double scale) {
   StepParams<T> params;
-  params.layout = layout;
+  params.net = make_net_constants<T>(layout, p, scale, packed.data_ptr<T>());
   params.n = grad.size(0);
-  params.preprocess_p = T(p);
-  params.output_scale = T(scale);
-  params.weights = packed.data_ptr<T>();
   params.grad = grad.data_ptr<T>();
   params.state = state.data_ptr<T>();
   return params;
@@ -44,7 +42,7 @@ at::Tensor run_backward(const StepParams<T>& params) {
   const auto fn = TypedKernels<T>::backward(kernels);
   const int64_t tile = TypedKernels<T>::tile(kernels);
   const std::vector<int64_t> bounds = chunk_bounds(params.n, tile, at::get_num_threads());
-  const int64_t chunks = int64_t(bounds.size()) - 1, size = params.layout.size();
+  const int64_t chunks = int64_t(bounds.size()) - 1, size = params.net.layout.size();
   at::Tensor sums = at::zeros({chunks, size}, at::kDouble);
   double* all = sums.data_ptr<double>();
   run_chunks(chunks, [&](int64_t c) { fn(params, bounds[c], bounds[c + 1], all + c * size); });
@@ -52,11 +50,12 @@ at::Tensor run_backward(const StepParams<T>& params) {
 }
 
 std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, const at::Tensor& state_in,
-                                                 at::TensorList weights, double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_step_args(grad_in, state_in, weights);
+                                                 at::TensorList weights, double preprocess_p, double output_scale,
+                                                 int64_t features) {
+  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   at::Tensor update = empty_output_like(grad), new_state = empty_output_like(state);
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
     params.update = update.data_ptr<scalar_t>();
@@ -68,12 +67,13 @@ std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, cons
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_cpu(
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
-    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights);
+    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout =
+      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
   at::Tensor grad_grad = empty_output_like(grad), grad_state = empty_output_like(state);
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   at::Tensor sums;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state, preprocess_p, output_scale);
@@ -87,12 +87,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
 }
 
 void lstm_step_inplace_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
-                           double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights);
+                           double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features);
   const at::Tensor grad = grad_in.contiguous();
   // Non-contiguous param/state: work on contiguous copies, then write them back.
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cpu", [&] {
     StepParams<scalar_t> params = make_params<scalar_t>(layout, packed, grad, state_work, preprocess_p, output_scale);
     params.new_state = state_work.data_ptr<scalar_t>();

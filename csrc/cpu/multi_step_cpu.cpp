@@ -7,7 +7,6 @@
 // of kBlock coordinates in small buffers of the math dtype: grad (any stride, widened), param (widened;
 // rounded to nearest on the way back), and for a bfloat16 state its 2 L H rows. Every coordinate's
 // result is the same whichever path or thread computed it.
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -30,69 +29,6 @@ namespace {
 // Coordinates staged per block: 2 L H state rows of kBlock values stay in L2 (80 x 512 x 4 B = 160 KiB
 // for H = 20, L = 2); a multiple of every kernel tile.
 constexpr int64_t kBlock = 512;
-
-std::string item(const char* list, size_t k) { return std::string(list) + "[" + std::to_string(k) + "]"; }
-
-bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
-// params[k] / grads[k]: dense, real, 1-D, on the weights' device.
-void check_listed(const at::Tensor& t, const std::string& name, const at::Device& device) {
-  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, ": sparse tensors are not supported (got layout ", t.layout(),
-                   "); pass a dense tensor");
-  TORCH_CHECK_TYPE(!t.is_complex(), name, ": complex tensors are not supported (got ", t.scalar_type(), ")");
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, name, ": expected a tensor on ", device, " (the device of the weights), got ",
-                    t.device());
-  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
-}
-
-// Validates the arguments (messages name the argument) and returns the weights' layout.
-PackedLayout check_multi_step(at::TensorList params, at::TensorList grads, const at::Tensor& state,
-                              at::TensorList weights) {
-  TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
-  check_dense_real(weights[0], "weights[0]");
-  const at::ScalarType math = weights[0].scalar_type();
-  const at::Device device = weights[0].device();
-  for (size_t j = 1; j < weights.size(); ++j) {
-    TORCH_CHECK_TYPE(weights[j].scalar_type() == math, item("weights", j), ": expected dtype ", math,
-                     " (the dtype of weights[0]), got ", weights[j].scalar_type());
-    TORCH_CHECK_VALUE(weights[j].device() == device, item("weights", j), ": expected a tensor on ", device,
-                      " (the device of weights[0]), got ", weights[j].device());
-  }
-  const PackedLayout layout = check_weights(weights, weights[0]);
-  TORCH_CHECK_VALUE(params.size() == grads.size(), "grads: expected one gradient per parameter (", params.size(),
-                    "), got ", grads.size());
-  int64_t total = 0;
-  for (size_t k = 0; k < params.size(); ++k) {
-    const at::Tensor& param = params[k];
-    const at::Tensor& grad = grads[k];
-    const std::string pname = item("params", k), gname = item("grads", k);
-    check_listed(param, pname, device);
-    check_listed(grad, gname, device);
-    const at::ScalarType type = param.scalar_type();
-    TORCH_CHECK_TYPE(type == math || (math == at::kFloat && is_16bit(type)), pname, ": expected dtype ", math,
-                     (math == at::kFloat ? " (the weights' dtype), bfloat16 or float16" : " (the weights' dtype)"),
-                     ", got ", type);
-    TORCH_CHECK_TYPE(grad.scalar_type() == type, gname, ": expected dtype ", type, " (the dtype of ", pname,
-                     "), got ", grad.scalar_type());
-    TORCH_CHECK_VALUE(grad.size(0) == param.size(0), gname, ": expected ", param.size(0), " elements (as many as ",
-                      pname, "), got ", grad.size(0));
-    TORCH_CHECK_VALUE(at::has_internal_overlap(param) != at::MemOverlap::Yes, pname,
-                      ": elements share memory (an expanded tensor?); an in-place step needs distinct elements");
-    total += param.size(0);
-  }
-  TORCH_CHECK_TYPE(state.layout() == at::kStrided, "state: sparse tensors are not supported");
-  TORCH_CHECK_TYPE(state.scalar_type() == math || state.scalar_type() == at::kBFloat16, "state: expected dtype ",
-                   math, " (the weights' dtype) or bfloat16, got ", state.scalar_type());
-  TORCH_CHECK_VALUE(state.device() == device, "state: expected a tensor on ", device,
-                    " (the device of the weights), got ", state.device());
-  const std::vector<int64_t> expected = {layout.layers, 2, layout.hidden, total};
-  TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), "state: expected shape ", at::IntArrayRef(expected),
-                    " = [num_layers, 2, hidden_size, sum of the params' numels], got ", state.sizes(),
-                    " (a state made for another net or parameter list?)");
-  return layout;
-}
 
 // Conversions between storage and math types. bfloat16 <-> float go through the bits, in loops the compiler
 // vectorizes (c10::BFloat16's per-value conversion does not, and cost half as much as the step itself on a
@@ -154,7 +90,7 @@ class MultiStep {
  public:
   MultiStep(const StepParams<M>& base, void* state, int64_t total, void (*kernel)(const StepParams<M>&, int64_t, int64_t))
       : base_(base), state_(static_cast<S*>(state)), total_(total), kernel_(kernel),
-        rows_(int64_t(base.layout.layers) * 2 * base.layout.hidden) {}
+        rows_(int64_t(base.net.layout.layers) * 2 * base.net.layout.hidden) {}
 
   // Steps coordinates [begin, end) of item `it`.
   void run(const Item& it, int64_t begin, int64_t end) {
@@ -246,12 +182,12 @@ void run_part(const StepParams<M>& base, void* state, int64_t total, const std::
 }
 
 void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor state, at::TensorList weights,
-                         double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_multi_step(params, grads, state, weights);
+                         double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout = check_multi_step_args(params, grads, state, weights, features);
   // Non-contiguous param (1-D, strided) is read and written through its stride; a non-contiguous
   // state is stepped as a contiguous copy, then written back.
   at::Tensor state_work = state.contiguous();
-  const at::Tensor packed = pack_weights(weights, layout);
+  const at::Tensor packed = cpu_packed_weights(weights, layout);
   const int64_t total = state_work.size(3);
   std::vector<Item> items;
   int64_t offset = 0;
@@ -266,10 +202,7 @@ void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cpu", [&] {
       using M = scalar_t;
       StepParams<M> base;
-      base.layout = layout;
-      base.preprocess_p = M(preprocess_p);
-      base.output_scale = M(output_scale);
-      base.weights = packed.data_ptr<M>();
+      base.net = make_net_constants<M>(layout, preprocess_p, output_scale, packed.data_ptr<M>());
       const int64_t tile = TypedKernels<M>::tile(active_kernels());
       const std::vector<int64_t> bounds = chunk_bounds(total, tile, at::get_num_threads());
       void* state_ptr = state_work.data_ptr();

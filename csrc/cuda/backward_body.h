@@ -16,6 +16,7 @@
 #include "cuda/device_math.h"
 #include "cuda/forward_body.h"
 #include "cuda/kernel_args.h"
+#include "input_features.h"
 #include "lstm_cell.h"
 
 namespace l2l_fast {
@@ -80,13 +81,13 @@ L2L_DEVICE void reduce_weight_grads(const Ctx& ctx, const T* x, int sx, const T*
 template <class Dims, typename T>
 L2L_DEVICE void layer_backward(const BackwardArgs<T>& a, Dims dims, const T* w, int l, int64_t c, T g, T (&dh)[Dims::kMaxH],
                                T* my_x, T* my_dz, T* my_h_top) {
-  const PackedLayout& lay = a.layout;
+  const PackedLayout& lay = a.net.layout;
   const int H = dims.hidden(), L = dims.layers();
-  const int I = l == 0 ? 2 : H, K = I + H;
+  const int I = l == 0 ? dims.inputs() : H, K = I + H;
   const int64_t n = a.n;
   T x[Dims::kMaxK], dx[Dims::kMaxK];
   if (l == 0) {
-    preprocess<ScalarMath<T>>(g, a.preprocess_p, a.exp_minus_p, a.exp_p, x[0], x[1]);
+    compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
   } else {
 #pragma unroll
     for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];  // parked h_new
@@ -130,21 +131,21 @@ L2L_DEVICE void layer_backward(const BackwardArgs<T>& a, Dims dims, const T* w, 
 #pragma unroll
     for (int u = 0; u < H; ++u) dh[u] = dx[u] + a.grad_new_state[state_row(lay, l - 1, 0, u) * n + c];
   } else {
-    a.grad_grad[c] = preprocess_backward<ScalarMath<T>>(g, dx[0], dx[1], a.preprocess_p, a.exp_minus_p, a.exp_p);
+    a.grad_grad[c] = features_backward<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, dx).grad;
   }
 }
 
 // Forward through layers 0 .. L-2 of coordinate c, parking each layer's h_new in grad_state.
 template <class Dims, typename T>
 L2L_DEVICE void park_lower_layers(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c, T g) {
-  const PackedLayout& lay = a.layout;
+  const PackedLayout& lay = a.net.layout;
   const int H = dims.hidden(), L = dims.layers();
   const int64_t n = a.n;
   T x[Dims::kMaxK];
-  preprocess<ScalarMath<T>>(g, a.preprocess_p, a.exp_minus_p, a.exp_p, x[0], x[1]);
+  compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
 #pragma unroll
   for (int l = 0; l < L - 1; ++l) {
-    const int I = l == 0 ? 2 : H, K = I + H;
+    const int I = l == 0 ? dims.inputs() : H, K = I + H;
     if (l > 0) {
 #pragma unroll
       for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];
@@ -166,13 +167,13 @@ L2L_DEVICE void park_lower_layers(const BackwardArgs<T>& a, Dims dims, const T* 
 
 template <class Dims, typename T, class Ctx>
 L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims dims, unsigned char* smem_bytes) {
-  const PackedLayout& lay = a.layout;
+  const PackedLayout& lay = a.net.layout;
   const int H = dims.hidden(), L = dims.layers();
   const int tile = ctx.threads(), tid = ctx.thread();
   const int64_t n = a.n;
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const BackwardSmem plan = BackwardSmem::plan(lay, tile, Dims::kFixed || a.weights_in_smem != 0);
-  const T* w = stage_weights<Dims>(ctx, a.weights, lay.size(), a.weights_in_smem != 0, smem + plan.weights);
+  const T* w = stage_weights<Dims>(ctx, a.net.weights, lay.size(), a.weights_in_smem != 0, smem + plan.weights);
   T* my_x = smem + plan.x + int64_t(tid) * plan.sx;
   T* my_dz = smem + plan.dz + int64_t(tid) * plan.sdz;
   T* my_h_top = smem + plan.h_top + int64_t(tid) * plan.sh;
@@ -187,7 +188,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
     T gu = T(0);
     if (active) {
       park_lower_layers(a, dims, w, c, g);
-      gu = a.grad_update[c] * a.output_scale;
+      gu = a.grad_update[c] * a.net.output_scale;
       for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, L - 1, 0, u) * n + c];
       my_h_top[H] = T(1);
       for (int k = H + 1; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = T(0);
@@ -197,7 +198,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
     smem[plan.gu + tid] = gu;
 #pragma unroll
     for (int l = L - 1; l >= 0; --l) {
-      const int K = (l == 0 ? 2 : H) + H;
+      const int K = (l == 0 ? dims.inputs() : H) + H;
       if (active) {
         layer_backward(a, dims, w, l, c, g, dh, my_x, my_dz, my_h_top);
       } else {  // inactive coordinates add nothing to the weight gradients

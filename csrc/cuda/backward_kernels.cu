@@ -58,7 +58,7 @@ BackwardPlan plan_backward_launch(const PackedLayout& layout, int64_t n, const L
 
 template <typename T>
 void launch_backward(const BackwardArgs<T>& a, const BackwardPlan& plan, const LaunchEnv& env) {
-  dispatch_dims(a.layout, [&](auto dims) {
+  dispatch_dims(a.net.layout, [&](auto dims) {
     using Dims = decltype(dims);
     auto kernel = backward_kernel_for<Dims, T>(plan);
     kernel<<<plan.blocks, plan.threads, plan.smem_bytes, env.stream>>>(a, dims);

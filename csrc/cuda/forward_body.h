@@ -11,6 +11,7 @@
 
 #include "cuda/device_math.h"
 #include "cuda/kernel_args.h"
+#include "input_features.h"
 #include "lstm_cell.h"
 
 namespace l2l_fast {
@@ -56,7 +57,7 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
   const TensorSlot& slot = a.slots[find_slot(a, c)];
   const int64_t j = c - slot.begin;
   const T g = load_elem<T>(slot.grad, slot.grad_type, j);
-  const PackedLayout& lay = a.layout;
+  const PackedLayout& lay = a.net.layout;
   const int H = dims.hidden();
   const int L = dims.layers();
   const int64_t cols = a.columns;
@@ -66,14 +67,14 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
       for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.new_state[r * cols + c] = a.state[r * cols + c];
     return;
   }
-  T x[Dims::kMaxK];     // the layer's inputs: layer input (2 or H values), then its own old h
+  T x[Dims::kMaxK];     // the layer's inputs: layer input (the features or H values), then its own old h
   T h_new[Dims::kMaxH];  // the layer's new h, the next layer's input
-  preprocess<ScalarMath<T>>(g, a.preprocess_p, a.exp_minus_p, a.exp_p, x[0], x[1]);
+  compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
   const T* out_w = w + lay.out_weight_offset();
   T out = w[lay.out_bias_offset()];
 #pragma unroll
   for (int l = 0; l < L; ++l) {
-    const int I = l == 0 ? 2 : H, K = I + H;
+    const int I = l == 0 ? dims.inputs() : H, K = I + H;
     if (l > 0) {
 #pragma unroll
       for (int k = 0; k < H; ++k) x[k] = h_new[k];
@@ -97,7 +98,7 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
       store_value(a.new_state + state_row(lay, l, 1, u) * cols + c, c_new);
     }
   }
-  const T update = out * a.output_scale;
+  const T update = out * a.net.output_scale;
   if (a.update) a.update[c] = update;
   if (slot.param) store_elem(slot.param, slot.param_type, j, load_elem<T>(slot.param, slot.param_type, j) + update);
 }
@@ -105,7 +106,8 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
 // One block's share of the launch: tiles of ctx.threads() consecutive columns, grid-stride.
 template <class Dims, typename T, typename S, class Ctx>
 L2L_DEVICE void forward_block(const Ctx& ctx, const ForwardArgs<T, S>& a, Dims dims, unsigned char* smem) {
-  const T* w = stage_weights<Dims>(ctx, a.weights, a.layout.size(), a.weights_in_smem != 0, reinterpret_cast<T*>(smem));
+  const T* w = stage_weights<Dims>(ctx, a.net.weights, a.net.layout.size(), a.weights_in_smem != 0,
+                                   reinterpret_cast<T*>(smem));
   const int64_t step = int64_t(ctx.blocks()) * ctx.threads();
   for (int64_t c = a.begin + int64_t(ctx.block()) * ctx.threads() + ctx.thread(); c < a.end; c += step)
     forward_coordinate(a, dims, w, c);

@@ -26,9 +26,9 @@ template <typename T, typename S>
 void launch_forward(ForwardArgs<T, S>& a, const LaunchEnv& env) {
   const int64_t columns = a.end - a.begin;
   if (columns <= 0) return;
-  dispatch_dims(a.layout, [&](auto dims) {
+  dispatch_dims(a.net.layout, [&](auto dims) {
     using Dims = decltype(dims);
-    const int64_t weight_bytes = a.layout.size() * int64_t(sizeof(T));
+    const int64_t weight_bytes = a.net.layout.size() * int64_t(sizeof(T));
     a.weights_in_smem = Dims::kFixed || weight_bytes <= kForwardSmemLimit;
     TORCH_INTERNAL_ASSERT(weight_bytes <= kForwardSmemLimit || !Dims::kFixed);
     const size_t smem = a.weights_in_smem ? size_t(weight_bytes) : 0;

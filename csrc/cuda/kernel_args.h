@@ -27,11 +27,9 @@ constexpr int kMaxSlots = 48;
 // range in order). S is the state's storage type (T or bf16), T the arithmetic type.
 template <typename T, typename S>
 struct ForwardArgs {
-  PackedLayout layout;
+  NetConstants<T> net;  // layout, constants, packed weights (in global memory)
   int64_t begin = 0, end = 0;
   int64_t columns = 0;  // the state's last dimension (its row stride)
-  T preprocess_p, exp_minus_p, exp_p, output_scale;
-  const T* weights = nullptr;  // packed, in global memory, layout.size()
   int32_t weights_in_smem = 0;  // copied to shared memory by each block first
   const S* state = nullptr;    // [L][2][H][columns]
   S* new_state = nullptr;      // == state for the in-place step
@@ -44,10 +42,8 @@ struct ForwardArgs {
 // float64 weight-gradient sums per block, summed over blocks in block order by a second kernel.
 template <typename T>
 struct BackwardArgs {
-  PackedLayout layout;
+  NetConstants<T> net;
   int64_t n = 0;
-  T preprocess_p, exp_minus_p, exp_p, output_scale;
-  const T* weights = nullptr;
   int32_t weights_in_smem = 0;
   const T* grad = nullptr;            // [n]
   const T* state = nullptr;           // [L][2][H][n]
@@ -58,26 +54,33 @@ struct BackwardArgs {
   double* partials = nullptr;         // [gridDim.x][layout.size()], zero on entry
 };
 
-// Sizes known at compile time: per-thread arrays stay in registers and every loop over inputs
-// unrolls. The hidden size and layer count of the paper's optimizer.
-template <int H, int L>
+// Sizes and input features known at compile time: per-thread arrays stay in registers, every loop
+// over inputs unrolls and the features' branches fold away. The paper's optimizer.
+template <int H, int L, uint32_t Features>
 struct FixedDims {
   static constexpr bool kFixed = true;
+  static constexpr int kInputs = input_width(Features);
   static constexpr int kMaxH = H;
-  static constexpr int kMaxK = (H > 2 ? H : 2) + H;
+  static constexpr int kMaxK = (H > kInputs ? H : kInputs) + H;
   L2L_HD constexpr int hidden() const { return H; }
   L2L_HD constexpr int layers() const { return L; }
+  L2L_HD constexpr uint32_t features() const { return Features; }
+  L2L_HD constexpr int inputs() const { return kInputs; }  // of the first layer
 };
 
-// Any hidden size up to HMax and any layer count: the same code, its arrays in local memory.
+// Any hidden size up to HMax, any layer count and features: the same code, its arrays in local memory.
 template <int HMax>
 struct RuntimeDims {
   static constexpr bool kFixed = false;
   static constexpr int kMaxH = HMax;
-  static constexpr int kMaxK = (HMax > 2 ? HMax : 2) + HMax;
+  static constexpr int kMaxK = (HMax > kMaxFeatureInputs ? HMax : kMaxFeatureInputs) + HMax;
   int h, l;
+  uint32_t f;
+  int i;
   L2L_HD int hidden() const { return h; }
   L2L_HD int layers() const { return l; }
+  L2L_HD uint32_t features() const { return f; }
+  L2L_HD int inputs() const { return i; }
 };
 
 // Largest hidden size the CUDA kernels take (the per-thread arrays are sized for it).
@@ -86,12 +89,12 @@ constexpr int kMaxHiddenCuda = 128;
 // Calls fn(dims) with the Dims type for this layout.
 template <typename Fn>
 void dispatch_dims(const PackedLayout& layout, Fn&& fn) {
-  if (layout.hidden == 20 && layout.layers == 2) {
-    fn(FixedDims<20, 2>{});
+  if (layout.hidden == 20 && layout.layers == 2 && layout.features == kDefaultFeatures) {
+    fn(FixedDims<20, 2, kDefaultFeatures>{});
   } else if (layout.hidden <= 32) {
-    fn(RuntimeDims<32>{layout.hidden, layout.layers});
+    fn(RuntimeDims<32>{layout.hidden, layout.layers, layout.features, layout.inputs});
   } else {
-    fn(RuntimeDims<kMaxHiddenCuda>{layout.hidden, layout.layers});
+    fn(RuntimeDims<kMaxHiddenCuda>{layout.hidden, layout.layers, layout.features, layout.inputs});
   }
 }
 

@@ -4,6 +4,7 @@
 // which a toolkit with only nvcc lacks.)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -54,6 +55,10 @@ struct CudaLauncher {
   }
   static void sum_partials(const double* partials, int blocks, int64_t size, double* out) {
     launch_sum_partials(partials, blocks, size, out, current_env());
+  }
+  static int64_t stream_id() { return c10::cuda::getCurrentCUDAStream().id(); }
+  static bool capturing() {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   }
 };
 

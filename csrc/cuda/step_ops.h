@@ -9,10 +9,14 @@
 //   template <T> static BackwardPlan backward_plan(const PackedLayout&, int64_t n);
 //   template <T> static void backward(BackwardArgs<T>&, const BackwardPlan&);
 //   static void sum_partials(const double* partials, int blocks, int64_t size, double* out);
+//   static int64_t stream_id();   the stream the launches go on (packed weights are cached per stream)
+//   static bool capturing();      whether that stream is capturing a CUDA graph (then nothing is cached)
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -41,22 +45,21 @@ inline void check_hidden_supported(const PackedLayout& layout) {
                     " is larger than the CUDA kernels support (", kMaxHiddenCuda, "); use the CPU or the reference backend");
 }
 
-// The constants of a launch, computed in the arithmetic type as the CPU kernels do.
-template <typename T, class Args>
-void set_constants(Args& a, const PackedLayout& layout, const at::Tensor& packed, double preprocess_p,
-                   double output_scale) {
-  a.layout = layout;
-  a.preprocess_p = T(preprocess_p);
-  a.output_scale = T(output_scale);
-  a.exp_minus_p = std::exp(-a.preprocess_p);
-  a.exp_p = std::exp(a.preprocess_p);
-  a.weights = packed.data_ptr<T>();
+// The packed weights on the weights' device, through the cache of weight versions (packed_cache.h) except
+// during graph capture (the packing must be part of the graph) and in calls autograd records for the
+// weights (a hit cannot be checked against the weights' values here; gradcheck perturbs them through .data).
+template <class Launcher>
+at::Tensor device_packed_weights(at::TensorList weights, const PackedLayout& layout) {
+  const bool recorded = at::GradMode::is_enabled() &&
+                        std::any_of(weights.begin(), weights.end(), [](const at::Tensor& w) { return w.requires_grad(); });
+  return packed_weights(weights, layout, Launcher::stream_id(), !recorded && !Launcher::capturing(),
+                        /*verify=*/false, [&] { return pack_weights_on_device(weights, layout); });
 }
 
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in, at::TensorList weights,
-                                             double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_step_args(grad_in, state_in, weights);
+                                             double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
@@ -64,10 +67,10 @@ std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at
   at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
   const int64_t n = grad.size(0);
   if (n == 0) return {update, new_state};
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cuda", [&] {
     ForwardArgs<scalar_t, scalar_t> a;
-    set_constants<scalar_t>(a, layout, packed, preprocess_p, output_scale);
+    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
     a.begin = 0;
     a.end = a.columns = n;
     a.state = state.data_ptr<scalar_t>();
@@ -84,8 +87,9 @@ std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
-    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights);
+    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout =
+      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
@@ -95,13 +99,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
   const int64_t n = grad.size(0), size = layout.size();
   const at::TensorOptions sums_options = grad.options().dtype(at::kDouble);
   if (n == 0) return {grad_grad, grad_state, unpack_weight_grads_on_device(at::zeros({size}, sums_options), weights, layout)};
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   at::Tensor sums = at::empty({size}, sums_options);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_backward_cuda", [&] {
     const BackwardPlan plan = Launcher::template backward_plan<scalar_t>(layout, n);
     at::Tensor partials = at::zeros({plan.blocks, size}, sums_options);
     BackwardArgs<scalar_t> a;
-    set_constants<scalar_t>(a, layout, packed, preprocess_p, output_scale);
+    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
     a.n = n;
     a.weights_in_smem = plan.weights_in_smem;
     a.grad = grad.data_ptr<scalar_t>();
@@ -119,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
 
 template <class Launcher>
 void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
-                double preprocess_p, double output_scale) {
-  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights);
+                double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const int64_t n = grad_in.size(0);
@@ -128,10 +132,10 @@ void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, a
   const at::Tensor grad = grad_in.contiguous();
   // non-contiguous param / state: work on contiguous copies, then write them back
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cuda", [&] {
     ForwardArgs<scalar_t, scalar_t> a;
-    set_constants<scalar_t>(a, layout, packed, preprocess_p, output_scale);
+    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
     a.begin = 0;
     a.end = a.columns = n;
     a.state = a.new_state = state_work.data_ptr<scalar_t>();
@@ -147,63 +151,12 @@ void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, a
 // ------------------------------------------------------------------------------------------------
 // lstm_multi_step_: params[k] += update, state columns [offset_k, offset_k + n_k) advanced.
 
-inline void check_multi_tensor(const at::Tensor& t, const std::string& name, const at::Tensor& like) {
-  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, ": sparse tensors are not supported (got layout ", t.layout(),
-                   "); pass a dense tensor");
-  const auto type = t.scalar_type();
-  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf, name,
-                   ": expected float32, float64, bfloat16 or float16, got ", type);
-  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
-                    " (the device of the weights), got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
-}
-
-// Validates the arguments; returns the layout and each tensor's first state column.
-inline std::pair<PackedLayout, std::vector<int64_t>> check_multi_step(at::TensorList params, at::TensorList grads,
-                                                                      const at::Tensor& state, at::TensorList weights) {
-  TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
-  const at::Tensor& like = weights[0];
-  check_dense_real(like, "weights[0]");
-  for (size_t j = 1; j < weights.size(); ++j) {
-    check_dense_real(weights[j], "weights[" + std::to_string(j) + "]");
-    TORCH_CHECK_TYPE(weights[j].scalar_type() == like.scalar_type(), "weights[", j, "]: expected dtype ",
-                     like.scalar_type(), " (the dtype of weights[0]), got ", weights[j].scalar_type());
-    TORCH_CHECK_VALUE(weights[j].device() == like.device(), "weights[", j, "]: expected a tensor on ", like.device(),
-                      " (the device of weights[0]), got ", weights[j].device());
-  }
-  const PackedLayout layout = check_weights(weights, like);
-  check_hidden_supported(layout);
-  TORCH_CHECK_VALUE(params.size() == grads.size(), "grads: expected one gradient per parameter (", params.size(),
-                    "), got ", grads.size());
-  std::vector<int64_t> offsets;
-  int64_t total = 0;
-  for (size_t k = 0; k < params.size(); ++k) {
-    const std::string index = "[" + std::to_string(k) + "]";
-    check_multi_tensor(params[k], "params" + index, like);
-    check_multi_tensor(grads[k], "grads" + index, like);
-    TORCH_CHECK_VALUE(grads[k].size(0) == params[k].size(0), "grads", index, ": expected shape [", params[k].size(0),
-                      "] (that of params", index, "), got ", grads[k].sizes());
-    offsets.push_back(total);
-    total += params[k].size(0);
-  }
-  TORCH_CHECK_TYPE(state.layout() == at::kStrided, "state: sparse tensors are not supported");
-  TORCH_CHECK_TYPE(state.scalar_type() == like.scalar_type() || state.scalar_type() == at::kBFloat16,
-                   "state: expected dtype ", like.scalar_type(), " (the dtype of the weights) or bfloat16, got ",
-                   state.scalar_type());
-  TORCH_CHECK_VALUE(state.device() == like.device(), "state: expected a tensor on ", like.device(),
-                    " (the device of the weights), got ", state.device());
-  const std::vector<int64_t> expected = {layout.layers, 2, layout.hidden, total};
-  TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), "state: expected shape ", at::IntArrayRef(expected),
-                    " = [num_layers, 2, hidden_size, total numel of params], got ", state.sizes());
-  return {layout, offsets};
-}
-
 template <class Launcher, typename T, typename S>
 void multi_step_launches(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<int64_t>& offsets, at::Tensor& state, const PackedLayout& layout,
                          const at::Tensor& packed, double preprocess_p, double output_scale) {
   ForwardArgs<T, S> a;
-  set_constants<T>(a, layout, packed, preprocess_p, output_scale);
+  a.net = make_net_constants<T>(layout, preprocess_p, output_scale, packed.data_ptr<T>());
   a.columns = state.size(3);
   a.state = a.new_state = reinterpret_cast<S*>(state.data_ptr());
   a.slot_count = 0;
@@ -227,25 +180,29 @@ void multi_step_launches(const std::vector<at::Tensor>& params, const std::vecto
 
 template <class Launcher>
 void lstm_multi_step_(at::TensorList params_in, at::TensorList grads_in, at::Tensor state, at::TensorList weights,
-                      double preprocess_p, double output_scale) {
-  const auto checked = check_multi_step(params_in, grads_in, state, weights);
-  const PackedLayout& layout = checked.first;
+                      double preprocess_p, double output_scale, int64_t features) {
+  const PackedLayout layout = check_multi_step_args(params_in, grads_in, state, weights, features);
+  check_hidden_supported(layout);
   if (state.size(3) == 0) return;
   const at::OptionalDeviceGuard guard(at::device_of(state));
   std::vector<at::Tensor> params, grads;
+  std::vector<int64_t> offsets;  // tensor k's first state column
+  int64_t total = 0;
   for (size_t k = 0; k < params_in.size(); ++k) {
     params.push_back(params_in[k].contiguous());
     grads.push_back(grads_in[k].contiguous());
+    offsets.push_back(total);
+    total += params_in[k].size(0);
   }
   at::Tensor state_work = state.contiguous();
-  const at::Tensor packed = pack_weights_on_device(weights, layout);
+  const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   const bool bf16_state = state.scalar_type() == at::kBFloat16;  // else the weights' dtype (checked)
   AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cuda", [&] {
     if (bf16_state)
-      multi_step_launches<Launcher, scalar_t, bf16>(params, grads, checked.second, state_work, layout, packed,
-                                                    preprocess_p, output_scale);
+      multi_step_launches<Launcher, scalar_t, bf16>(params, grads, offsets, state_work, layout, packed, preprocess_p,
+                                                    output_scale);
     else
-      multi_step_launches<Launcher, scalar_t, scalar_t>(params, grads, checked.second, state_work, layout, packed,
+      multi_step_launches<Launcher, scalar_t, scalar_t>(params, grads, offsets, state_work, layout, packed,
                                                         preprocess_p, output_scale);
   });
   for (size_t k = 0; k < params.size(); ++k)

@@ -20,7 +20,9 @@ __all__ = ["net_signature", "check_loadable"]
 def net_signature(net: CoordinatewiseLSTM) -> dict:
     """Sizes, constants and the SHA-256 of the weights (as float64, so the net's dtype does not matter)."""
     flat = torch.cat([w.detach().reshape(-1).to("cpu", torch.float64) for w in net.weights()])
-    return dict(net.size_kwargs(), weights_sha256=hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+    # the paper's features go unnamed, as in signatures saved before nets had features
+    kwargs = {k: v for k, v in net.size_kwargs().items() if k != "features" or v != ("paper",)}
+    return dict(kwargs, weights_sha256=hashlib.sha256(flat.numpy().tobytes()).hexdigest())
 
 
 def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, Tensor]:

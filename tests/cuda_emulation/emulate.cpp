@@ -86,9 +86,9 @@ struct EmuLauncher {
   static void forward(ForwardArgs<T, S>& a) {
     const int64_t columns = a.end - a.begin;
     if (columns <= 0) return;
-    dispatch_dims(a.layout, [&](auto dims) {
+    dispatch_dims(a.net.layout, [&](auto dims) {
       using Dims = decltype(dims);
-      const int64_t weight_bytes = a.layout.size() * int64_t(sizeof(T));
+      const int64_t weight_bytes = a.net.layout.size() * int64_t(sizeof(T));
       a.weights_in_smem = Dims::kFixed || weight_bytes <= settings.forward_smem_limit;
       const int64_t tiles = (columns + settings.forward_threads - 1) / settings.forward_threads;
       const int grid = int(std::min<int64_t>(tiles, settings.forward_blocks));
@@ -112,11 +112,14 @@ struct EmuLauncher {
 
   template <typename T>
   static void backward(const BackwardArgs<T>& a, const BackwardPlan& plan) {
-    dispatch_dims(a.layout, [&](auto dims) {
+    dispatch_dims(a.net.layout, [&](auto dims) {
       run_grid(plan.blocks, plan.threads, plan.smem_bytes,
                [&](const EmuCtx& ctx, unsigned char* smem) { backward_block(ctx, a, dims, smem); });
     });
   }
+
+  static int64_t stream_id() { return 0; }
+  static bool capturing() { return false; }
 
   static void sum_partials(const double* partials, int blocks, int64_t size, double* out) {
     const int threads = 64;
@@ -169,20 +172,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace l2l_fast::cuda;
   // pybind11 converts Python lists to std::vector, not to at::TensorList
   using Tensors = std::vector<at::Tensor>;
-  m.def("lstm_step", [](const at::Tensor& grad, const at::Tensor& state, const Tensors& weights, double p, double s) {
-    return lstm_step<EmuLauncher>(grad, state, weights, p, s);
-  });
+  m.def("lstm_step", [](const at::Tensor& grad, const at::Tensor& state, const Tensors& weights, double p, double s,
+                        int64_t features) { return lstm_step<EmuLauncher>(grad, state, weights, p, s, features); },
+        py::arg("grad"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"), py::arg("output_scale"),
+        py::arg("features") = 1);
   m.def("lstm_step_backward", [](const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& grad, const at::Tensor& state,
-                                 const Tensors& weights, double p, double s) {
-    return lstm_step_backward<EmuLauncher>(gu, gs, grad, state, weights, p, s);
-  });
+                                 const Tensors& weights, double p, double s, int64_t features) {
+    return lstm_step_backward<EmuLauncher>(gu, gs, grad, state, weights, p, s, features);
+  }, py::arg("grad_update"), py::arg("grad_new_state"), py::arg("grad"), py::arg("state"), py::arg("weights"),
+        py::arg("preprocess_p"), py::arg("output_scale"), py::arg("features") = 1);
   m.def("lstm_step_", [](at::Tensor param, const at::Tensor& grad, at::Tensor state, const Tensors& weights, double p,
-                         double s) { lstm_step_<EmuLauncher>(param, grad, state, weights, p, s); });
+                         double s, int64_t features) { lstm_step_<EmuLauncher>(param, grad, state, weights, p, s, features); },
+        py::arg("param"), py::arg("grad"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"),
+        py::arg("output_scale"), py::arg("features") = 1);
   m.def("lstm_multi_step_", [](const Tensors& params, const Tensors& grads, at::Tensor state, const Tensors& weights,
-                               double p, double s) { lstm_multi_step_<EmuLauncher>(params, grads, state, weights, p, s); });
+                               double p, double s, int64_t features) {
+    lstm_multi_step_<EmuLauncher>(params, grads, state, weights, p, s, features);
+  }, py::arg("params"), py::arg("grads"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"),
+        py::arg("output_scale"), py::arg("features") = 1);
   m.def("configure", &configure, py::arg("forward_threads"), py::arg("forward_blocks"), py::arg("backward_blocks"),
         py::arg("smem_limit"), py::arg("forward_smem_limit"));
   m.def("launches", [] { return settings.launches; });
+  m.def("packed_cache_counts", [] {
+    const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
+    return std::make_tuple(s.hits, s.misses, s.bypassed);
+  });
   m.def("to_bf16", &to_bf16_bits);
   m.def("to_f16", &to_f16_bits);
   m.def("from_f16", &from_f16_bits);

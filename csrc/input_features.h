@@ -1,0 +1,201 @@
+// The LSTM's input features: what its first layer sees of a coordinate.
+//
+// Each feature is one bit of a mask and contributes kWidth inputs; the first layer's inputs are the
+// features of the mask in bit order, so weight_ih_l0 is [4H, input_width(mask)]. Every op takes
+// the mask (`features`, default 1: the paper's preprocessing). Torch-free and generic over the
+// number type V (a scalar, a CPU vector of coordinates, a CUDA thread's registers) and over Math,
+// the elementwise helpers of V (ScalarMath below; the CPU kernels' VecMath in cpu/vec_math.inc).
+// l2l_fast/features.py mirrors the table (names, bits, widths) with the reference functions the
+// kernels are tested against; tests/test_features.py checks the two tables agree.
+//
+// Adding a feature computed from what the ops receive: a struct like PaperFeature below, appended
+// to Features, and its entry in l2l_fast/features.py (with a new Math helper, if it needs one, in
+// ScalarMath and VecMath). A feature reading a new per-coordinate tensor (a running second moment
+// kept by the optimizer, say) adds a field to CoordinateInputs and that tensor to the ops.
+#pragma once
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "host_device.h"
+
+namespace l2l_fast {
+
+L2L_HD float log_of(float x) { return logf(x); }
+L2L_HD double log_of(double x) { return log(x); }
+
+// Elementwise helpers of a scalar number type; the CPU kernels bring their own for vectors.
+template <typename T>
+struct ScalarMath {
+  typedef bool Mask;
+  L2L_HD static T splat(T x) { return x; }
+  L2L_HD static T abs(T x) { return x < 0 ? -x : x; }
+  L2L_HD static T select(bool m, T a, T b) { return m ? a : b; }
+  L2L_HD static T log(T x) { return log_of(x); }
+  L2L_HD static T sign(T x) { return x > 0 ? T(1) : (x < 0 ? T(-1) : T(0)); }
+};
+
+// What an op receives for one coordinate. The kernels pass finite values only: a coordinate whose
+// gradient is NaN or +-Inf is masked before its features are computed (it keeps its state).
+template <typename V>
+struct CoordinateInputs {
+  V grad;  // the optimizee's gradient
+};
+
+// d loss / d inputs is shaped like the inputs; features add their parts.
+template <typename V>
+L2L_HD CoordinateInputs<V> operator+(const CoordinateInputs<V>& a, const CoordinateInputs<V>& b) {
+  return CoordinateInputs<V>{a.grad + b.grad};
+}
+
+// Constants of a call, in the arithmetic type T, computed once on the host.
+template <typename T>
+struct FeatureConstants {
+  T preprocess_p;  // p of the paper's preprocessing
+  T exp_minus_p;   // e^-p
+  T exp_p;         // e^p
+};
+
+template <typename T>
+inline FeatureConstants<T> make_feature_constants(double preprocess_p) {
+  FeatureConstants<T> c;
+  c.preprocess_p = T(preprocess_p);
+  c.exp_minus_p = std::exp(-c.preprocess_p);  // in T, as the kernels have always computed them
+  c.exp_p = std::exp(c.preprocess_p);
+  return c;
+}
+
+// Appendix A of the paper: |g| >= e^-p -> (log|g| / p, sign g); else (-1, e^p g).
+struct PaperFeature {
+  static constexpr uint32_t kBit = 1u << 0;
+  static constexpr int kWidth = 2;
+  static constexpr const char* kName = "paper";
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static void forward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
+    const V magnitude = Math::abs(in.grad);
+    const auto big = magnitude >= c.exp_minus_p;
+    x[0] = Math::select(big, Math::log(magnitude) / c.preprocess_p, Math::splat(T(-1)));
+    x[1] = Math::select(big, Math::sign(in.grad), in.grad * c.exp_p);
+  }
+
+  // The sign has zero derivative away from 0.
+  template <typename Math, typename V, typename T>
+  L2L_HD static CoordinateInputs<V> backward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c,
+                                             const V* dx) {
+    const V g = in.grad;
+    return CoordinateInputs<V>{Math::select(Math::abs(g) >= c.exp_minus_p, dx[0] / (g * c.preprocess_p),
+                                            dx[1] * c.exp_p)};
+  }
+};
+
+// Every feature, in bit order (the first has bit 1 << 0, the next 1 << 1, ...).
+template <typename... F>
+struct FeatureList {};
+using Features = FeatureList<PaperFeature>;
+
+// The paper's set: the default of every op, net and file saved without a feature mask.
+constexpr uint32_t kDefaultFeatures = PaperFeature::kBit;
+
+template <typename... F>
+L2L_HD constexpr uint32_t bits_of(FeatureList<F...>) { return (0u | ... | F::kBit); }
+template <typename... F>
+L2L_HD constexpr int width_of(FeatureList<F...>, uint32_t mask) {
+  return (0 + ... + ((mask & F::kBit) != 0 ? F::kWidth : 0));
+}
+template <typename... F>
+constexpr int count_of(FeatureList<F...>) { return int(sizeof...(F)); }
+
+constexpr uint32_t kAllFeatures = bits_of(Features{});
+constexpr int kFeatureCount = count_of(Features{});
+static_assert(kAllFeatures == (1u << kFeatureCount) - 1, "feature bits are 1 << 0, 1 << 1, ... in list order");
+
+// Inputs of the first layer for `mask`.
+L2L_HD constexpr int input_width(uint32_t mask) { return width_of(Features{}, mask); }
+
+// Most inputs any mask gives: the size of per-coordinate feature arrays.
+constexpr int kMaxFeatureInputs = input_width(kAllFeatures);
+
+// A mask the kernels run: at least one feature, no unknown bit.
+constexpr bool valid_features(int64_t mask) { return mask > 0 && (uint64_t(mask) & ~uint64_t(kAllFeatures)) == 0; }
+
+template <typename Math, typename V, typename T>
+L2L_HD void compute_each(FeatureList<>, uint32_t, const CoordinateInputs<V>&, const FeatureConstants<T>&, V*) {}
+
+template <typename Math, typename V, typename T, typename F, typename... Rest>
+L2L_HD void compute_each(FeatureList<F, Rest...>, uint32_t mask, const CoordinateInputs<V>& in,
+                         const FeatureConstants<T>& c, V* x) {
+  if (mask & F::kBit) {
+    F::template forward<Math>(in, c, x);
+    x += F::kWidth;
+  }
+  compute_each<Math>(FeatureList<Rest...>{}, mask, in, c, x);
+}
+
+// x[0 .. input_width(mask)) = the features of one coordinate, in bit order. With a compile-time
+// mask (the CUDA kernels' fixed sizes) the branches and offsets fold away and x stays in registers.
+template <typename Math, typename V, typename T>
+L2L_HD void compute_features(uint32_t mask, const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
+  compute_each<Math>(Features{}, mask, in, c, x);
+}
+
+template <typename Math, typename V, typename T>
+L2L_HD void backward_each(FeatureList<>, uint32_t, const CoordinateInputs<V>&, const FeatureConstants<T>&,
+                          const V*, CoordinateInputs<V>&, bool&) {}
+
+template <typename Math, typename V, typename T, typename F, typename... Rest>
+L2L_HD void backward_each(FeatureList<F, Rest...>, uint32_t mask, const CoordinateInputs<V>& in,
+                          const FeatureConstants<T>& c, const V* dx, CoordinateInputs<V>& d, bool& any) {
+  if (mask & F::kBit) {
+    const CoordinateInputs<V> part = F::template backward<Math>(in, c, dx);
+    // the first part as it is: 0 + (-0) would turn a -0 into +0
+    if (any) d = d + part; else d = part;
+    any = true;
+    dx += F::kWidth;
+  }
+  backward_each<Math>(FeatureList<Rest...>{}, mask, in, c, dx, d, any);
+}
+
+// d loss / d inputs of one coordinate from dx[0 .. input_width(mask)) = d loss / d features.
+template <typename Math, typename V, typename T>
+L2L_HD CoordinateInputs<V> features_backward(uint32_t mask, const CoordinateInputs<V>& in,
+                                             const FeatureConstants<T>& c, const V* dx) {
+  CoordinateInputs<V> d{Math::splat(T(0))};
+  bool any = false;
+  backward_each<Math>(Features{}, mask, in, c, dx, d, any);
+  return d;
+}
+
+// The table for the host: validation, messages, l2l_fast._C.feature_table().
+struct FeatureInfo {
+  uint32_t bit;
+  int width;
+  const char* name;
+};
+
+template <typename... F>
+constexpr std::array<FeatureInfo, sizeof...(F)> table_of(FeatureList<F...>) {
+  return {{FeatureInfo{F::kBit, F::kWidth, F::kName}...}};
+}
+
+constexpr std::array<FeatureInfo, kFeatureCount> kFeatureTable = table_of(Features{});
+
+// "paper+raw": the names of a mask's features.
+inline std::string feature_names(uint32_t mask) {
+  std::string names;
+  for (const FeatureInfo& f : kFeatureTable)
+    if (mask & f.bit) names += (names.empty() ? "" : "+") + std::string(f.name);
+  return names;
+}
+
+// "paper = 1 (2 inputs), raw = 2 (1 input)": the known features.
+inline std::string feature_table() {
+  std::string table;
+  for (const FeatureInfo& f : kFeatureTable)
+    table += (table.empty() ? "" : ", ") + std::string(f.name) + " = " + std::to_string(f.bit) + " (" +
+             std::to_string(f.width) + (f.width == 1 ? " input)" : " inputs)");
+  return table;
+}
+
+}  // namespace l2l_fast
