@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from . import reference
 from ._runtime_check import warn_if_private_cxx_runtime
 from .checks import check_backward_args, check_inplace_args, check_multi_step_args, check_step_args
 
@@ -56,9 +58,31 @@ def cpu_cache_bytes() -> int:
     return _C.cpu_cache_bytes() if HAS_NATIVE else 0
 
 
+def _forward_mode(tensors: Sequence[Tensor]) -> bool:
+    """True under torch.func.jvp (and jacfwd, hessian) or with forward-mode AD dual inputs: the fused kernel
+    has no forward-mode rule (torch.library cannot register one), the reference, plain torch ops, has."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+
+    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        return True
+    if fwAD._current_level < 0:
+        return False
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
               output_scale: float = 0.1, features: int = 1) -> tuple[Tensor, Tensor]:
-    """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched."""
+    """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched.
+
+    Forward-mode AD (torch.func.jvp, jacfwd, dual tensors) runs the reference instead, which has the
+    tangents; the double backward (create_graph=True) is computed through the reference too. The raw
+    torch.ops.l2l_fast.lstm_step cannot see forward-mode tangents (torch.library registers no forward-mode
+    rule), so call this function, or the net, under forward-mode AD."""
+    if _forward_mode([grad, state, *weights]):
+        return reference.lstm_step(grad, state, weights, preprocess_p, output_scale, features)
     return torch.ops.l2l_fast.lstm_step(grad, state, list(weights), float(preprocess_p), float(output_scale),
                                         int(features))
 
@@ -119,10 +143,30 @@ if HAS_NATIVE:
             grad_update = torch.zeros_like(grad)
         if grad_new_state is None:
             grad_new_state = torch.zeros_like(state)
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            d_grad, d_state, *d_weights = _differentiable_backward(ctx, grad_update, grad_new_state, grad, state,
+                                                                    weights)
+            return (d_grad, d_state, d_weights) + (None,) * (len(ctx.needs_input_grad) - 3)
         d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(
             grad_update, grad_new_state, grad, state, weights, ctx.preprocess_p, ctx.output_scale, ctx.features)
         # One entry per argument as the op received it: the dispatcher drops trailing arguments equal to their
         # defaults (features=1), and needs_input_grad has the received structure.
         return (d_grad, d_state, d_weights) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+    def _differentiable_backward(ctx, grad_update, grad_new_state, grad, state, weights) -> list:
+        """The vector-Jacobian product through the reference, with its graph: the fused backward kernel is not
+        differentiable. The saved inputs are the ones the forward received, so the graph reaches them."""
+        inputs = [grad, state, *weights]
+        wanted = [k for k, t in enumerate(inputs) if t.requires_grad]
+        result: list = [None] * len(inputs)
+        if not wanted:
+            return result
+        update, new_state = reference.lstm_step(grad, state, weights, ctx.preprocess_p, ctx.output_scale,
+                                                ctx.features)
+        found = torch.autograd.grad([update, new_state], [inputs[k] for k in wanted], [grad_update, grad_new_state],
+                                    create_graph=True, allow_unused=True)
+        for k, value in zip(wanted, found):
+            result[k] = torch.zeros_like(inputs[k]) if value is None else value
+        return result
 
     torch.library.register_autograd("l2l_fast::lstm_step", _backward, setup_context=_setup_context)

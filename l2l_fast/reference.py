@@ -71,16 +71,30 @@ def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess
     return update, new_state
 
 
-@torch.no_grad()
+def check_inplace_autograd(name: str, written: Sequence[Tensor], read: Sequence[Tensor]) -> None:
+    """The in-place steps have no derivative: with grad mode on, torch's own error for a written leaf that
+    requires grad, else a RuntimeError when any input requires grad (as the native ops refuse,
+    csrc/inplace_autograd.cpp); under torch.no_grad (what optimizers do) everything is allowed."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*written, *read)):
+        return
+    for t in written:
+        if t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf)):
+            raise RuntimeError(f"a {'' if t.is_leaf else 'view of a '}leaf Variable that requires grad is being used "
+                               "in an in-place operation.")
+    raise RuntimeError(f"l2l_fast::{name} has no derivative and some of its inputs require grad: call it under "
+                       "torch.no_grad() (as LearnedOptimizer.step does), or use the differentiable l2l_fast::lstm_step")
+
+
 def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
                output_scale: float = 0.1, features: int = 1) -> None:
     """In-place step: param [n] += update, state [L, 2, H, n] advanced."""
-    update, new_state = lstm_step(grad, state, weights, preprocess_p, output_scale, features)
-    param.add_(update.to(param.dtype))
-    state.copy_(new_state)
+    check_inplace_autograd("lstm_step_", [param, state], [grad, *weights])
+    with torch.no_grad():
+        update, new_state = lstm_step(grad, state, weights, preprocess_p, output_scale, features)
+        param.add_(update.to(param.dtype))
+        state.copy_(new_state)
 
 
-@torch.no_grad()
 def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
                      preprocess_p: float = 10.0, output_scale: float = 0.1, features: int = 1) -> None:
     """In-place step of a list of tensors sharing one state: params[k] [n_k] += update of grads[k] [n_k], tensor k's
@@ -89,6 +103,14 @@ def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: T
     The math runs in the weights' dtype: 16-bit params, their grads and a bfloat16 state are widened to it,
     and the new param (old + update, summed in the math dtype) and state are rounded to nearest on store.
     """
+    check_inplace_autograd("lstm_multi_step_", [*params, state], [*grads, *weights])
+    with torch.no_grad():
+        _multi_step(params, grads, state, weights, preprocess_p, output_scale, features)
+
+
+def _multi_step(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
+                preprocess_p: float, output_scale: float, features: int) -> None:
+    """The body of lstm_multi_step_ (no checks, no grad)."""
     math_dtype = weights[0].dtype
     offset = 0
     for param, grad in zip(params, grads, strict=True):

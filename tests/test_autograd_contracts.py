@@ -1,16 +1,21 @@
-"""torch's autograd safety contracts on the in-place ops, as torch's own in-place ops keep them.
+"""torch's autograd contracts on the ops: in-place safety as torch's own in-place ops keep it, forward-mode
+AD and the double backward.
 
 Regression tests for the reliability issue: lstm_step_ and lstm_multi_step_ left the version counters of
 the tensors they write unchanged (a backward through a graph that had saved them silently used the new
-values) and accepted an in-place step on a leaf that requires grad.
+values) and accepted an in-place step on a leaf that requires grad; torch.func.jvp through the native step
+returned zero tangents and gradgradcheck a Jacobian mismatch.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import make_net, random_grad, random_state, requires_native
-from l2l_fast import ops
+import math
+
+from conftest import make_net, random_grad, random_state, random_weights, requires_native
+from l2l_fast import ops, reference
+from test_gradcheck import away_from_kink
 
 pytestmark = requires_native
 
@@ -24,13 +29,15 @@ def _inputs(gen, n=9):
 
 
 def _step(op, param, grad, state, weights):
-    if op == "lstm_step_":
-        ops.lstm_step_(param, grad, state, weights)
+    impl = reference if op.startswith("reference.") else ops
+    if op.endswith("lstm_step_"):
+        impl.lstm_step_(param, grad, state, weights)
     else:
-        ops.lstm_multi_step_([param], [grad], state, weights)
+        impl.lstm_multi_step_([param], [grad], state, weights)
 
 
-OPS = ["lstm_step_", "lstm_multi_step_"]
+# the native ops and the reference's in-place steps keep the same contract
+OPS = ["lstm_step_", "lstm_multi_step_", "reference.lstm_step_", "reference.lstm_multi_step_"]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -126,3 +133,68 @@ def test_learned_optimizer_step_still_works_and_bumps_versions(gen):
     before = p._version
     opt.step()
     assert p._version > before
+
+
+# ---------------------------------------------------------------------------------------------
+# forward-mode AD and the double backward
+
+def _small(gen, n=5, p=10.0):
+    weights = random_weights(3, 2, gen=gen, kind="random")
+    grad = away_from_kink(n, p, gen=gen)
+    state = random_state(2, 3, n, gen=gen)
+    return grad, state, weights
+
+
+def test_jvp_through_the_native_step_equals_the_reference_jvp(gen):
+    grad, state, weights = _small(gen)
+    tangents = (torch.randn(grad.shape, generator=gen, dtype=torch.float64) * 1e-5,
+                torch.randn(state.shape, generator=gen, dtype=torch.float64),
+                *[torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in weights])
+    primals = (grad, state, *weights)
+    _, native = torch.func.jvp(lambda g, s, *w: ops.lstm_step(g, s, list(w), 10.0, 0.1), primals, tangents)
+    _, expected = torch.func.jvp(lambda g, s, *w: reference.lstm_step(g, s, list(w), 10.0, 0.1), primals, tangents)
+    assert expected[0].abs().max() > 0, "a test whose tangents are all zero would pass on the old bug"
+    for got, want in zip(native, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_forward_ad_dual_tensors_through_the_net(gen):
+    import torch.autograd.forward_ad as fwAD
+
+    net = make_net(3, 2, gen=gen, dtype=torch.float64)
+    grad, state, _ = _small(gen)
+    tangent = torch.randn(grad.shape, generator=gen, dtype=torch.float64) * 1e-5
+    with fwAD.dual_level():
+        update, _ = net(fwAD.make_dual(grad, tangent), state)
+        got = fwAD.unpack_dual(update).tangent
+    _, (want, _) = torch.func.jvp(lambda g: reference.lstm_step(g, state, net.weights(), 10.0, 0.1), (grad,), (tangent,))
+    assert got is not None and want.abs().max() > 0
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_gradgradcheck_through_the_native_step(gen):
+    p = 10.0
+    grad, state, weights = _small(gen, p=p)
+    k = (grad / math.exp(-p)).requires_grad_(True)  # perturb in units of e^-p, as test_gradcheck explains
+    state.requires_grad_(True)
+    weights = [w.requires_grad_(True) for w in weights]
+
+    def fn(k, state, *weights):
+        return ops.lstm_step(k * math.exp(-p), state, list(weights), p, 0.3)
+
+    assert torch.autograd.gradgradcheck(fn, (k, state, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_the_first_backward_is_the_fused_kernel_unless_a_graph_is_asked_for(gen, monkeypatch):
+    """The reference path costs reference speed: it must only run for create_graph=True."""
+    grad, state, weights = _small(gen)
+    weights = [w.requires_grad_(True) for w in weights]
+    calls = []
+    original = reference.lstm_step
+    monkeypatch.setattr(reference, "lstm_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    torch.autograd.grad(update.sum() + new_state.sum(), weights)
+    assert calls == []
+    update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    torch.autograd.grad(update.sum() + new_state.sum(), weights, create_graph=True)
+    assert calls == [1]
