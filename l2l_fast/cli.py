@@ -115,18 +115,19 @@ def cmd_meta_train(args) -> int:
 
 
 def load_optimizer_spec(spec: str, task=None):
-    """'pretrained:NAME', a path to a .pt file, or a baseline name ('adam', 'sgd', 'nag', 'rmsprop').
+    """'pretrained:NAME', a path to a weight file, or a baseline name ('adam', 'sgd', 'nag', 'rmsprop').
 
     With the task, a file holding one LSTM per parameter group (a cifar10 run) loads for its groups."""
     from .meta.evaluate import BASELINES
-    from .pretrained import available, load_pretrained
+    from .pretrained import PATH_SUFFIXES, available, load_pretrained, names_a_file
 
     if spec in BASELINES:
         return spec, None
-    # load_pretrained also takes a bare shipped name; anything else that is not a file gets the CLI's choices
-    if not spec.startswith("pretrained:") and not spec.endswith(".pt") and spec not in available():
+    # load_pretrained also takes a bare shipped name; anything else that names no file gets the CLI's choices
+    if not spec.startswith("pretrained:") and not names_a_file(spec) and spec not in available():
         raise ValueError(f"--optimizer {spec!r}: expected one of {', '.join(sorted(BASELINES))}, "
-                         f"pretrained:NAME (NAME one of {', '.join(available())}) or a path to a .pt file")
+                         f"pretrained:NAME (NAME one of {', '.join(available())}) or a path to a weight file "
+                         f"({', '.join(PATH_SUFFIXES)})")
     shape = task.sample(1, seed=0, split="val") if task is not None else None
     if shape is None or len(shape.groups) < 2:
         return spec, load_pretrained(spec)

@@ -121,9 +121,9 @@ def test_a_corrupt_or_unsafe_optimizer_file_is_one_line(tmp_path, capsys, make, 
     assert not (tmp_path / "code-ran").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.load_optimizer_spec accepts only '.pt' paths before load_pretrained "
-                                       "sees them; it should ask l2l_fast.pretrained.names_a_file(spec)")
 def test_a_pth_file_is_an_optimizer_file(tmp_path):
+    """cli.load_optimizer_spec accepted only '.pt' paths before load_pretrained saw them; it asks
+    l2l_fast.pretrained.names_a_file(spec) now."""
     save_pretrained(small_net(), tmp_path / "opt.pth")
     label, net = load_optimizer_spec(str(tmp_path / "opt.pth"))
     assert net.hidden_size == 4
