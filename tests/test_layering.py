@@ -1,7 +1,7 @@
 """The package's modules import one way, down this table; no import loop.
 
-    0  leaves        checks, reference, files (file formats), data (dataset files), argtypes (option value
-                     types), _C, _runtime_check
+    0  leaves        features (the input-feature registry), checks, reference, files (file formats), data
+                     (dataset files), argtypes (option value types), _C, _runtime_check
     1  ops           the op wrappers
     2  nets          net (CoordinatewiseLSTM), grouped (GroupedLSTM, ParamGroup)
     3  pretrained    shipped and exported optimizers, and a meta-training run's files, loaded as nets
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "l2l_fast"
 
 LAYERS = [
-    ("leaves", {"l2l_fast._C", "l2l_fast._runtime_check", "l2l_fast.checks", "l2l_fast.reference", "l2l_fast.files",
-                "l2l_fast.data", "l2l_fast.argtypes"}),
+    ("leaves", {"l2l_fast._C", "l2l_fast._runtime_check", "l2l_fast.features", "l2l_fast.checks",
+                "l2l_fast.reference", "l2l_fast.files", "l2l_fast.data", "l2l_fast.argtypes"}),
     ("ops", {"l2l_fast.ops"}),
     ("nets", {"l2l_fast.net", "l2l_fast.grouped"}),
     ("pretrained", {"l2l_fast.pretrained"}),
