@@ -137,7 +137,8 @@ def check_step_args(grad, state, weights, features, preprocess_p=10.0, output_sc
     check_constants(preprocess_p, output_scale)
 
 
-def check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
+def check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p=10.0,
+                        output_scale=0.1) -> None:
     """lstm_step_backward: lstm_step's arguments and the upstream gradients grad_update [n], grad_new_state."""
     check_step_args(grad, state, weights, features, preprocess_p, output_scale)
     layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[1]

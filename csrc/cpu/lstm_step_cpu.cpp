@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features) {
   const PackedLayout layout =
-      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features, preprocess_p, output_scale);
+      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features, preprocess_p,
+                          output_scale);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
   at::Tensor grad_grad = empty_output_like(grad), grad_state = empty_output_like(state);
