@@ -32,6 +32,9 @@ struct PackedLayout {
   L2L_HD int64_t out_weight_offset() const { return layer_offset(layers); }
   L2L_HD int64_t out_bias_offset() const { return out_weight_offset() + hidden; }
   L2L_HD int64_t size() const { return out_bias_offset() + 1; }
+  // After the weights, the packed tensor holds the poison flag: 0 when every weight is finite, else NaN
+  // (computed once per packed weight version; the kernels poison every finite-gradient coordinate with it).
+  L2L_HD int64_t poison_offset() const { return size(); }
 };
 
 inline PackedLayout make_layout(int hidden, int layers, uint32_t features) {
@@ -51,7 +54,7 @@ struct NetConstants {
   PackedLayout layout;
   FeatureConstants<T> features;  // the constants of the input features (preprocess_p, e^-p, e^p)
   T output_scale;
-  const T* weights;  // packed, layout.size(), on the kernels' device
+  const T* weights;  // packed, layout.size() + 1 (the poison flag last), on the kernels' device
 };
 
 // The constants of a call in the arithmetic type T, computed on the host once for every device.

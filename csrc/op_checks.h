@@ -5,6 +5,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/types.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -89,34 +91,48 @@ inline void check_state(const at::Tensor& state, const std::string& name, const 
                     " coordinates, got ", state.sizes(), " (a state made for another net or parameter?)");
 }
 
+// e^p and e^-p stay normal float32 numbers (FLT_MAX = e^88.7, FLT_MIN = e^-87.3).
+constexpr double kMaxPreprocessP = 87.0;
+
+// preprocess_p finite in (0, 87], output_scale finite (l2l_fast/checks.py's check_constants).
+inline void check_constants(double preprocess_p, double output_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(preprocess_p) && preprocess_p > 0 && preprocess_p <= kMaxPreprocessP,
+                    "preprocess_p: expected a finite number in (0, 87] (e^p and e^-p normal float32 numbers), got ",
+                    preprocess_p);
+  TORCH_CHECK_VALUE(std::isfinite(output_scale), "output_scale: expected a finite number, got ", output_scale);
+}
+
 // ------------------------------------------------------------------------------------------------
 // One validator per op, run by the CPU and the CUDA bindings alike (l2l_fast/checks.py mirrors each for
 // the fake kernels); each returns the weights' layout. Device limits (the CUDA kernels' largest hidden
 // size) are the bindings' own, checked after these.
 
 inline PackedLayout check_step_args(const at::Tensor& grad, const at::Tensor& state, at::TensorList weights,
-                                    int64_t features) {
+                                    int64_t features, double preprocess_p = 10.0, double output_scale = 0.1) {
   check_grad(grad);
   const PackedLayout layout = check_weights(weights, grad, "grad", features);
   check_state(state, "state", layout, grad);
+  check_constants(preprocess_p, output_scale);
   return layout;
 }
 
 inline PackedLayout check_backward_args(const at::Tensor& grad_update, const at::Tensor& grad_new_state,
                                         const at::Tensor& grad, const at::Tensor& state, at::TensorList weights,
-                                        int64_t features) {
-  const PackedLayout layout = check_step_args(grad, state, weights, features);
+                                        int64_t features, double preprocess_p = 10.0, double output_scale = 0.1) {
+  const PackedLayout layout = check_step_args(grad, state, weights, features, preprocess_p, output_scale);
   check_per_coordinate(grad_update, "grad_update", grad);
   check_state(grad_new_state, "grad_new_state", layout, grad);
   return layout;
 }
 
 inline PackedLayout check_inplace_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state,
-                                       at::TensorList weights, int64_t features) {
+                                       at::TensorList weights, int64_t features, double preprocess_p = 10.0,
+                                       double output_scale = 0.1) {
   check_grad(grad);
   const PackedLayout layout = check_weights(weights, grad, "grad", features);
   check_per_coordinate(param, "param", grad);
   check_state(state, "state", layout, grad);
+  check_constants(preprocess_p, output_scale);
   return layout;
 }
 
@@ -138,7 +154,8 @@ inline void check_listed(const at::Tensor& t, const std::string& name, const at:
 // bfloat16 / float16 with float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or
 // bfloat16; everything on the weights' device.
 inline PackedLayout check_multi_step_args(at::TensorList params, at::TensorList grads, const at::Tensor& state,
-                                          at::TensorList weights, int64_t features) {
+                                          at::TensorList weights, int64_t features, double preprocess_p = 10.0,
+                                          double output_scale = 0.1) {
   TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
   check_dense_real(weights[0], "weights[0]");
   const at::ScalarType math = weights[0].scalar_type();
@@ -186,13 +203,15 @@ inline PackedLayout check_multi_step_args(at::TensorList params, at::TensorList 
   TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(expected), "state: expected shape ", at::IntArrayRef(expected),
                     " = [num_layers, 2, hidden_size, sum of the params' numels], got ", state.sizes(),
                     " (a state made for another net or parameter list?)");
+  check_constants(preprocess_p, output_scale);
   return layout;
 }
 
-// Packs the weights (any device) into the kernels' layout, on the weights' device.
+// Packs the weights (any device) into the kernels' layout, on the weights' device: layout.size() values, then
+// the poison flag (lstm_layout.h's weights_poison: 0 when every weight is finite, else NaN).
 inline at::Tensor pack_weights(at::TensorList weights, const PackedLayout& layout) {
   const at::Tensor& like = weights[0];
-  at::Tensor packed = at::empty({layout.size()}, like.options().device(at::kCPU));
+  at::Tensor packed = at::empty({layout.size() + 1}, like.options().device(at::kCPU));
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "l2l_fast_pack_weights", [&] {
     scalar_t* out = packed.data_ptr<scalar_t>();
     for (int l = 0; l < layout.layers; ++l) {
@@ -205,6 +224,9 @@ inline at::Tensor pack_weights(at::TensorList weights, const PackedLayout& layou
     at::Tensor out_b = weights[4 * layout.layers + 1].detach().to(at::kCPU);
     std::copy(out_w.data_ptr<scalar_t>(), out_w.data_ptr<scalar_t>() + layout.hidden, out + layout.out_weight_offset());
     out[layout.out_bias_offset()] = out_b.item<scalar_t>();
+    bool finite = true;
+    for (int64_t q = 0; q < layout.size(); ++q) finite = finite && std::isfinite(out[q]);
+    out[layout.size()] = finite ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN();
   });
   return packed.to(like.device());
 }

@@ -9,6 +9,8 @@ was expected.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -52,6 +54,21 @@ def _check_like(name: str, t, like: Tensor, like_name: str) -> None:
         raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name}: expected a tensor on {like.device} (the device of {like_name}), got {t.device}")
+
+
+# preprocess_p's largest value: e^p and e^-p stay normal float32 numbers (FLT_MAX = e^88.7, FLT_MIN = e^-87.3).
+MAX_PREPROCESS_P = 87.0
+
+
+def check_constants(preprocess_p, output_scale) -> None:
+    """preprocess_p finite in (0, 87] and output_scale finite, else a ValueError naming the argument (the ops,
+    the reference and the net constructor all check them; csrc/op_checks.h's check_constants)."""
+    p = float(preprocess_p)
+    if not (math.isfinite(p) and 0.0 < p <= MAX_PREPROCESS_P):
+        raise ValueError(f"preprocess_p: expected a finite number in (0, {MAX_PREPROCESS_P:g}] (e^p and e^-p normal "
+                         f"float32 numbers), got {preprocess_p!r}")
+    if not math.isfinite(float(output_scale)):
+        raise ValueError(f"output_scale: expected a finite number, got {output_scale!r}")
 
 
 def check_features(features) -> int:
@@ -112,30 +129,33 @@ def _check_state(state, name: str, layers: int, hidden: int, grad: Tensor) -> No
                          "or parameter?)")
 
 
-def check_step_args(grad, state, weights, features) -> None:
+def check_step_args(grad, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
     """lstm_step: grad [n], state [L, 2, H, n], weights; one dtype (float32 / float64) and device."""
     _check_grad(grad)
     layers, hidden = check_weights(weights, grad, "grad", features)
     _check_state(state, "state", layers, hidden, grad)
+    check_constants(preprocess_p, output_scale)
 
 
-def check_backward_args(grad_update, grad_new_state, grad, state, weights, features) -> None:
+def check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p=10.0,
+                        output_scale=0.1) -> None:
     """lstm_step_backward: lstm_step's arguments and the upstream gradients grad_update [n], grad_new_state."""
-    check_step_args(grad, state, weights, features)
+    check_step_args(grad, state, weights, features, preprocess_p, output_scale)
     layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[1]
     _check_per_coordinate(grad_update, "grad_update", grad)
     _check_state(grad_new_state, "grad_new_state", layers, hidden, grad)
 
 
-def check_inplace_args(param, grad, state, weights, features) -> None:
+def check_inplace_args(param, grad, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
     """lstm_step_: param [n] modified in place, and lstm_step's arguments."""
     _check_grad(grad)
     layers, hidden = check_weights(weights, grad, "grad", features)
     _check_per_coordinate(param, "param", grad)
     _check_state(state, "state", layers, hidden, grad)
+    check_constants(preprocess_p, output_scale)
 
 
-def check_multi_step_args(params, grads, state, weights, features) -> None:
+def check_multi_step_args(params, grads, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
     """lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]; params in the weights' dtype, or
     bfloat16 / float16 with float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or
     bfloat16; everything on the weights' device."""
@@ -187,6 +207,7 @@ def check_multi_step_args(params, grads, state, weights, features) -> None:
     if tuple(state.shape) != expected:
         raise ValueError(f"state: expected shape {expected} = (num_layers, 2, hidden_size, sum of the params' numels), "
                          f"got {tuple(state.shape)} (a state made for another net or parameter list?)")
+    check_constants(preprocess_p, output_scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from . import features as features_
 from . import ops, reference
+from . import checks
 from .checks import check_step_inputs
 
 BACKENDS = ("auto", "native", "reference")
@@ -70,8 +71,7 @@ class CoordinatewiseLSTM(nn.Module):
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
-        if not preprocess_p > 0:
-            raise ValueError(f"preprocess_p: expected a positive number, got {preprocess_p!r}")
+        checks.check_constants(preprocess_p, output_scale)  # ValueError naming preprocess_p / output_scale
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "native" and not ops.HAS_NATIVE:

@@ -112,23 +112,23 @@ if HAS_NATIVE:
 
     @torch.library.register_fake("l2l_fast::lstm_step")
     def _lstm_step_fake(grad, state, weights, preprocess_p, output_scale, features=1):
-        check_step_args(grad, state, weights, features)
+        check_step_args(grad, state, weights, features, preprocess_p, output_scale)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape)
 
     @torch.library.register_fake("l2l_fast::lstm_step_backward")
     def _lstm_step_backward_fake(grad_update, grad_new_state, grad, state, weights, preprocess_p, output_scale,
                                  features=1):
-        check_backward_args(grad_update, grad_new_state, grad, state, weights, features)
+        check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p, output_scale)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape), [w.new_empty(w.shape) for w in weights]
 
     @torch.library.register_fake("l2l_fast::lstm_step_")
     def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale, features=1):
-        check_inplace_args(param, grad, state, weights, features)
+        check_inplace_args(param, grad, state, weights, features, preprocess_p, output_scale)
         return None
 
     @torch.library.register_fake("l2l_fast::lstm_multi_step_")
     def _lstm_multi_step_fake(params, grads, state, weights, preprocess_p, output_scale, features=1):
-        check_multi_step_args(params, grads, state, weights, features)
+        check_multi_step_args(params, grads, state, weights, features, preprocess_p, output_scale)
         return None
 
     def _setup_context(ctx, inputs, output):

@@ -15,9 +15,16 @@ Shapes (n = number of coordinates, L = num_layers, H = hidden_size):
   features mask of the LSTM's input features (l2l_fast.features; default 1, the paper's preprocessing
           of the gradient): the first layer's I = features.input_size(features) inputs.
 
-Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets update 0 and keeps its
-state unchanged (the LSTM never sees the bad value); gradients flow through it as through the
-identity for the state and are 0 for the gradient input.
+Non-finite values (the same on every backend, instruction set and dtype), in this order:
+  1. A coordinate whose gradient is NaN or +-Inf gets update 0 and keeps its state bit for bit (the
+     LSTM never sees the bad value nor its state); in the backward it is the identity for its state,
+     0 for its gradient input, and it adds nothing to the weight gradients.
+  2. A coordinate with a finite gradient is "poisoned" when any of its 2 L H state values is NaN or
+     +-Inf, or when any weight is NaN or +-Inf: its update is NaN and its whole new state is NaN (the
+     optimizer never continues silently from a corrupt state or net). In the backward its gradient
+     input and state gradients are NaN, and so are the weight gradients.
+  preprocess_p must be finite in (0, 87] (e^p and e^-p normal float32 numbers) and output_scale
+  finite, else a ValueError naming the argument.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import features as features_
+from .checks import check_constants
 
 __all__ = ["preprocess", "lstm_step", "lstm_step_", "lstm_multi_step_", "split_weights"]
 
@@ -63,9 +71,22 @@ def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
               output_scale: float = 0.1, features: int = 1) -> tuple[Tensor, Tensor]:
     """One optimizer step for every coordinate: returns (update [n], new_state [L, 2, H, n])."""
+    check_constants(preprocess_p, output_scale)
     finite = torch.isfinite(grad)
     safe_grad = torch.where(finite, grad, torch.zeros_like(grad))
-    update, new_state = _lstm_step_unmasked(safe_grad, state, weights, preprocess_p, output_scale, features)
+    # rule 1: the LSTM (and so its backward) never sees the state of a non-finite-gradient coordinate
+    safe_state = torch.where(finite, state, torch.zeros_like(state))
+    update, new_state = _lstm_step_unmasked(safe_grad, safe_state, weights, preprocess_p, output_scale, features)
+    # rule 2, without a host synchronisation: poisoned coordinates get NaN, and NaN gradients (the extra
+    # terms make d grad and d state NaN even where the net's own derivative is structurally 0)
+    sound = torch.isfinite(state).flatten(0, 2).all(0)
+    sound = sound & torch.stack([torch.isfinite(w).all() for w in weights]).all()
+    poisoned = finite & ~sound
+    # (the factor is 1, not NaN, where not selected: a NaN there would turn the 0 that where's backward
+    # passes into NaN)
+    nan = torch.where(poisoned, torch.full_like(update, float("nan")), torch.ones_like(update))
+    update = torch.where(poisoned, (update + safe_grad + safe_state.sum(dim=(0, 1, 2))) * nan, update)
+    new_state = torch.where(poisoned, new_state * nan, new_state)
     update = torch.where(finite, update, torch.zeros_like(update))
     new_state = torch.where(finite, new_state, state)
     return update, new_state

@@ -8,6 +8,7 @@ compiler's contractions) is not emulated: tests/test_cuda.py checks that on a GP
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 import cuda_cases as cases
-from conftest import DTYPE_IDS, FEATURE_SETS, feature_id
+from conftest import DTYPE_IDS, FEATURE_SETS, feature_id, step_grads
+from l2l_fast import reference
 
 if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
     pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
@@ -174,3 +176,47 @@ def test_packed_weights_cached_per_version(impl, emu, gen):
     with torch.no_grad():
         impl.lstm_step(grad, state, recorded, 10.0, 0.1)
     assert emu.packed_cache_counts() == (hits + 2, misses + 2, bypassed + 1)
+
+
+NONFINITE_CASES = [dict(n=n, hidden=h, layers=l, bad_grads=bg, bad_states=bs, bad_weight=bw, kind="random", seed=s)
+                   for s, (n, h, l, bg, bs, bw) in enumerate([
+                       (40, 20, 2, 3, 4, None), (40, 20, 2, 2, 0, math.nan), (40, 3, 2, 0, 3, None),
+                       (33, 3, 2, 4, 6, math.inf), (70, 20, 2, 5, 5, None), (9, 1, 1, 1, 2, -math.inf)])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("pr", NONFINITE_CASES, ids=lambda pr: f"n{pr['n']}h{pr['hidden']}s{pr['seed']}")
+def test_nonfinite_policy(impl, pr, dtype):
+    """README "Non-finite values": NaN/Inf in gradient, state and weights give the reference's NaN pattern."""
+    from test_nonfinite_policy import assert_same_pattern, expected_poisoned, make_inputs
+    from tolerances import assert_elementwise_close
+
+    grad, state, weights, up_u, up_s = make_inputs(pr, dtype)
+    update, new_state = impl.lstm_step(grad, state, weights, 10.0, 0.1, 1)
+    d_grad, d_state, d_weights = impl.lstm_step_backward(up_u, up_s, grad, state, weights, 10.0, 0.1, 1)
+    ref = step_grads(reference.lstm_step, grad.double(), state.double(), [w.double() for w in weights], 10.0, 0.1,
+                     up_u.double(), up_s.double())
+    for name, a, e in zip(("update", "new_state", "d_grad", "d_state"), (update, new_state, d_grad, d_state), ref):
+        fa, fe, _ = assert_same_pattern(a, e, name)
+        assert_elementwise_close(fa, fe, dtype, name)
+    poisoned = expected_poisoned(grad, state, weights)
+    assert torch.isnan(update[poisoned]).all() and torch.isnan(new_state[..., poisoned]).all()
+    if poisoned.any():
+        assert all(torch.isnan(w).all() for w in d_weights)
+    else:
+        assert all(torch.isfinite(w).all() for w in d_weights)
+    param = torch.zeros_like(grad)
+    p_ref, s_ref, s_got = param.double().clone(), state.double().clone(), state.clone()
+    reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1)
+    impl.lstm_step_(param, grad, s_got, weights, 10.0, 0.1, 1)
+    assert_same_pattern(param, p_ref, "param")
+    assert_same_pattern(s_got, s_ref, "state")
+    if dtype == torch.float32:  # the multi-tensor step with a bfloat16 state
+        s16 = state.to(torch.bfloat16)
+        s16_ref, s16_got = s16.clone(), s16.clone()
+        p_ref, p_got = torch.zeros_like(grad), torch.zeros_like(grad)
+        sizes = [pr["n"] // 2, pr["n"] - pr["n"] // 2]
+        reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s16_ref, weights, 10.0, 0.1)
+        impl.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s16_got, weights, 10.0, 0.1, 1)
+        assert_same_pattern(p_got, p_ref, "param")
+        assert_same_pattern(s16_got, s16_ref, "bf16 state")

@@ -52,7 +52,7 @@ at::Tensor run_backward(const StepParams<T>& params) {
 std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(const at::Tensor& grad_in, const at::Tensor& state_in,
                                                  at::TensorList weights, double preprocess_p, double output_scale,
                                                  int64_t features) {
-  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features);
+  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features, preprocess_p, output_scale);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   at::Tensor update = empty_output_like(grad), new_state = empty_output_like(state);
   const at::Tensor packed = cpu_packed_weights(weights, layout);
@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features) {
   const PackedLayout layout =
-      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features);
+      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features, preprocess_p,
+                          output_scale);
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
   at::Tensor grad_grad = empty_output_like(grad), grad_state = empty_output_like(state);
@@ -88,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward_c
 
 void lstm_step_inplace_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
                            double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features);
+  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features, preprocess_p, output_scale);
   const at::Tensor grad = grad_in.contiguous();
   // Non-contiguous param/state: work on contiguous copies, then write them back.
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();

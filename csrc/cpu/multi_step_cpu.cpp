@@ -183,7 +183,8 @@ void run_part(const StepParams<M>& base, void* state, int64_t total, const std::
 
 void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor state, at::TensorList weights,
                          double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_multi_step_args(params, grads, state, weights, features);
+  const PackedLayout layout =
+      check_multi_step_args(params, grads, state, weights, features, preprocess_p, output_scale);
   // Non-contiguous param (1-D, strided) is read and written through its stride; a non-contiguous
   // state is stepped as a contiguous copy, then written back.
   at::Tensor state_work = state.contiguous();

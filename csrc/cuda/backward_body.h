@@ -186,9 +186,14 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
     const bool active = c < n && is_finite(g);
     T dh[Dims::kMaxH];
     T gu = T(0);
+    T poison = T(0);  // NaN: poisoned (a weight or a state value of the coordinate not finite)
     if (active) {
+      poison = a.net.weights[lay.poison_offset()];
+      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) poison += a.state[r * n + c] - a.state[r * n + c];
       park_lower_layers(a, dims, w, c, g);
-      gu = a.grad_update[c] * a.net.output_scale;
+      // a poisoned coordinate's upstream is NaN, so that everything downstream is: d state, d grad and
+      // the weight gradients
+      gu = (poison != poison ? poison : a.grad_update[c]) * a.net.output_scale;
       for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, L - 1, 0, u) * n + c];
       my_h_top[H] = T(1);
       for (int k = H + 1; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = T(0);
@@ -216,6 +221,10 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
     if (c < n && !active) {  // non-finite gradient: identity for the state, 0 for the gradient
       a.grad_grad[c] = T(0);
       for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.grad_state[r * n + c] = a.grad_new_state[r * n + c];
+    }
+    if (active && poison != poison) {  // NaN whatever the derivatives (some may be structurally 0)
+      a.grad_grad[c] = poison;
+      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.grad_state[r * n + c] = poison;
     }
   }
 }

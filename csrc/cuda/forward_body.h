@@ -61,7 +61,7 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
   const int H = dims.hidden();
   const int L = dims.layers();
   const int64_t cols = a.columns;
-  if (!is_finite(g)) {  // the documented policy: no update, state kept bit for bit
+  if (!is_finite(g)) {  // the documented policy (rule 1): no update, state kept bit for bit
     if (a.update) a.update[c] = T(0);
     if (a.new_state != a.state)
       for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.new_state[r * cols + c] = a.state[r * cols + c];
@@ -69,6 +69,9 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
   }
   T x[Dims::kMaxK];     // the layer's inputs: layer input (the features or H values), then its own old h
   T h_new[Dims::kMaxH];  // the layer's new h, the next layer's input
+  // 0, or NaN when a weight (the packed poison flag) or a state value of the coordinate is not finite:
+  // v - v is NaN for NaN and +-Inf, and a NaN survives the sum
+  T poison = a.net.weights[lay.poison_offset()];
   compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
   const T* out_w = w + lay.out_weight_offset();
   T out = w[lay.out_bias_offset()];
@@ -81,7 +84,10 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
     }
     // all old h first: the in-place step overwrites them unit by unit below
 #pragma unroll
-    for (int k = 0; k < H; ++k) x[I + k] = load_value<T>(a.state + state_row(lay, l, 0, k) * cols + c);
+    for (int k = 0; k < H; ++k) {
+      x[I + k] = load_value<T>(a.state + state_row(lay, l, 0, k) * cols + c);
+      poison += x[I + k] - x[I + k];
+    }
     const T* w_l = w + lay.layer_offset(l);
     const T* b_l = w + lay.bias_offset(l);
     // not unrolled: the unit loop body is the kernel's hot code, unrolled 20x it would not fit the
@@ -89,6 +95,7 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
 #pragma unroll 1
     for (int u = 0; u < H; ++u) {
       const T c_old = load_value<T>(a.state + state_row(lay, l, 1, u) * cols + c);
+      poison += c_old - c_old;
       const Quad<T> z = gate_preactivations<Dims>(w_l + int64_t(u) * K * 4, b_l + 4 * u, x, K);
       T i, f, gg, o, c_new, tanh_c, h;
       cell_forward<Activations<T>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
@@ -98,7 +105,11 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
       store_value(a.new_state + state_row(lay, l, 1, u) * cols + c, c_new);
     }
   }
-  const T update = out * a.net.output_scale;
+  T update = out * a.net.output_scale;
+  if (poison != poison) {  // poisoned: NaN update and new state (every state value has been read by now)
+    update = poison;
+    for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) store_value(a.new_state + r * cols + c, poison);
+  }
   if (a.update) a.update[c] = update;
   if (slot.param) store_elem(slot.param, slot.param_type, j, load_elem<T>(slot.param, slot.param_type, j) + update);
 }

@@ -59,7 +59,7 @@ at::Tensor device_packed_weights(at::TensorList weights, const PackedLayout& lay
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in, at::TensorList weights,
                                              double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features);
+  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features, preprocess_p, output_scale);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features) {
   const PackedLayout layout =
-      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features);
+      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features, preprocess_p,
+                          output_scale);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
 template <class Launcher>
 void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
                 double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features);
+  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features, preprocess_p, output_scale);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const int64_t n = grad_in.size(0);
@@ -181,7 +182,8 @@ void multi_step_launches(const std::vector<at::Tensor>& params, const std::vecto
 template <class Launcher>
 void lstm_multi_step_(at::TensorList params_in, at::TensorList grads_in, at::Tensor state, at::TensorList weights,
                       double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_multi_step_args(params_in, grads_in, state, weights, features);
+  const PackedLayout layout =
+      check_multi_step_args(params_in, grads_in, state, weights, features, preprocess_p, output_scale);
   check_hidden_supported(layout);
   if (state.size(3) == 0) return;
   const at::OptionalDeviceGuard guard(at::device_of(state));

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <vector>
 
 #include "lstm_layout.h"
@@ -11,7 +12,8 @@
 namespace l2l_fast {
 namespace cuda {
 
-// weights (torch.nn.LSTM + Linear order, checked) -> packed [layout.size()] on their device.
+// weights (torch.nn.LSTM + Linear order, checked) -> packed [layout.size() + 1] on their device (the
+// poison flag last).
 inline at::Tensor pack_weights_on_device(at::TensorList weights, const PackedLayout& layout) {
   const int64_t H = layout.hidden;
   std::vector<at::Tensor> parts;
@@ -25,8 +27,12 @@ inline at::Tensor pack_weights_on_device(at::TensorList weights, const PackedLay
   }
   parts.push_back(weights[4 * layout.layers].detach().reshape({-1}));
   parts.push_back(weights[4 * layout.layers + 1].detach().reshape({-1}));
+  // the poison flag (lstm_layout.h), decided on the device: no host synchronisation, capturable
+  at::Tensor values = at::cat(parts);
+  const at::Tensor nan = at::full({1}, std::numeric_limits<double>::quiet_NaN(), values.options());
+  parts = {values, at::where(at::isfinite(values).all(), at::zeros({1}, values.options()), nan)};
   at::Tensor packed = at::cat(parts).contiguous();
-  TORCH_INTERNAL_ASSERT(packed.numel() == layout.size());
+  TORCH_INTERNAL_ASSERT(packed.numel() == layout.size() + 1);
   return packed;
 }
 

@@ -1,0 +1,262 @@
+"""The non-finite values policy (README "Non-finite values", l2l_fast/reference.py's docstring), the same on
+every instruction set and dtype as in the reference:
+
+1. a coordinate with a NaN/+-Inf gradient: update 0, state kept bit for bit; backward identity for its state,
+   0 for its gradient input, nothing into the weight gradients;
+2. a coordinate with a finite gradient and any non-finite state value, or any non-finite weight ("poisoned"):
+   NaN update and NaN new state; backward NaN d grad, d state and weight gradients.
+
+Hypothesis injects NaN / +Inf / -Inf at random positions of the gradient, the state and the weights; the NaN
+(and Inf) pattern of every output must equal the reference's exactly, the finite values within
+tests/tolerances.py. Also: preprocess_p / output_scale out of range give a ValueError on every front.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import available_cpu_isas, generator, random_weights, requires_native, step_grads
+from l2l_fast import CoordinatewiseLSTM, checks, ops, reference
+from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale
+
+ISAS = available_cpu_isas()
+DTYPES = [torch.float32, torch.float64]
+BAD = [math.nan, math.inf, -math.inf]
+fixture_settings = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+
+
+@st.composite
+def problems(draw):
+    return dict(
+        n=draw(st.integers(1, 40)),
+        hidden=draw(st.integers(1, 6)),
+        layers=draw(st.integers(1, 3)),
+        bad_grads=draw(st.integers(0, 4)),
+        bad_states=draw(st.integers(0, 4)),
+        bad_weight=draw(st.sampled_from([None, None, None, *BAD])),
+        kind=draw(st.sampled_from(["init", "random"])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def make_inputs(pr, dtype):
+    """grad [n], state [L, 2, H, n], weights, upstream (u, s): float64 values rounded to `dtype`, with
+    non-finite values injected at random positions."""
+    gen = generator(pr["seed"])
+    n, H, L = pr["n"], pr["hidden"], pr["layers"]
+    grad = torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-6, 3, (n,), generator=gen)
+    state = torch.randn(L, 2, H, n, generator=gen, dtype=torch.float64)
+    weights = random_weights(H, L, gen=gen, kind=pr["kind"])
+
+    def pick_bad():
+        return BAD[int(torch.randint(0, 3, (1,), generator=gen))]
+
+    for _ in range(pr["bad_grads"]):
+        grad[int(torch.randint(0, n, (1,), generator=gen))] = pick_bad()
+    flat = state.view(-1)
+    for _ in range(pr["bad_states"]):
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = pick_bad()
+    if pr["bad_weight"] is not None:
+        w = weights[int(torch.randint(0, len(weights), (1,), generator=gen))].view(-1)
+        w[int(torch.randint(0, w.numel(), (1,), generator=gen))] = pr["bad_weight"]
+    up_u = torch.randn(n, generator=gen, dtype=torch.float64)
+    up_s = torch.randn(L, 2, H, n, generator=gen, dtype=torch.float64)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return cast(grad), cast(state), [cast(w) for w in weights], cast(up_u), cast(up_s)
+
+
+def expected_poisoned(grad, state, weights):
+    sound = torch.isfinite(state).flatten(0, 2).all(0) & all(bool(torch.isfinite(w).all()) for w in weights)
+    return torch.isfinite(grad) & ~sound
+
+
+def bits(t):
+    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
+def assert_same_pattern(actual, expected, name):
+    """Same NaN positions, same +-Inf positions (and signs); the finite entries are returned for comparison."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), (
+        f"{name}: NaN at {torch.nonzero(torch.isnan(a) != torch.isnan(e))[:5].tolist()} differs from the reference")
+    assert torch.equal(torch.isposinf(a), torch.isposinf(e)) and torch.equal(torch.isneginf(a), torch.isneginf(e)), (
+        f"{name}: +-Inf positions differ from the reference")
+    keep = torch.isfinite(e)
+    return a[keep], e[keep], keep
+
+
+def check_rule_1(grad, state, update, new_state, up_s=None, d_grad=None, d_state=None):
+    bad = ~torch.isfinite(grad)
+    assert torch.all(update[bad] == 0), "update of a non-finite gradient is not 0"
+    assert torch.equal(bits(new_state[..., bad]), bits(state[..., bad])), "state of a non-finite gradient changed"
+    if d_grad is not None:
+        assert torch.all(d_grad[bad] == 0)
+        assert torch.equal(bits(d_state[..., bad]), bits(up_s[..., bad]))
+
+
+def sanitized(t):
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
+@fixture_settings
+@given(pr=problems())
+def test_lstm_step_and_backward(cpu_isa, dtype, pr):
+    grad, state, weights, up_u, up_s = make_inputs(pr, dtype)
+    p, scale = 10.0, 0.1
+    native = lambda *a: ops.lstm_step(*a)  # noqa: E731
+    got = step_grads(native, grad, state, weights, p, scale, up_u, up_s)
+    ref64 = step_grads(reference.lstm_step, grad.double(), state.double(), [w.double() for w in weights], p, scale,
+                       up_u.double(), up_s.double())
+    poisoned = expected_poisoned(grad, state, weights)
+    assert torch.isnan(got[0][poisoned]).all() and torch.isnan(got[1][..., poisoned]).all()
+    check_rule_1(grad, state, got[0], got[1], up_s, got[2], got[3])
+    weights_ok = all(bool(torch.isfinite(w).all()) for w in weights)
+    scales = [None, None, None, None]
+    if weights_ok:
+        s_grad, s_state, s_weights = backward_error_scale(grad, sanitized(state), weights, p, scale, up_u, up_s)
+        scales = [None, None, s_grad, s_state]
+    for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref64[:4], scales):
+        fa, fe, keep = assert_same_pattern(a, e, name)
+        assert_elementwise_close(fa, fe, dtype, name, None if es is None or dtype != torch.float64 else es[keep])
+    if poisoned.any():
+        for k, (a, e) in enumerate(zip(got[4], ref64[4])):
+            assert torch.isnan(a).all() and torch.isnan(e).all(), f"d_weights[{k}]: expected all NaN"
+    elif weights_ok:
+        ref32 = None
+        if dtype == torch.float32:
+            ref32 = step_grads(reference.lstm_step, grad, state, weights, p, scale, up_u, up_s)[4]
+        assert_weight_grads_close(got[4], ref64[4], dtype, ref_same_dtype=ref32,
+                                  error_scale=s_weights if dtype == torch.float64 else None)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
+@fixture_settings
+@given(pr=problems())
+def test_lstm_step_inplace(cpu_isa, dtype, pr):
+    grad, state, weights, _, _ = make_inputs(pr, dtype)
+    param = torch.randn(grad.shape[0], generator=generator(pr["seed"] + 1), dtype=dtype)
+    p_ref, s_ref = param.double().clone(), state.double().clone()
+    with torch.no_grad():
+        reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1)
+    p_got, s_got = param.clone(), state.clone()
+    ops.lstm_step_(p_got, grad, s_got, weights, 10.0, 0.1)
+    bad = ~torch.isfinite(grad)
+    assert torch.equal(bits(p_got[bad]), bits(param[bad])) and torch.equal(bits(s_got[..., bad]), bits(state[..., bad]))
+    for name, a, e in (("param", p_got, p_ref), ("state", s_got, s_ref)):
+        fa, fe, _ = assert_same_pattern(a, e, name)
+        assert_elementwise_close(fa, fe, dtype, name)
+    poisoned = expected_poisoned(grad, state, weights)
+    assert torch.isnan(p_got[poisoned]).all() and torch.isnan(s_got[..., poisoned]).all()
+
+
+@requires_native
+@pytest.mark.parametrize("state_dtype", ["math", torch.bfloat16], ids=["state_math", "state_bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
+@fixture_settings
+@given(pr=problems(), split=st.floats(0.0, 1.0))
+def test_lstm_multi_step(cpu_isa, dtype, state_dtype, pr, split):
+    grad, state, weights, _, _ = make_inputs(pr, dtype)
+    n = grad.shape[0]
+    state = state.to(dtype if state_dtype == "math" else state_dtype)
+    param = torch.randn(n, generator=generator(pr["seed"] + 1), dtype=dtype)
+    cut = int(split * n)
+    sizes = [cut, n - cut]
+    p_ref, s_ref = param.clone(), state.clone()
+    with torch.no_grad():
+        reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s_ref, weights, 10.0, 0.1)
+    p_got, s_got = param.clone(), state.clone()
+    ops.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s_got, weights, 10.0, 0.1)
+    bad = ~torch.isfinite(grad)
+    assert torch.equal(p_got[bad].view(torch.uint8), param[bad].view(torch.uint8))
+    kept, old = s_got[..., bad], state[..., bad]
+    if state.dtype == torch.bfloat16:  # a bfloat16 state goes through float: NaN payloads become 0x7FC0 (as in
+        # the reference's rounding), everything else is kept bit for bit
+        assert torch.equal(torch.isnan(kept), torch.isnan(old))
+        kept, old = kept[~torch.isnan(old)], old[~torch.isnan(old)]
+    assert torch.equal(kept.view(torch.uint8), old.view(torch.uint8))
+    for name, a, e in (("param", p_got, p_ref), ("state", s_got, s_ref)):
+        fa, fe, _ = assert_same_pattern(a, e, name)
+        if a.dtype == torch.bfloat16 and fe.numel():
+            torch.testing.assert_close(fa, fe, rtol=2**-7, atol=2**-7 * max(fe.abs().max().item(), 1e-30))
+        else:
+            assert_elementwise_close(fa, fe, dtype, name)
+    poisoned = expected_poisoned(grad, state.to(dtype), weights)
+    assert torch.isnan(p_got[poisoned]).all() and torch.isnan(s_got[..., poisoned].double()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess_p and output_scale: a ValueError naming the argument on every front
+BAD_CONSTANTS = [("preprocess_p", dict(p=v)) for v in (math.nan, math.inf, -math.inf, 0.0, -1.0, 87.5, 1e300)] + [
+    ("output_scale", dict(scale=v)) for v in (math.nan, math.inf, -math.inf)]
+CONSTANT_IDS = [f"{name}={next(iter(kw.values()))}" for name, kw in BAD_CONSTANTS]
+
+
+def small_problem(device="cpu"):
+    gen = generator(7)
+    weights = [w.float().to(device) for w in random_weights(3, 2, gen=gen)]
+    grad = torch.randn(5, generator=gen).to(device)
+    state = torch.randn(2, 2, 3, 5, generator=gen).to(device)
+    return grad, state, weights
+
+
+def _fronts(p, scale, device):
+    grad, state, weights = small_problem(device)
+    param = torch.zeros_like(grad)
+    return {
+        "lstm_step": lambda: torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale, 1),
+        "lstm_step_backward": lambda: torch.ops.l2l_fast.lstm_step_backward(grad, state, grad, state, weights, p,
+                                                                             scale, 1),
+        "lstm_step_": lambda: torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale, 1),
+        "lstm_multi_step_": lambda: torch.ops.l2l_fast.lstm_multi_step_([param], [grad], state, weights, p, scale, 1),
+    }
+
+
+@requires_native
+@pytest.mark.parametrize("device", ["cpu", "meta"], ids=["cpp_validators", "fake_kernels"])
+@pytest.mark.parametrize("name,kw", BAD_CONSTANTS, ids=CONSTANT_IDS)
+def test_bad_constants_ops(name, kw, device):
+    p, scale = kw.get("p", 10.0), kw.get("scale", 0.1)
+    for op, call in _fronts(p, scale, device).items():
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            call()
+
+
+@pytest.mark.parametrize("name,kw", BAD_CONSTANTS, ids=CONSTANT_IDS)
+def test_bad_constants_python(name, kw):
+    p, scale = kw.get("p", 10.0), kw.get("scale", 0.1)
+    grad, state, weights = small_problem()
+    param = torch.zeros_like(grad)
+    calls = [
+        lambda: checks.check_step_args(grad, state, weights, 1, p, scale),
+        lambda: checks.check_backward_args(grad, state, grad, state, weights, 1, p, scale),
+        lambda: checks.check_inplace_args(param, grad, state, weights, 1, p, scale),
+        lambda: checks.check_multi_step_args([param], [grad], state, weights, 1, p, scale),
+        lambda: reference.lstm_step(grad, state, weights, p, scale),
+        lambda: reference.lstm_step_(param, grad, state, weights, p, scale),
+        lambda: reference.lstm_multi_step_([param], [grad], state, weights, p, scale),
+        lambda: CoordinatewiseLSTM(3, 2, preprocess_p=p, output_scale=scale),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            call()
+
+
+def test_constants_in_range_accepted():
+    grad, state, weights = small_problem()
+    for p in (1e-3, 87.0):
+        update, _ = reference.lstm_step(grad, state, weights, p, -2.0)
+        assert torch.isfinite(update).all()
+        CoordinatewiseLSTM(3, 2, preprocess_p=p, output_scale=-2.0)
+        if ops.HAS_NATIVE:
+            native, _ = torch.ops.l2l_fast.lstm_step(grad, state, weights, p, -2.0, 1)
+            assert torch.isfinite(native).all()
