@@ -67,7 +67,8 @@ def plot_suite(result: SuiteResult, path, columns: int = 3) -> None:
     n = len(result.entries)
     columns = min(columns, n)
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False,
+                             layout="constrained")  # constrained: the suptitle gets its own room
     for ax, entry_result in zip(axes.flat, result.entries):
         for name, run in entry_result.runs.items():
             mean = run.losses.double().mean(1)
@@ -84,7 +85,6 @@ def plot_suite(result: SuiteResult, path, columns: int = 3) -> None:
         ax.set_visible(False)
     problems = result.settings["problems"]
     fig.suptitle(f"suite {result.suite.name}: mean loss over {problems} test problems", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
