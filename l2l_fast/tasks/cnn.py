@@ -10,22 +10,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..argtypes import positive_int
-from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
+from .base import Task, check_split
 from .datasets import IMAGES, source
-from .layout import WEIGHT_INITS, Entry, Layout
-from .mlp import DATASET_OPTION, IMAGE_SIZE_OPTION, NONLINEARITIES, NONLINEARITY_OPTION, WEIGHT_INIT_OPTION, check_options
+from .layout import Entry, LayoutBatch
+from .mlp import (DATASET_OPTION, IMAGE_SIZE_OPTION, NONLINEARITIES, NONLINEARITY_OPTION, WEIGHT_INIT_OPTION,
+                  check_family, check_options)
 from .registry import TaskOption, register_task
 
 _SPLIT_SALT = {"train": 50, "val": 51, "test": 52}
 KERNEL = 3
 
 
-class CNNFamilyBatch(ProblemBatch):
+class CNNFamilyBatch(LayoutBatch):
     def __init__(self, data, channels: tuple[int, ...], nonlinearity: str, weight_init: str, batch_size: int,
                  num_problems: int, seed: int, salt: int):
-        self.data, self.channels, self.batch_size = data, channels, batch_size
-        self.activation = NONLINEARITIES[nonlinearity]
-        self.weight_init, self.num_problems, self.seed, self.salt = weight_init, num_problems, seed, salt
+        self.channels = channels
         in_channels, side = data.x.shape[1], data.x.shape[2]
         entries = []
         for layer, out_channels in enumerate(channels):
@@ -37,12 +36,7 @@ class CNNFamilyBatch(ProblemBatch):
             raise ValueError(f"channels: {len(channels)} conv layers pool a {data.x.shape[2]}-pixel image to nothing")
         features = in_channels * side * side
         entries += [Entry("fc.weight", (features, data.outputs), features), Entry("fc.bias", (data.outputs,), features)]
-        self.layout = Layout(entries)
-        self.dim = self.layout.dim
-        self.groups = [ParamGroup("all", 0, self.dim)]
-
-    def init_params(self) -> Tensor:
-        return self.layout.init(self.num_problems, self.weight_init, seeded(self.seed, self.salt, 1))
+        self._set_up(data, entries, NONLINEARITIES[nonlinearity], weight_init, batch_size, num_problems, seed, salt)
 
     def forward(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, C, S, S] -> logits [P, B, classes]."""
@@ -57,10 +51,6 @@ class CNNFamilyBatch(ProblemBatch):
         h = h.reshape(B, P, -1).transpose(0, 1)  # [P, B, features]
         return torch.baddbmm(named["fc.bias"].unsqueeze(1), h, named["fc.weight"])
 
-    def loss(self, params: Tensor, step: int) -> Tensor:
-        x, labels = self.data.batch(step, self.num_problems, self.batch_size)
-        return self.data.loss(self.forward(params, x), labels)
-
 
 @register_task("cnn", needs_data=True, help="a small CNN on 8x8 digits or downsampled MNIST", options=[
     DATASET_OPTION, TaskOption("channels", positive_int, "channels of each 3x3 conv layer", nargs="+", label=True),
@@ -69,10 +59,7 @@ class CNNTask(Task):
     def __init__(self, dataset: str = "digits", channels=(8, 8), nonlinearity: str = "relu",
                  weight_init: str = "default", image_size: int = 14, batch_size: int = 64, data_dir=None):
         check_options(dataset, image_size, IMAGES)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity: expected one of {tuple(NONLINEARITIES)}, got {nonlinearity!r}")
-        if weight_init not in WEIGHT_INITS:
-            raise ValueError(f"weight_init: expected one of {WEIGHT_INITS}, got {weight_init!r}")
+        check_family(nonlinearity, weight_init)
         channels = tuple(int(c) for c in channels)
         kwargs = {"dataset": dataset, "channels": channels, "nonlinearity": nonlinearity, "weight_init": weight_init,
                   "image_size": image_size, "batch_size": batch_size}

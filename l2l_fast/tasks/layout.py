@@ -1,5 +1,5 @@
-"""The parameters of one problem as named tensors laid end to end in a row of params [P, D], and their
-initialisations: PyTorch's defaults or the paper's small Gaussian."""
+"""The parameters of one problem as named tensors laid end to end in a row of params [P, D], their
+initialisations (PyTorch's defaults or the paper's small Gaussian), and the batch of problems built on them."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .base import ParamGroup, ProblemBatch, seeded
 
 WEIGHT_INITS = ("default", "small")
 
@@ -46,3 +48,27 @@ class Layout:
             raise ValueError(f"weight_init: expected one of {WEIGHT_INITS}, got {scheme!r}")
         bounds = torch.cat([torch.full((e.size,), 1.0 / math.sqrt(e.fan_in)) for e in self.entries])
         return (torch.rand(num_problems, self.dim, generator=generator) * 2 - 1) * bounds
+
+
+class LayoutBatch(ProblemBatch):
+    """P problems whose parameters follow one Layout, drawn by `weight_init` from (seed, salt), each minimising
+    the data source's loss of `forward(params, x)` on its minibatch of every step. Subclasses call
+    `_set_up` and give `forward(params [P, D], x) -> outputs`."""
+
+    def _set_up(self, data, entries: list[Entry], activation, weight_init: str, batch_size: int, num_problems: int,
+                seed: int, salt: int) -> None:
+        self.data, self.activation, self.batch_size = data, activation, batch_size
+        self.weight_init, self.num_problems, self.seed, self.salt = weight_init, num_problems, seed, salt
+        self.layout = Layout(entries)
+        self.dim = self.layout.dim
+        self.groups = [ParamGroup("all", 0, self.dim)]
+
+    def init_params(self) -> Tensor:
+        return self.layout.init(self.num_problems, self.weight_init, seeded(self.seed, self.salt, 1))
+
+    def forward(self, params: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, params: Tensor, step: int) -> Tensor:
+        x, target = self.data.batch(step, self.num_problems, self.batch_size)
+        return self.data.loss(self.forward(params, x), target)

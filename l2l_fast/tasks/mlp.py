@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..argtypes import positive_int
-from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
+from .base import Task, check_split
 from .datasets import DATASETS, IMAGE_SIZES, check_dataset, source
-from .layout import WEIGHT_INITS, Entry, Layout
+from .layout import WEIGHT_INITS, Entry, LayoutBatch
 from .registry import TaskOption, register_task
 
 NONLINEARITIES = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
@@ -36,25 +36,24 @@ def check_options(dataset: str, image_size: int, datasets=DATASETS) -> None:
         raise ValueError(f"image_size: expected one of {IMAGE_SIZES}, got {image_size!r}")
 
 
-class MLPFamilyBatch(ProblemBatch):
+def check_family(nonlinearity: str, weight_init: str) -> None:
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity: expected one of {tuple(NONLINEARITIES)}, got {nonlinearity!r}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init: expected one of {WEIGHT_INITS}, got {weight_init!r}")
+
+
+class MLPFamilyBatch(LayoutBatch):
     """P MLPs of one shape: params [P, D]; hidden () is a linear model (logistic regression)."""
 
     def __init__(self, data, hidden: tuple[int, ...], nonlinearity: str, weight_init: str, batch_size: int,
                  num_problems: int, seed: int, salt: int):
-        self.data, self.batch_size = data, batch_size
-        self.activation = NONLINEARITIES[nonlinearity]
-        self.weight_init, self.num_problems, self.seed, self.salt = weight_init, num_problems, seed, salt
         sizes = [data.features, *hidden, data.outputs]
         self.shapes = list(zip(sizes[:-1], sizes[1:]))
         entries = []
         for layer, (fan_in, fan_out) in enumerate(self.shapes):
             entries += [Entry(f"{layer}.weight", (fan_in, fan_out), fan_in), Entry(f"{layer}.bias", (fan_out,), fan_in)]
-        self.layout = Layout(entries)
-        self.dim = self.layout.dim
-        self.groups = [ParamGroup("all", 0, self.dim)]
-
-    def init_params(self) -> Tensor:
-        return self.layout.init(self.num_problems, self.weight_init, seeded(self.seed, self.salt, 1))
+        self._set_up(data, entries, NONLINEARITIES[nonlinearity], weight_init, batch_size, num_problems, seed, salt)
 
     def forward(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, features] -> outputs [P, B, outputs]."""
@@ -65,10 +64,6 @@ class MLPFamilyBatch(ProblemBatch):
                 x = self.activation(x)
         return x
 
-    def loss(self, params: Tensor, step: int) -> Tensor:
-        x, target = self.data.batch(step, self.num_problems, self.batch_size)
-        return self.data.loss(self.forward(params, x), target)
-
 
 @register_task("mlp", needs_data=True, help="an MLP of any width, depth and activation on MNIST, scikit-learn's "
                "datasets or a random teacher", options=[
@@ -77,10 +72,7 @@ class MLPFamilyBatch(ProblemBatch):
 class MLPTask(Task):
     def __init__(self, dataset: str = "digits", hidden=(20,), nonlinearity: str = "sigmoid",
                  weight_init: str = "default", image_size: int = 14, batch_size: int = 64, data_dir=None):
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity: expected one of {tuple(NONLINEARITIES)}, got {nonlinearity!r}")
-        if weight_init not in WEIGHT_INITS:
-            raise ValueError(f"weight_init: expected one of {WEIGHT_INITS}, got {weight_init!r}")
+        check_family(nonlinearity, weight_init)
         hidden = tuple(int(h) for h in hidden)
         kwargs = {"dataset": dataset, "hidden": hidden, "nonlinearity": nonlinearity, "weight_init": weight_init,
                   "image_size": image_size, "batch_size": batch_size}
