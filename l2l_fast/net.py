@@ -115,8 +115,8 @@ class CoordinatewiseLSTM(nn.Module):
                            dtype=dtype or weight.dtype)
 
     def weights_for(self, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-        """The weights (op order) on `device` in `dtype`, detached: the net's own tensors when they already
-        are, else converted copies kept until a weight changes (its version or storage), so that the ops'
+        """The weights (op order) on `device` in `dtype`: the net's own tensors when they already are, else
+        detached converted copies kept until a weight changes (its version or storage), so that the ops'
         packed-weight cache sees the same tensors on every step of one weight version."""
         weights = self.weights()
         if all(w.device == device and w.dtype == dtype for w in weights):
