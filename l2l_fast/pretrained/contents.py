@@ -15,11 +15,11 @@ one-line reason, to which the loader adds the file's name.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_constants
 from ..files import FORMAT as RUN_FORMAT, CheckpointError, load_error_reason, verified_body
 
 FORMAT = "l2l_fast.pretrained.v2"
@@ -27,9 +27,6 @@ REQUIRED_NET_KWARGS = ("hidden_size", "num_layers", "preprocess_p", "output_scal
 # Passed on to CoordinatewiseLSTM, whose constructor validates them (`features` is being added to it).
 OPTIONAL_NET_KWARGS = ("features",)
 NET_KWARGS = REQUIRED_NET_KWARGS + OPTIONAL_NET_KWARGS
-# The kernels scale by e^p and compare with e^-p in float32: both must be normal numbers
-# (e^87 = 6.1e37 < 3.4e38, e^-87 = 1.6e-38 > 1.18e-38).
-MAX_PREPROCESS_P = 87.0
 
 
 class Invalid(ValueError):
@@ -84,12 +81,13 @@ def check_part(kwargs, state, group: str | None = None) -> None:
     for key in ("hidden_size", "num_layers"):
         if not (_is_int(kwargs[key]) and kwargs[key] >= 1):
             raise Invalid(f"{at}{key}: expected a positive int, got {kwargs[key]!r}")
-    p = kwargs["preprocess_p"]
-    if not (_is_real(p) and 0 < p <= MAX_PREPROCESS_P):
-        raise Invalid(f"{at}preprocess_p: expected a finite number in (0, {MAX_PREPROCESS_P:g}] (e^p and e^-p must "
-                      f"be normal float32 numbers), got {p!r}")
-    if not (_is_real(kwargs["output_scale"]) and math.isfinite(kwargs["output_scale"])):
-        raise Invalid(f"{at}output_scale: expected a finite number, got {kwargs['output_scale']!r}")
+    for key in ("preprocess_p", "output_scale"):  # numbers first: check_constants converts with float()
+        if not _is_number(kwargs[key]):
+            raise Invalid(f"{at}{key}: expected a finite number, got {kwargs[key]!r}")
+    try:  # the ranges the ops, the reference and the net enforce
+        check_constants(kwargs["preprocess_p"], kwargs["output_scale"])
+    except (ValueError, OverflowError) as error:  # OverflowError: an int too large for a float
+        raise Invalid(f"{at}{error}") from error
     if not isinstance(state, dict):
         raise Invalid(f"{at}state_dict is a {type(state).__name__}, not a dict")
     for name, value in state.items():
@@ -109,8 +107,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _entry(payload: dict, key: str, where: str = ""):
