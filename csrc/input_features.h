@@ -10,8 +10,8 @@
 //
 // Adding a feature computed from what the ops receive: a struct like PaperFeature below, appended
 // to Features, and its entry in l2l_fast/features.py (with a new Math helper, if it needs one, in
-// ScalarMath and VecMath). A feature reading a new per-coordinate tensor (a running second moment
-// kept by the optimizer, say) adds a field to CoordinateInputs and that tensor to the ops.
+// ScalarMath and VecMath). Features may read the running moments (kReadsMoments; CoordinateInputs' m, v,
+// t), which the ops take as one optional [3, n] tensor.
 #pragma once
 #include <array>
 #include <cmath>
@@ -24,6 +24,10 @@ namespace l2l_fast {
 
 L2L_HD float log_of(float x) { return logf(x); }
 L2L_HD double log_of(double x) { return log(x); }
+L2L_HD float exp_of(float x) { return expf(x); }
+L2L_HD double exp_of(double x) { return exp(x); }
+L2L_HD float sqrt_of(float x) { return sqrtf(x); }
+L2L_HD double sqrt_of(double x) { return sqrt(x); }
 
 // Elementwise helpers of a scalar number type; the CPU kernels bring their own for vectors.
 template <typename T>
@@ -34,19 +38,37 @@ struct ScalarMath {
   L2L_HD static T select(bool m, T a, T b) { return m ? a : b; }
   L2L_HD static T log(T x) { return log_of(x); }
   L2L_HD static T sign(T x) { return x > 0 ? T(1) : (x < 0 ? T(-1) : T(0)); }
+  L2L_HD static T exp(T x) { return exp_of(x); }
+  L2L_HD static T sqrt(T x) { return sqrt_of(x); }
+  L2L_HD static T max(T a, T b) { return a > b ? a : b; }
 };
 
+// Per-coordinate running moments, kept by the optimizer for the features that read them (kReadsMoments):
+// one tensor [3, n] in the math dtype, row 0 m (moving average of g), row 1 v (of g^2), row 2 t (the
+// steps taken, for the bias correction); 3 values per coordinate (12 bytes in float32). Zeros to start.
+// The in-place ops advance them (advance_moments) before computing the features; the functional ops
+// (lstm_step and its backward) receive them already advanced and treat them as data (no gradient).
+// Decays are RNNprop's (Lv et al. 2017), constants of every net that reads moments.
+constexpr int kMomentRows = 3;
+constexpr double kMomentBeta1 = 0.95;  // m
+constexpr double kMomentBeta2 = 0.95;  // v
+constexpr double kMomentEps = 1e-8;    // g / (sqrt(v_hat) + eps)
+
 // What an op receives for one coordinate. The kernels pass finite values only: a coordinate whose
-// gradient is NaN or +-Inf is masked before its features are computed (it keeps its state).
+// gradient is NaN or +-Inf is masked before its features are computed (it keeps its state and moments).
+// m, v, t are zero unless the features read moments.
 template <typename V>
 struct CoordinateInputs {
   V grad;  // the optimizee's gradient
+  V m;     // the moments, advanced with this step's gradient
+  V v;
+  V t;
 };
 
 // d loss / d inputs is shaped like the inputs; features add their parts.
 template <typename V>
 L2L_HD CoordinateInputs<V> operator+(const CoordinateInputs<V>& a, const CoordinateInputs<V>& b) {
-  return CoordinateInputs<V>{a.grad + b.grad};
+  return CoordinateInputs<V>{a.grad + b.grad, a.m + b.m, a.v + b.v, a.t + b.t};
 }
 
 // Constants of a call, in the arithmetic type T, computed once on the host.
@@ -55,6 +77,9 @@ struct FeatureConstants {
   T preprocess_p;  // p of the paper's preprocessing
   T exp_minus_p;   // e^-p
   T exp_p;         // e^p
+  T beta1, beta2;          // the moments' decays
+  T log_beta1, log_beta2;  // their logs: the bias corrections 1 - beta^t = 1 - e^(t log beta)
+  T eps;
 };
 
 template <typename T>
@@ -63,7 +88,21 @@ inline FeatureConstants<T> make_feature_constants(double preprocess_p) {
   c.preprocess_p = T(preprocess_p);
   c.exp_minus_p = std::exp(-c.preprocess_p);  // in T, as the kernels have always computed them
   c.exp_p = std::exp(c.preprocess_p);
+  c.beta1 = T(kMomentBeta1);
+  c.beta2 = T(kMomentBeta2);
+  c.log_beta1 = T(std::log(kMomentBeta1));
+  c.log_beta2 = T(std::log(kMomentBeta2));
+  c.eps = T(kMomentEps);
   return c;
+}
+
+// The moments after a step with gradient in.grad (finite): m, v moving averages, t + 1. The caller keeps
+// the old moments of a coordinate whose gradient is not finite.
+template <typename Math, typename V, typename T>
+L2L_HD void advance_moments(CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
+  in.m = c.beta1 * in.m + (T(1) - c.beta1) * in.grad;
+  in.v = c.beta2 * in.v + (T(1) - c.beta2) * (in.grad * in.grad);
+  in.t = in.t + T(1);
 }
 
 // Appendix A of the paper: |g| >= e^-p -> (log|g| / p, sign g); else (-1, e^p g).
@@ -71,6 +110,7 @@ struct PaperFeature {
   static constexpr uint32_t kBit = 1u << 0;
   static constexpr int kWidth = 2;
   static constexpr const char* kName = "paper";
+  static constexpr bool kReadsMoments = false;
 
   template <typename Math, typename V, typename T>
   L2L_HD static void forward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
@@ -85,15 +125,48 @@ struct PaperFeature {
   L2L_HD static CoordinateInputs<V> backward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c,
                                              const V* dx) {
     const V g = in.grad;
-    return CoordinateInputs<V>{Math::select(Math::abs(g) >= c.exp_minus_p, dx[0] / (g * c.preprocess_p),
-                                            dx[1] * c.exp_p)};
+    CoordinateInputs<V> d{};
+    d.grad = Math::select(Math::abs(g) >= c.exp_minus_p, dx[0] / (g * c.preprocess_p), dx[1] * c.exp_p);
+    return d;
+  }
+};
+
+// Scale-free inputs of RNNprop (Lv et al. 2017): (g, m_hat) / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t),
+// v_hat = v / (1 - beta2^t) from the moments advanced with this g; t below 1 counts as 1. The moments are
+// data: only g / (sqrt(v_hat) + eps) has a derivative, in g.
+struct MomentFeature {
+  static constexpr uint32_t kBit = 1u << 1;
+  static constexpr int kWidth = 2;
+  static constexpr const char* kName = "moments";
+  static constexpr bool kReadsMoments = true;
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static V inverse_scale(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
+    const V v_hat = in.v / (T(1) - Math::exp(Math::max(in.t, Math::splat(T(1))) * c.log_beta2));
+    return T(1) / (Math::sqrt(v_hat) + c.eps);
+  }
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static void forward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
+    const V inv = inverse_scale<Math>(in, c);
+    const V m_hat = in.m / (T(1) - Math::exp(Math::max(in.t, Math::splat(T(1))) * c.log_beta1));
+    x[0] = in.grad * inv;
+    x[1] = m_hat * inv;
+  }
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static CoordinateInputs<V> backward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c,
+                                             const V* dx) {
+    CoordinateInputs<V> d{};
+    d.grad = dx[0] * inverse_scale<Math>(in, c);
+    return d;
   }
 };
 
 // Every feature, in bit order (the first has bit 1 << 0, the next 1 << 1, ...).
 template <typename... F>
 struct FeatureList {};
-using Features = FeatureList<PaperFeature>;
+using Features = FeatureList<PaperFeature, MomentFeature>;
 
 // The paper's set: the default of every op, net and file saved without a feature mask.
 constexpr uint32_t kDefaultFeatures = PaperFeature::kBit;
@@ -106,10 +179,16 @@ L2L_HD constexpr int width_of(FeatureList<F...>, uint32_t mask) {
 }
 template <typename... F>
 constexpr int count_of(FeatureList<F...>) { return int(sizeof...(F)); }
+template <typename... F>
+L2L_HD constexpr uint32_t moment_bits_of(FeatureList<F...>) { return (0u | ... | (F::kReadsMoments ? F::kBit : 0u)); }
 
 constexpr uint32_t kAllFeatures = bits_of(Features{});
 constexpr int kFeatureCount = count_of(Features{});
 static_assert(kAllFeatures == (1u << kFeatureCount) - 1, "feature bits are 1 << 0, 1 << 1, ... in list order");
+
+// The features that read the moments: a mask with any of them needs the [3, n] moments tensor.
+constexpr uint32_t kMomentFeatures = moment_bits_of(Features{});
+L2L_HD constexpr bool reads_moments(uint32_t mask) { return (mask & kMomentFeatures) != 0; }
 
 // Inputs of the first layer for `mask`.
 L2L_HD constexpr int input_width(uint32_t mask) { return width_of(Features{}, mask); }
@@ -161,7 +240,7 @@ L2L_HD void backward_each(FeatureList<F, Rest...>, uint32_t mask, const Coordina
 template <typename Math, typename V, typename T>
 L2L_HD CoordinateInputs<V> features_backward(uint32_t mask, const CoordinateInputs<V>& in,
                                              const FeatureConstants<T>& c, const V* dx) {
-  CoordinateInputs<V> d{Math::splat(T(0))};
+  CoordinateInputs<V> d{Math::splat(T(0)), Math::splat(T(0)), Math::splat(T(0)), Math::splat(T(0))};
   bool any = false;
   backward_each<Math>(Features{}, mask, in, c, dx, d, any);
   return d;

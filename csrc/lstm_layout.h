@@ -47,6 +47,11 @@ L2L_HD int64_t state_row(const PackedLayout& layout, int l, int which, int u) {
   return (int64_t(l) * 2 + which) * layout.hidden + u;
 }
 
+// How the output layer's value y becomes the update (the ops' `output`): kLinearOutput, scale * y (the
+// paper's), or kTanhOutput, scale * tanh(y): bounded, no step larger than |scale|.
+enum OutputKind : int32_t { kLinearOutput = 0, kTanhOutput = 1 };
+constexpr int kOutputKinds = 2;
+
 // What every kernel of a call needs of the network, on any device: the CPU kernels' StepParams and
 // the CUDA kernels' launch arguments (cuda/kernel_args.h) hold one.
 template <typename T>
@@ -54,17 +59,19 @@ struct NetConstants {
   PackedLayout layout;
   FeatureConstants<T> features;  // the constants of the input features (preprocess_p, e^-p, e^p)
   T output_scale;
+  int32_t output;    // OutputKind
   const T* weights;  // packed, layout.size() + 1 (the poison flag last), on the kernels' device
 };
 
 // The constants of a call in the arithmetic type T, computed on the host once for every device.
 template <typename T>
 inline NetConstants<T> make_net_constants(const PackedLayout& layout, double preprocess_p, double output_scale,
-                                          const T* packed) {
+                                          const T* packed, int64_t output = kLinearOutput) {
   NetConstants<T> net;
   net.layout = layout;
   net.features = make_feature_constants<T>(preprocess_p);
   net.output_scale = T(output_scale);
+  net.output = int32_t(output);
   net.weights = packed;
   return net;
 }
@@ -80,6 +87,11 @@ struct StepParams {
   T* new_state = nullptr;      // [L][2][H][n] or null
   T* update = nullptr;         // [n] or null
   T* param = nullptr;          // [n] or null: param += update
+  // [3][n] (input_features.h) when the features read moments, else null. With new_moments null (the
+  // functional ops) they are this step's, used as they are; else the kernel advances them and writes
+  // new_moments (the in-place ops: the same array).
+  const T* moments = nullptr;
+  T* new_moments = nullptr;
 
   const T* grad_update = nullptr;     // [n]
   const T* grad_new_state = nullptr;  // [L][2][H][n]

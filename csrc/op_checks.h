@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -102,24 +103,56 @@ inline void check_constants(double preprocess_p, double output_scale) {
   TORCH_CHECK_VALUE(std::isfinite(output_scale), "output_scale: expected a finite number, got ", output_scale);
 }
 
+// The ops' `output`: an OutputKind (lstm_layout.h).
+inline void check_output(int64_t output) {
+  TORCH_CHECK_VALUE(output >= 0 && output < kOutputKinds,
+                    "output: expected 0 (update = scale * y, the paper's) or 1 (scale * tanh(y), bounded), got ", output);
+}
+
+// `moments` [3, n] in the math dtype `math` on `device`, given exactly when the features read them.
+inline void check_moments(const std::optional<at::Tensor>& moments, const PackedLayout& layout, int64_t n,
+                          at::ScalarType math, const at::Device& device) {
+  const bool given = moments.has_value() && moments->defined();
+  if (!reads_moments(layout.features)) {
+    TORCH_CHECK_VALUE(!given, "moments: features=", layout.features, " (", feature_names(layout.features),
+                      ") read no moments; pass None");
+    return;
+  }
+  TORCH_CHECK_VALUE(given, "moments: features=", layout.features, " (", feature_names(layout.features),
+                    ") read the running moments: pass a [3, ", n, "] tensor (rows m, v, t; zeros to start)");
+  const at::Tensor& t = *moments;
+  check_dense_real(t, "moments");
+  TORCH_CHECK_TYPE(t.scalar_type() == math, "moments: expected dtype ", math, " (the math dtype), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, "moments: expected a tensor on ", device, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == kMomentRows && t.size(1) == n, "moments: expected shape [",
+                    kMomentRows, ", ", n, "] (rows m, v, t; one column per coordinate), got ", t.sizes(),
+                    " (moments made for another parameter?)");
+}
+
 // ------------------------------------------------------------------------------------------------
 // One validator per op, run by the CPU and the CUDA bindings alike (l2l_fast/checks.py mirrors each for
 // the fake kernels); each returns the weights' layout. Device limits (the CUDA kernels' largest hidden
 // size) are the bindings' own, checked after these.
 
 inline PackedLayout check_step_args(const at::Tensor& grad, const at::Tensor& state, at::TensorList weights,
-                                    int64_t features, double preprocess_p = 10.0, double output_scale = 0.1) {
+                                    int64_t features, double preprocess_p = 10.0, double output_scale = 0.1,
+                                    const std::optional<at::Tensor>& moments = std::nullopt, int64_t output = 0) {
   check_grad(grad);
   const PackedLayout layout = check_weights(weights, grad, "grad", features);
   check_state(state, "state", layout, grad);
   check_constants(preprocess_p, output_scale);
+  check_moments(moments, layout, grad.size(0), grad.scalar_type(), grad.device());
+  check_output(output);
   return layout;
 }
 
 inline PackedLayout check_backward_args(const at::Tensor& grad_update, const at::Tensor& grad_new_state,
                                         const at::Tensor& grad, const at::Tensor& state, at::TensorList weights,
-                                        int64_t features, double preprocess_p = 10.0, double output_scale = 0.1) {
-  const PackedLayout layout = check_step_args(grad, state, weights, features, preprocess_p, output_scale);
+                                        int64_t features, double preprocess_p = 10.0, double output_scale = 0.1,
+                                        const std::optional<at::Tensor>& moments = std::nullopt, int64_t output = 0) {
+  const PackedLayout layout =
+      check_step_args(grad, state, weights, features, preprocess_p, output_scale, moments, output);
   check_per_coordinate(grad_update, "grad_update", grad);
   check_state(grad_new_state, "grad_new_state", layout, grad);
   return layout;
@@ -127,12 +160,18 @@ inline PackedLayout check_backward_args(const at::Tensor& grad_update, const at:
 
 inline PackedLayout check_inplace_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state,
                                        at::TensorList weights, int64_t features, double preprocess_p = 10.0,
-                                       double output_scale = 0.1) {
+                                       double output_scale = 0.1,
+                                       const std::optional<at::Tensor>& moments = std::nullopt, int64_t output = 0) {
   check_grad(grad);
   const PackedLayout layout = check_weights(weights, grad, "grad", features);
   check_per_coordinate(param, "param", grad);
   check_state(state, "state", layout, grad);
   check_constants(preprocess_p, output_scale);
+  check_moments(moments, layout, grad.size(0), grad.scalar_type(), grad.device());
+  if (moments.has_value() && moments->defined())
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*moments) != at::MemOverlap::Yes,
+                      "moments: elements share memory (an expanded tensor?); an in-place step needs distinct elements");
+  check_output(output);
   return layout;
 }
 
@@ -155,7 +194,9 @@ inline void check_listed(const at::Tensor& t, const std::string& name, const at:
 // bfloat16; everything on the weights' device.
 inline PackedLayout check_multi_step_args(at::TensorList params, at::TensorList grads, const at::Tensor& state,
                                           at::TensorList weights, int64_t features, double preprocess_p = 10.0,
-                                          double output_scale = 0.1) {
+                                          double output_scale = 0.1,
+                                          const std::optional<at::Tensor>& moments = std::nullopt,
+                                          int64_t output = 0) {
   TORCH_CHECK_VALUE(!weights.empty(), "weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0");
   check_dense_real(weights[0], "weights[0]");
   const at::ScalarType math = weights[0].scalar_type();
@@ -204,6 +245,11 @@ inline PackedLayout check_multi_step_args(at::TensorList params, at::TensorList 
                     " = [num_layers, 2, hidden_size, sum of the params' numels], got ", state.sizes(),
                     " (a state made for another net or parameter list?)");
   check_constants(preprocess_p, output_scale);
+  check_moments(moments, layout, total, math, device);
+  if (moments.has_value() && moments->defined())
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*moments) != at::MemOverlap::Yes,
+                      "moments: elements share memory (an expanded tensor?); an in-place step needs distinct elements");
+  check_output(output);
   return layout;
 }
 
