@@ -92,6 +92,7 @@ struct StepParams {
   // new_moments (the in-place ops: the same array).
   const T* moments = nullptr;
   T* new_moments = nullptr;
+  int64_t moments_stride = 0;  // row r of the moments at moments + r * moments_stride
 
   const T* grad_update = nullptr;     // [n]
   const T* grad_new_state = nullptr;  // [L][2][H][n]

@@ -90,6 +90,7 @@ class MultiStep {
  public:
   MultiStep(const StepParams<M>& base, void* state, int64_t total, void (*kernel)(const StepParams<M>&, int64_t, int64_t))
       : base_(base), state_(static_cast<S*>(state)), total_(total), kernel_(kernel),
+        moments_(base.new_moments),
         rows_(int64_t(base.net.layout.layers) * 2 * base.net.layout.hidden) {}
 
   // Steps coordinates [begin, end) of item `it`.
@@ -101,7 +102,7 @@ class MultiStep {
     const bool direct_grad = same_type && it.grad_stride == 1;
     if constexpr (same_type && direct_state) {
       if (direct_param && direct_grad) {
-        launch(param + begin, grad + begin, state_ + it.offset + begin, total_, end - begin);
+        launch(param + begin, grad + begin, state_ + it.offset + begin, total_, it.offset + begin, end - begin);
         return;
       }
     }
@@ -118,10 +119,10 @@ class MultiStep {
       if (!direct_grad) convert(grad + s * it.grad_stride, it.grad_stride, grad_buf_.data(), 1, len);
       S* rows = state_ + it.offset + s;  // row r of this block at rows + r * total_
       if constexpr (direct_state) {
-        launch(param_at, grad_at, rows, total_, len);
+        launch(param_at, grad_at, rows, total_, it.offset + s, len);
       } else {
         for (int64_t r = 0; r < rows_; ++r) convert(rows + r * total_, 1, state_buf_.data() + r * kBlock, 1, len);
-        launch(param_at, grad_at, state_buf_.data(), kBlock, len);
+        launch(param_at, grad_at, state_buf_.data(), kBlock, it.offset + s, len);
         for (int64_t r = 0; r < rows_; ++r) convert(state_buf_.data() + r * kBlock, 1, rows + r * total_, 1, len);
       }
       // rounded to nearest even
@@ -130,14 +131,16 @@ class MultiStep {
   }
 
  private:
-  // The kernel over `len` coordinates: state rows of stride `stride`, updated in place.
-  void launch(M* param, const M* grad, M* state, int64_t stride, int64_t len) {
+  // The kernel over `len` coordinates: state rows of stride `stride`, updated in place; the moments (in the
+  // math dtype, never staged) of coordinate `at` of the whole range, rows of stride total_.
+  void launch(M* param, const M* grad, M* state, int64_t stride, int64_t at, int64_t len) {
     StepParams<M> p = base_;
     p.n = stride;  // the kernels use n only as the row stride of the state
     p.param = param;
     p.grad = grad;
     p.state = state;
     p.new_state = state;
+    if (moments_) p.moments = p.new_moments = moments_ + at;
     kernel_(p, 0, len);
   }
 
@@ -152,6 +155,7 @@ class MultiStep {
   S* state_;
   const int64_t total_;
   void (*kernel_)(const StepParams<M>&, int64_t, int64_t);
+  M* moments_;  // [3][total_] or null
   const int64_t rows_;
   std::vector<M> grad_buf_, param_buf_, state_buf_;
 };
@@ -182,12 +186,14 @@ void run_part(const StepParams<M>& base, void* state, int64_t total, const std::
 }
 
 void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor state, at::TensorList weights,
-                         double preprocess_p, double output_scale, int64_t features) {
+                         double preprocess_p, double output_scale, int64_t features,
+                         const std::optional<at::Tensor>& moments, int64_t output) {
   const PackedLayout layout =
-      check_multi_step_args(params, grads, state, weights, features, preprocess_p, output_scale);
+      check_multi_step_args(params, grads, state, weights, features, preprocess_p, output_scale, moments, output);
   // Non-contiguous param (1-D, strided) is read and written through its stride; a non-contiguous
-  // state is stepped as a contiguous copy, then written back.
+  // state or moments tensor is stepped as a contiguous copy, then written back.
   at::Tensor state_work = state.contiguous();
+  at::Tensor moments_work = moments.has_value() && moments->defined() ? moments->contiguous() : at::Tensor();
   const at::Tensor packed = cpu_packed_weights(weights, layout);
   const int64_t total = state_work.size(3);
   std::vector<Item> items;
@@ -203,7 +209,11 @@ void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cpu", [&] {
       using M = scalar_t;
       StepParams<M> base;
-      base.net = make_net_constants<M>(layout, preprocess_p, output_scale, packed.data_ptr<M>());
+      base.net = make_net_constants<M>(layout, preprocess_p, output_scale, packed.data_ptr<M>(), output);
+      if (moments_work.defined()) {
+        base.new_moments = moments_work.data_ptr<M>();
+        base.moments_stride = total;
+      }
       const int64_t tile = TypedKernels<M>::tile(active_kernels());
       const std::vector<int64_t> bounds = chunk_bounds(total, tile, at::get_num_threads());
       void* state_ptr = state_work.data_ptr();
@@ -217,6 +227,7 @@ void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     });
   }
   if (!state_work.is_same(state)) state.copy_(state_work);
+  if (moments_work.defined() && !moments_work.is_same(*moments)) moments->copy_(moments_work);
 }
 
 }  // namespace
