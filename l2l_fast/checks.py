@@ -71,6 +71,47 @@ def check_constants(preprocess_p, output_scale) -> None:
         raise ValueError(f"output_scale: expected a finite number, got {output_scale!r}")
 
 
+# The ops' `output` (csrc/lstm_layout.h OutputKind): 0 update = scale * y, 1 update = scale * tanh(y).
+OUTPUT_KINDS = 2
+
+
+def check_output(output) -> None:
+    """The ops' `output`: 0 or 1, else a ValueError naming it (csrc/op_checks.h's check_output)."""
+    if isinstance(output, bool) or not isinstance(output, int) or not 0 <= output < OUTPUT_KINDS:
+        raise ValueError(f"output: expected 0 (update = scale * y, the paper's) or 1 (scale * tanh(y), bounded), "
+                         f"got {output}")
+
+
+def check_moments(moments, features, n: int, math_dtype: torch.dtype, device: torch.device) -> None:
+    """`moments` [3, n] in the math dtype on `device`, given exactly when the features read them
+    (csrc/op_checks.h's check_moments)."""
+    mask = check_features(features)
+    described = f"features={mask} ({'+'.join(features_.names_of(mask))})"
+    if not features_.reads_moments(mask):
+        if moments is not None:
+            raise ValueError(f"moments: {described} read no moments; pass None")
+        return
+    if moments is None:
+        raise ValueError(f"moments: {described} read the running moments: pass a [{features_.MOMENT_ROWS}, {n}] tensor "
+                         "(rows m, v, t; zeros to start)")
+    _check_float("moments", moments)
+    if moments.dtype != math_dtype:
+        raise TypeError(f"moments: expected dtype {math_dtype} (the math dtype), got {moments.dtype}")
+    if moments.device != device:
+        raise ValueError(f"moments: expected a tensor on {device}, got {moments.device}")
+    if tuple(moments.shape) != (features_.MOMENT_ROWS, n):
+        raise ValueError(f"moments: expected shape [{features_.MOMENT_ROWS}, {n}] (rows m, v, t; one column per "
+                         f"coordinate), got {tuple(moments.shape)} (moments made for another parameter?)")
+
+
+def check_inplace_moments(moments, features, n: int, math_dtype: torch.dtype, device: torch.device) -> None:
+    """check_moments, and elements of their own: the in-place ops write the moments."""
+    check_moments(moments, features, n, math_dtype, device)
+    if moments is not None and torch._debug_has_internal_overlap(moments) == 1:  # MemOverlap::Yes
+        raise ValueError("moments: elements share memory (an expanded tensor?); an in-place step needs distinct "
+                         "elements")
+
+
 def check_features(features) -> int:
     """The ops' `features`: a nonzero int mask of known feature bits (l2l_fast.features), else ValueError."""
     if isinstance(features, bool) or not isinstance(features, int):
@@ -129,36 +170,46 @@ def _check_state(state, name: str, layers: int, hidden: int, grad: Tensor) -> No
                          "or parameter?)")
 
 
-def check_step_args(grad, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
-    """lstm_step: grad [n], state [L, 2, H, n], weights; one dtype (float32 / float64) and device."""
+def check_step_args(grad, state, weights, features, preprocess_p=10.0, output_scale=0.1, moments=None,
+                    output=0) -> None:
+    """lstm_step: grad [n], state [L, 2, H, n], weights, moments [3, n] (when the features read them); one dtype
+    (float32 / float64) and device."""
     _check_grad(grad)
     layers, hidden = check_weights(weights, grad, "grad", features)
     _check_state(state, "state", layers, hidden, grad)
     check_constants(preprocess_p, output_scale)
+    check_moments(moments, features, grad.shape[0], grad.dtype, grad.device)
+    check_output(output)
 
 
 def check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p=10.0,
-                        output_scale=0.1) -> None:
+                        output_scale=0.1, moments=None, output=0) -> None:
     """lstm_step_backward: lstm_step's arguments and the upstream gradients grad_update [n], grad_new_state."""
-    check_step_args(grad, state, weights, features, preprocess_p, output_scale)
+    check_step_args(grad, state, weights, features, preprocess_p, output_scale, moments, output)
     layers, hidden = (len(weights) - 2) // 4, weights[-2].shape[1]
     _check_per_coordinate(grad_update, "grad_update", grad)
     _check_state(grad_new_state, "grad_new_state", layers, hidden, grad)
 
 
-def check_inplace_args(param, grad, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
-    """lstm_step_: param [n] modified in place, and lstm_step's arguments."""
+def check_inplace_args(param, grad, state, weights, features, preprocess_p=10.0, output_scale=0.1, moments=None,
+                       output=0) -> None:
+    """lstm_step_: param [n] (and the moments, when the features read them) modified in place, and lstm_step's
+    arguments."""
     _check_grad(grad)
     layers, hidden = check_weights(weights, grad, "grad", features)
     _check_per_coordinate(param, "param", grad)
     _check_state(state, "state", layers, hidden, grad)
     check_constants(preprocess_p, output_scale)
+    check_inplace_moments(moments, features, grad.shape[0], grad.dtype, grad.device)
+    check_output(output)
 
 
-def check_multi_step_args(params, grads, state, weights, features, preprocess_p=10.0, output_scale=0.1) -> None:
-    """lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]; params in the weights' dtype, or
-    bfloat16 / float16 with float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or
-    bfloat16; everything on the weights' device."""
+def check_multi_step_args(params, grads, state, weights, features, preprocess_p=10.0, output_scale=0.1, moments=None,
+                          output=0) -> None:
+    """lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]; moments [3, sum_k n_k] in the
+    weights' dtype (when the features read them); params in the weights' dtype, or bfloat16 / float16 with
+    float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16; everything on the
+    weights' device."""
     if not isinstance(weights, (list, tuple)) or not weights:
         raise ValueError("weights: expected 4 tensors per LSTM layer plus 2 for the output layer, got 0")
     first = weights[0]
@@ -208,6 +259,8 @@ def check_multi_step_args(params, grads, state, weights, features, preprocess_p=
         raise ValueError(f"state: expected shape {expected} = (num_layers, 2, hidden_size, sum of the params' numels), "
                          f"got {tuple(state.shape)} (a state made for another net or parameter list?)")
     check_constants(preprocess_p, output_scale)
+    check_inplace_moments(moments, features, total, dtype, device)
+    check_output(output)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ The ops take the mask as ``features`` (default 1), the net a mask or names (defa
 paper's preprocessing). Each entry holds the reference function the kernels are tested against.
 
 Adding a feature computed from the gradient: its function and one ``_register`` line here, and its struct
-in ``csrc/input_features.h``; the tests parametrized over :data:`ALL` cover it without edits.
+in ``csrc/input_features.h``; the tests parametrized over :data:`ALL` cover it without edits. A feature may
+also read the running moments (``reads_moments``): one tensor [MOMENT_ROWS = 3, n] in the math dtype, rows m
+(moving average of g), v (of g^2) and t (steps taken), zeros to start, which the in-place ops advance with
+:func:`advance_moments` before computing the features and the functional ops receive already advanced.
 """
 from __future__ import annotations
 
@@ -18,10 +21,18 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ALL", "ALL_MASK", "DEFAULT", "DEFAULT_MASK", "Feature", "REGISTRY", "compute", "input_size", "mask_of",
-           "names_of", "paper"]
+__all__ = ["ALL", "ALL_MASK", "BETA1", "BETA2", "DEFAULT", "DEFAULT_MASK", "EPS", "Feature", "MOMENT_ROWS", "REGISTRY",
+           "advance_moments", "compute", "input_size", "mask_of", "names_of", "paper", "reads_moments", "rnnprop"]
 
 FeaturesLike = Union[int, str, Iterable[str]]
+
+
+# The running moments (csrc/input_features.h: kMomentRows, kMomentBeta1, kMomentBeta2, kMomentEps): RNNprop's
+# decays (Lv et al. 2017), constants of every net that reads moments.
+MOMENT_ROWS = 3  # m, v, t
+BETA1 = 0.95     # m's decay
+BETA2 = 0.95     # v's decay
+EPS = 1e-8       # g / (sqrt(v_hat) + EPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,15 +40,26 @@ class Feature:
     name: str
     bit: int     # its bit of a mask; the bits are 1 << 0, 1 << 1, ... in registration order
     width: int   # inputs it contributes to the first layer
-    fn: Callable[[Tensor, float], Tensor]  # (grad [n], preprocess_p) -> [n, width], differentiable in grad
+    # (grad [n], preprocess_p) -> [n, width], differentiable in grad; with reads_moments, (grad [n], moments
+    # [3, n] advanced with grad) -> [n, width], differentiable in grad only (the moments are data)
+    fn: Callable[..., Tensor]
     doc: str
+    reads_moments: bool = False
+
+    def __call__(self, grad: Tensor, preprocess_p: float, moments: Tensor | None = None) -> Tensor:
+        """This feature's inputs [n, width] of one step."""
+        if not self.reads_moments:
+            return self.fn(grad, preprocess_p)
+        if moments is None:
+            raise ValueError(f"moments: feature {self.name!r} reads the running moments; pass a [3, n] tensor")
+        return self.fn(grad, moments)
 
 
 REGISTRY: dict[str, Feature] = {}
 
 
-def _register(name: str, width: int, fn: Callable[[Tensor, float], Tensor]) -> None:
-    REGISTRY[name] = Feature(name, 1 << len(REGISTRY), width, fn, inspect.getdoc(fn) or "")
+def _register(name: str, width: int, fn: Callable[..., Tensor], reads_moments: bool = False) -> None:
+    REGISTRY[name] = Feature(name, 1 << len(REGISTRY), width, fn, inspect.getdoc(fn) or "", reads_moments)
 
 
 def paper(grad: Tensor, p: float) -> Tensor:
@@ -55,6 +77,24 @@ def paper(grad: Tensor, p: float) -> Tensor:
 
 
 _register("paper", 2, paper)
+
+
+def rnnprop(grad: Tensor, moments: Tensor) -> Tensor:
+    """RNNprop's scale-free inputs (Lv et al. 2017): [n], moments [3, n] -> [n, 2].
+
+    (g, m_hat) / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) from the moments
+    advanced with this g (t below 1 counts as 1); beta1 = beta2 = 0.95, eps = 1e-8. Only g / (sqrt(v_hat) + eps)
+    has a derivative, in g: the moments are data.
+    """
+    m, v, t = moments.detach()
+    steps = torch.clamp(t, min=1.0)
+    m_hat = m / (1 - torch.pow(BETA1, steps))
+    v_hat = v / (1 - torch.pow(BETA2, steps))
+    inverse_scale = 1 / (torch.sqrt(v_hat) + EPS)
+    return torch.stack([grad * inverse_scale, m_hat * inverse_scale], dim=1)
+
+
+_register("moments", 2, rnnprop, reads_moments=True)
 
 ALL: tuple[str, ...] = tuple(REGISTRY)  # every feature's name, in bit order
 ALL_MASK: int = sum(f.bit for f in REGISTRY.values())
@@ -95,8 +135,31 @@ def input_size(features: FeaturesLike) -> int:
     return sum(f.width for f in REGISTRY.values() if mask & f.bit)
 
 
-def compute(grad: Tensor, features: FeaturesLike, preprocess_p: float) -> Tensor:
-    """grad [n] -> the first layer's inputs [n, input_size(features)], the features in bit order."""
+def reads_moments(features: FeaturesLike) -> bool:
+    """Whether any feature of the set reads the running moments (the ops then require them)."""
     mask = mask_of(features)
-    parts = [f.fn(grad, preprocess_p) for f in REGISTRY.values() if mask & f.bit]
+    return any(f.reads_moments for f in REGISTRY.values() if mask & f.bit)
+
+
+def compute(grad: Tensor, features: FeaturesLike, preprocess_p: float, moments: Tensor | None = None) -> Tensor:
+    """grad [n] (and the moments [3, n], advanced with it, for features that read them) -> the first layer's
+    inputs [n, input_size(features)], the features in bit order."""
+    mask = mask_of(features)
+    parts = [f(grad, preprocess_p, moments) for f in REGISTRY.values() if mask & f.bit]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def advance_moments(grad: Tensor, moments: Tensor) -> Tensor:
+    """The moments [3, n] after a step with gradient grad [n]: m = beta1 m + (1 - beta1) g, v = beta2 v +
+    (1 - beta2) g^2, t + 1, in the moments' dtype (grad is converted to it); a new tensor, no autograd. A
+    coordinate whose gradient is NaN or +-Inf keeps its moments bit for bit (as it keeps its state)."""
+    with torch.no_grad():
+        dtype = moments.dtype
+        g = grad.to(dtype)
+        finite = torch.isfinite(g)
+        g = torch.where(finite, g, torch.zeros_like(g))
+        # the decays and their complements rounded to the moments' dtype first, as the kernels hold them
+        beta1, beta2 = (torch.tensor(b, dtype=dtype, device=moments.device) for b in (BETA1, BETA2))
+        m, v, t = moments
+        advanced = torch.stack([beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * (g * g), t + 1])
+        return torch.where(finite, advanced, moments)

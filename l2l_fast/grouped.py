@@ -2,7 +2,8 @@
 convolutional, one for the fully connected parameters), behind the single-net interface.
 
 Coordinates arrive as [P, D] flattened; group g owns the columns [start_g, stop_g) of every problem.
-The state is one tensor [L, 2, H, P * D] whose coordinates are ordered group by group.
+The state is one tensor [L, 2, H, P * D] whose coordinates are ordered group by group, and so are the
+moments [3, P * D] of nets that read them (the groups' nets all do or all do not).
 """
 from __future__ import annotations
 
@@ -31,11 +32,35 @@ class GroupedLSTM(nn.Module):
         shapes = {(n.hidden_size, n.num_layers) for n in nets.values()}
         if len(shapes) != 1:
             raise ValueError(f"nets: the groups' nets must share hidden_size and num_layers, got {sorted(shapes)}")
+        if len({n.reads_moments for n in nets.values()}) != 1:
+            features = {name: n.features for name, n in nets.items()}
+            raise ValueError(f"nets: the groups' nets must all read the running moments or none, got {features}")
         self.nets = nn.ModuleDict(nets)
         self.groups, self.dim = groups, dim
 
+    @property
+    def reads_moments(self) -> bool:
+        return self._first().reads_moments
+
+    def _first(self) -> CoordinatewiseLSTM:
+        return next(iter(self.nets.values()))
+
     def init_state(self, n: int, device=None, dtype=None) -> Tensor:
-        return next(iter(self.nets.values())).init_state(n, device=device, dtype=dtype)
+        return self._first().init_state(n, device=device, dtype=dtype)
+
+    def init_moments(self, n: int, device=None, dtype=None) -> Tensor | None:
+        return self._first().init_moments(n, device=device, dtype=dtype)
+
+    def advance_moments(self, grad: Tensor, moments: Tensor | None) -> Tensor | None:
+        """The moments after a step with grad [P * D] (a new tensor), in the state's group order."""
+        if moments is None:
+            return None
+        return self._first().advance_moments(self._grouped(grad), moments)
+
+    def _grouped(self, grad: Tensor) -> Tensor:
+        """grad [P * D] reordered group by group, as the state's coordinates."""
+        rows = grad.view(-1, self.dim)
+        return torch.cat([rows[:, columns].reshape(-1) for _, columns, _ in self._spans(grad.numel())])
 
     def _spans(self, n: int):
         """(group, its columns, its coordinate range in the state) for P = n / dim problems."""
@@ -45,17 +70,24 @@ class GroupedLSTM(nn.Module):
             yield group, slice(group.start, group.stop), slice(offset, offset + count)
             offset += count
 
-    def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """grad [P * D], state [L, 2, H, P * D] (and moments [3, P * D] advanced with grad, in group order) ->
+        (update [P * D], new_state)."""
         grad = grad.view(-1, self.dim)
         updates, states = [], []
         for group, columns, span in self._spans(grad.numel()):
-            update, new_state = self.nets[group.name](grad[:, columns].reshape(-1), state[..., span].contiguous())
+            group_moments = None if moments is None else moments[:, span].contiguous()
+            update, new_state = self.nets[group.name](grad[:, columns].reshape(-1), state[..., span].contiguous(),
+                                                      group_moments)
             updates.append(update.view(grad.shape[0], -1))
             states.append(new_state)
         return torch.cat(updates, dim=1).reshape(-1), torch.cat(states, dim=-1)
 
     @torch.no_grad()
-    def step_(self, param: Tensor, grad: Tensor, state: Tensor) -> None:
-        update, new_state = self.forward(grad, state)
+    def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> None:
+        advanced = self.advance_moments(grad, moments)
+        update, new_state = self.forward(grad, state, advanced)
         param.add_(update)
         state.copy_(new_state)
+        if moments is not None:
+            moments.copy_(advanced)

@@ -10,6 +10,7 @@ from . import checks
 from .checks import check_step_inputs
 
 BACKENDS = ("auto", "native", "reference")
+OUTPUTS = ("linear", "tanh")  # the ops' `output` 0 and 1
 _GATE_NAMES = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
 
 
@@ -56,8 +57,15 @@ class CoordinatewiseLSTM(nn.Module):
     in bit order. The default, ``("paper",)``, is the paper's preprocessing of the gradient, and what a file
     saved without a ``features`` entry was made with.
 
+    output: how the output layer's value y becomes the update: "linear" (the paper's, and what a file saved
+    without an ``output`` entry was made with), update = output_scale * y, or "tanh", output_scale * tanh(y),
+    no step larger than |output_scale|.
+
     State layout: one tensor [num_layers, 2, hidden_size, n]; ``state[l, 0]`` is h and ``state[l, 1]`` is c
-    of layer l, coordinates last. Make it with :meth:`init_state`.
+    of layer l, coordinates last. Make it with :meth:`init_state`. A net whose features read the running
+    moments (:attr:`reads_moments`, the "moments" feature) also needs them: [3, n], rows m, v, t, from
+    :meth:`init_moments`; :meth:`step_` and :meth:`multi_step_` advance them in place, :meth:`forward` takes
+    them already advanced (:meth:`advance_moments`).
 
     backend: "native" (fused C++/CUDA kernels), "reference" (pure PyTorch) or "auto" (native where a
     kernel exists for the tensors' device, else reference).
@@ -65,7 +73,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess_p: float = 10.0,
                  output_scale: float = 0.1, backend: str = "auto",
-                 features: features_.FeaturesLike = features_.DEFAULT):
+                 features: features_.FeaturesLike = features_.DEFAULT, output: str = "linear"):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
@@ -76,8 +84,12 @@ class CoordinatewiseLSTM(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "native" and not ops.HAS_NATIVE:
             raise RuntimeError(f"backend='native' but the l2l_fast._C extension failed to load: {ops.NATIVE_IMPORT_ERROR}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
         self.features = features_.names_of(features)  # ValueError naming `features` for unknown ones
         self.feature_mask = features_.mask_of(self.features)
+        self.reads_moments = features_.reads_moments(self.feature_mask)
+        self.output, self.output_kind = output, OUTPUTS.index(output)
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess_p, self.output_scale = float(preprocess_p), float(output_scale)
         self.backend = backend
@@ -89,7 +101,7 @@ class CoordinatewiseLSTM(nn.Module):
         """The sizes and constants this net was built with (not the backend):
         ``CoordinatewiseLSTM(**net.size_kwargs())`` makes a net whose weights load into it."""
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
-                    output_scale=self.output_scale, features=self.features)
+                    output_scale=self.output_scale, features=self.features, output=self.output)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, backend: str = "auto") -> "CoordinatewiseLSTM":
@@ -100,7 +112,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, preprocess_p={self.preprocess_p}, output_scale={self.output_scale}, "
-                f"backend={self.backend!r}")
+                f"output={self.output!r}, backend={self.backend!r}")
 
     def weights(self) -> list[Tensor]:
         """The weights in the order the ops take them (see :mod:`l2l_fast.reference`)."""
@@ -113,6 +125,21 @@ class CoordinatewiseLSTM(nn.Module):
         weight = self.out.weight
         return torch.zeros(self.num_layers, 2, self.hidden_size, n, device=device or weight.device,
                            dtype=dtype or weight.dtype)
+
+    def init_moments(self, n: int, device=None, dtype: torch.dtype | None = None) -> Tensor | None:
+        """Zero moments for n coordinates, [3, n] (rows m, v, t), on the net's device and dtype by default; None
+        when the net's features read no moments."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n: expected a non-negative int, got {n!r}")
+        if not self.reads_moments:
+            return None
+        weight = self.out.weight
+        return torch.zeros(features_.MOMENT_ROWS, n, device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def advance_moments(self, grad: Tensor, moments: Tensor | None) -> Tensor | None:
+        """The moments after a step with `grad` (a new tensor, no autograd; a NaN/Inf-gradient coordinate keeps
+        its own): what :meth:`forward` takes, and what :meth:`step_` writes in place. None for None."""
+        return None if moments is None else features_.advance_moments(grad, moments)
 
     def weights_for(self, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
         """The weights (op order) on `device` in `dtype`: the net's own tensors when they already are, else
@@ -140,38 +167,45 @@ class CoordinatewiseLSTM(nn.Module):
             raise RuntimeError(f"backend='native' has no kernel for device {device}; built for {sorted(ops.native_devices())}")
         return reference
 
-    def _check(self, grad, state, param=None) -> None:
+    def _check(self, grad, state, moments, param=None) -> None:
         weight = self.out.weight
         check_step_inputs(grad, state, num_layers=self.num_layers, hidden_size=self.hidden_size,
                           dtype=weight.dtype, device=weight.device, param=param)
+        checks.check_moments(moments, self.feature_mask, grad.shape[0], weight.dtype, weight.device)
 
-    def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """grad [n], state [L, 2, H, n] -> (update [n], new_state [L, 2, H, n]); differentiable, inputs untouched."""
-        self._check(grad, state)
+    def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """grad [n], state [L, 2, H, n] (and moments [3, n] advanced with grad, when the net reads them) ->
+        (update [n], new_state [L, 2, H, n]); differentiable (not in the moments), inputs untouched."""
+        self._check(grad, state, moments)
         impl = self.implementation(grad.device)
-        return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask)
+        return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask,
+                              moments, self.output_kind)
 
     @torch.no_grad()
-    def step_(self, param: Tensor, grad: Tensor, state: Tensor) -> None:
-        """In-place inference step on a flat parameter: param [n] += update, state advanced; no autograd graph."""
-        self._check(grad, state, param=param)
+    def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> None:
+        """In-place inference step on a flat parameter: param [n] += update, state (and moments [3, n], when the net
+        reads them) advanced; no autograd graph."""
+        self._check(grad, state, moments, param=param)
         impl = self.implementation(grad.device)
-        impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask)
+        impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask,
+                        moments, self.output_kind)
 
     @torch.no_grad()
-    def multi_step_(self, params: list[Tensor], grads: list[Tensor], state: Tensor, lr: float = 1.0) -> None:
+    def multi_step_(self, params: list[Tensor], grads: list[Tensor], state: Tensor, lr: float = 1.0,
+                    moments: Tensor | None = None) -> None:
         """The optimizer's fused step over many flat tensors sharing one state, in place, no autograd graph:
         params[k] [n_k] += lr * update of grads[k] [n_k]; state [L, 2, H, sum_k n_k] advanced, tensor k's
-        coordinates at [offset_k, offset_k + n_k) in list order.
+        coordinates at [offset_k, offset_k + n_k) in list order, and so are the moments' [3, sum_k n_k] (when the
+        net reads them), advanced in place.
 
         The math runs in float64 for float64 params and in float32 for float32, bfloat16 and float16 ones
         (the weights are converted to it, once per weight version); grads[k] in params[k]'s dtype; state in
         the math dtype or bfloat16. A coordinate whose gradient is NaN or +-Inf does not move and keeps its
-        state."""
+        state and moments."""
         if not params:
             return
         device = params[0].device
         impl = self.implementation(device)
         impl.lstm_multi_step_(params, grads, state, self.weights_for(device, math_dtype_of(params[0].dtype)),
-                              self.preprocess_p, self.output_scale * lr, self.feature_mask)
+                              self.preprocess_p, self.output_scale * lr, self.feature_mask, moments, self.output_kind)
 

@@ -5,7 +5,10 @@ Here: the fake (meta) kernels that let ``torch.compile`` trace the ops, and the 
 whose backward is itself a custom op.
 
 Shapes: grad [n], state [L, 2, H, n], weights as in :mod:`l2l_fast.reference`; ``features`` is the mask of the
-LSTM's input features (:mod:`l2l_fast.features`; 1, the default, is the paper's preprocessing of the gradient).
+LSTM's input features (:mod:`l2l_fast.features`; 1, the default, is the paper's preprocessing of the gradient);
+``moments`` [3, n] the running moments, given exactly when the features read them (advanced with this step's
+gradient for lstm_step, advanced in place by the in-place ops); ``output`` 0 (update = scale * y) or 1
+(scale * tanh(y)).
 """
 from __future__ import annotations
 
@@ -74,70 +77,83 @@ def _forward_mode(tensors: Sequence[Tensor]) -> bool:
 
 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
-              output_scale: float = 0.1, features: int = 1) -> tuple[Tensor, Tensor]:
-    """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched.
+              output_scale: float = 0.1, features: int = 1, moments: Tensor | None = None,
+              output: int = 0) -> tuple[Tensor, Tensor]:
+    """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched. moments [3, n],
+    already advanced with grad, are data: no gradient flows to them.
 
     Forward-mode AD (torch.func.jvp, jacfwd, dual tensors) runs the reference instead, which has the
     tangents; the double backward (create_graph=True) is computed through the reference too. The raw
     torch.ops.l2l_fast.lstm_step cannot see forward-mode tangents (torch.library registers no forward-mode
     rule), so call this function, or the net, under forward-mode AD."""
     if _forward_mode([grad, state, *weights]):
-        return reference.lstm_step(grad, state, weights, preprocess_p, output_scale, features)
+        return reference.lstm_step(grad, state, weights, preprocess_p, output_scale, features, moments, output)
     return torch.ops.l2l_fast.lstm_step(grad, state, list(weights), float(preprocess_p), float(output_scale),
-                                        int(features))
+                                        int(features), moments, int(output))
 
 
 def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
-               output_scale: float = 0.1, features: int = 1) -> None:
-    """Fused in-place step, no autograd: param [n] += update; state [L, 2, H, n] advanced in place."""
+               output_scale: float = 0.1, features: int = 1, moments: Tensor | None = None, output: int = 0) -> None:
+    """Fused in-place step, no autograd: param [n] += update; state [L, 2, H, n] and moments [3, n] (when the
+    features read them) advanced in place."""
     torch.ops.l2l_fast.lstm_step_(param, grad, state, list(weights), float(preprocess_p), float(output_scale),
-                                  int(features))
+                                  int(features), moments, int(output))
 
 
 def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Tensor, weights: Sequence[Tensor],
-                     preprocess_p: float = 10.0, output_scale: float = 0.1, features: int = 1) -> None:
+                     preprocess_p: float = 10.0, output_scale: float = 0.1, features: int = 1,
+                     moments: Tensor | None = None, output: int = 0) -> None:
     """Fused in-place step over many tensors in one call, no autograd: params[k] [n_k] += update of grads[k] [n_k];
-    state [L, 2, H, sum_k n_k] advanced in place, tensor k's coordinates at [offset_k, offset_k + n_k) (list order).
+    state [L, 2, H, sum_k n_k] and moments [3, sum_k n_k] (when the features read them) advanced in place, tensor
+    k's coordinates at [offset_k, offset_k + n_k) (list order).
 
     Math in the weights' dtype; params may also be bfloat16 / float16 (with float32 weights; rounded to nearest
-    on store); grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16."""
+    on store); grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16; moments in the weights'
+    dtype."""
     torch.ops.l2l_fast.lstm_multi_step_(list(params), list(grads), state, list(weights), float(preprocess_p),
-                                        float(output_scale), int(features))
+                                        float(output_scale), int(features), moments, int(output))
 
 
 if HAS_NATIVE:
     # The fake kernels run the ops' checks (l2l_fast.checks mirrors csrc/op_checks.h): mixed meta / real inputs
-    # reach them instead of the C++ kernels, and must fail the same way. `features` has its schema default here:
-    # the dispatcher drops trailing arguments equal to their defaults.
+    # reach them instead of the C++ kernels, and must fail the same way. The trailing arguments have their schema
+    # defaults here: the dispatcher drops trailing arguments equal to their defaults.
 
     @torch.library.register_fake("l2l_fast::lstm_step")
-    def _lstm_step_fake(grad, state, weights, preprocess_p, output_scale, features=1):
-        check_step_args(grad, state, weights, features, preprocess_p, output_scale)
+    def _lstm_step_fake(grad, state, weights, preprocess_p, output_scale, features=1, moments=None, output=0):
+        check_step_args(grad, state, weights, features, preprocess_p, output_scale, moments, output)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape)
 
     @torch.library.register_fake("l2l_fast::lstm_step_backward")
     def _lstm_step_backward_fake(grad_update, grad_new_state, grad, state, weights, preprocess_p, output_scale,
-                                 features=1):
-        check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p, output_scale)
+                                 features=1, moments=None, output=0):
+        check_backward_args(grad_update, grad_new_state, grad, state, weights, features, preprocess_p, output_scale,
+                            moments, output)
         return grad.new_empty(grad.shape[0]), state.new_empty(state.shape), [w.new_empty(w.shape) for w in weights]
 
     @torch.library.register_fake("l2l_fast::lstm_step_")
-    def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale, features=1):
-        check_inplace_args(param, grad, state, weights, features, preprocess_p, output_scale)
+    def _lstm_step_inplace_fake(param, grad, state, weights, preprocess_p, output_scale, features=1, moments=None,
+                                output=0):
+        check_inplace_args(param, grad, state, weights, features, preprocess_p, output_scale, moments, output)
         return None
 
     @torch.library.register_fake("l2l_fast::lstm_multi_step_")
-    def _lstm_multi_step_fake(params, grads, state, weights, preprocess_p, output_scale, features=1):
-        check_multi_step_args(params, grads, state, weights, features, preprocess_p, output_scale)
+    def _lstm_multi_step_fake(params, grads, state, weights, preprocess_p, output_scale, features=1, moments=None,
+                              output=0):
+        check_multi_step_args(params, grads, state, weights, features, preprocess_p, output_scale, moments, output)
         return None
 
+    _TRAILING_DEFAULTS = (1, None, 0)  # features, moments, output: the ones the dispatcher may drop
+
     def _setup_context(ctx, inputs, output):
-        grad, state, weights, preprocess_p, output_scale, features = inputs
-        ctx.save_for_backward(grad, state, *weights)
-        ctx.preprocess_p, ctx.output_scale, ctx.features = preprocess_p, output_scale, features
+        grad, state, weights, preprocess_p, output_scale, *given = inputs
+        features, moments, output_kind = (*given, *_TRAILING_DEFAULTS[len(given):])
+        # the moments are data (no gradient); saved for the backward's features
+        ctx.save_for_backward(grad, state, moments, *weights)
+        ctx.preprocess_p, ctx.output_scale, ctx.features, ctx.output = preprocess_p, output_scale, features, output_kind
 
     def _backward(ctx, grad_update, grad_new_state):
-        grad, state, *weights = ctx.saved_tensors
+        grad, state, moments, *weights = ctx.saved_tensors
         # Unused outputs arrive as None; the kernel wants dense zeros there.
         if grad_update is None:
             grad_update = torch.zeros_like(grad)
@@ -145,15 +161,16 @@ if HAS_NATIVE:
             grad_new_state = torch.zeros_like(state)
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             d_grad, d_state, *d_weights = _differentiable_backward(ctx, grad_update, grad_new_state, grad, state,
-                                                                    weights)
+                                                                    weights, moments)
             return (d_grad, d_state, d_weights) + (None,) * (len(ctx.needs_input_grad) - 3)
         d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(
-            grad_update, grad_new_state, grad, state, weights, ctx.preprocess_p, ctx.output_scale, ctx.features)
-        # One entry per argument as the op received it: the dispatcher drops trailing arguments equal to their
-        # defaults (features=1), and needs_input_grad has the received structure.
+            grad_update, grad_new_state, grad, state, weights, ctx.preprocess_p, ctx.output_scale, ctx.features,
+            moments, ctx.output)
+        # One entry per argument as the op received it (None for the constants and the moments): the dispatcher
+        # drops trailing arguments equal to their defaults, and needs_input_grad has the received structure.
         return (d_grad, d_state, d_weights) + (None,) * (len(ctx.needs_input_grad) - 3)
 
-    def _differentiable_backward(ctx, grad_update, grad_new_state, grad, state, weights) -> list:
+    def _differentiable_backward(ctx, grad_update, grad_new_state, grad, state, weights, moments) -> list:
         """The vector-Jacobian product through the reference, with its graph: the fused backward kernel is not
         differentiable. The saved inputs are the ones the forward received, so the graph reaches them."""
         inputs = [grad, state, *weights]
@@ -162,7 +179,7 @@ if HAS_NATIVE:
         if not wanted:
             return result
         update, new_state = reference.lstm_step(grad, state, weights, ctx.preprocess_p, ctx.output_scale,
-                                                ctx.features)
+                                                ctx.features, moments, ctx.output)
         found = torch.autograd.grad([update, new_state], [inputs[k] for k in wanted], [grad_update, grad_new_state],
                                     create_graph=True, allow_unused=True)
         for k, value in zip(wanted, found):

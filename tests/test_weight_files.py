@@ -157,7 +157,7 @@ def test_the_shipped_files_are_verified_and_unchanged(name):
         net = CoordinatewiseLSTM.from_pretrained(name)
     assert weights_digest(net.state_dict()) == SHIPPED_WEIGHTS_SHA256[name]
     assert net.size_kwargs() == dict(hidden_size=20, num_layers=2, preprocess_p=10.0, output_scale=0.1,
-                                     features=("paper",))
+                                     features=("paper",), output="linear")
     assert {"command", "epochs", "seed", "validation_score", "config"} <= set(net.record)
 
 

@@ -24,8 +24,9 @@ from ..files import FORMAT as RUN_FORMAT, CheckpointError, load_error_reason, ve
 
 FORMAT = "l2l_fast.pretrained.v2"
 REQUIRED_NET_KWARGS = ("hidden_size", "num_layers", "preprocess_p", "output_scale")
-# Passed on to CoordinatewiseLSTM, whose constructor validates them (`features` is being added to it).
-OPTIONAL_NET_KWARGS = ("features",)
+# Passed on to CoordinatewiseLSTM, whose constructor validates them; a file without them was made with the
+# defaults (the paper's features, the linear output).
+OPTIONAL_NET_KWARGS = ("features", "output")
 NET_KWARGS = REQUIRED_NET_KWARGS + OPTIONAL_NET_KWARGS
 
 
@@ -145,7 +146,7 @@ def run_net_kwargs(payload: dict):
     """The constructor arguments of the nets of a run's checkpoint.pt / best.pt payload: its "net_kwargs" as
     written, or for a file written before it held them, the net's entries of its config (fields of
     MetaTrainConfig, read here by name so that loading an optimizer needs no meta-training code; `features`
-    only in runs that know it)."""
+    and `output` only in runs that know them)."""
     if "net_kwargs" in payload:
         return payload["net_kwargs"]
     config = payload["config"]
