@@ -2,7 +2,8 @@
 
 Each param group saves the signature of its net instead of the module (sizes, constants and a hash of the
 weights), so a state_dict is only loaded into an optimizer with the same nets; each parameter's state is
-``{"lstm_state": [num_layers, 2, hidden_size, *param.shape]}``, a DTensor for a DTensor parameter.
+``{"lstm_state": [num_layers, 2, hidden_size, *param.shape]}`` and, for a net that reads moments,
+``"moments": [3, *param.shape]`` (m, v, t in the math dtype), each a DTensor for a DTensor parameter.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import torch
 from torch import Tensor
 
+from ..features import MOMENT_ROWS
 from ..net import CoordinatewiseLSTM
 from .sharding import is_dtensor
 
@@ -20,16 +22,19 @@ __all__ = ["net_signature", "check_loadable"]
 def net_signature(net: CoordinatewiseLSTM) -> dict:
     """Sizes, constants and the SHA-256 of the weights (as float64, so the net's dtype does not matter)."""
     flat = torch.cat([w.detach().reshape(-1).to("cpu", torch.float64) for w in net.weights()])
-    # the paper's features go unnamed, as in signatures saved before nets had features
-    kwargs = {k: v for k, v in net.size_kwargs().items() if k != "features" or v != ("paper",)}
+    # the paper's features and linear output go unnamed, as in signatures saved before nets had them
+    defaults = {"features": ("paper",), "output": "linear"}
+    kwargs = {k: v for k, v in net.size_kwargs().items() if k not in defaults or v != defaults[k]}
     return dict(kwargs, weights_sha256=hashlib.sha256(flat.numpy().tobytes()).hexdigest())
 
 
-def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, Tensor]:
-    """Validates `state_dict` against this optimizer's groups; returns {param: its saved LSTM state}.
+def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, dict[str, Tensor]]:
+    """Validates `state_dict` against this optimizer's groups; returns {param: its saved state entries}
+    ({"lstm_state": ...}, with "moments" for a net that reads them).
 
-    Raises ValueError (naming state_dict and the group / parameter) for another net, another parameter layout
-    or a state_dict of another optimizer; nothing is modified.
+    Raises ValueError (naming state_dict and the group / parameter) for another net, another parameter layout,
+    moments missing, mis-shaped or not floating point for a net that reads them (or present for one that does
+    not), or a state_dict of another optimizer; nothing is modified.
     """
     if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
         raise ValueError("state_dict: expected a dict with 'state' and 'param_groups' (from LearnedOptimizer.state_dict)")
@@ -50,17 +55,33 @@ def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, T
     states = {}
     for key, (name, param, net) in owner.items():
         saved = state_dict["state"].get(key, {})
-        lstm_state = saved.get("lstm_state") if isinstance(saved, dict) else None
+        saved = saved if isinstance(saved, dict) else {}
+        lstm_state = saved.get("lstm_state")
         if not isinstance(lstm_state, Tensor):
             raise ValueError(f"state_dict: no 'lstm_state' for {name} (the state_dict of another optimizer?)")
         expected = (net.num_layers, 2, net.hidden_size, *param.shape)
-        if tuple(lstm_state.shape) != expected:
-            raise ValueError(f"state_dict: the LSTM state of {name} has shape {tuple(lstm_state.shape)}, expected "
-                             f"{expected} = (num_layers, 2, hidden_size, *param.shape) (another parameter layout?)")
-        if is_dtensor(param) != is_dtensor(lstm_state):
-            raise ValueError(f"state_dict: the LSTM state of {name} is {'not ' if is_dtensor(param) else ''}a DTensor "
-                             "but the parameter is; load sharded states with torch.distributed.checkpoint")
-        if not lstm_state.is_floating_point():
-            raise ValueError(f"state_dict: the LSTM state of {name} has dtype {lstm_state.dtype}")
-        states[param] = lstm_state
+        _check_entry(name, "the LSTM state", lstm_state, param, expected,
+                     "(num_layers, 2, hidden_size, *param.shape) (another parameter layout?)")
+        states[param] = {"lstm_state": lstm_state}
+        moments = saved.get("moments")
+        if net.reads_moments:
+            if not isinstance(moments, Tensor):
+                raise ValueError(f"state_dict: no 'moments' for {name}, whose net reads the gradient's moments "
+                                 f"(features {net.features}); a state_dict of this optimizer holds them next to "
+                                 "'lstm_state'")
+            _check_entry(name, "the moments", moments, param, (MOMENT_ROWS, *param.shape),
+                         "(3, *param.shape): rows m, v, t (another parameter layout?)")
+            states[param]["moments"] = moments
+        elif moments is not None:
+            raise ValueError(f"state_dict: {name} has 'moments' but its net (features {net.features}) reads none")
     return states
+
+
+def _check_entry(name: str, what: str, saved: Tensor, param: Tensor, expected: tuple, layout: str) -> None:
+    if tuple(saved.shape) != expected:
+        raise ValueError(f"state_dict: {what} of {name} has shape {tuple(saved.shape)}, expected {expected} = {layout}")
+    if is_dtensor(param) != is_dtensor(saved):
+        raise ValueError(f"state_dict: {what} of {name} is {'not ' if is_dtensor(param) else ''}a DTensor "
+                         "but the parameter is; load sharded states with torch.distributed.checkpoint")
+    if not saved.is_floating_point():
+        raise ValueError(f"state_dict: {what} of {name} has dtype {saved.dtype}")

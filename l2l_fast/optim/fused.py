@@ -1,5 +1,6 @@
 """One fused launch: the parameters of a param group that share a device and math dtype, stepped by a single
-``lstm_multi_step_`` over cached flat views, with one LSTM state [L, 2, H, sum of their numels].
+``lstm_multi_step_`` over cached flat views, with one LSTM state [L, 2, H, sum of their numels] and, for a net
+that reads moments, one moments tensor [3, sum of their numels] (rows m, v, t) in the math dtype.
 
 Coordinates are each parameter's elements in logical (row-major) order, parameters in group order. A
 non-contiguous parameter is stepped as a contiguous copy that is written back; a parameter without a
@@ -12,6 +13,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from ..features import MOMENT_ROWS
 from ..net import CoordinatewiseLSTM, math_dtype_of
 from .sharding import is_dtensor, local
 
@@ -29,11 +31,13 @@ def resolve_state_dtype(state_dtype: torch.dtype | None, math_dtype: torch.dtype
 
 class FusedGroup:
     """params: the tensors (Parameters or DTensors), one device, one math dtype; states: each one's previous
-    LSTM state (any dtype, [L, 2, H, *shape]) or None for a zero state; positions: each one's index in its param
-    group's list; names: how errors name each parameter."""
+    LSTM state (any dtype, [L, 2, H, *shape]) or None for a zero state; moments: each one's previous moments
+    ([3, *shape]) or None for zeros, used only for a net that reads moments; positions: each one's index in its
+    param group's list; names: how errors name each parameter."""
 
     def __init__(self, params: list[Tensor], net: CoordinatewiseLSTM, state_dtype: torch.dtype | None,
-                 states: list[Tensor | None], positions: list[int], names: list[str]):
+                 states: list[Tensor | None], positions: list[int], names: list[str],
+                 moments: list[Tensor | None] | None = None):
         self.params, self.positions, self.names = params, positions, names
         self.locals = [local(p) for p in params]
         self.device = self.locals[0].device
@@ -53,12 +57,29 @@ class FusedGroup:
                                  f"{tuple(previous.shape)}, expected {(*self.lead, *self.locals[k].shape)}; was the "
                                  "group's net replaced by one of another size?")
             self._rows(k).copy_(previous.reshape(*self.lead, self.numels[k]))
+        # the moments: in the math dtype whatever the state's (a bfloat16 v would lose the gradient's scale)
+        self.reads_moments = bool(net.reads_moments)
+        self.moments = None
+        if self.reads_moments:
+            self.moments = torch.zeros(MOMENT_ROWS, self.offsets[-1], dtype=self.math_dtype, device=self.device)
+            for k, previous in enumerate(moments or [None] * len(params)):
+                if previous is None:
+                    continue
+                previous = local(previous)
+                expected = (MOMENT_ROWS, *self.locals[k].shape)
+                if tuple(previous.shape) != expected:
+                    raise ValueError(f"state: a parameter of shape {tuple(self.locals[k].shape)} has moments of shape "
+                                     f"{tuple(previous.shape)}, expected {expected}")
+                self._moment_rows(k).copy_(previous.reshape(MOMENT_ROWS, self.numels[k]))
         self.dynamic = any(is_dtensor(p) for p in params)  # DTensor locals are re-read every step
         self.nan = {t.dtype: torch.full((), float("nan"), dtype=t.dtype, device=self.device) for t in self.locals}
         self._cache_views()
 
     def _rows(self, k: int) -> Tensor:
         return self.state[..., self.offsets[k] : self.offsets[k + 1]]
+
+    def _moment_rows(self, k: int) -> Tensor:
+        return self.moments[:, self.offsets[k] : self.offsets[k + 1]]
 
     def _cache_views(self) -> None:
         self.flat = [t.view(-1) if t.is_contiguous() else None for t in self.locals]
@@ -69,10 +90,19 @@ class FusedGroup:
         """Each parameter's state: a view [L, 2, H, *local shape] of the fused state."""
         return [self._rows(k).view(*self.lead, *t.shape) for k, t in enumerate(self.locals)]
 
+    def moment_views(self) -> list[Tensor] | None:
+        """Each parameter's moments: a view [3, *local shape] of the fused moments; None for a net without."""
+        if self.moments is None:
+            return None
+        return [self._moment_rows(k).view(MOMENT_ROWS, *t.shape) for k, t in enumerate(self.locals)]
+
     def is_current(self, state_dtype: torch.dtype | None, net: CoordinatewiseLSTM, group_params: list[Tensor]) -> bool:
         """False when the group's list holds another tensor at one of this part's positions, a parameter was
-        given other storage (p.data = ...), or the group's state_dtype or the size of its net changed."""
+        given other storage (p.data = ...), or the group's state_dtype, the size of its net or whether it reads
+        moments changed."""
         if state_dtype != self.requested_state_dtype or self.lead != (net.num_layers, 2, net.hidden_size):
+            return False
+        if self.reads_moments != net.reads_moments:
             return False
         if torch.compiler.is_compiling():
             return True
@@ -117,6 +147,9 @@ class FusedGroup:
             flat = list(flat)
             for k in self.strided:
                 flat[k] = self.locals[k].reshape(-1)
-        net.multi_step_(flat, grads, self.state, lr)
+        if self.moments is None:
+            net.multi_step_(flat, grads, self.state, lr)
+        else:  # advances the moments in place, columns at the state's offsets
+            net.multi_step_(flat, grads, self.state, lr, moments=self.moments)
         for k in self.strided:
             self.locals[k].copy_(flat[k].view(self.locals[k].shape))

@@ -18,6 +18,7 @@ from .sharding import check_placements, local, state_like
 __all__ = ["LearnedOptimizer"]
 
 STATE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16)
+OWN_STATE = ("lstm_state", "moments")  # per-parameter state entries loaded by this optimizer, not torch.optim
 
 
 class LearnedOptimizer(Optimizer):
@@ -35,9 +36,15 @@ class LearnedOptimizer(Optimizer):
         state_dtype: storage of the per-coordinate LSTM state: None (float32; float64 for float64 parameters)
             or torch.bfloat16, which halves the optimizer's memory (the math stays in float32).
 
-    Memory: the state holds 2 * num_layers * hidden_size values per parameter element, 80 for the shipped nets
-    (H = 20, L = 2): 320 bytes per element in float32, 160 in bfloat16 (Adam: 8). Under FSDP2 each rank keeps
-    only its shard's.
+    State: per parameter ``state[p]["lstm_state"]`` [num_layers, 2, hidden_size, *p.shape] (in state_dtype) and,
+    for a net that reads the gradient's running moments (``net.reads_moments``, features "moments"),
+    ``state[p]["moments"]`` [3, *p.shape]: rows m, v (running mean and second moment, beta 0.95) and t (the
+    coordinate's step count), always in the math dtype (float32, float64 for float64 parameters), never bfloat16,
+    whatever state_dtype is. Both are views of the fused tensors of one kernel call.
+
+    Memory: the LSTM state holds 2 * num_layers * hidden_size values per parameter element, 80 for the shipped
+    nets (H = 20, L = 2): 320 bytes per element in float32, 160 in bfloat16 (Adam: 8); a net that reads moments
+    adds 3 values (12 bytes in float32, 24 in float64) per element. Under FSDP2 each rank keeps only its shard's.
 
     Parameters: float32, float64, bfloat16 or float16, dense, real; DTensors (FSDP2) are stepped shard by
     shard. Each param group's parameters on one device with one math dtype (float64, or float32 for the
@@ -103,9 +110,15 @@ class LearnedOptimizer(Optimizer):
             params = [group["params"][j] for j in positions]
             part = FusedGroup(params, group["net"], group["state_dtype"],
                               [self.state[p].get("lstm_state") for p in params], positions,
-                              [f"param_groups[{index}]['params'][{j}]" for j in positions])
-            for p, view in zip(params, part.state_views()):
+                              [f"param_groups[{index}]['params'][{j}]" for j in positions],
+                              moments=[self.state[p].get("moments") for p in params])
+            moment_views = part.moment_views()
+            for k, (p, view) in enumerate(zip(params, part.state_views())):
                 self.state[p]["lstm_state"] = state_like(p, view)
+                if moment_views is None:
+                    self.state[p].pop("moments", None)  # a net that reads none (the group's net was replaced)
+                else:
+                    self.state[p]["moments"] = state_like(p, moment_views[k])
             parts.append(part)
         return parts
 
@@ -138,8 +151,9 @@ class LearnedOptimizer(Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict:
         """torch.optim's, with each group's net replaced by its signature (sizes, constants, weight hash) and
-        per parameter {"lstm_state": [L, 2, H, *param.shape]} (views of the live state, not copies). Post hooks
-        (register_state_dict_post_hook) see this form."""
+        per parameter {"lstm_state": [L, 2, H, *param.shape]}, with "moments": [3, *param.shape] for a net that
+        reads them (views of the live state, not copies). Post hooks (register_state_dict_post_hook) see this
+        form."""
         with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
@@ -153,7 +167,8 @@ class LearnedOptimizer(Optimizer):
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of a LearnedOptimizer with the same nets and parameter layout (else ValueError,
-        nothing changed); the states are copied, stepping continues bit-identically.
+        nothing changed, also for moments missing or mis-shaped for a net that reads them); the states are
+        copied, stepping continues bit-identically.
 
         As in torch.optim, pre hooks (register_load_state_dict_pre_hook) run first and may convert the
         state_dict; it is validated after them. Post hooks run once the nets and LSTM states are in place."""
@@ -175,16 +190,16 @@ class LearnedOptimizer(Optimizer):
                 raise type(error)(f"state_dict: param_groups[{index}]: {error}") from None
         nets = [group["net"] for group in self.param_groups]
         # torch.optim would cast every state to its parameter's dtype (a float32 state to bfloat16): the LSTM
-        # states go around it.
-        stripped = {key: {k: v for k, v in value.items() if k != "lstm_state"} if isinstance(value, dict) else value
+        # states and moments go around it.
+        stripped = {key: {k: v for k, v in value.items() if k not in OWN_STATE} if isinstance(value, dict) else value
                     for key, value in state_dict["state"].items()}
         with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as (
                 _, post_hooks):
             super().load_state_dict({**state_dict, "state": stripped})
         for group, net in zip(self.param_groups, nets):
             group["net"] = net
-        for param, lstm_state in states.items():
-            self.state[param]["lstm_state"] = lstm_state
+        for param, entries in states.items():
+            self.state[param].update(entries)
         self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
         for post_hook in post_hooks.values():
             post_hook(self)
