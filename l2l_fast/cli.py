@@ -82,7 +82,7 @@ def _add_config_args(parser) -> None:
     for f in flag_fields():
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=flag_type(f),
                             choices=f.metadata["choices"], metavar=f.metadata["metavar"],
-                            help=f.metadata["help"].replace("%", "%%"))
+                            nargs=f.metadata.get("nargs"), help=f.metadata["help"].replace("%", "%%"))
 
 
 def _config_from_args(args):

@@ -20,7 +20,7 @@ HAND_WRITTEN = {"task": "quadratic", "hidden": [20], "activation": "sigmoid", "d
                 "loss_scale": "sum", "step_weight_power": 0.0, "coordinate_fraction": 1.0, "random_scale": 0.0,
                 "init": "", "eval_every": 10, "eval_problems": 16, "collapse_patience": 5, "checkpoint_every": 1,
                 "seed": 0, "out": "runs/meta-train", "resume": False, "export": None, "no_progress": False,
-                "threads": None}
+                "threads": None, "features": ["paper"], "output": "linear"}
 NO_FLAG = {"task", "task_kwargs", "hidden_size", "num_layers", "preprocess_p", "output_scale", "out_init_scale",
            "backend"}
 
@@ -62,14 +62,16 @@ def test_every_flag_reaches_the_config():
     given = {"epochs": "7", "horizon": "12", "horizon_min": "5", "unroll": "4", "meta_batch": "3", "lr": "0.02", "clip": "2.5",
              "eval_every": "2", "eval_problems": "5", "checkpoint_every": "3", "seed": "11", "loss_scale": "relative",
              "step_weight_power": "1.5", "lr_schedule": "cosine", "collapse_patience": "0",
-             "coordinate_fraction": "0.5", "random_scale": "0.3", "init": "pretrained:mnist"}
+             "coordinate_fraction": "0.5", "random_scale": "0.3", "init": "pretrained:mnist",
+             "features": "moments,paper", "output": "tanh"}
     assert set(given) == {f.name for f in flag_fields()}, "a new flag: give it a value here"
     argv = ["meta-train", "--task", "mnist", "--hidden", "8", "9", "--activation", "relu"]
     for name, text in given.items():
         argv += ["--" + name.replace("_", "-"), text]
     parser, _ = _build_parser()
     config = _config_from_args(parser.parse_args(argv))
-    expected = {name: type(getattr(MetaTrainConfig, name))(text) for name, text in given.items()}
+    expected = {name: type(getattr(MetaTrainConfig, name))(text) for name, text in given.items() if name != "features"}
+    expected["features"] = ("paper", "moments")  # the net's order (bit order), whatever the command line's
     assert {name: getattr(config, name) for name in given} == expected
     assert config.task == "mnist" and config.task_kwargs == {"hidden": (8, 9), "activation": "relu"}
 
@@ -84,3 +86,29 @@ def test_the_table_has_a_row_per_flag():
     assert "| `--lr-schedule {constant,cosine}` | `constant` | cosine: " in table
     assert "| `--collapse-patience E` | `5` | stop after E evaluations in a row without progress (score >= 99% " in table
     assert "| `--init SPEC` | `\"\"` |" in table and "| `--resume` |  |" in table
+
+
+@pytest.mark.parametrize("words, expected", [(["paper"], ("paper",)), (["moments"], ("moments",)),
+                                             (["paper,moments"], ("paper", "moments")),
+                                             (["moments", "paper"], ("paper", "moments")),
+                                             (["moments,", "paper,moments"], ("paper", "moments"))])
+def test_features_take_words_or_commas(words, expected):
+    parser, _ = _build_parser()
+    config = _config_from_args(parser.parse_args(["meta-train", "--features", *words, "--output", "tanh"]))
+    assert config.features == expected and config.output == "tanh"
+    assert config.net_kwargs()["features"] == expected and config.net_kwargs()["output"] == "tanh"
+
+
+@pytest.mark.parametrize("argv", [["--features", "adam"], ["--features", ","], ["--features"], ["--output", "relu"]])
+def test_bad_features_or_output_are_usage_errors(argv, capsys):
+    parser, _ = _build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["meta-train", *argv])
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("features", ("paper", "adam")), ("features", ()), ("output", "relu")])
+def test_the_config_refuses_unknown_features_and_outputs(field, value):
+    with pytest.raises(ValueError, match=field):
+        MetaTrainConfig(**{field: value})

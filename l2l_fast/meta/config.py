@@ -7,27 +7,56 @@ A field with `cli=False` has no flag of its own.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import features as features_
 from ..argtypes import positive_int
+from ..net import OUTPUTS  # the net's output: update = output_scale * y, or output_scale * tanh(y)
 from ..tasks.base import seeded
 
 LOSS_SCALES = ("sum", "relative", "initial")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def _flag(default, help: str, *, type=None, choices=None, metavar=None):
+def _flag(default, help: str, *, type=None, choices=None, metavar=None, nargs=None):
     """A field with a meta-train flag. type: argparse's (default: the default's int, float or str)."""
-    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "metavar": metavar})
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "metavar": metavar,
+                                            "nargs": nargs})
 
 
 def _no_flag(default=dataclasses.MISSING, help: str = "", *, why: str, default_factory=dataclasses.MISSING):
     """A field without a meta-train flag of its own; `why` says where it is set instead."""
     return field(default=default, default_factory=default_factory, metadata={"help": help, "cli": False, "why": why})
+
+
+def feature_names(text: str) -> tuple[str, ...]:
+    """argparse type of --features: one word of feature names separated by commas ("paper,moments")."""
+    names = tuple(name for name in text.split(",") if name)
+    unknown = [name for name in names if name not in features_.REGISTRY]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected feature names among {', '.join(features_.ALL)}, got {text!r}")
+    return names
+
+
+def normalize_features(value) -> tuple[str, ...]:
+    """The features of a config as the net keeps them (names in bit order) from names, comma-separated words,
+    sequences of them (the flag's words: --features paper moments, --features paper,moments) or a mask."""
+    if isinstance(value, int):
+        return features_.names_of(value)
+    names: list = []
+    for item in (value,) if isinstance(value, str) else value:
+        if isinstance(item, str):
+            names.extend(name for name in item.split(",") if name)
+        elif isinstance(item, (tuple, list)):
+            names.extend(item)
+        else:
+            raise ValueError(f"features: expected feature names, got {value!r}")
+    return features_.names_of(names)  # ValueError naming features for an unknown or no name
 
 
 @dataclass
@@ -58,6 +87,14 @@ class MetaTrainConfig:
     num_layers: int = _no_flag(2, "LSTM layers", why="the LSTM's sizes are the paper's; set from code")
     preprocess_p: float = _no_flag(10.0, "the gradient preprocessing's p", why="the paper's; set from code")
     output_scale: float = _no_flag(0.1, "the net's update is its output times this", why="the paper's; set from code")
+    features: tuple = _flag(features_.DEFAULT, "the LSTM's input features, one or more of: paper (the paper's "
+                                               "preprocessed gradient), moments (RNNprop's scale-free inputs: the "
+                                               "gradient and its running mean over the root of its running second "
+                                               "moment, beta 0.95, bias-corrected; the moments are carried like the "
+                                               "LSTM state); words or commas: paper moments, paper,moments",
+                            type=feature_names, metavar="NAMES", nargs="+")
+    output: str = _flag("linear", "the net's update: linear, output_scale times the LSTM's output (the paper); "
+                                  "tanh, output_scale times its tanh (a bounded step)", choices=OUTPUTS)
     out_init_scale: float = _no_flag(0.1, "the output layer's initial weights are scaled by this (small first "
                                           "updates; later work found this helps)", why="set from code")
     loss_scale: str = _flag("sum", "sum: a truncation's meta-loss is the sum of its losses (the paper); relative: "
@@ -89,6 +126,9 @@ class MetaTrainConfig:
                           "the best kept is never worse", metavar="SPEC")
 
     def __post_init__(self):
+        self.features = normalize_features(self.features)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {self.output!r}")
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -139,8 +179,9 @@ class MetaTrainConfig:
         return 1.0 if k == 0 else (k + 1) * (step / (horizon or self.horizon)) ** k
 
     def net_kwargs(self) -> dict:
+        """The CoordinatewiseLSTM's arguments (all but the backend)."""
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
-                    output_scale=self.output_scale)
+                    output_scale=self.output_scale, features=self.features, output=self.output)
 
 
 def flag_fields() -> list[dataclasses.Field]:

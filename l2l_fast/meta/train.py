@@ -22,9 +22,9 @@ from ..net import CoordinatewiseLSTM
 from ..pretrained import load_pretrained
 from ..tasks import TASKS, get_task
 from ..tasks.base import seeded
-from .config import MetaTrainConfig
+from .config import MetaTrainConfig, normalize_features
 from .rescale import RescaledProblems
-from .unroll import CoordinateSample, loss_and_grad, run_learned, truncation
+from .unroll import CoordinateSample, initial_state, loss_and_grad, run_learned, truncation
 
 LOG_FIELDS = ["epoch", "horizon", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
 
@@ -96,7 +96,7 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) 
         problems = RescaledProblems.random(problems, config.random_scale, seeded(config.seed, epoch, 4))
     horizon = config.episode_horizon(epoch)
     params = problems.init_params()
-    state = net.init_state(params.numel())
+    state = initial_state(net, params.numel())  # the LSTM state, with the moments of a net that reads them
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
     initial = 1.0 / losses.detach().clamp_min(1e-12)
     total, skipped, norms = 0.0, 0, []
@@ -163,6 +163,7 @@ class MetaTrainer:
 
     def _restore(self, payload: dict) -> None:
         saved = {**dataclasses.asdict(MetaTrainConfig()), **payload["config"]}  # fields added since: defaults
+        saved["features"] = normalize_features(saved["features"])
         mine = dataclasses.asdict(self.config)
         if saved["task"] == mine["task"] and mine["task"] in TASKS:  # options added since, or at defaults: same
             complete = get_task(mine["task"]).complete

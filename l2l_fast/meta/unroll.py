@@ -4,6 +4,11 @@ the no-grad evaluation runs share this module.
 theta_{t+1} = theta_t + update_t; gradients of the optimizee are data (no second derivatives); the
 coordinates of all problems go through one kernel call per step: params are [P, D] for problems of one
 shape, [N] for a MixedBatch of problems of different shapes, and the LSTM sees them flattened alike.
+
+What an optimizer carries from step to step per coordinate is its LSTM state [L, 2, H, n] and, for a net that
+reads the running moments of the gradient (``net.reads_moments``: features "moments"), its moments [3, n]. The
+carried state is the LSTM state alone for a net without moments and the pair (state, moments) for a net with
+them (:func:`initial_state`); both are carried (detached) across truncations and reset at an episode's start.
 """
 from __future__ import annotations
 
@@ -11,6 +16,39 @@ import torch
 from torch import Tensor
 
 from ..tasks.base import ProblemBatch
+
+
+def reads_moments(net) -> bool:
+    """Whether `net` reads the gradient's running moments (a learned optimizer without the attribute does not)."""
+    return bool(getattr(net, "reads_moments", False))
+
+
+def initial_state(net, n: int, device=None, dtype=None):
+    """The carried state of an episode's start for n coordinates: net.init_state(n), or for a net that reads
+    moments the pair (net.init_state(n), net.init_moments(n)), all zeros (device, dtype: as the net's
+    init_state / init_moments take them; default the net's)."""
+    where = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    state = net.init_state(n, **where)
+    if not reads_moments(net):
+        return state
+    return state, net.init_moments(n, **where)
+
+
+def _unpack(net, state) -> tuple[Tensor, Tensor | None]:
+    """(LSTM state, moments or None) of a carried state; a bare LSTM state for a net that reads moments starts
+    them at zero (an episode's start)."""
+    if isinstance(state, (tuple, list)):
+        lstm_state, moments = state
+        if moments is None and reads_moments(net):
+            raise ValueError("state: the net reads moments but the carried state has none")
+        return lstm_state, moments
+    if reads_moments(net):
+        return state, net.init_moments(state.shape[-1], device=state.device)
+    return state, None
+
+
+def _pack(state: Tensor, moments: Tensor | None):
+    return state if moments is None else (state, moments)
 
 
 def loss_and_grad(problems: ProblemBatch, params: Tensor, step: int, keep_graph: bool) -> tuple[Tensor, Tensor]:
@@ -48,6 +86,7 @@ class CoordinateSample:
         self.scale = n / k
 
     def split(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """A tensor over the n coordinates (last dim: an LSTM state, moments) -> (tracked, untracked) parts."""
         return state[..., self.tracked].contiguous(), state[..., self.untracked].contiguous()
 
     def join(self, tracked: Tensor, untracked: Tensor) -> Tensor:
@@ -55,22 +94,38 @@ class CoordinateSample:
         return torch.cat([tracked, untracked], dim=-1).index_select(-1, self.inverse)
 
 
-def _sampled_step(net, grad: Tensor, state: tuple[Tensor, Tensor], sample: CoordinateSample):
-    """One learned step whose graph covers only the sampled coordinates (their weight gradients x n/k)."""
+def _sampled_step(net, grad: Tensor, state: tuple[Tensor, Tensor], moments, sample: CoordinateSample):
+    """One learned step whose graph covers only the sampled coordinates (their weight gradients x n/k).
+    moments: None, or the (tracked, untracked) moments, advanced here with this gradient."""
     tracked_state, untracked_state = state
-    update, tracked_state = net(grad[sample.tracked], tracked_state)
+    tracked_grad, untracked_grad = grad[sample.tracked], grad[sample.untracked].contiguous()
+    if moments is None:
+        update, tracked_state = net(tracked_grad, tracked_state)
+    else:
+        tracked_moments, untracked_moments = moments
+        tracked_moments = net.advance_moments(tracked_grad.detach(), tracked_moments)
+        moments = (tracked_moments, untracked_moments)
+        update, tracked_state = net(tracked_grad, tracked_state, tracked_moments)
     # value unchanged; gradient scaled by n / k, so the estimate is unbiased and clipping sees its size
     update = update * sample.scale - update.detach() * (sample.scale - 1)
     with torch.no_grad():
         rest = torch.zeros(sample.untracked.numel(), dtype=grad.dtype, device=grad.device)
-        net.step_(rest, grad[sample.untracked].contiguous(), untracked_state)
-    return sample.join(update, rest), (tracked_state, untracked_state)
+        if moments is None:
+            net.step_(rest, untracked_grad, untracked_state)
+        else:  # advances the untracked moments in place
+            net.step_(rest, untracked_grad, untracked_state, moments[1])
+    return sample.join(update, rest), (tracked_state, untracked_state), moments
 
 
-def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state: Tensor, start: int, steps: int,
+def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state, start: int, steps: int,
                weights: Tensor | None = None, step_weights=None, sample: CoordinateSample | None = None):
     """`steps` differentiable steps from `params` ([P, D], or [N] for a MixedBatch) whose gradient `grad`
-    (params' shape) is already known; state [L, 2, H, params.numel()].
+    (params' shape) is already known; state: the carried state (initial_state: the LSTM state [L, 2, H,
+    params.numel()], with the moments [3, params.numel()] for a net that reads them; a bare LSTM state starts
+    the moments at zero).
+
+    Each step advances the moments with the (detached) gradient first, then runs the net on the gradient, its
+    state and the advanced moments: update, state = net(grad, state, moments).
 
     Returns (meta_loss = sum of the P losses after each update, each problem's losses times
     `weights` [P] and the losses after update j times `step_weights[j]` when given, losses [steps, P]
@@ -79,37 +134,49 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state:
     """
     meta_loss = params.new_zeros(())
     history = []
+    state, moments = _unpack(net, state)
     carried = sample.split(state) if sample is not None else state
+    if sample is not None and moments is not None:
+        moments = sample.split(moments)
     for j in range(steps):
         flat_grad = grad.reshape(-1)
-        if sample is None:
+        if sample is not None:
+            update, carried, moments = _sampled_step(net, flat_grad, carried, moments, sample)
+        elif moments is None:
             update, carried = net(flat_grad, carried)
         else:
-            update, carried = _sampled_step(net, flat_grad, carried, sample)
+            moments = net.advance_moments(flat_grad.detach(), moments)
+            update, carried = net(flat_grad, carried, moments)
         params = params + update.view(params.shape)
         losses, grad = loss_and_grad(problems, params, start + j + 1, keep_graph=True)
         term = losses.sum() if weights is None else (losses * weights).sum()
         meta_loss = meta_loss + (term if step_weights is None else step_weights[j] * term)
         history.append(losses.detach())
     state = carried.detach() if sample is None else sample.join(carried[0].detach(), carried[1])
-    return meta_loss, torch.stack(history), params.detach(), grad, state
+    if moments is not None:
+        moments = (sample.join(*moments) if sample is not None else moments).detach()
+    return meta_loss, torch.stack(history), params.detach(), grad, _pack(state, moments)
 
 
 def run_learned(net, problems: ProblemBatch, steps: int) -> Tensor:
-    """Optimizes the problems for `steps` steps with the learned optimizer (in-place, no graph).
+    """Optimizes the problems for `steps` steps with the learned optimizer (in-place, no graph), the moments of
+    a net that reads them carried with its state: the trajectory of truncation's, without a graph.
 
     Returns the losses [steps + 1, P] at theta_0 .. theta_steps.
     """
     params = problems.init_params()
     flat = params.reshape(-1).clone()
-    state = net.init_state(flat.numel())
+    state, moments = _unpack(net, initial_state(net, flat.numel()))
     history = []
     for t in range(steps + 1):
         losses, grad = loss_and_grad(problems, flat.view(params.shape), t, keep_graph=False)
         history.append(losses.detach())
         if t < steps:
             with torch.no_grad():
-                net.step_(flat, grad.reshape(-1), state)
+                if moments is None:
+                    net.step_(flat, grad.reshape(-1), state)
+                else:  # advances the moments in place
+                    net.step_(flat, grad.reshape(-1), state, moments)
     return torch.stack(history)
 
 
