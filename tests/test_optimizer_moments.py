@@ -98,7 +98,8 @@ def test_matches_a_loop_over_advance_moments_and_forward(gen, kind, backend):
             moments_net(("paper", "moments"), "tanh", gen=gen, hidden_size=4, num_layers=1, backend=backend,
                         output_scale=0.3)]
     first = make_params([(4, 3), (7,), ()], torch.float64, gen)
-    second = make_params([(2, 3, 2)], torch.float64, gen) + [non_contiguous(make_params([(5, 3)], torch.float64, gen)[0])]
+    second = make_params([(2, 3, 2), (5, 3)], torch.float64, gen)
+    second[1] = non_contiguous(second[1])
     assert not second[1].is_contiguous()
     hand = HandWritten([(first, nets[0], 1.0), (second, nets[1], 0.5)])
     opt = LearnedOptimizer([{"params": first, "net": nets[0]}, {"params": second, "net": nets[1], "lr": 0.5}])
