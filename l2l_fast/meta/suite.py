@@ -279,7 +279,8 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
     """Runs every entry of `suite` (a name of SUITES or a Suite).
 
     optimizers: {label: a learned optimizer (anything with init_state(n) and step_(params, grad, state), as
-    CoordinatewiseLSTM), or a function task -> one (a file with one LSTM per parameter group loads per task)}.
+    CoordinatewiseLSTM; one that reads moments also init_moments(n) and step_(..., moments), which run_learned
+    carries), or a function task -> one (a file with one LSTM per parameter group loads per task)}.
     baselines: more hand-designed optimizers (BASELINES' names), each tuned as Adam is; "adam" is tuned Adam.
     problems, tune_problems: test and validation problems per entry (defaults 8 and 8; quick: 3 and 2, and
     horizons cut to 20 steps). grid: Adam's learning rates to tune over; baseline_grid: the other baselines';
