@@ -4,7 +4,8 @@ test_cuda_emulated.py (the same kernel code run on CPU threads, see tests/cuda_e
 Every check takes an :class:`Impl`: the four ops and the device their tensors live on. Inputs are drawn
 on the CPU from the test's generator, the expected values are the float64 reference on the CPU run on
 the kernel's (possibly rounded) inputs; tolerances from tolerances.py, and for the 16-bit storage of the
-multi-tensor step the table BF16_STATE / PARAM_16BIT below.
+multi-tensor step the table BF16_STATE / PARAM_16BIT below. The checks take the op's `features` and
+`output`; features that read the running moments get moments drawn by :func:`moments_for`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from conftest import random_grad, random_state, random_weights, reference_forward64, to64
+from conftest import random_grad, random_state, random_weights, to64
+from l2l_fast import features as registry
 from l2l_fast import reference
 from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale
 
@@ -37,7 +39,9 @@ class Impl:
 
 
 def on(impl: Impl, tensors):
-    """Copies on impl.device (always copies: the in-place ops must not touch the CPU originals)."""
+    """Copies on impl.device (always copies: the in-place ops must not touch the CPU originals); None stays None."""
+    if tensors is None:
+        return None
     if isinstance(tensors, torch.Tensor):
         return tensors.to(impl.device, copy=True)
     return [on(impl, t) for t in tensors]
@@ -55,30 +59,50 @@ def inputs(n, H, L, dtype, gen, kind="random", p=10.0, non_finite=False, feature
     return grad, state, weights, up_u, up_s
 
 
-def reference_grads(grad, state, weights, p, scale, up_u, up_s, features=1):
+def moments_for(features, grad, gen, *, advanced=True, steps=5):
+    """None when the features read no moments, else moments [3, n] in grad's dtype as an optimizer keeps them:
+    each coordinate has taken 0 to `steps` earlier steps (t = 0: fresh zeros) with gradients drawn like
+    random_grad's, then, when `advanced` (what lstm_step receives), the step of grad itself."""
+    if not registry.reads_moments(features):
+        return None
+    n = grad.shape[0]
+    moments = torch.zeros(registry.MOMENT_ROWS, n, dtype=torch.float64)
+    taken = torch.randint(0, steps + 1, (n,), generator=gen)
+    for step in range(steps):
+        earlier = registry.advance_moments(random_grad(n, gen=gen), moments)
+        moments = torch.where(taken > step, earlier, moments)
+    if advanced:
+        moments = registry.advance_moments(grad.double(), moments)
+    return moments.to(grad.dtype)
+
+
+def reference_grads(grad, state, weights, p, scale, up_u, up_s, features=1, moments=None, output=0):
     """(update, new_state, d_grad, d_state, d_weights) of the reference's autograd on these (CPU) tensors."""
     grad = grad.detach().clone().requires_grad_(True)
     state = state.detach().clone().requires_grad_(True)
     weights = [w.detach().clone().requires_grad_(True) for w in weights]
-    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features)
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features, moments, output)
     d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_u, up_s])
     return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
 
 
 def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=10.0, scale=0.1,
-                           non_finite=False, saturating=False, features=1):
+                           non_finite=False, saturating=False, features=1, output=0):
     """lstm_step and lstm_step_backward on impl.device vs the float64 reference; returns the kernel outputs."""
     grad, state, weights, up_u, up_s = inputs(n, H, L, dtype, gen, kind, p, non_finite, features)
-    update, new_state = impl.lstm_step(*on(impl, [grad, state]), on(impl, weights), p, scale, features)
+    moments = moments_for(features, grad, gen)
+    options = dict(moments=on(impl, moments), output=output)
+    update, new_state = impl.lstm_step(*on(impl, [grad, state]), on(impl, weights), p, scale, features, **options)
     d_grad, d_state, d_weights = impl.lstm_step_backward(*on(impl, [up_u, up_s, grad, state]), on(impl, weights),
-                                                         p, scale, features)
+                                                         p, scale, features, **options)
     got = [t.cpu() for t in (update, new_state, d_grad, d_state)], [t.cpu() for t in d_weights]
-    ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s), features)
+    ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s), features,
+                          None if moments is None else to64(moments), output)
     scales, ref_same = [None, None, None], None
-    if dtype == torch.float64:
+    if dtype == torch.float32:
+        ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s, features, moments, output)[4]
+    elif moments is None:  # (the error scale's features see the gradient only; tanh's slope <= 1 only shrinks it)
         scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, features=features)
-    else:
-        ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s, features)[4]
     for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[0], ref[:4],
                               [None, None, *scales[:2]]):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
@@ -93,28 +117,96 @@ def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=
     return got
 
 
-def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False, p=10.0, scale=0.1, features=1):
-    """lstm_step_ (param += update, state advanced in place) vs the float64 reference."""
+def expected_inplace64(grad, state, weights, p, scale, features=1, moments=None, output=0):
+    """(update, new_state, new_moments) of the float64 reference's in-place step on these (rounded) inputs."""
+    update = torch.zeros(grad.shape[0], dtype=torch.float64)
+    state = to64(state).clone()
+    moments = None if moments is None else to64(moments).clone()
+    reference.lstm_step_(update, to64(grad), state, to64(weights), p, scale, features, moments, output)
+    return update, state, moments
+
+
+def check_step_inplace(impl: Impl, n, H, L, dtype, gen, *, non_contiguous=False, p=10.0, scale=0.1, features=1,
+                       output=0):
+    """lstm_step_ (param += update, state and moments advanced in place) vs the float64 reference."""
     grad, state, weights, _, _ = inputs(n, H, L, dtype, gen, non_finite=True, features=features)
+    moments = moments_for(features, grad, gen, advanced=False)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    e_update, e_state = reference_forward64(grad, state, weights, p, scale, features=features)
+    e_update, e_state, e_moments = expected_inplace64(grad, state, weights, p, scale, features, moments, output)
     g_dev, w_dev = on(impl, grad), on(impl, weights)
-    if non_contiguous:  # every second element of a buffer twice as long; state with coordinates not last-contiguous
+    if non_contiguous:  # every second element of a buffer twice as long; state and moments with coordinates not
+        # last-contiguous
         param_buf = torch.zeros(2 * n, dtype=dtype, device=impl.device)
         param_dev = param_buf[::2]
         param_dev.copy_(param.to(impl.device))
         state_dev = state.to(impl.device).transpose(0, 3).contiguous().transpose(0, 3)
+        moments_dev = None if moments is None else moments.to(impl.device).t().contiguous().t()
         assert n <= 1 or not param_dev.is_contiguous()
     else:
-        param_dev, state_dev = on(impl, param), on(impl, state)
-    impl.lstm_step_(param_dev, g_dev, state_dev, w_dev, p, scale, features)
+        param_dev, state_dev, moments_dev = on(impl, [param, state]) + [on(impl, moments)]
+    impl.lstm_step_(param_dev, g_dev, state_dev, w_dev, p, scale, features, moments=moments_dev, output=output)
     assert_elementwise_close(param_dev.cpu(), param.double() + e_update, dtype, "param")
     assert_elementwise_close(state_dev.cpu(), e_state, dtype, "state")
+    if moments is not None:
+        assert_elementwise_close(moments_dev.cpu(), e_moments, dtype, "moments")
     if non_contiguous:
         assert (param_buf[1::2] == 0).all(), "lstm_step_ wrote between the elements of a strided param"
     if n >= 6:
         assert torch.equal(state_dev.cpu()[..., 3:6], state[..., 3:6]), "non-finite coordinates: state kept"
         assert torch.equal(param_dev.cpu()[3:6], param[3:6]), "non-finite coordinates: param kept"
+        if moments is not None:
+            assert torch.equal(moments_dev.cpu()[:, 3:6], moments[:, 3:6]), "non-finite coordinates: moments kept"
+
+
+def assert_same_non_finite(actual, expected, dtype, name):
+    """NaN and +-Inf where the float64 reference has them, the finite rest within tolerance."""
+    a, e = actual.cpu().double(), expected.double()
+    assert torch.equal(a.isnan(), e.isnan()), f"{name}: NaN at {a.isnan().nonzero()[:8].tolist()}, expected at " \
+                                              f"{e.isnan().nonzero()[:8].tolist()}"
+    infinite = e.isinf()
+    assert torch.equal(a[infinite], e[infinite]) and not a[~infinite & ~e.isnan()].isinf().any(), f"{name}: +-Inf"
+    finite = e.isfinite()
+    assert_elementwise_close(a[finite], e[finite], dtype, name)
+
+
+def check_nonfinite_moments(impl: Impl, n, H, L, dtype, gen, *, features, output=0, p=10.0, scale=0.1):
+    """Non-finite moments (m NaN, v +Inf, t NaN at finite gradients) poison their coordinates like a non-finite
+    state in all four ops; a non-finite gradient keeps its coordinate's moments bit for bit, NaN or not."""
+    grad, state, weights, up_u, up_s = inputs(n, H, L, dtype, gen, non_finite=True, features=features)  # 3..5 bad
+    moments = moments_for(features, grad, gen, advanced=False)
+    moments[0, 6], moments[1, 7], moments[2, 8] = math.nan, math.inf, math.nan
+    moments[0, 4] = math.nan  # at the +Inf gradient: kept, not poisoned
+    poisoned = torch.zeros(n, dtype=torch.bool)
+    poisoned[6:9] = True
+    advanced = registry.advance_moments(grad, moments)
+    options = dict(moments=on(impl, advanced), output=output)
+    update, new_state = impl.lstm_step(*on(impl, [grad, state]), on(impl, weights), p, scale, features, **options)
+    d_grad, d_state, d_weights = impl.lstm_step_backward(*on(impl, [up_u, up_s, grad, state]), on(impl, weights),
+                                                         p, scale, features, **options)
+    ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s), features,
+                          to64(advanced), output)
+    for name, a, e in zip(("update", "new_state", "d_grad", "d_state"), (update, new_state, d_grad, d_state), ref):
+        assert_same_non_finite(a, e, dtype, name)
+    assert update.cpu()[poisoned].isnan().all() and new_state.cpu()[..., poisoned].isnan().all()
+    assert all(w.isnan().all() for w in d_weights), "a poisoned coordinate makes every weight gradient NaN"
+
+    param, state_dev, moments_dev = on(impl, [torch.zeros_like(grad), state, moments])
+    impl.lstm_step_(param, on(impl, grad), state_dev, on(impl, weights), p, scale, features, moments=moments_dev,
+                    output=output)
+    e_update, e_state, e_moments = expected_inplace64(grad, state, weights, p, scale, features, moments, output)
+    for name, a, e in (("param", param, e_update), ("state", state_dev, e_state), ("moments", moments_dev, e_moments)):
+        assert_same_non_finite(a, e, dtype, f"lstm_step_ {name}")
+    assert torch.equal(moments_dev.cpu()[:, 3:6].isnan(), moments[:, 3:6].isnan())
+    assert torch.equal(moments_dev.cpu()[:, 3:6].nan_to_num(), moments[:, 3:6].nan_to_num()), "moments kept"
+
+    sizes = [n // 2, n - n // 2]  # the multi-tensor step: the same columns split over two tensors
+    params = [torch.zeros(k, dtype=dtype) for k in sizes]
+    params_dev, state_dev, moments_dev = on(impl, params), on(impl, state), on(impl, moments)
+    impl.lstm_multi_step_(params_dev, on(impl, list(grad.split(sizes))), state_dev, on(impl, weights), p, scale,
+                          features, moments=moments_dev, output=output)
+    assert_same_non_finite(torch.cat(params_dev), e_update, dtype, "lstm_multi_step_ params")
+    assert_same_non_finite(state_dev, e_state, dtype, "lstm_multi_step_ state")
+    assert_same_non_finite(moments_dev, e_moments, dtype, "lstm_multi_step_ moments")
 
 
 def multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p=10.0, features=1):
@@ -134,20 +226,28 @@ def multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p=10.0, features=
 
 
 def check_multi_step(impl: Impl, sizes, param_dtypes, H, L, gen, *, weight_dtype=torch.float32,
-                     state_dtype=torch.float32, p=10.0, scale=0.1, features=1):
+                     state_dtype=torch.float32, p=10.0, scale=0.1, features=1, output=0):
     """lstm_multi_step_ vs the float64 reference on the rounded inputs, tensor by tensor."""
     params, grads, weights, state64 = multi_inputs(sizes, param_dtypes, H, L, weight_dtype, gen, p, features)
     state = state64.to(state_dtype)
+    math_dtype = weight_dtype  # float32 arithmetic for float32 weights, whatever the storage
+    all_grads = torch.cat([g.to(math_dtype) for g in grads]) if grads else torch.zeros(0, dtype=math_dtype)
+    moments = moments_for(features, all_grads, gen, advanced=False)
     params_dev, grads_dev, state_dev = on(impl, params), on(impl, grads), on(impl, state)
-    impl.lstm_multi_step_(params_dev, grads_dev, state_dev, on(impl, weights), p, scale, features)
+    moments_dev = on(impl, moments)
+    impl.lstm_multi_step_(params_dev, grads_dev, state_dev, on(impl, weights), p, scale, features, moments=moments_dev,
+                          output=output)
     new_state = state_dev.cpu()
     assert new_state.dtype == state_dtype
-    math_dtype = weight_dtype  # float32 arithmetic for float32 weights, whatever the storage
     begin = 0
     for k, n in enumerate(sizes):
         cols = slice(begin, begin + n)
         begin += n
-        e_update, e_state = reference_forward64(grads[k], state[..., cols], weights, p, scale, features=features)
+        e_update, e_state, e_moments = expected_inplace64(grads[k].to(math_dtype), state[..., cols], weights, p, scale,
+                                                          features, None if moments is None else moments[:, cols],
+                                                          output)
+        if moments is not None:
+            assert_elementwise_close(moments_dev[:, cols].cpu(), e_moments, math_dtype, f"moments of params[{k}]")
         got_param = params_dev[k].cpu()
         assert got_param.dtype == params[k].dtype
         expected_param = params[k].double() + e_update
@@ -174,21 +274,32 @@ def check_multi_step(impl: Impl, sizes, param_dtypes, H, L, gen, *, weight_dtype
             assert torch.equal(got_param[bad], params[k][bad]), f"params[{k}]: non-finite gradient must not move it"
             assert torch.equal(new_state[..., cols][..., bad], state[..., cols][..., bad]), \
                 f"state of params[{k}]: non-finite gradient must keep it bit for bit"
+            if moments is not None:
+                assert torch.equal(moments_dev[:, cols][:, bad].cpu(), moments[:, cols][:, bad]), \
+                    f"moments of params[{k}]: non-finite gradient must keep them bit for bit"
 
 
-def check_multi_matches_single(impl: Impl, sizes, H, L, gen, p=10.0, scale=0.1):
-    """float32 everywhere: the multi-tensor step equals lstm_step_ on each tensor alone, bit for bit."""
-    params, grads, weights, state64 = multi_inputs(sizes, [torch.float32], H, L, torch.float32, gen, p)
+def check_multi_matches_single(impl: Impl, sizes, H, L, gen, p=10.0, scale=0.1, features=1, output=0):
+    """float32 everywhere: the multi-tensor step equals lstm_step_ on each tensor alone, bit for bit (state and
+    moments columns at the same offsets)."""
+    params, grads, weights, state64 = multi_inputs(sizes, [torch.float32], H, L, torch.float32, gen, p, features)
     state = state64.float()
+    all_grads = torch.cat(grads) if grads else torch.zeros(0)
+    moments = moments_for(features, all_grads, gen, advanced=False)
     params_m, grads_d, state_m, w = on(impl, params), on(impl, grads), on(impl, state), on(impl, weights)
-    impl.lstm_multi_step_(params_m, grads_d, state_m, w, p, scale)
+    moments_m = on(impl, moments)
+    impl.lstm_multi_step_(params_m, grads_d, state_m, w, p, scale, features, moments=moments_m, output=output)
     begin = 0
     for k, n in enumerate(sizes):
+        cols = slice(begin, begin + n)
         param_s = on(impl, params[k])
-        state_s = on(impl, state[..., begin:begin + n].contiguous())
-        impl.lstm_step_(param_s, grads_d[k], state_s, w, p, scale)
+        state_s = on(impl, state[..., cols].contiguous())
+        moments_s = None if moments is None else on(impl, moments[:, cols].contiguous())
+        impl.lstm_step_(param_s, grads_d[k], state_s, w, p, scale, features, moments=moments_s, output=output)
         assert torch.equal(params_m[k].cpu(), param_s.cpu()), f"params[{k}]"
-        assert torch.equal(state_m[..., begin:begin + n].cpu(), state_s.cpu()), f"state of params[{k}]"
+        assert torch.equal(state_m[..., cols].cpu(), state_s.cpu()), f"state of params[{k}]"
+        if moments is not None:
+            assert torch.equal(moments_m[:, cols].cpu(), moments_s.cpu()), f"moments of params[{k}]"
         begin += n
 
 

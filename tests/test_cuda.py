@@ -17,6 +17,7 @@ from torch.autograd import gradcheck
 import cuda_cases as cases
 from conftest import (DTYPE_IDS, FEATURE_SETS, WEIGHT_KINDS, feature_id, make_net, random_grad, random_state,
                       random_weights, reference_forward64, requires_native, to64)
+from l2l_fast import features as registry
 from l2l_fast import ops
 from test_gradcheck import assert_away_from_kink, away_from_kink, unroll
 from tolerances import assert_elementwise_close, assert_weight_grads_close
@@ -57,16 +58,27 @@ def test_hidden_sizes_and_layers(gen, hidden_size, num_layers, dtype):
     cases.check_forward_backward(IMPL, 133, hidden_size, num_layers, dtype, gen, non_finite=True)
 
 
+@pytest.mark.parametrize("output", [0, 1], ids=["linear", "tanh"])
 @pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("hidden,layers", [(20, 2), (3, 2)], ids=lambda v: str(v))
-def test_features(gen, hidden, layers, dtype, features):
-    """Every set of input features: forward, backward, step_ and the multi-tensor step (with 20 x 2, the paper's
-    set runs the compiled-in sizes and every other set the run-time path)."""
-    cases.check_forward_backward(IMPL, 4097, hidden, layers, dtype, gen, non_finite=True, features=features)
-    cases.check_step_inplace(IMPL, 1000, hidden, layers, dtype, gen, features=features)
+def test_features(gen, hidden, layers, dtype, features, output):
+    """Every set of input features and output kind: forward, backward, step_ and the multi-tensor step, the sets
+    reading moments with them (with 20 x 2, the paper's set runs the compiled-in sizes and every other set the
+    run-time path)."""
+    cases.check_forward_backward(IMPL, 4097, hidden, layers, dtype, gen, non_finite=True, features=features,
+                                 output=output)
+    cases.check_step_inplace(IMPL, 1000, hidden, layers, dtype, gen, features=features, output=output)
     cases.check_multi_step(IMPL, [7, 0, 4000], [dtype], hidden, layers, gen, weight_dtype=dtype, state_dtype=dtype,
-                           features=features)
+                           features=features, output=output)
+
+
+@pytest.mark.parametrize("features", [f for f in FEATURE_SETS if registry.reads_moments(f)], ids=feature_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_nonfinite_moments(gen, dtype, features):
+    """Non-finite moments poison like a non-finite state; a non-finite gradient keeps its moments bit for bit."""
+    for output in (0, 1):
+        cases.check_nonfinite_moments(IMPL, 1000, 20, 2, dtype, gen, features=features, output=output)
 
 
 @pytest.mark.parametrize("p,scale", [(1.0, 1.0), (20.0, -0.5), (0.25, 7.0)], ids=lambda v: str(v))
@@ -184,6 +196,22 @@ def test_gradcheck_single_step(gen, hidden_size, num_layers, n, p):
 
     def fn(k, state, *weights):
         return ops.lstm_step(k * math.exp(-p), state, list(weights), p, 0.3)
+
+    k = (grad / math.exp(-p)).cuda().requires_grad_(True)
+    assert gradcheck(fn, (k, state, *weights), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_moments_and_tanh_output(gen):
+    """The paper's features with the moments (data: no gradient) and the bounded output, run-time path."""
+    p, H, L, n, features = 10.0, 3, 2, 7, registry.ALL_MASK
+    weights = [w.cuda().requires_grad_(True) for w in random_weights(H, L, gen=gen, kind="random", features=features)]
+    grad = away_from_kink(n, p, gen=gen)
+    assert_away_from_kink(grad, p, margin=0.25)
+    moments = cases.moments_for(features, grad, gen).cuda()
+    state = random_state(L, H, n, gen=gen).cuda().requires_grad_(True)
+
+    def fn(k, state, *weights):
+        return ops.lstm_step(k * math.exp(-p), state, list(weights), p, 0.3, features, moments, 1)
 
     k = (grad / math.exp(-p)).cuda().requires_grad_(True)
     assert gradcheck(fn, (k, state, *weights), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -17,6 +17,7 @@ import torch
 
 import cuda_cases as cases
 from conftest import DTYPE_IDS, FEATURE_SETS, feature_id, step_grads
+from l2l_fast import features as registry
 from l2l_fast import reference
 
 if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
@@ -27,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64]
 # (hidden, layers): the compiled-in size (registers, unrolled) and the run-time paths up to 32 and 128
 SHAPES = [(20, 2), (3, 2), (1, 1), (33, 3)]
+OUTPUTS = [0, 1]  # update = scale * y, scale * tanh(y)
+# the paper's features alone, and with the running moments (which only the run-time path reads)
+MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
+
+
+def output_id(output):
+    return ("linear", "tanh")[output]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +64,27 @@ def test_forward_backward(impl, gen, n, hidden, layers, dtype):
     cases.check_forward_backward(impl, n, hidden, layers, dtype, gen, non_finite=True)
 
 
+@pytest.mark.parametrize("output", OUTPUTS, ids=output_id)
 @pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("hidden,layers", [(20, 2), (3, 2)], ids=lambda v: str(v))
-def test_features(impl, gen, hidden, layers, dtype, features):
-    """Every set of input features: forward, backward, step_ and the multi-tensor step (with 20 x 2, the paper's
-    set runs the compiled-in sizes and every other set the run-time path)."""
-    cases.check_forward_backward(impl, 100, hidden, layers, dtype, gen, non_finite=True, features=features)
-    cases.check_step_inplace(impl, 37, hidden, layers, dtype, gen, features=features)
+def test_features(impl, gen, hidden, layers, dtype, features, output):
+    """Every set of input features and output kind: forward, backward, step_ and the multi-tensor step, the sets
+    reading moments with them (with 20 x 2, the paper's set runs the compiled-in sizes and every other set the
+    run-time path)."""
+    cases.check_forward_backward(impl, 100, hidden, layers, dtype, gen, non_finite=True, features=features,
+                                 output=output)
+    cases.check_step_inplace(impl, 37, hidden, layers, dtype, gen, features=features, output=output)
     cases.check_multi_step(impl, [7, 0, 40], [dtype], hidden, layers, gen, weight_dtype=dtype, state_dtype=dtype,
-                           features=features)
+                           features=features, output=output)
+
+
+@pytest.mark.parametrize("features", MOMENT_SETS, ids=feature_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_moments_large_hidden(impl, gen, dtype, features):
+    """Moments and the bounded output on the run-time path up to 128 (local-memory arrays), over several tiles."""
+    cases.check_forward_backward(impl, 300, 33, 3, dtype, gen, non_finite=True, features=features, output=1)
+    cases.check_step_inplace(impl, 70, 33, 3, dtype, gen, features=features, output=1)
 
 
 @pytest.mark.parametrize("kind", ["init", "saturating"])
@@ -94,13 +113,16 @@ def test_small_shared_memory(impl, emu, gen):
 def test_step_inplace(impl, gen, dtype, non_contiguous):
     cases.check_step_inplace(impl, 97, 20, 2, dtype, gen, non_contiguous=non_contiguous)
     cases.check_step_inplace(impl, 50, 5, 3, dtype, gen, non_contiguous=non_contiguous)
+    for features in MOMENT_SETS:  # strided moments are advanced in a copy and written back
+        cases.check_step_inplace(impl, 50, 5, 3, dtype, gen, non_contiguous=non_contiguous, features=features)
 
 
+@pytest.mark.parametrize("features", [1, *MOMENT_SETS], ids=feature_id)
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32-state", "bf16-state"])
-def test_multi_step_mixed_dtypes(impl, gen, state_dtype):
+def test_multi_step_mixed_dtypes(impl, gen, state_dtype, features):
     sizes = [7, 0, 1, 130, 5, 64, 33]
     dtypes = [torch.float32, torch.bfloat16, torch.float16]  # the params float32 weights take
-    cases.check_multi_step(impl, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype)
+    cases.check_multi_step(impl, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype, features=features, output=1)
 
 
 def test_bf16_state_trajectory(impl, gen):
@@ -118,11 +140,13 @@ def test_multi_step_matches_single_tensor_steps(impl, gen):
     cases.check_multi_matches_single(impl, [5, 1, 77, 0, 32, 3], 20, 2, gen)
 
 
-def test_multi_step_many_tensors(impl, emu, gen):
-    """110 tensors: more than one launch's 48 slots, so the launches split and must still tile the state."""
+@pytest.mark.parametrize("features", [1, *MOMENT_SETS], ids=feature_id)
+def test_multi_step_many_tensors(impl, emu, gen, features):
+    """110 tensors: more than one launch's 48 slots, so the launches split and must still tile the state (and the
+    moments, at the same columns)."""
     sizes = [(k * 7) % 11 for k in range(110)]
     before = emu.launches()
-    cases.check_multi_matches_single(impl, sizes, 3, 1, gen)
+    cases.check_multi_matches_single(impl, sizes, 3, 1, gen, features=features, output=1)
     nonempty = sum(1 for n in sizes if n)
     assert emu.launches() - before >= (nonempty + 47) // 48 + nonempty  # the multi step's launches + one per tensor
 
@@ -145,6 +169,24 @@ def test_rejects_hidden_size_over_limit(impl, gen):
     grad, state, weights, _, _ = cases.inputs(3, 129, 1, torch.float32, gen)
     with pytest.raises(ValueError, match="hidden_size 129"):
         impl.lstm_step(grad, state, weights, 10.0, 0.1)
+
+
+def test_moments_and_output_checked(impl, gen):
+    """The bindings pass moments and output to op_checks.h's validators."""
+    grad, state, weights, _, _ = cases.inputs(9, 3, 1, torch.float32, gen, features=3)
+    with pytest.raises(ValueError, match="moments"):
+        impl.lstm_step(grad, state, weights, 10.0, 0.1, 3)
+    with pytest.raises(ValueError, match="moments"):
+        impl.lstm_step_(torch.zeros(9), grad, state, weights, 10.0, 0.1, 3, moments=torch.zeros(3, 8))
+    with pytest.raises(TypeError, match="moments"):
+        impl.lstm_step_backward(torch.zeros(9), state, grad, state, weights, 10.0, 0.1, 3,
+                                moments=torch.zeros(3, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="output"):
+        impl.lstm_multi_step_([torch.zeros(9)], [grad], state, weights, 10.0, 0.1, 3, moments=torch.zeros(3, 9),
+                              output=2)
+    grad, state, weights, _, _ = cases.inputs(9, 3, 1, torch.float32, gen)
+    with pytest.raises(ValueError, match="moments"):
+        impl.lstm_step(grad, state, weights, 10.0, 0.1, 1, moments=torch.zeros(3, 9))
 
 
 def test_multi_step_keeps_the_cpu_contract(impl, gen):
@@ -220,3 +262,12 @@ def test_nonfinite_policy(impl, pr, dtype):
         impl.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s16_got, weights, 10.0, 0.1, 1)
         assert_same_pattern(p_got, p_ref, "param")
         assert_same_pattern(s16_got, s16_ref, "bf16 state")
+
+
+@pytest.mark.parametrize("output", OUTPUTS, ids=output_id)
+@pytest.mark.parametrize("features", MOMENT_SETS, ids=feature_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_nonfinite_moments(impl, gen, dtype, features, output):
+    """Non-finite moments poison like a non-finite state; a non-finite gradient keeps its moments bit for bit."""
+    cases.check_nonfinite_moments(impl, 40, 20, 2, dtype, gen, features=features, output=output)
+    cases.check_nonfinite_moments(impl, 33, 3, 2, dtype, gen, features=features, output=output)

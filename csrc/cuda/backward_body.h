@@ -75,25 +75,56 @@ L2L_DEVICE void reduce_weight_grads(const Ctx& ctx, const T* x, int sx, const T*
   }
 }
 
+// Layer l's inputs of coordinate c into x[0, K): its layer input (the features, or the layer below's
+// h_new parked in grad_state) and its own old h.
+template <class Dims, typename T>
+L2L_DEVICE void layer_inputs(const BackwardArgs<T>& a, Dims dims, int l, int64_t c, const CoordinateInputs<T>& in,
+                             T* x) {
+  const PackedLayout& lay = a.net.layout;
+  const int H = dims.hidden();
+  const int I = l == 0 ? dims.inputs() : H;
+  const int64_t n = a.n;
+  if (l == 0) {
+    compute_features<ScalarMath<T>>(dims.features(), in, a.net.features, x);
+  } else {
+#pragma unroll
+    for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];
+  }
+#pragma unroll
+  for (int k = 0; k < H; ++k) x[I + k] = a.state[state_row(lay, l, 0, k) * n + c];
+}
+
+// Layer l's forward of coordinate c from its inputs x: emit(u, h) receives each unit's new h.
+template <class Dims, typename T, class Emit>
+L2L_DEVICE void layer_forward(const BackwardArgs<T>& a, Dims dims, const T* w, int l, int64_t c, const T* x,
+                              const Emit& emit) {
+  const PackedLayout& lay = a.net.layout;
+  const int H = dims.hidden();
+  const int K = (l == 0 ? dims.inputs() : H) + H;
+  const T* w_l = w + lay.layer_offset(l);
+  const T* b_l = w + lay.bias_offset(l);
+#pragma unroll 1
+  for (int u = 0; u < H; ++u) {
+    const T c_old = a.state[state_row(lay, l, 1, u) * a.n + c];
+    const Quad<T> z = gate_preactivations<Dims>(w_l + int64_t(u) * K * 4, b_l + 4 * u, x, K);
+    T i, f, gg, o, c_new, tanh_c, h;
+    cell_forward<Activations<T>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
+    emit(u, h);
+  }
+}
+
 // The per-coordinate part of layer l's backward (active, finite coordinate c): stages x and dz in
 // this thread's rows my_x / my_dz (and h_top / gu for the top layer), writes d state of layer l,
 // turns dh into the layer below's (or d grad for layer 0).
 template <class Dims, typename T>
-L2L_DEVICE void layer_backward(const BackwardArgs<T>& a, Dims dims, const T* w, int l, int64_t c, T g, T (&dh)[Dims::kMaxH],
-                               T* my_x, T* my_dz, T* my_h_top) {
+L2L_DEVICE void layer_backward(const BackwardArgs<T>& a, Dims dims, const T* w, int l, int64_t c,
+                               const CoordinateInputs<T>& in, T (&dh)[Dims::kMaxH], T* my_x, T* my_dz, T* my_h_top) {
   const PackedLayout& lay = a.net.layout;
   const int H = dims.hidden(), L = dims.layers();
   const int I = l == 0 ? dims.inputs() : H, K = I + H;
   const int64_t n = a.n;
   T x[Dims::kMaxK], dx[Dims::kMaxK];
-  if (l == 0) {
-    compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
-  } else {
-#pragma unroll
-    for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];  // parked h_new
-  }
-#pragma unroll
-  for (int k = 0; k < H; ++k) x[I + k] = a.state[state_row(lay, l, 0, k) * n + c];
+  layer_inputs(a, dims, l, c, in, x);
 #pragma unroll
   for (int k = 0; k < K; ++k) dx[k] = T(0);
   const T* w_l = w + lay.layer_offset(l);
@@ -131,38 +162,49 @@ L2L_DEVICE void layer_backward(const BackwardArgs<T>& a, Dims dims, const T* w, 
 #pragma unroll
     for (int u = 0; u < H; ++u) dh[u] = dx[u] + a.grad_new_state[state_row(lay, l - 1, 0, u) * n + c];
   } else {
-    a.grad_grad[c] = features_backward<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, dx).grad;
+    a.grad_grad[c] = features_backward<ScalarMath<T>>(dims.features(), in, a.net.features, dx).grad;
   }
 }
 
 // Forward through layers 0 .. L-2 of coordinate c, parking each layer's h_new in grad_state.
 template <class Dims, typename T>
-L2L_DEVICE void park_lower_layers(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c, T g) {
+L2L_DEVICE void park_lower_layers(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c,
+                                  const CoordinateInputs<T>& in) {
   const PackedLayout& lay = a.net.layout;
-  const int H = dims.hidden(), L = dims.layers();
-  const int64_t n = a.n;
+  const int L = dims.layers();
   T x[Dims::kMaxK];
-  compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
 #pragma unroll
   for (int l = 0; l < L - 1; ++l) {
-    const int I = l == 0 ? dims.inputs() : H, K = I + H;
-    if (l > 0) {
-#pragma unroll
-      for (int k = 0; k < H; ++k) x[k] = a.grad_state[state_row(lay, l - 1, 0, k) * n + c];
-    }
-#pragma unroll
-    for (int k = 0; k < H; ++k) x[I + k] = a.state[state_row(lay, l, 0, k) * n + c];
-    const T* w_l = w + lay.layer_offset(l);
-    const T* b_l = w + lay.bias_offset(l);
-#pragma unroll 1
-    for (int u = 0; u < H; ++u) {
-      const T c_old = a.state[state_row(lay, l, 1, u) * n + c];
-      const Quad<T> z = gate_preactivations<Dims>(w_l + int64_t(u) * K * 4, b_l + 4 * u, x, K);
-      T i, f, gg, o, c_new, tanh_c, h;
-      cell_forward<Activations<T>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
-      a.grad_state[state_row(lay, l, 0, u) * n + c] = h;
-    }
+    layer_inputs(a, dims, l, c, in, x);
+    layer_forward(a, dims, w, l, c, x, [&](int u, T h) { a.grad_state[state_row(lay, l, 0, u) * a.n + c] = h; });
   }
+}
+
+// The output value y = out_w . h_top + out_b of coordinate c (after park_lower_layers), summed as the
+// forward sums it: the bounded output's derivative needs it before the top layer's backward.
+template <class Dims, typename T>
+L2L_DEVICE T recompute_output(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c,
+                              const CoordinateInputs<T>& in) {
+  const PackedLayout& lay = a.net.layout;
+  const int L = dims.layers();
+  const T* out_w = w + lay.out_weight_offset();
+  T x[Dims::kMaxK];
+  layer_inputs(a, dims, L - 1, c, in, x);
+  T y = w[lay.out_bias_offset()];
+  layer_forward(a, dims, w, L - 1, c, x, [&](int u, T h) { y += out_w[u] * h; });
+  return y;
+}
+
+// d loss / d y from the upstream gradient of the update (OutputKind, lstm_layout.h).
+template <class Dims, typename T>
+L2L_DEVICE T output_backward(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c, const CoordinateInputs<T>& in,
+                             T grad_update) {
+  T dy = grad_update * a.net.output_scale;
+  if (a.net.output == kTanhOutput) {
+    const T t = accurate_tanh(recompute_output(a, dims, w, c, in));
+    dy *= T(1) - t * t;
+  }
+  return dy;
 }
 
 template <class Dims, typename T, class Ctx>
@@ -182,18 +224,22 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
 
   for (int64_t base = int64_t(ctx.block()) * tile; base < n; base += int64_t(ctx.blocks()) * tile) {
     const int64_t c = base + tid;
-    const T g = c < n ? a.grad[c] : T(0);
-    const bool active = c < n && is_finite(g);
+    CoordinateInputs<T> in{c < n ? a.grad[c] : T(0), T(0), T(0), T(0)};
+    const bool active = c < n && is_finite(in.grad);
     T dh[Dims::kMaxH];
     T gu = T(0);
-    T poison = T(0);  // NaN: poisoned (a weight or a state value of the coordinate not finite)
+    T poison = T(0);  // NaN: poisoned (a weight, a state value or a moment of the coordinate not finite)
     if (active) {
       poison = a.net.weights[lay.poison_offset()];
       for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) poison += a.state[r * n + c] - a.state[r * n + c];
-      park_lower_layers(a, dims, w, c, g);
+      if (reads_moments(dims.features())) {  // a compile-time false for the fixed dims
+        load_moments(a.moments, n, c, in);
+        poison += moments_poison(in);
+      }
+      park_lower_layers(a, dims, w, c, in);
       // a poisoned coordinate's upstream is NaN, so that everything downstream is: d state, d grad and
       // the weight gradients
-      gu = (poison != poison ? poison : a.grad_update[c]) * a.net.output_scale;
+      gu = output_backward(a, dims, w, c, in, poison != poison ? poison : a.grad_update[c]);
       for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, L - 1, 0, u) * n + c];
       my_h_top[H] = T(1);
       for (int k = H + 1; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = T(0);
@@ -205,7 +251,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
     for (int l = L - 1; l >= 0; --l) {
       const int K = (l == 0 ? dims.inputs() : H) + H;
       if (active) {
-        layer_backward(a, dims, w, l, c, g, dh, my_x, my_dz, my_h_top);
+        layer_backward(a, dims, w, l, c, in, dh, my_x, my_dz, my_h_top);
       } else {  // inactive coordinates add nothing to the weight gradients
         for (int k = 0; k < (K + 4) / 4 * 4; ++k) my_x[k] = T(0);
         for (int k = 0; k < 4 * H; ++k) my_dz[k] = T(0);

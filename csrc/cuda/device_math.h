@@ -197,6 +197,10 @@ struct Activations<double> {
   L2L_HD static double tanh(double x) { return ::tanh(x); }
 };
 
+// libm's tanh on either side (not the activations' approximation): for the bounded output's few calls.
+L2L_HD float accurate_tanh(float x) { return tanhf(x); }
+L2L_HD double accurate_tanh(double x) { return ::tanh(x); }
+
 // The four gate values (i, f, g, o) of one unit: packed weights and biases keep them adjacent,
 // so one 16-byte load (two for double) fetches all four.
 template <typename T>

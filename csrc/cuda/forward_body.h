@@ -51,6 +51,50 @@ L2L_DEVICE Quad<T> gate_preactivations(const T* w, const T* bias, const T* x, in
   return z;
 }
 
+// The moments of column c of a [3][stride] array (rows m, v, t) into in, and back.
+template <typename T>
+L2L_DEVICE void load_moments(const T* moments, int64_t stride, int64_t c, CoordinateInputs<T>& in) {
+  in.m = moments[c];
+  in.v = moments[stride + c];
+  in.t = moments[2 * stride + c];
+}
+
+template <typename T>
+L2L_DEVICE void store_moments(T* moments, int64_t stride, int64_t c, const CoordinateInputs<T>& in) {
+  moments[c] = in.m;
+  moments[stride + c] = in.v;
+  moments[2 * stride + c] = in.t;
+}
+
+// 0, or NaN when a moment the features read is not finite (the state's poison rule).
+template <typename T>
+L2L_DEVICE T moments_poison(const CoordinateInputs<T>& in) {
+  return (in.m - in.m) + (in.v - in.v) + (in.t - in.t);
+}
+
+// What the features of coordinate c (finite gradient g) read: g and, when the features read moments,
+// the moments, advanced with g and stored back by the in-place steps. The condition is a compile-time
+// constant for the fixed dims, so the paper's kernel neither loads nor keeps moments.
+template <class Dims, typename T, typename S>
+L2L_DEVICE CoordinateInputs<T> forward_inputs(const ForwardArgs<T, S>& a, Dims dims, int64_t c, T g) {
+  CoordinateInputs<T> in{g, T(0), T(0), T(0)};
+  if (reads_moments(dims.features())) {
+    load_moments(a.moments, a.columns, c, in);
+    if (a.new_moments) {
+      advance_moments<ScalarMath<T>>(in, a.net.features);
+      store_moments(a.new_moments, a.columns, c, in);
+    }
+  }
+  return in;
+}
+
+// The update of output value y = out_w . h_top + out_b (OutputKind, lstm_layout.h). The bounded kind
+// uses the accurate tanh: once per coordinate, and relative accuracy for small y.
+template <typename T>
+L2L_DEVICE T update_of(const NetConstants<T>& net, T y) {
+  return (net.output == kTanhOutput ? accurate_tanh(y) : y) * net.output_scale;
+}
+
 // The step of one coordinate (state column c).
 template <class Dims, typename T, typename S>
 L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const T* w, int64_t c) {
@@ -61,7 +105,7 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
   const int H = dims.hidden();
   const int L = dims.layers();
   const int64_t cols = a.columns;
-  if (!is_finite(g)) {  // the documented policy (rule 1): no update, state kept bit for bit
+  if (!is_finite(g)) {  // the documented policy (rule 1): no update, state and moments kept bit for bit
     if (a.update) a.update[c] = T(0);
     if (a.new_state != a.state)
       for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.new_state[r * cols + c] = a.state[r * cols + c];
@@ -69,10 +113,12 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
   }
   T x[Dims::kMaxK];     // the layer's inputs: layer input (the features or H values), then its own old h
   T h_new[Dims::kMaxH];  // the layer's new h, the next layer's input
-  // 0, or NaN when a weight (the packed poison flag) or a state value of the coordinate is not finite:
-  // v - v is NaN for NaN and +-Inf, and a NaN survives the sum
+  const CoordinateInputs<T> in = forward_inputs(a, dims, c, g);
+  // 0, or NaN when a weight (the packed poison flag), a state value or a moment of the coordinate is not
+  // finite: v - v is NaN for NaN and +-Inf, and a NaN survives the sum
   T poison = a.net.weights[lay.poison_offset()];
-  compute_features<ScalarMath<T>>(dims.features(), CoordinateInputs<T>{g}, a.net.features, x);
+  if (reads_moments(dims.features())) poison += moments_poison(in);
+  compute_features<ScalarMath<T>>(dims.features(), in, a.net.features, x);
   const T* out_w = w + lay.out_weight_offset();
   T out = w[lay.out_bias_offset()];
 #pragma unroll
@@ -105,7 +151,7 @@ L2L_DEVICE void forward_coordinate(const ForwardArgs<T, S>& a, Dims dims, const 
       store_value(a.new_state + state_row(lay, l, 1, u) * cols + c, c_new);
     }
   }
-  T update = out * a.net.output_scale;
+  T update = update_of(a.net, out);
   if (poison != poison) {  // poisoned: NaN update and new state (every state value has been read by now)
     update = poison;
     for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) store_value(a.new_state + r * cols + c, poison);

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -56,13 +57,32 @@ at::Tensor device_packed_weights(at::TensorList weights, const PackedLayout& lay
                         /*verify=*/false, [&] { return pack_weights_on_device(weights, layout); });
 }
 
+// The moments as a contiguous tensor (the argument itself when it is one), undefined when the features
+// read none (op_checks.h's check_moments has made sure which).
+inline at::Tensor contiguous_moments(const std::optional<at::Tensor>& moments) {
+  return moments.has_value() && moments->defined() ? moments->contiguous() : at::Tensor();
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// In-place ops: the advanced moments into a non-contiguous argument.
+inline void write_back_moments(const std::optional<at::Tensor>& moments, const at::Tensor& work) {
+  if (work.defined() && !work.is_same(*moments)) moments->copy_(work);
+}
+
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in, at::TensorList weights,
-                                             double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_step_args(grad_in, state_in, weights, features, preprocess_p, output_scale);
+                                             double preprocess_p, double output_scale, int64_t features,
+                                             const std::optional<at::Tensor>& moments_in, int64_t output) {
+  const PackedLayout layout =
+      check_step_args(grad_in, state_in, weights, features, preprocess_p, output_scale, moments_in, output);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  const at::Tensor moments = contiguous_moments(moments_in);
   at::Tensor update = at::empty_like(grad, at::MemoryFormat::Contiguous);
   at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
   const int64_t n = grad.size(0);
@@ -70,12 +90,13 @@ std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at
   const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_cuda", [&] {
     ForwardArgs<scalar_t, scalar_t> a;
-    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
+    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>(), output);
     a.begin = 0;
     a.end = a.columns = n;
     a.state = state.data_ptr<scalar_t>();
     a.new_state = new_state.data_ptr<scalar_t>();
     a.update = update.data_ptr<scalar_t>();
+    a.moments = data_or_null<scalar_t>(moments);  // this step's: read, not advanced
     const int32_t type = elem_type_of(grad.scalar_type());
     a.slot_count = 1;
     a.slots[0] = TensorSlot{nullptr, grad.data_ptr(), 0, n, type, type};
@@ -87,14 +108,15 @@ std::tuple<at::Tensor, at::Tensor> lstm_step(const at::Tensor& grad_in, const at
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
     const at::Tensor& grad_update_in, const at::Tensor& grad_new_state_in, const at::Tensor& grad_in,
-    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout =
-      check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights, features, preprocess_p,
-                          output_scale);
+    const at::Tensor& state_in, at::TensorList weights, double preprocess_p, double output_scale, int64_t features,
+    const std::optional<at::Tensor>& moments_in, int64_t output) {
+  const PackedLayout layout = check_backward_args(grad_update_in, grad_new_state_in, grad_in, state_in, weights,
+                                                  features, preprocess_p, output_scale, moments_in, output);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   const at::Tensor grad_update = grad_update_in.contiguous(), grad_new_state = grad_new_state_in.contiguous();
+  const at::Tensor moments = contiguous_moments(moments_in);
   at::Tensor grad_grad = at::empty_like(grad, at::MemoryFormat::Contiguous);
   at::Tensor grad_state = at::empty_like(state, at::MemoryFormat::Contiguous);
   const int64_t n = grad.size(0), size = layout.size();
@@ -106,11 +128,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
     const BackwardPlan plan = Launcher::template backward_plan<scalar_t>(layout, n);
     at::Tensor partials = at::zeros({plan.blocks, size}, sums_options);
     BackwardArgs<scalar_t> a;
-    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
+    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>(), output);
     a.n = n;
     a.weights_in_smem = plan.weights_in_smem;
     a.grad = grad.data_ptr<scalar_t>();
     a.state = state.data_ptr<scalar_t>();
+    a.moments = data_or_null<scalar_t>(moments);
     a.grad_update = grad_update.data_ptr<scalar_t>();
     a.grad_new_state = grad_new_state.data_ptr<scalar_t>();
     a.grad_grad = grad_grad.data_ptr<scalar_t>();
@@ -124,22 +147,26 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_step_backward(
 
 template <class Launcher>
 void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, at::TensorList weights,
-                double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout = check_inplace_args(param, grad_in, state, weights, features, preprocess_p, output_scale);
+                double preprocess_p, double output_scale, int64_t features,
+                const std::optional<at::Tensor>& moments, int64_t output) {
+  const PackedLayout layout =
+      check_inplace_args(param, grad_in, state, weights, features, preprocess_p, output_scale, moments, output);
   check_hidden_supported(layout);
   const at::OptionalDeviceGuard guard(at::device_of(grad_in));
   const int64_t n = grad_in.size(0);
   if (n == 0) return;
   const at::Tensor grad = grad_in.contiguous();
-  // non-contiguous param / state: work on contiguous copies, then write them back
+  // non-contiguous param / state / moments: work on contiguous copies, then write them back
   at::Tensor param_work = param.contiguous(), state_work = state.contiguous();
+  const at::Tensor moments_work = contiguous_moments(moments);
   const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "l2l_fast_lstm_step_inplace_cuda", [&] {
     ForwardArgs<scalar_t, scalar_t> a;
-    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>());
+    a.net = make_net_constants<scalar_t>(layout, preprocess_p, output_scale, packed.data_ptr<scalar_t>(), output);
     a.begin = 0;
     a.end = a.columns = n;
     a.state = a.new_state = state_work.data_ptr<scalar_t>();
+    a.moments = a.new_moments = data_or_null<scalar_t>(moments_work);  // advanced in place
     const int32_t type = elem_type_of(grad.scalar_type());
     a.slot_count = 1;
     a.slots[0] = TensorSlot{param_work.data_ptr(), grad.data_ptr(), 0, n, type, type};
@@ -147,19 +174,22 @@ void lstm_step_(at::Tensor param, const at::Tensor& grad_in, at::Tensor state, a
   });
   if (!param_work.is_same(param)) param.copy_(param_work);
   if (!state_work.is_same(state)) state.copy_(state_work);
+  write_back_moments(moments, moments_work);
 }
 
 // ------------------------------------------------------------------------------------------------
-// lstm_multi_step_: params[k] += update, state columns [offset_k, offset_k + n_k) advanced.
+// lstm_multi_step_: params[k] += update, state (and moments) columns [offset_k, offset_k + n_k) advanced.
 
 template <class Launcher, typename T, typename S>
 void multi_step_launches(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                         const std::vector<int64_t>& offsets, at::Tensor& state, const PackedLayout& layout,
-                         const at::Tensor& packed, double preprocess_p, double output_scale) {
+                         const std::vector<int64_t>& offsets, at::Tensor& state, const at::Tensor& moments,
+                         const PackedLayout& layout, const at::Tensor& packed, double preprocess_p,
+                         double output_scale, int64_t output) {
   ForwardArgs<T, S> a;
-  a.net = make_net_constants<T>(layout, preprocess_p, output_scale, packed.data_ptr<T>());
+  a.net = make_net_constants<T>(layout, preprocess_p, output_scale, packed.data_ptr<T>(), output);
   a.columns = state.size(3);
   a.state = a.new_state = reinterpret_cast<S*>(state.data_ptr());
+  a.moments = a.new_moments = data_or_null<T>(moments);  // [3][columns], advanced in place
   a.slot_count = 0;
   auto flush = [&] {
     if (a.slot_count == 0) return;
@@ -181,9 +211,10 @@ void multi_step_launches(const std::vector<at::Tensor>& params, const std::vecto
 
 template <class Launcher>
 void lstm_multi_step_(at::TensorList params_in, at::TensorList grads_in, at::Tensor state, at::TensorList weights,
-                      double preprocess_p, double output_scale, int64_t features) {
-  const PackedLayout layout =
-      check_multi_step_args(params_in, grads_in, state, weights, features, preprocess_p, output_scale);
+                      double preprocess_p, double output_scale, int64_t features,
+                      const std::optional<at::Tensor>& moments, int64_t output) {
+  const PackedLayout layout = check_multi_step_args(params_in, grads_in, state, weights, features, preprocess_p,
+                                                    output_scale, moments, output);
   check_hidden_supported(layout);
   if (state.size(3) == 0) return;
   const at::OptionalDeviceGuard guard(at::device_of(state));
@@ -197,19 +228,21 @@ void lstm_multi_step_(at::TensorList params_in, at::TensorList grads_in, at::Ten
     total += params_in[k].size(0);
   }
   at::Tensor state_work = state.contiguous();
+  const at::Tensor moments_work = contiguous_moments(moments);
   const at::Tensor packed = device_packed_weights<Launcher>(weights, layout);
   const bool bf16_state = state.scalar_type() == at::kBFloat16;  // else the weights' dtype (checked)
   AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "l2l_fast_lstm_multi_step_cuda", [&] {
     if (bf16_state)
-      multi_step_launches<Launcher, scalar_t, bf16>(params, grads, offsets, state_work, layout, packed, preprocess_p,
-                                                    output_scale);
+      multi_step_launches<Launcher, scalar_t, bf16>(params, grads, offsets, state_work, moments_work, layout, packed,
+                                                    preprocess_p, output_scale, output);
     else
-      multi_step_launches<Launcher, scalar_t, scalar_t>(params, grads, offsets, state_work, layout, packed,
-                                                        preprocess_p, output_scale);
+      multi_step_launches<Launcher, scalar_t, scalar_t>(params, grads, offsets, state_work, moments_work, layout,
+                                                        packed, preprocess_p, output_scale, output);
   });
   for (size_t k = 0; k < params.size(); ++k)
     if (!params[k].is_same(params_in[k])) params_in[k].copy_(params[k]);
   if (!state_work.is_same(state)) state.copy_(state_work);
+  write_back_moments(moments, moments_work);
 }
 
 }  // namespace cuda

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -172,24 +173,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace l2l_fast::cuda;
   // pybind11 converts Python lists to std::vector, not to at::TensorList
   using Tensors = std::vector<at::Tensor>;
+  using Moments = std::optional<at::Tensor>;
   m.def("lstm_step", [](const at::Tensor& grad, const at::Tensor& state, const Tensors& weights, double p, double s,
-                        int64_t features) { return lstm_step<EmuLauncher>(grad, state, weights, p, s, features); },
-        py::arg("grad"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"), py::arg("output_scale"),
-        py::arg("features") = 1);
+                        int64_t features, const Moments& moments, int64_t output) {
+    return lstm_step<EmuLauncher>(grad, state, weights, p, s, features, moments, output);
+  }, py::arg("grad"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"), py::arg("output_scale"),
+        py::arg("features") = 1, py::arg("moments") = py::none(), py::arg("output") = 0);
   m.def("lstm_step_backward", [](const at::Tensor& gu, const at::Tensor& gs, const at::Tensor& grad, const at::Tensor& state,
-                                 const Tensors& weights, double p, double s, int64_t features) {
-    return lstm_step_backward<EmuLauncher>(gu, gs, grad, state, weights, p, s, features);
+                                 const Tensors& weights, double p, double s, int64_t features, const Moments& moments,
+                                 int64_t output) {
+    return lstm_step_backward<EmuLauncher>(gu, gs, grad, state, weights, p, s, features, moments, output);
   }, py::arg("grad_update"), py::arg("grad_new_state"), py::arg("grad"), py::arg("state"), py::arg("weights"),
-        py::arg("preprocess_p"), py::arg("output_scale"), py::arg("features") = 1);
+        py::arg("preprocess_p"), py::arg("output_scale"), py::arg("features") = 1, py::arg("moments") = py::none(),
+        py::arg("output") = 0);
   m.def("lstm_step_", [](at::Tensor param, const at::Tensor& grad, at::Tensor state, const Tensors& weights, double p,
-                         double s, int64_t features) { lstm_step_<EmuLauncher>(param, grad, state, weights, p, s, features); },
-        py::arg("param"), py::arg("grad"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"),
-        py::arg("output_scale"), py::arg("features") = 1);
+                         double s, int64_t features, const Moments& moments, int64_t output) {
+    lstm_step_<EmuLauncher>(param, grad, state, weights, p, s, features, moments, output);
+  }, py::arg("param"), py::arg("grad"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"),
+        py::arg("output_scale"), py::arg("features") = 1, py::arg("moments") = py::none(), py::arg("output") = 0);
   m.def("lstm_multi_step_", [](const Tensors& params, const Tensors& grads, at::Tensor state, const Tensors& weights,
-                               double p, double s, int64_t features) {
-    lstm_multi_step_<EmuLauncher>(params, grads, state, weights, p, s, features);
+                               double p, double s, int64_t features, const Moments& moments, int64_t output) {
+    lstm_multi_step_<EmuLauncher>(params, grads, state, weights, p, s, features, moments, output);
   }, py::arg("params"), py::arg("grads"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"),
-        py::arg("output_scale"), py::arg("features") = 1);
+        py::arg("output_scale"), py::arg("features") = 1, py::arg("moments") = py::none(), py::arg("output") = 0);
   m.def("configure", &configure, py::arg("forward_threads"), py::arg("forward_blocks"), py::arg("backward_blocks"),
         py::arg("smem_limit"), py::arg("forward_smem_limit"));
   m.def("launches", [] { return settings.launches; });
