@@ -27,7 +27,7 @@ def check_dense_real(name: str, value) -> None:
     if value.layout != torch.strided:
         raise TypeError(f"{name}: sparse tensors are not supported (got layout {value.layout}); pass a dense tensor")
     if value.is_complex():
-        raise TypeError(f"{name}: complex tensors are not supported (got {value.dtype}); the optimizer is real-valued")
+        raise TypeError(f"{name}: complex tensors are not supported (got {value.dtype})")
 
 
 def check_tensor(name: str, value, *, dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -101,7 +101,7 @@ def check_moments(moments, features, n: int, math_dtype: torch.dtype, device: to
         raise ValueError(f"moments: expected a tensor on {device}, got {moments.device}")
     if tuple(moments.shape) != (features_.MOMENT_ROWS, n):
         raise ValueError(f"moments: expected shape [{features_.MOMENT_ROWS}, {n}] (rows m, v, t; one column per "
-                         f"coordinate), got {tuple(moments.shape)} (moments made for another parameter?)")
+                         f"coordinate), got {list(moments.shape)} (moments made for another parameter?)")
 
 
 def check_inplace_moments(moments, features, n: int, math_dtype: torch.dtype, device: torch.device) -> None:

@@ -152,8 +152,11 @@ def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: T
     and the new param (old + update, summed in the math dtype) and state are rounded to nearest on store.
     """
     check_inplace_autograd("lstm_multi_step_", [*params, state, *_given(moments)], [*grads, *weights])
-    total = sum(param.shape[0] for param in params)
-    check_inplace_moments(moments, features, total, weights[0].dtype, weights[0].device)
+    # checked before any tensor of the list is written
+    check_constants(preprocess_p, output_scale)
+    check_inplace_moments(moments, features, sum(param.numel() for param in params), weights[0].dtype,
+                          weights[0].device)
+    check_output(output)
     with torch.no_grad():
         _multi_step(params, grads, state, weights, preprocess_p, output_scale, features, moments, output)
 

@@ -10,6 +10,10 @@ Shapes as in :mod:`l2l_fast.reference`: grad [n], state [L, 2, H, n], weights = 
 FEATURE_SETS: every registered feature alone and, when there are several, all of them together. The
 core test families (float64 vs the reference, gradcheck, opcheck / compile, bad input) are
 parametrized over it, so a feature added to the registry is tested without editing the tests.
+VARIANTS: every feature set with every output kind (OUTPUTS: 0 update = scale * y, 1 scale * tanh(y));
+VARIANTS_ONCE_EACH, for the slow families, each feature set once and both output kinds.
+A feature set that reads the running moments gets them from moments_for: random moments as an optimizer
+holds them after some steps, advanced with the step's gradient (what the functional ops take).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ if importlib.util.find_spec("l2l_fast") is None:  # running from a source checko
 
 from l2l_fast import CoordinatewiseLSTM, ops, reference  # noqa: E402
 from l2l_fast import features as registry  # noqa: E402
+from l2l_fast.net import OUTPUTS as OUTPUT_NAMES  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # hypothesis profiles: HYPOTHESIS_PROFILE=thorough pytest tests/test_property.py
@@ -55,6 +60,19 @@ FEATURE_SETS = [f.bit for f in registry.REGISTRY.values()] + ([registry.ALL_MASK
 def feature_id(mask: int) -> str:
     """Readable test id of a feature mask: "paper", "paper+raw"."""
     return "+".join(registry.names_of(mask))
+
+
+OUTPUTS = list(range(len(OUTPUT_NAMES)))  # the ops' `output`: 0 linear, 1 tanh
+VARIANTS = [(f, o) for f in FEATURE_SETS for o in OUTPUTS]
+# For the slow families (torch.compile): every feature set once, the output kinds alternating, the paper's set
+# with tanh (paper + linear is what the tests without a variant run).
+VARIANTS_ONCE_EACH = [(f, (k + 1) % len(OUTPUTS)) for k, f in enumerate(FEATURE_SETS)]
+
+
+def variant_id(variant: tuple[int, int]) -> str:
+    """Readable test id of (features, output): "paper-linear", "paper+moments-tanh"."""
+    features, output = variant
+    return f"{feature_id(features)}-{OUTPUT_NAMES[output]}"
 
 
 def available_cpu_isas() -> list[str]:
@@ -160,6 +178,34 @@ def random_grad(n: int, *, gen: torch.Generator, dtype=torch.float64, p: float =
     return g.to(dtype)
 
 
+def random_moments(n: int, *, gen: torch.Generator, dtype=torch.float64, grad: torch.Tensor | None = None,
+                   lo: float = 1e-12, hi: float = 1e3) -> torch.Tensor:
+    """Running moments [3, n] as an optimizer holds them after 1..50 steps, advanced with `grad` when given
+    (features.advance_moments, in `dtype`).
+
+    Per coordinate a magnitude s log-uniform in [lo, hi]; m_hat ~ N(0, s^2) and v_hat = m_hat^2 + s^2 U(0.1, 1.1),
+    so m_hat^2 <= v_hat as for real moving averages; m, v carry the bias 1 - beta^t of their step count t.
+    With n >= 3 the first coordinate is fresh (zeros): after the advance, the first step's moments.
+    """
+    t = torch.randint(1, 51, (n,), generator=gen).double()
+    s = torch.pow(10.0, torch.rand(n, generator=gen, dtype=torch.float64) * (math.log10(hi) - math.log10(lo))
+                  + math.log10(lo))
+    m_hat = s * torch.randn(n, generator=gen, dtype=torch.float64)
+    v_hat = m_hat**2 + s**2 * (0.1 + torch.rand(n, generator=gen, dtype=torch.float64))
+    moments = torch.stack([m_hat * (1 - registry.BETA1**t), v_hat * (1 - registry.BETA2**t), t])
+    if n >= 3:
+        moments[:, 0] = 0
+    moments = moments.to(dtype)
+    return moments if grad is None else registry.advance_moments(grad, moments)
+
+
+def moments_for(features: int, grad: torch.Tensor, *, gen: torch.Generator, **kwargs) -> torch.Tensor | None:
+    """random_moments advanced with grad, in grad's dtype, when the features read moments; else None."""
+    if not registry.reads_moments(features):
+        return None
+    return random_moments(grad.shape[0], gen=gen, dtype=grad.dtype, grad=grad, **kwargs)
+
+
 def branch_counts(grad: torch.Tensor, p: float) -> tuple[int, int]:
     """(coordinates on the log branch |g| >= e^-p, coordinates on the linear branch), finite ones only."""
     g = grad.double()
@@ -184,9 +230,9 @@ def load_weights(net: CoordinatewiseLSTM, weights) -> CoordinatewiseLSTM:
 
 def make_net(hidden_size: int = 20, num_layers: int = 2, *, gen: torch.Generator, dtype=torch.float64,
              kind: str = "random", backend: str = "auto", preprocess_p: float = 10.0,
-             output_scale: float = 0.1, features: int = 1) -> CoordinatewiseLSTM:
+             output_scale: float = 0.1, features: int = 1, output: int = 0) -> CoordinatewiseLSTM:
     net = CoordinatewiseLSTM(hidden_size, num_layers, preprocess_p, output_scale, backend=backend,
-                             features=features).to(dtype)
+                             features=features, output=OUTPUT_NAMES[output]).to(dtype)
     return load_weights(net, random_weights(hidden_size, num_layers, gen=gen, dtype=dtype, kind=kind,
                                             features=features))
 
@@ -194,7 +240,7 @@ def make_net(hidden_size: int = 20, num_layers: int = 2, *, gen: torch.Generator
 def copy_net(net: CoordinatewiseLSTM, *, backend: str, dtype=None) -> CoordinatewiseLSTM:
     """The same weights in a new net with another backend (and optionally dtype)."""
     other = CoordinatewiseLSTM(net.hidden_size, net.num_layers, net.preprocess_p, net.output_scale, backend=backend,
-                               features=net.features)
+                               features=net.features, output=net.output)
     other.to(net.out.weight.dtype).load_state_dict(net.state_dict())  # load at the source dtype: no rounding
     return other.to(dtype or net.out.weight.dtype)
 
@@ -207,37 +253,43 @@ def to64(tensors):
     return [t.detach().double() for t in tensors]
 
 
-def reference_forward64(grad, state, weights, p, scale, chunk: int = 1 << 17, features: int = 1):
+def reference_forward64(grad, state, weights, p, scale, chunk: int = 1 << 17, features: int = 1, moments=None,
+                        output: int = 0):
     """Float64 reference on the (possibly lower-precision) inputs, in coordinate chunks to bound memory."""
     grad, state, weights = to64(grad), to64(state), to64(weights)
+    moments = None if moments is None else to64(moments)
     updates, states = [], []
     for start in range(0, max(grad.shape[0], 1), chunk):
         sl = slice(start, start + chunk)
-        u, s = reference.lstm_step(grad[sl], state[..., sl], weights, p, scale, features)
+        u, s = reference.lstm_step(grad[sl], state[..., sl], weights, p, scale, features,
+                                   None if moments is None else moments[:, sl], output)
         updates.append(u)
         states.append(s)
     return torch.cat(updates), torch.cat(states, dim=-1)
 
 
-def step_grads(step_fn, grad, state, weights, p, scale, up_update, up_state, features: int = 1):
+def step_grads(step_fn, grad, state, weights, p, scale, up_update, up_state, features: int = 1, moments=None,
+               output: int = 0):
     """(update, new_state, d_grad, d_state, d_weights) of one step under upstream grads (up_update, up_state).
 
-    The inputs are detached copies with requires_grad set, so the caller's tensors are left alone.
+    The inputs are detached copies with requires_grad set (the moments, data, without), so the caller's tensors
+    are left alone.
     """
     grad = grad.detach().clone().requires_grad_(True)
     state = state.detach().clone().requires_grad_(True)
     weights = [w.detach().clone().requires_grad_(True) for w in weights]
-    update, new_state = step_fn(grad, state, weights, p, scale, features)
+    moments = None if moments is None else moments.detach().clone()
+    update, new_state = step_fn(grad, state, weights, p, scale, features, moments, output)
     d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_update, up_state])
     return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
 
 
-def native_step(grad, state, weights, p, scale, features=1):
-    return ops.lstm_step(grad, state, weights, p, scale, features)
+def native_step(grad, state, weights, p, scale, features=1, moments=None, output=0):
+    return ops.lstm_step(grad, state, weights, p, scale, features, moments, output)
 
 
-def reference_step(grad, state, weights, p, scale, features=1):
-    return reference.lstm_step(grad, state, weights, p, scale, features)
+def reference_step(grad, state, weights, p, scale, features=1, moments=None, output=0):
+    return reference.lstm_step(grad, state, weights, p, scale, features, moments, output)
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

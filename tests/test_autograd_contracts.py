@@ -13,7 +13,8 @@ import torch
 
 import math
 
-from conftest import make_net, random_grad, random_state, random_weights, requires_native
+from conftest import make_net, random_grad, random_moments, random_state, random_weights, requires_native
+from l2l_fast import features as registry
 from l2l_fast import ops, reference
 from test_gradcheck import away_from_kink
 
@@ -48,6 +49,20 @@ def test_written_tensors_get_a_new_version(gen, op):
     _step(op, param, grad, state, weights)
     assert param._version > versions[0] and state._version > versions[1]
     assert grad._version == versions[2], "grad is read, not written"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_written_moments_get_a_new_version(gen, op):
+    net = make_net(gen=gen, dtype=torch.float32, features=registry.ALL_MASK)
+    weights, grad = [w.detach() for w in net.weights()], random_grad(9, gen=gen, dtype=torch.float32)
+    state, moments = random_state(2, 20, 9, gen=gen, dtype=torch.float32), net.init_moments(9)
+    impl = reference if op.startswith("reference.") else ops
+    before = moments._version
+    if op.endswith("lstm_step_"):
+        impl.lstm_step_(torch.zeros(9), grad, state, weights, 10.0, 0.1, registry.ALL_MASK, moments)
+    else:
+        impl.lstm_multi_step_([torch.zeros(9)], [grad], state, weights, 10.0, 0.1, registry.ALL_MASK, moments)
+    assert moments._version > before and torch.equal(moments[2], torch.ones(9))
 
 
 def test_multi_step_bumps_every_param_of_the_list(gen):
@@ -170,6 +185,41 @@ def test_forward_ad_dual_tensors_through_the_net(gen):
     _, (want, _) = torch.func.jvp(lambda g: reference.lstm_step(g, state, net.weights(), 10.0, 0.1), (grad,), (tangent,))
     assert got is not None and want.abs().max() > 0
     torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_jvp_with_moments_and_tanh_output_equals_the_reference_jvp(gen):
+    """Forward-mode AD through the reference with the moments (data: no tangent) and the tanh output."""
+    grad, state, _ = _small(gen)
+    weights = random_weights(3, 2, gen=gen, kind="random", features=registry.ALL_MASK)
+    moments = random_moments(grad.shape[0], gen=gen, grad=grad)
+    tangents = (torch.randn(grad.shape, generator=gen, dtype=torch.float64) * 1e-5,
+                torch.randn(state.shape, generator=gen, dtype=torch.float64),
+                *[torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in weights])
+    primals = (grad, state, *weights)
+    extra = (registry.ALL_MASK, moments, 1)
+    _, native = torch.func.jvp(lambda g, s, *w: ops.lstm_step(g, s, list(w), 10.0, 0.1, *extra), primals, tangents)
+    _, expected = torch.func.jvp(lambda g, s, *w: reference.lstm_step(g, s, list(w), 10.0, 0.1, *extra), primals,
+                                 tangents)
+    assert expected[0].abs().max() > 0
+    for got, want in zip(native, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("features,output", [(registry.ALL_MASK, 1), (registry.REGISTRY["moments"].bit, 0)])
+def test_gradgradcheck_with_moments(gen, features, output):
+    """The double backward (through the reference) with the moments as fixed data, of magnitudes like the
+    gradients' (see test_gradcheck)."""
+    p, n = 10.0, 5
+    grad = away_from_kink(n, p, gen=gen)
+    moments = random_moments(n, gen=gen, grad=grad, lo=math.exp(-p), hi=10 * math.exp(-p))
+    k = (grad / math.exp(-p)).requires_grad_(True)
+    state = random_state(2, 3, n, gen=gen).requires_grad_(True)
+    weights = [w.requires_grad_(True) for w in random_weights(3, 2, gen=gen, kind="random", features=features)]
+
+    def fn(k, state, *weights):
+        return ops.lstm_step(k * math.exp(-p), state, list(weights), p, 0.3, features, moments, output)
+
+    assert torch.autograd.gradgradcheck(fn, (k, state, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_gradgradcheck_through_the_native_step(gen):

@@ -1,12 +1,15 @@
 """Bad input fails early with an error that names the argument: through the module front (Python
-checks in l2l_fast/checks.py) and through the raw torch.ops.l2l_fast.* ops (the C++ checks)."""
+checks in l2l_fast/checks.py) and through the raw torch.ops.l2l_fast.* ops (the C++ checks). The running
+moments (given exactly when the features read them) and `output` fail with the same message on every
+front: the C++ ops, their fake kernels' Python mirror, the reference and the net."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import FEATURE_SETS, feature_id, make_net, random_grad, random_state, random_weights, requires_native
-from l2l_fast import CoordinatewiseLSTM, checks
+from conftest import (FEATURE_SETS, feature_id, make_net, moments_for, random_grad, random_state, random_weights,
+                      requires_native)
+from l2l_fast import CoordinatewiseLSTM, checks, reference
 from l2l_fast import features as registry
 
 H, L, N = 4, 2, 9
@@ -143,7 +146,8 @@ def test_module_rejects_unsupported_weight_dtype(gen, backend, dtype):
     (dict(hidden_size=0), "hidden_size"), (dict(hidden_size=2.5), "hidden_size"), (dict(num_layers=0), "num_layers"),
     (dict(preprocess_p=0.0), "preprocess_p"), (dict(preprocess_p=-1.0), "preprocess_p"),
     (dict(backend="cuda"), "backend"), (dict(features=()), "features"), (dict(features=("no such",)), "features"),
-    (dict(features=0), "features"), (dict(features=registry.ALL_MASK + 1), "features")],
+    (dict(features=0), "features"), (dict(features=registry.ALL_MASK + 1), "features"),
+    (dict(output="sigmoid"), "output"), (dict(output=1), "output"), (dict(output=None), "output")],
     ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_module_rejects_bad_constructor_arguments(kwargs, name):
     with pytest.raises(ValueError, match=arg(name)):
@@ -176,27 +180,36 @@ def raw_inputs(gen, n=N, dtype=torch.float64, features=1):
 
 
 def call_op(which, param, grad, state, weights, p=10.0, scale=0.1, features=1, grad_update=None,
-            grad_new_state=None):
+            grad_new_state=None, moments=None, output=0):
+    extra = (features, moments, output)
     if which == "lstm_step":
-        return torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale, features)
+        return torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale, *extra)
     if which == "lstm_step_":
-        return torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale, features)
+        return torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale, *extra)
     # the backward with good upstream gradients shaped like the (good) outputs unless given
     grad_update = torch.ones(N, dtype=torch.float64) if grad_update is None else grad_update
     grad_new_state = torch.ones(L, 2, H, N, dtype=torch.float64) if grad_new_state is None else grad_new_state
-    return torch.ops.l2l_fast.lstm_step_backward(grad_update, grad_new_state, grad, state, weights, p, scale, features)
+    return torch.ops.l2l_fast.lstm_step_backward(grad_update, grad_new_state, grad, state, weights, p, scale, *extra)
 
 
 def check_op(which, param, grad, state, weights, p=10.0, scale=0.1, features=1, grad_update=None,
-             grad_new_state=None):
+             grad_new_state=None, moments=None, output=0):
     """The op's Python validator (l2l_fast.checks, run by its fake kernel) on call_op's arguments."""
+    extra = (p, scale, moments, output)
     if which == "lstm_step":
-        return checks.check_step_args(grad, state, weights, features)
+        return checks.check_step_args(grad, state, weights, features, *extra)
     if which == "lstm_step_":
-        return checks.check_inplace_args(param, grad, state, weights, features)
+        return checks.check_inplace_args(param, grad, state, weights, features, *extra)
     grad_update = torch.ones(N, dtype=torch.float64) if grad_update is None else grad_update
     grad_new_state = torch.ones(L, 2, H, N, dtype=torch.float64) if grad_new_state is None else grad_new_state
-    return checks.check_backward_args(grad_update, grad_new_state, grad, state, weights, features)
+    return checks.check_backward_args(grad_update, grad_new_state, grad, state, weights, features, *extra)
+
+
+def reference_op(which, param, grad, state, weights, p=10.0, scale=0.1, features=1, moments=None, output=0):
+    """The reference's function of the op (for the backward, the forward: it checks the same arguments)."""
+    if which == "lstm_step_":
+        return reference.lstm_step_(param, grad, state, weights, p, scale, features, moments, output)
+    return reference.lstm_step(grad, state, weights, p, scale, features, moments, output)
 
 
 OPS = [pytest.param(op, marks=requires_native) for op in ("lstm_step", "lstm_step_", "lstm_step_backward")]
@@ -333,7 +346,8 @@ def test_op_rejects_bad_features(gen, op, bad, features):
     weights = with_input_width(weights, width_of(features), gen)
     before = param.clone(), state.clone()
     with pytest.raises(ValueError, match=arg(name)):
-        call_op(op, param, grad, state, weights, features=mask_of(features))
+        call_op(op, param, grad, state, weights, features=mask_of(features),
+                moments=moments_for(features, grad, gen=gen))
     assert torch.equal(param, before[0]) and torch.equal(state, before[1])
 
 
@@ -346,13 +360,137 @@ def test_module_takes_its_features(gen, backend, features):
     assert net.lstm.weight_ih_l0.shape == (4 * H, registry.input_size(features))
     assert net.features == registry.names_of(features) and net.size_kwargs()["features"] == net.features
     param, grad, state = good(gen, net)
-    update, new_state = net(grad, state)
-    net.step_(param, grad, state)
+    moments = net.init_moments(N)
+    update, new_state = net(grad, state, net.advance_moments(grad, moments))
+    net.step_(param, grad, state, moments)
     assert torch.equal(state, new_state)
     other = CoordinatewiseLSTM(H, L, backend=backend)
     other.lstm.weight_ih_l0 = torch.nn.Parameter(torch.zeros(4 * H, registry.input_size(features) + 1))
     with pytest.raises(RuntimeError, match="weight_ih_l0"):
         other.load_state_dict(net.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# the moments and the output: one message on every front
+BAD_MOMENTS = {  # name: (for feature sets that read moments or for those that read none, good moments, grad -> bad)
+    "missing": (True, lambda m, g: None),
+    "extra": (False, lambda m, g: torch.zeros(3, g.shape[0], dtype=g.dtype)),
+    "one_more_column": (True, lambda m, g: torch.zeros(3, g.shape[0] + 1, dtype=g.dtype)),
+    "one_less_column": (True, lambda m, g: m[:, 1:]),
+    "two_rows": (True, lambda m, g: m[:2]),
+    "transposed": (True, lambda m, g: m.t().contiguous()),
+    "1d": (True, lambda m, g: m.flatten()),
+    "float32": (True, lambda m, g: m.float()),
+    "float16": (True, lambda m, g: m.half()),
+    "int64": (True, lambda m, g: m.long()),
+    "complex": (True, lambda m, g: m.to(torch.complex128)),
+    "meta": (True, lambda m, g: m.to(META)),
+}
+BAD_OUTPUTS = [2, -1, 7]
+
+
+def applies(bad: str, features: int) -> bool:
+    return BAD_MOMENTS[bad][0] == registry.reads_moments(features)
+
+
+def moments_case(bad: str, features: int, grad, gen):
+    """The moments of case `bad` for the feature set; the good ones (None where it reads none) where the case
+    does not apply."""
+    moments = moments_for(features, grad, gen=gen)
+    return BAD_MOMENTS[bad][1](moments, grad) if applies(bad, features) else moments
+
+
+MOMENT_CASES = [pytest.param(features, bad, id=f"{feature_id(features)}-{bad}")
+                for features in FEATURE_SETS for bad in BAD_MOMENTS if applies(bad, features)]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("features,bad", MOMENT_CASES)
+def test_op_rejects_bad_moments(gen, op, features, bad):
+    """Moments missing for features that read them, given to features that read none, or of another shape,
+    dtype or device: an error naming `moments`, and nothing modified."""
+    param, grad, state, weights = raw_inputs(gen, features=features)
+    before = param.clone(), state.clone()
+    with pytest.raises(ERRORS, match=arg("moments")):
+        call_op(op, param, grad, state, weights, features=features, moments=moments_case(bad, features, grad, gen))
+    assert torch.equal(param, before[0]) and torch.equal(state, before[1])
+
+
+@pytest.mark.parametrize("features", [f for f in FEATURE_SETS if registry.reads_moments(f)], ids=feature_id)
+@requires_native
+def test_inplace_op_rejects_expanded_moments(gen, features):
+    param, grad, state, weights = raw_inputs(gen, features=features)
+    # elements sharing memory: refused by the in-place ops, which write them; data to the functional ones
+    moments = moments_for(features, grad, gen=gen)[:, :1].expand(3, N)
+    update, _ = torch.ops.l2l_fast.lstm_step(grad, state, weights, 10.0, 0.1, features, moments)
+    assert update.shape == (N,), "the functional op reads them as data"
+    before = moments.clone()
+    for refuse in (lambda: torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, 10.0, 0.1, features, moments),
+                   lambda: checks.check_inplace_args(param, grad, state, weights, features, 10.0, 0.1, moments),
+                   lambda: reference.lstm_step_(param, grad, state, weights, 10.0, 0.1, features, moments)):
+        with pytest.raises(ValueError, match="^moments: elements share memory"):
+            refuse()
+    assert torch.equal(moments, before)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("output", BAD_OUTPUTS)
+def test_op_rejects_bad_output(gen, op, output):
+    param, grad, state, weights = raw_inputs(gen)
+    before = param.clone(), state.clone()
+    with pytest.raises(ValueError, match=rf"^output: expected 0 .* or 1 .*, got {output}$"):
+        call_op(op, param, grad, state, weights, output=output)
+    assert torch.equal(param, before[0]) and torch.equal(state, before[1])
+
+
+C10_DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+                   torch.int64: "Long", torch.complex128: "ComplexDouble"}
+
+
+def as_cpp_message(error: BaseException) -> str:
+    """The message with torch's dtype names written as c10 writes them (torch.float32 -> Float)."""
+    text = str(error)
+    for dtype, name in C10_DTYPE_NAMES.items():
+        text = text.replace(str(dtype), name)
+    return text
+
+
+OUTPUT_CASES = [pytest.param(f, f"output={o}", id=f"{feature_id(f)}-output={o}") for f in FEATURE_SETS for o in BAD_OUTPUTS]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("features,bad", MOMENT_CASES + OUTPUT_CASES)
+def test_moments_and_output_messages_agree(gen, op, features, bad):
+    """The C++ ops, their Python mirror (the fake kernels') and the reference raise the same error, word for word
+    (dtype names aside: torch.float32 is Float in c10)."""
+    param, grad, state, weights = raw_inputs(gen, features=features)
+    if bad.startswith("output="):
+        moments, output = moments_for(features, grad, gen=gen), int(bad.split("=")[1])
+    else:
+        moments, output = moments_case(bad, features, grad, gen), 0
+    args = dict(param=param, grad=grad, state=state, weights=weights, features=features, moments=moments,
+                output=output)
+    messages = []
+    for front in (call_op, check_op, reference_op):
+        with pytest.raises(ERRORS) as error:
+            front(op, **args)
+        messages.append((type(error.value), as_cpp_message(error.value)))
+    assert messages[0] == messages[1] == messages[2], messages
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("features,bad", MOMENT_CASES)
+def test_module_rejects_bad_moments(gen, backend, features, bad):
+    """The net's forward and step_: the same checks, before anything is written."""
+    net = make_net(H, L, gen=gen, backend=backend, features=features)
+    param, grad, state = good(gen, net)
+    moments = moments_case(bad, features, grad, gen)
+    before = param.clone(), state.clone()
+    with pytest.raises(ERRORS, match=arg("moments")):
+        net(grad, state, moments)
+    with pytest.raises(ERRORS, match=arg("moments")):
+        net.step_(param, grad, state, moments)
+    assert torch.equal(param, before[0]) and torch.equal(state, before[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +524,11 @@ def _cases():
     for key, (mask_of, width_of, _) in BAD_FEATURES.items():
         cases[f"features-{key}"] = lambda a, g, m=mask_of, w=width_of: {
             **a, "features": m(a["features"]), "weights": with_input_width(a["weights"], w(a["features"]), g)}
+    for key in BAD_MOMENTS:  # for a feature set the case does not apply to, the good moments: both accept
+        if key != "meta":
+            cases[f"moments-{key}"] = lambda a, g, k=key: {**a, "moments": moments_case(k, a["features"], a["grad"], g)}
+    for output in BAD_OUTPUTS:
+        cases[f"output-{output}"] = lambda a, g, o=output: {**a, "output": o}
     return cases
 
 
@@ -399,7 +542,8 @@ def test_python_checks_agree(gen, op, bad, features):
     """Each op's Python validator (l2l_fast.checks, its fake kernel's) raises the C++ validator's error type,
     naming the same argument first, or both accept."""
     param, grad, state, weights = raw_inputs(gen, features=features)
-    args = AGREE_CASES[bad](dict(param=param, grad=grad, state=state, weights=weights, features=features), gen)
+    args = AGREE_CASES[bad](dict(param=param, grad=grad, state=state, weights=weights, features=features,
+                                 moments=moments_for(features, grad, gen=gen)), gen)
     errors = []
     for fn in (call_op, check_op):
         try:

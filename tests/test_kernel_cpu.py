@@ -2,7 +2,9 @@
 
 Every comparison runs the reference in float64 on the kernel's (possibly float32) inputs; the
 tolerances are in tests/tolerances.py. Gradient magnitudes are log-uniform over 1e-12..1e3 with
-random signs, so both preprocessing branches occur (asserted).
+random signs, so both preprocessing branches occur (asserted). Feature sets that read the running
+moments get random ones advanced with the gradient (conftest.moments_for); the in-place ops must
+advance them exactly as features.advance_moments does.
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import math
 import pytest
 import torch
 
-from conftest import (DTYPE_IDS, FEATURE_SETS, WEIGHT_KINDS, available_cpu_isas, branch_counts, copy_net, feature_id,
-                      make_net, native_step, random_grad, random_state, random_weights, reference_forward64,
-                      reference_step, requires_native, step_grads, to64)
+from conftest import (DTYPE_IDS, FEATURE_SETS, OUTPUTS, VARIANTS, VARIANTS_ONCE_EACH, WEIGHT_KINDS,
+                      available_cpu_isas, branch_counts, copy_net, feature_id, make_net, moments_for, native_step,
+                      random_grad, random_moments, random_state, random_weights, reference_forward64, reference_step,
+                      requires_native, step_grads, to64, variant_id)
+from l2l_fast import features as registry
 from l2l_fast import ops, reference
 from tolerances import (ELEMENTWISE, REORDERED_SUM, assert_close_rel_max, assert_elementwise_close,
-                        assert_weight_grads_close, backward_error_scale)
+                        assert_moments_advanced, assert_weight_grads_close, backward_error_scale)
 
 pytestmark = requires_native
 
@@ -30,24 +34,26 @@ def random_upstream(n, L, H, *, gen, dtype):
 
 
 def check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, *, kernel_step=native_step,
-                                 saturating=False, features=1):
+                                 saturating=False, features=1, moments=None, output=0):
     """Kernel forward + backward vs the float64 reference (and, for float32, the flash-attention rule).
 
     saturating: the weights saturate most gates (kind "saturating"), see tolerances.WEIGHT_GRAD.
     """
     dtype = grad.dtype
-    got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s, features)
+    variant = dict(features=features, moments=moments, output=output)
+    got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s, **variant)
     ref = step_grads(reference_step, to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s),
-                     features)
+                     features, None if moments is None else to64(moments), output)
     ref_same, scales = None, [None, None, None]
     if dtype != torch.float64:
-        ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s, features)[4]
+        ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
     else:
-        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, features=features)
+        scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, **variant)
     for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref[:4], [None, None, *scales[:2]]):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
         assert_elementwise_close(a, e, dtype, name, es)
-    assert_weight_grads_close(got[4], ref[4], dtype, ref_same, scales[2], saturating=saturating)
+    assert_weight_grads_close(got[4], ref[4], dtype, ref_same, scales[2], saturating=saturating,
+                              moment_inputs=moments is not None)
     return got
 
 
@@ -73,40 +79,51 @@ def test_step_matches_reference(gen, n, dtype, kind):
     assert update.shape == (n,) and new_state.shape == (L, 2, H, n)
 
 
-@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("hidden_size,num_layers", [(1, 1), (2, 2), (3, 1), (4, 3), (8, 2), (16, 2), (19, 1),
                                                     (21, 2), (32, 2), (33, 3), (64, 1), (100, 2)],
                          ids=lambda v: str(v))
-def test_hidden_sizes_and_layers(gen, hidden_size, num_layers, features):
+def test_hidden_sizes_and_layers(gen, hidden_size, num_layers, variant):
+    features, output = variant
     n, p, scale = 133, 10.0, 0.1
     weights = random_weights(hidden_size, num_layers, gen=gen, kind="random", features=features)
     grad = random_grad(n, gen=gen, p=p)
     state = random_state(num_layers, hidden_size, n, gen=gen)
     up_u, up_s = random_upstream(n, num_layers, hidden_size, gen=gen, dtype=torch.float64)
-    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, features=features)
+    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, features=features,
+                                 moments=moments_for(features, grad, gen=gen), output=output)
 
 
+@pytest.mark.parametrize("output", OUTPUTS, ids=["linear", "tanh"])
 @pytest.mark.parametrize("p,scale", [(10.0, 0.1), (1.0, 1.0), (20.0, -0.5), (3.5, 0.0), (0.25, 7.0)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_preprocess_p_and_output_scale(gen, p, scale, dtype):
+def test_preprocess_p_and_output_scale(gen, p, scale, dtype, output):
     H, L, n = 20, 2, 513
     weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
     grad = random_grad(n, gen=gen, dtype=dtype, p=p)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
-    check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+    update, *_ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, output=output)
+    if output == 1:
+        assert (update.abs() <= abs(scale)).all(), "a tanh output's update is bounded by |output_scale|"
 
 
-def test_backward_op_directly(gen):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_backward_op_directly(gen, variant):
     """torch.ops.l2l_fast.lstm_step_backward called by hand equals the reference's autograd."""
+    features, output = variant
     H, L, n, p, scale = 20, 2, 301, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen)
+    weights = random_weights(H, L, gen=gen, features=features)
     grad, state = random_grad(n, gen=gen, p=p), random_state(L, H, n, gen=gen)
+    moments = moments_for(features, grad, gen=gen)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=torch.float64)
-    d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(up_u, up_s, grad, state, weights, p, scale)
-    _, _, e_grad, e_state, e_weights = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s)
-    s_grad, s_state, s_weights = backward_error_scale(grad, state, weights, p, scale, up_u, up_s)
+    d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(up_u, up_s, grad, state, weights, p, scale,
+                                                                       features, moments, output)
+    variant = dict(features=features, moments=moments, output=output)
+    _, _, e_grad, e_state, e_weights = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s,
+                                                  **variant)
+    s_grad, s_state, s_weights = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, **variant)
     assert_elementwise_close(d_grad, e_grad, torch.float64, "d_grad", s_grad)
     assert_elementwise_close(d_state, e_state, torch.float64, "d_state", s_state)
     assert len(d_weights) == len(weights)
@@ -163,16 +180,21 @@ def test_outputs_past_the_caches_match_reference(gen, dtype, n):
 ISAS = available_cpu_isas()
 
 
-@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+# n = 8195 (more than one thread chunk, the slowest) with the paper's set and the widest one only
+ISA_CASES = [pytest.param(n, variant, id=f"n{n}-{variant_id(variant)}")
+             for n in (1, 7, 37, 1000, 8195) for variant in (VARIANTS if n < 8195 else [VARIANTS[0], VARIANTS[-1]])]
+
+
+@pytest.mark.parametrize("n,variant", ISA_CASES)
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("n", [1, 7, 37, 1000, 8195], ids=lambda n: f"n{n}")
-def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype, features):
+def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype, variant):
     """Forward, backward, step_ and the non-finite policy with the kernels of one instruction set, for every
-    set of input features.
+    set of input features and output kind.
 
     n covers a partial vector, several tiles with a tail, and (8195) more than one thread chunk.
     """
+    features, output = variant
     H, L, p, scale = 20, 2, 10.0, 0.1
     kind = "saturating" if n == 37 else "random"
     weights = random_weights(H, L, gen=gen, dtype=dtype, kind=kind, features=features)
@@ -180,19 +202,25 @@ def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype, features):
     if n >= 7:
         grad[[2, n - 1]] = torch.tensor([math.nan, -math.inf], dtype=dtype)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
+    # the moments before this step: advanced by step_ below, given advanced to the functional ops
+    before = random_moments(n, gen=gen, dtype=dtype) if registry.reads_moments(features) else None
+    moments = None if before is None else registry.advance_moments(grad, before)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
     update, new_state, d_grad, d_state, _ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s,
                                                                          saturating=kind == "saturating",
-                                                                         features=features)
+                                                                         features=features, moments=moments,
+                                                                         output=output)
     bad = ~torch.isfinite(grad)
     assert torch.equal(new_state[..., bad], state[..., bad]) and torch.count_nonzero(update[bad]) == 0
     assert torch.count_nonzero(d_grad[bad]) == 0 and torch.equal(d_state[..., bad], up_s[..., bad])
 
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     expected_param = param + update
-    ops.lstm_step_(param, grad, state, weights, p, scale, features)
+    ops.lstm_step_(param, grad, state, weights, p, scale, features, before, output)
     torch.testing.assert_close(param, expected_param)
     torch.testing.assert_close(state, new_state)
+    if before is not None:
+        assert_moments_advanced(before, grad, moments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +238,36 @@ def test_forward_does_not_modify_inputs(gen, dtype):
     for k, (old, new) in enumerate(zip(before, (grad, state, *weights))):
         assert torch.equal(old.nan_to_num(7.0), new.detach().nan_to_num(7.0)), f"input {k} was modified"
     assert new_state.data_ptr() != state.data_ptr()
+
+
+@pytest.mark.parametrize("output", OUTPUTS, ids=["linear", "tanh"])
+@pytest.mark.parametrize("features", [f for f in FEATURE_SETS if registry.reads_moments(f)], ids=feature_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_step_inplace_advances_the_moments(gen, n, dtype, features, output):
+    """step_ advances the moments as features.advance_moments does (t + 1, the moving averages), keeps those of
+    NaN/Inf-gradient coordinates bit for bit, and its features see the advanced moments: param + update and
+    the state equal lstm_step's on the advanced moments."""
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random", features=features)
+    grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+    grad[torch.rand(n, generator=gen) < 0.05] = math.nan
+    state = random_state(L, H, n, gen=gen, dtype=dtype)
+    param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    moments = random_moments(n, gen=gen, dtype=dtype)
+    advanced = registry.advance_moments(grad, moments)
+    update, new_state = ops.lstm_step(grad, state, weights, p, scale, features, advanced, output)
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale, features=features, moments=advanced,
+                                            output=output)
+    param_before, moments_ptr = param.clone(), moments.data_ptr()
+
+    ops.lstm_step_(param, grad, state, weights, p, scale, features, moments, output)
+    assert moments.data_ptr() == moments_ptr
+    assert_moments_advanced(moments, grad, advanced)
+    torch.testing.assert_close(param, param_before + update)
+    torch.testing.assert_close(state, new_state)
+    assert_elementwise_close(param, param_before.double() + e_update, dtype, "param")
+    assert_elementwise_close(state, e_state, dtype, "state")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -263,24 +321,41 @@ def sliced_state(values, *, gen):
     return view, base
 
 
+def moments_view(values, *, gen):
+    """values [3, n] as a view of a buffer stored [n, 3] (coordinates the slowest axis); None for None."""
+    if values is None:
+        return None, None
+    base = torch.randn(values.shape[1], 3, generator=gen, dtype=torch.float64).to(values.dtype)
+    view = base.t()
+    view.copy_(values)
+    return view, base
+
+
 STATE_LAYOUTS = {"permuted": permuted_state, "sliced": sliced_state}
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("layout", STATE_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [7, 1000], ids=lambda n: f"n{n}")
-def test_non_contiguous_forward_backward(gen, n, dtype, layout):
+def test_non_contiguous_forward_backward(gen, n, dtype, layout, variant):
+    features, output = variant
     H, L, p, scale = 20, 2, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random", features=features)
     grad = random_grad(n, gen=gen, dtype=dtype, p=p)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
+    moments = moments_for(features, grad, gen=gen)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
     grad_nc, _ = strided_vector(grad, gen=gen)
     state_nc, _ = STATE_LAYOUTS[layout](state, gen=gen)
     up_s_nc, _ = STATE_LAYOUTS[layout](up_s, gen=gen)
+    moments_nc, _ = moments_view(moments, gen=gen)
     assert not grad_nc.is_contiguous() and not state_nc.is_contiguous()
-    got = check_step_against_reference(grad_nc, state_nc, weights, p, scale, up_u, up_s_nc)
-    contiguous = step_grads(native_step, grad, state, weights, p, scale, up_u, up_s)
+    assert moments_nc is None or not moments_nc.is_contiguous()
+    variant = dict(features=features, output=output)
+    got = check_step_against_reference(grad_nc, state_nc, weights, p, scale, up_u, up_s_nc, moments=moments_nc,
+                                       **variant)
+    contiguous = step_grads(native_step, grad, state, weights, p, scale, up_u, up_s, moments=moments, **variant)
     for name, a, b in zip(("update", "new_state", "d_grad", "d_state"), got[:4], contiguous[:4]):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: non-contiguous != contiguous\n{m}")
 
@@ -297,25 +372,33 @@ def test_non_contiguous_weights(gen, dtype):
     check_step_against_reference(grad, state, weights_nc, p, scale, up_u, up_s)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("layout", STATE_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_non_contiguous_step_inplace(gen, dtype, layout):
+def test_non_contiguous_step_inplace(gen, dtype, layout, variant):
     """step_ on views writes through to the viewed buffers, and only to the viewed elements."""
+    features, output = variant
     H, L, n, p, scale = 20, 2, 1000, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random", features=features)
     grad = random_grad(n, gen=gen, dtype=dtype, p=p)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
+    moments = random_moments(n, gen=gen, dtype=dtype) if registry.reads_moments(features) else None
+    advanced = None if moments is None else registry.advance_moments(grad, moments)
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale, features=features, moments=advanced,
+                                            output=output)
 
     grad_nc, _ = strided_vector(grad, gen=gen, step=2)
     param_nc, param_base = strided_vector(param, gen=gen, step=3)
     state_nc, state_base = STATE_LAYOUTS[layout](state, gen=gen)
+    moments_nc, _ = moments_view(moments, gen=gen)
     param_base_before, state_base_before = param_base.clone(), state_base.clone()
-    ops.lstm_step_(param_nc, grad_nc, state_nc, weights, p, scale)
+    ops.lstm_step_(param_nc, grad_nc, state_nc, weights, p, scale, features, moments_nc, output)
 
     assert_elementwise_close(param_nc, param.double() + e_update, dtype, "param view")
     assert_elementwise_close(state_nc, e_state, dtype, "state view")
+    if moments is not None:
+        assert_moments_advanced(moments_nc, grad, advanced)
     untouched = torch.ones_like(param_base, dtype=torch.bool)
     untouched[1::3] = False
     assert torch.equal(param_base[untouched], param_base_before[untouched]), "step_ wrote outside the param view"
@@ -326,6 +409,11 @@ def test_non_contiguous_step_inplace(gen, dtype, layout):
 # ---------------------------------------------------------------------------------------------
 # several steps with the state carried
 STEPS = 6
+
+
+def copy64(t):
+    """A float64 copy (None for None), never the tensor itself: the reference's in-place steps write it."""
+    return None if t is None else t.to(torch.float64, copy=True)
 
 
 def quadratic(n, *, gen, dtype):
@@ -386,55 +474,71 @@ def test_unrolled_steps_forward_and_backward(gen, n, dtype):
             assert_close_rel_max(actual, expected, ELEMENTWISE[dtype]["atol_rel"], name, scale=weight_scale)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [1, 7, 1000], ids=lambda n: f"n{n}")
-def test_unrolled_step_inplace(gen, n, dtype):
-    """STEPS in-place steps on a quadratic: param and state follow the reference's lstm_step_."""
+def test_unrolled_step_inplace(gen, n, dtype, variant):
+    """STEPS in-place steps on a quadratic from fresh moments: param, state and moments follow the reference's
+    lstm_step_."""
+    features, output = variant
     H, L, p, scale = 20, 2, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random", features=features)
     a, b = quadratic(n, gen=gen, dtype=dtype)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
-    param_ref, state_ref, weights_ref = param.double(), state.double(), to64(weights)
+    moments = torch.zeros(3, n, dtype=dtype) if registry.reads_moments(features) else None
+    # copies (.double() of a float64 tensor is the tensor itself, which the reference would step a second time)
+    param_ref, state_ref, weights_ref = copy64(param), copy64(state), to64(weights)
+    moments_ref = copy64(moments)
     for t in range(STEPS):
         grad = a * (param - b)
         grad_ref = grad.double()  # the reference follows the kernel's trajectory of gradients
-        ops.lstm_step_(param, grad, state, weights, p, scale)
-        reference.lstm_step_(param_ref, grad_ref, state_ref, weights_ref, p, scale)
+        ops.lstm_step_(param, grad, state, weights, p, scale, features, moments, output)
+        reference.lstm_step_(param_ref, grad_ref, state_ref, weights_ref, p, scale, features, moments_ref, output)
         assert_elementwise_close(param, param_ref, dtype, f"param after step {t}")
         assert_elementwise_close(state, state_ref, dtype, f"state after step {t}")
-        param_ref, state_ref = param.double(), state.double()  # re-sync: compare one step's error at a time
+        if moments is not None:
+            assert torch.equal(moments[2], torch.full_like(moments[2], t + 1))
+            assert_elementwise_close(moments, moments_ref, dtype, f"moments after step {t}")
+            moments_ref = copy64(moments)
+        param_ref, state_ref = copy64(param), copy64(state)  # re-sync: compare one step's error at a time
 
 
+@pytest.mark.parametrize("variant", [VARIANTS[0], *VARIANTS_ONCE_EACH], ids=variant_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_module_native_equals_reference_backend(gen, dtype):
-    """The nn.Module front with backend="native" and "auto" vs backend="reference", several steps."""
+def test_module_native_equals_reference_backend(gen, dtype, variant):
+    """The nn.Module front with backend="native" and "auto" vs backend="reference", several steps, the moments
+    (when the net reads them) advanced by the net's advance_moments for forward and in place by step_."""
+    features, output = variant
     H, L, n = 20, 2, 777
-    net = make_net(H, L, gen=gen, dtype=dtype, kind="random", backend="native")
+    net = make_net(H, L, gen=gen, dtype=dtype, kind="random", backend="native", features=features, output=output)
     net_auto = copy_net(net, backend="auto")
     net_ref = copy_net(net, backend="reference", dtype=torch.float64)
     state, state_auto = net.init_state(n), net_auto.init_state(n)
     state_ref = net_ref.init_state(n)
+    moments = net.init_moments(n)
     assert state.dtype == dtype and state.shape == (L, 2, H, n)
+    assert (moments is None) == (not registry.reads_moments(features))
     for t in range(STEPS):
         grad = random_grad(n, gen=gen, dtype=dtype)
-        update, new_state = net(grad, state)
-        update_auto, state_auto = net_auto(grad, state_auto)
-        e_update, state_ref = net_ref(grad.double(), state.double())
+        moments = net.advance_moments(grad, moments)
+        update, new_state = net(grad, state, moments)
+        update_auto, state_auto = net_auto(grad, state_auto, moments)
+        e_update, state_ref = net_ref(grad.double(), state.double(), None if moments is None else moments.double())
         assert torch.equal(update, update_auto), "backend='auto' must use the native kernel on CPU"
         assert_elementwise_close(update, e_update, dtype, f"update step {t}")
         assert_elementwise_close(new_state, state_ref, dtype, f"state step {t}")
         state = new_state
 
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-    param_ref, state_ref = param.double(), state.double()
+    param_ref, state_ref, moments_ref = copy64(param), copy64(state), copy64(moments)
     for t in range(STEPS):
         grad = random_grad(n, gen=gen, dtype=dtype)
-        net.step_(param, grad, state)
-        net_ref.step_(param_ref, grad.double(), state_ref)
+        net.step_(param, grad, state, moments)
+        net_ref.step_(param_ref, grad.double(), state_ref, moments_ref)
         assert_elementwise_close(param, param_ref, dtype, f"param step {t}")
         assert_elementwise_close(state, state_ref, dtype, f"state step {t}")
-        param_ref, state_ref = param.double(), state.double()
+        param_ref, state_ref, moments_ref = copy64(param), copy64(state), copy64(moments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,18 +561,26 @@ def with_bad_coordinates(grad, which, *, gen):
     return grad, mask
 
 
-@pytest.mark.parametrize("which", BAD_VALUES)
+# every kind of bad value with the paper's set and linear output, the mixed kind with every other variant
+POLICY_CASES = [pytest.param(which, variant, id=f"{which}-{variant_id(variant)}")
+                for variant in VARIANTS for which in (BAD_VALUES if variant == VARIANTS[0] else ["mixed"])]
+
+
+@pytest.mark.parametrize("which,variant", POLICY_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [1, 37, 1000], ids=lambda n: f"n{n}")
-def test_non_finite_gradient_policy_forward_backward(gen, n, dtype, which):
+def test_non_finite_gradient_policy_forward_backward(gen, n, dtype, which, variant):
+    features, output = variant
     H, L, p, scale = 20, 2, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+    weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random", features=features)
     grad, bad = with_bad_coordinates(random_grad(n, gen=gen, dtype=dtype, p=p), which, gen=gen)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
+    moments = moments_for(features, grad, gen=gen)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+    variant = dict(features=features, moments=moments, output=output)
 
     update, new_state, d_grad, d_state, d_weights = check_step_against_reference(grad, state, weights, p, scale,
-                                                                                 up_u, up_s)
+                                                                                 up_u, up_s, **variant)
     # exact policy on the bad coordinates
     assert torch.equal(update[bad], torch.zeros_like(update[bad])), "update must be exactly 0 where grad is not finite"
     assert torch.equal(new_state[..., bad], state[..., bad]), "state must be kept bit for bit where grad is not finite"
@@ -477,7 +589,8 @@ def test_non_finite_gradient_policy_forward_backward(gen, n, dtype, which):
     # the bad coordinates contribute nothing: weight gradients equal those of the finite coordinates alone
     good = ~bad
     if good.any():
-        sub = step_grads(native_step, grad[good], state[..., good], weights, p, scale, up_u[good], up_s[..., good])
+        sub = step_grads(native_step, grad[good], state[..., good], weights, p, scale, up_u[good], up_s[..., good],
+                         features, None if moments is None else moments[:, good], output)
         torch.testing.assert_close(update[good], sub[0])
         torch.testing.assert_close(new_state[..., good], sub[1])
         for k, (a, b) in enumerate(zip(d_weights, sub[4])):
@@ -504,19 +617,27 @@ def test_all_gradients_non_finite(gen, dtype):
         assert torch.count_nonzero(w) == 0, f"d_weights[{k}]"
 
 
-@pytest.mark.parametrize("which", BAD_VALUES)
+@pytest.mark.parametrize("which,variant", POLICY_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_non_finite_gradient_policy_step_inplace(gen, dtype, which):
+def test_non_finite_gradient_policy_step_inplace(gen, dtype, which, variant):
+    features, output = variant
     H, L, n, p, scale = 20, 2, 1000, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=dtype)
+    weights = random_weights(H, L, gen=gen, dtype=dtype, features=features)
     grad, bad = with_bad_coordinates(random_grad(n, gen=gen, dtype=dtype, p=p), which, gen=gen)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    moments = random_moments(n, gen=gen, dtype=dtype) if registry.reads_moments(features) else None
+    advanced = None if moments is None else registry.advance_moments(grad, moments)
     param_before, state_before = param.clone(), state.clone()
-    e_update, e_state = reference_forward64(grad, state, weights, p, scale)
-    ops.lstm_step_(param, grad, state, weights, p, scale)
+    moments_before = None if moments is None else moments.clone()
+    e_update, e_state = reference_forward64(grad, state, weights, p, scale, features=features, moments=advanced,
+                                            output=output)
+    ops.lstm_step_(param, grad, state, weights, p, scale, features, moments, output)
     assert torch.equal(param[bad], param_before[bad])
     assert torch.equal(state[..., bad], state_before[..., bad])
+    if moments is not None:
+        assert torch.equal(moments[:, bad], moments_before[:, bad]), "moments of a non-finite gradient changed"
+        assert_moments_advanced(moments, grad, advanced)
     assert_elementwise_close(param, param_before.double() + e_update, dtype, "param")
     assert_elementwise_close(state, e_state, dtype, "state")
 
@@ -559,13 +680,17 @@ def test_backward_with_one_output_unused(gen, dtype, used):
     assert_weight_grads_close(got[2:], list(ref[2:]), dtype, ref_same, scales)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_zero_coordinates_all_ops(gen, dtype):
+def test_zero_coordinates_all_ops(gen, dtype, variant):
+    features, output = variant
     H, L = 20, 2
-    weights = [w.requires_grad_(True) for w in random_weights(H, L, gen=gen, dtype=dtype)]
+    weights = [w.requires_grad_(True) for w in random_weights(H, L, gen=gen, dtype=dtype, features=features)]
     grad = torch.empty(0, dtype=dtype, requires_grad=True)
     state = torch.empty(L, 2, H, 0, dtype=dtype, requires_grad=True)
-    update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1)
+    moments = torch.empty(3, 0, dtype=dtype) if registry.reads_moments(features) else None
+    extra = (features, moments, output)
+    update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1, *extra)
     assert update.shape == (0,) and new_state.shape == (L, 2, H, 0)
     assert update.dtype == dtype and new_state.dtype == dtype
     d = torch.autograd.grad([update, new_state], [grad, state, *weights],
@@ -576,17 +701,17 @@ def test_zero_coordinates_all_ops(gen, dtype):
 
     d_grad, d_state, d_weights = torch.ops.l2l_fast.lstm_step_backward(
         torch.empty(0, dtype=dtype), torch.empty(L, 2, H, 0, dtype=dtype), grad.detach(), state.detach(),
-        [w.detach() for w in weights], 10.0, 0.1)
+        [w.detach() for w in weights], 10.0, 0.1, *extra)
     assert d_grad.shape == (0,) and d_state.shape == (L, 2, H, 0)
     assert [tuple(w.shape) for w in d_weights] == [tuple(w.shape) for w in weights]
     assert all(torch.count_nonzero(w) == 0 for w in d_weights)
 
     param = torch.empty(0, dtype=dtype)
-    ops.lstm_step_(param, grad.detach(), state.detach(), [w.detach() for w in weights], 10.0, 0.1)
-    net = make_net(H, L, gen=gen, dtype=dtype, backend="native")
-    update, new_state = net(torch.empty(0, dtype=dtype), net.init_state(0))
+    ops.lstm_step_(param, grad.detach(), state.detach(), [w.detach() for w in weights], 10.0, 0.1, *extra)
+    net = make_net(H, L, gen=gen, dtype=dtype, backend="native", features=features, output=output)
+    update, new_state = net(torch.empty(0, dtype=dtype), net.init_state(0), net.init_moments(0))
     assert update.shape == (0,) and new_state.shape == (L, 2, H, 0)
-    net.step_(param, torch.empty(0, dtype=dtype), net.init_state(0))
+    net.step_(param, torch.empty(0, dtype=dtype), net.init_state(0), net.init_moments(0))
 
 
 def test_forward_is_deterministic(gen):

@@ -1,14 +1,16 @@
 """The non-finite values policy (README "Non-finite values", l2l_fast/reference.py's docstring), the same on
 every instruction set and dtype as in the reference:
 
-1. a coordinate with a NaN/+-Inf gradient: update 0, state kept bit for bit; backward identity for its state,
-   0 for its gradient input, nothing into the weight gradients;
-2. a coordinate with a finite gradient and any non-finite state value, or any non-finite weight ("poisoned"):
-   NaN update and NaN new state; backward NaN d grad, d state and weight gradients.
+1. a coordinate with a NaN/+-Inf gradient: update 0, state (and moments) kept bit for bit; backward identity for
+   its state, 0 for its gradient input, nothing into the weight gradients;
+2. a coordinate with a finite gradient and any non-finite state value or moment (m, v, t), or any non-finite
+   weight ("poisoned"): NaN update and NaN new state; backward NaN d grad, d state and weight gradients.
 
-Hypothesis injects NaN / +Inf / -Inf at random positions of the gradient, the state and the weights; the NaN
-(and Inf) pattern of every output must equal the reference's exactly, the finite values within
-tests/tolerances.py. Also: preprocess_p / output_scale out of range give a ValueError on every front.
+Hypothesis draws the feature set and output kind and injects NaN / +Inf / -Inf at random positions of the
+gradient, the state, the moments (for feature sets that read them) and the weights; the NaN (and Inf) pattern
+of every output must equal the reference's exactly, the finite values within tests/tolerances.py, and the
+in-place ops' moments follow features.advance_moments. Also: preprocess_p / output_scale / output out of
+range give a ValueError on every front.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import available_cpu_isas, generator, random_weights, requires_native, step_grads
+from conftest import (FEATURE_SETS, OUTPUTS, available_cpu_isas, generator, random_moments, random_weights,
+                      requires_native, step_grads)
 from l2l_fast import CoordinatewiseLSTM, checks, ops, reference
-from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale
+from l2l_fast import features as registry
+from tolerances import (assert_elementwise_close, assert_moments_advanced, assert_weight_grads_close,
+                        backward_error_scale, bits)
 
 ISAS = available_cpu_isas()
 DTYPES = [torch.float32, torch.float64]
@@ -37,20 +42,24 @@ def problems(draw):
         layers=draw(st.integers(1, 3)),
         bad_grads=draw(st.integers(0, 4)),
         bad_states=draw(st.integers(0, 4)),
+        bad_moments=draw(st.integers(0, 3)),
         bad_weight=draw(st.sampled_from([None, None, None, *BAD])),
         kind=draw(st.sampled_from(["init", "random"])),
+        features=draw(st.sampled_from(FEATURE_SETS)),
+        output=draw(st.sampled_from(OUTPUTS)),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
 def make_inputs(pr, dtype):
-    """grad [n], state [L, 2, H, n], weights, upstream (u, s): float64 values rounded to `dtype`, with
-    non-finite values injected at random positions."""
+    """grad [n], state [L, 2, H, n], weights, upstream (u, s), moments [3, n] (or None; the previous step's, not
+    advanced): float64 values rounded to `dtype`, with non-finite values injected at random positions."""
     gen = generator(pr["seed"])
     n, H, L = pr["n"], pr["hidden"], pr["layers"]
     grad = torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-6, 3, (n,), generator=gen)
     state = torch.randn(L, 2, H, n, generator=gen, dtype=torch.float64)
-    weights = random_weights(H, L, gen=gen, kind=pr["kind"])
+    weights = random_weights(H, L, gen=gen, kind=pr["kind"], features=pr["features"])
+    moments = random_moments(n, gen=gen, lo=1e-6, hi=1e2) if registry.reads_moments(pr["features"]) else None
 
     def pick_bad():
         return BAD[int(torch.randint(0, 3, (1,), generator=gen))]
@@ -60,22 +69,37 @@ def make_inputs(pr, dtype):
     flat = state.view(-1)
     for _ in range(pr["bad_states"]):
         flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = pick_bad()
+    if moments is not None:
+        flat = moments.view(-1)
+        for _ in range(pr["bad_moments"]):
+            flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = pick_bad()
     if pr["bad_weight"] is not None:
         w = weights[int(torch.randint(0, len(weights), (1,), generator=gen))].view(-1)
         w[int(torch.randint(0, w.numel(), (1,), generator=gen))] = pr["bad_weight"]
     up_u = torch.randn(n, generator=gen, dtype=torch.float64)
     up_s = torch.randn(L, 2, H, n, generator=gen, dtype=torch.float64)
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    return cast(grad), cast(state), [cast(w) for w in weights], cast(up_u), cast(up_s)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(grad), cast(state), [cast(w) for w in weights], cast(up_u), cast(up_s), cast(moments)
 
 
-def expected_poisoned(grad, state, weights):
+def advanced(grad, moments):
+    return None if moments is None else registry.advance_moments(grad, moments)
+
+
+def to64(t):
+    return None if t is None else t.double()
+
+
+def copy64(t):
+    """A float64 copy, never the tensor itself (as .double() of a float64 one): the reference steps it."""
+    return None if t is None else t.to(torch.float64, copy=True)
+
+
+def expected_poisoned(grad, state, weights, moments=None):
     sound = torch.isfinite(state).flatten(0, 2).all(0) & all(bool(torch.isfinite(w).all()) for w in weights)
+    if moments is not None:
+        sound = sound & torch.isfinite(moments).all(0)
     return torch.isfinite(grad) & ~sound
-
-
-def bits(t):
-    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
 
 
 def assert_same_pattern(actual, expected, name):
@@ -108,19 +132,23 @@ def sanitized(t):
 @fixture_settings
 @given(pr=problems())
 def test_lstm_step_and_backward(cpu_isa, dtype, pr):
-    grad, state, weights, up_u, up_s = make_inputs(pr, dtype)
-    p, scale = 10.0, 0.1
+    grad, state, weights, up_u, up_s, previous = make_inputs(pr, dtype)
+    p, scale, features, output = 10.0, 0.1, pr["features"], pr["output"]
+    moments = advanced(grad, previous)
+    variant = dict(features=features, moments=moments, output=output)
     native = lambda *a: ops.lstm_step(*a)  # noqa: E731
-    got = step_grads(native, grad, state, weights, p, scale, up_u, up_s)
+    got = step_grads(native, grad, state, weights, p, scale, up_u, up_s, **variant)
     ref64 = step_grads(reference.lstm_step, grad.double(), state.double(), [w.double() for w in weights], p, scale,
-                       up_u.double(), up_s.double())
-    poisoned = expected_poisoned(grad, state, weights)
+                       up_u.double(), up_s.double(), features, to64(moments), output)
+    poisoned = expected_poisoned(grad, state, weights, moments)
     assert torch.isnan(got[0][poisoned]).all() and torch.isnan(got[1][..., poisoned]).all()
     check_rule_1(grad, state, got[0], got[1], up_s, got[2], got[3])
     weights_ok = all(bool(torch.isfinite(w).all()) for w in weights)
     scales = [None, None, None, None]
     if weights_ok:
-        s_grad, s_state, s_weights = backward_error_scale(grad, sanitized(state), weights, p, scale, up_u, up_s)
+        s_grad, s_state, s_weights = backward_error_scale(
+            grad, sanitized(state), weights, p, scale, up_u, up_s, features=features,
+            moments=None if moments is None else sanitized(moments), output=output)
         scales = [None, None, s_grad, s_state]
     for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref64[:4], scales):
         fa, fe, keep = assert_same_pattern(a, e, name)
@@ -131,9 +159,10 @@ def test_lstm_step_and_backward(cpu_isa, dtype, pr):
     elif weights_ok:
         ref32 = None
         if dtype == torch.float32:
-            ref32 = step_grads(reference.lstm_step, grad, state, weights, p, scale, up_u, up_s)[4]
+            ref32 = step_grads(reference.lstm_step, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
         assert_weight_grads_close(got[4], ref64[4], dtype, ref_same_dtype=ref32,
-                                  error_scale=s_weights if dtype == torch.float64 else None)
+                                  error_scale=s_weights if dtype == torch.float64 else None,
+                                  moment_inputs=moments is not None)
 
 
 @requires_native
@@ -142,20 +171,26 @@ def test_lstm_step_and_backward(cpu_isa, dtype, pr):
 @fixture_settings
 @given(pr=problems())
 def test_lstm_step_inplace(cpu_isa, dtype, pr):
-    grad, state, weights, _, _ = make_inputs(pr, dtype)
+    grad, state, weights, _, _, moments = make_inputs(pr, dtype)
+    variant = (pr["features"], pr["output"])
     param = torch.randn(grad.shape[0], generator=generator(pr["seed"] + 1), dtype=dtype)
-    p_ref, s_ref = param.double().clone(), state.double().clone()
+    p_ref, s_ref, m_ref = param.double().clone(), state.double().clone(), copy64(moments)
     with torch.no_grad():
-        reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1)
+        reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1, variant[0],
+                             m_ref, variant[1])
     p_got, s_got = param.clone(), state.clone()
-    ops.lstm_step_(p_got, grad, s_got, weights, 10.0, 0.1)
+    m_got = None if moments is None else moments.clone()
+    ops.lstm_step_(p_got, grad, s_got, weights, 10.0, 0.1, variant[0], m_got, variant[1])
     bad = ~torch.isfinite(grad)
     assert torch.equal(bits(p_got[bad]), bits(param[bad])) and torch.equal(bits(s_got[..., bad]), bits(state[..., bad]))
     for name, a, e in (("param", p_got, p_ref), ("state", s_got, s_ref)):
         fa, fe, _ = assert_same_pattern(a, e, name)
         assert_elementwise_close(fa, fe, dtype, name)
-    poisoned = expected_poisoned(grad, state, weights)
+    poisoned = expected_poisoned(grad, state, weights, m_got)
     assert torch.isnan(p_got[poisoned]).all() and torch.isnan(s_got[..., poisoned]).all()
+    if moments is not None:
+        assert_moments_advanced(m_got, grad, advanced(grad, moments))
+        assert_same_pattern(m_got, m_ref, "moments")
 
 
 @requires_native
@@ -165,17 +200,23 @@ def test_lstm_step_inplace(cpu_isa, dtype, pr):
 @fixture_settings
 @given(pr=problems(), split=st.floats(0.0, 1.0))
 def test_lstm_multi_step(cpu_isa, dtype, state_dtype, pr, split):
-    grad, state, weights, _, _ = make_inputs(pr, dtype)
+    grad, state, weights, _, _, moments = make_inputs(pr, dtype)
+    variant = (pr["features"], pr["output"])
     n = grad.shape[0]
     state = state.to(dtype if state_dtype == "math" else state_dtype)
     param = torch.randn(n, generator=generator(pr["seed"] + 1), dtype=dtype)
     cut = int(split * n)
     sizes = [cut, n - cut]
     p_ref, s_ref = param.clone(), state.clone()
+    m_ref, m_got = (None, None) if moments is None else (moments.clone(), moments.clone())
     with torch.no_grad():
-        reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s_ref, weights, 10.0, 0.1)
+        reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s_ref, weights, 10.0, 0.1,
+                                   variant[0], m_ref, variant[1])
     p_got, s_got = param.clone(), state.clone()
-    ops.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s_got, weights, 10.0, 0.1)
+    ops.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s_got, weights, 10.0, 0.1, variant[0],
+                         m_got, variant[1])
+    if moments is not None:
+        assert_moments_advanced(m_got, grad, m_ref)
     bad = ~torch.isfinite(grad)
     assert torch.equal(p_got[bad].view(torch.uint8), param[bad].view(torch.uint8))
     kept, old = s_got[..., bad], state[..., bad]
@@ -190,14 +231,15 @@ def test_lstm_multi_step(cpu_isa, dtype, state_dtype, pr, split):
             torch.testing.assert_close(fa, fe, rtol=2**-7, atol=2**-7 * max(fe.abs().max().item(), 1e-30))
         else:
             assert_elementwise_close(fa, fe, dtype, name)
-    poisoned = expected_poisoned(grad, state.to(dtype), weights)
+    poisoned = expected_poisoned(grad, state.to(dtype), weights, m_got)
     assert torch.isnan(p_got[poisoned]).all() and torch.isnan(s_got[..., poisoned].double()).all()
 
 
 # ---------------------------------------------------------------------------------------------
-# preprocess_p and output_scale: a ValueError naming the argument on every front
+# preprocess_p, output_scale and output: a ValueError naming the argument on every front
 BAD_CONSTANTS = [("preprocess_p", dict(p=v)) for v in (math.nan, math.inf, -math.inf, 0.0, -1.0, 87.5, 1e300)] + [
-    ("output_scale", dict(scale=v)) for v in (math.nan, math.inf, -math.inf)]
+    ("output_scale", dict(scale=v)) for v in (math.nan, math.inf, -math.inf)] + [
+    ("output", dict(output=v)) for v in (-1, 2)]
 CONSTANT_IDS = [f"{name}={next(iter(kw.values()))}" for name, kw in BAD_CONSTANTS]
 
 
@@ -209,15 +251,16 @@ def small_problem(device="cpu"):
     return grad, state, weights
 
 
-def _fronts(p, scale, device):
+def _fronts(p, scale, output, device):
     grad, state, weights = small_problem(device)
     param = torch.zeros_like(grad)
     return {
-        "lstm_step": lambda: torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale, 1),
+        "lstm_step": lambda: torch.ops.l2l_fast.lstm_step(grad, state, weights, p, scale, 1, None, output),
         "lstm_step_backward": lambda: torch.ops.l2l_fast.lstm_step_backward(grad, state, grad, state, weights, p,
-                                                                             scale, 1),
-        "lstm_step_": lambda: torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale, 1),
-        "lstm_multi_step_": lambda: torch.ops.l2l_fast.lstm_multi_step_([param], [grad], state, weights, p, scale, 1),
+                                                                             scale, 1, None, output),
+        "lstm_step_": lambda: torch.ops.l2l_fast.lstm_step_(param, grad, state, weights, p, scale, 1, None, output),
+        "lstm_multi_step_": lambda: torch.ops.l2l_fast.lstm_multi_step_([param], [grad], state, weights, p, scale, 1,
+                                                                        None, output),
     }
 
 
@@ -225,26 +268,27 @@ def _fronts(p, scale, device):
 @pytest.mark.parametrize("device", ["cpu", "meta"], ids=["cpp_validators", "fake_kernels"])
 @pytest.mark.parametrize("name,kw", BAD_CONSTANTS, ids=CONSTANT_IDS)
 def test_bad_constants_ops(name, kw, device):
-    p, scale = kw.get("p", 10.0), kw.get("scale", 0.1)
-    for op, call in _fronts(p, scale, device).items():
+    p, scale, output = kw.get("p", 10.0), kw.get("scale", 0.1), kw.get("output", 0)
+    for op, call in _fronts(p, scale, output, device).items():
         with pytest.raises(ValueError, match=f"^{name}: "):
             call()
 
 
 @pytest.mark.parametrize("name,kw", BAD_CONSTANTS, ids=CONSTANT_IDS)
 def test_bad_constants_python(name, kw):
-    p, scale = kw.get("p", 10.0), kw.get("scale", 0.1)
+    p, scale, output = kw.get("p", 10.0), kw.get("scale", 0.1), kw.get("output", 0)
     grad, state, weights = small_problem()
     param = torch.zeros_like(grad)
     calls = [
-        lambda: checks.check_step_args(grad, state, weights, 1, p, scale),
-        lambda: checks.check_backward_args(grad, state, grad, state, weights, 1, p, scale),
-        lambda: checks.check_inplace_args(param, grad, state, weights, 1, p, scale),
-        lambda: checks.check_multi_step_args([param], [grad], state, weights, 1, p, scale),
-        lambda: reference.lstm_step(grad, state, weights, p, scale),
-        lambda: reference.lstm_step_(param, grad, state, weights, p, scale),
-        lambda: reference.lstm_multi_step_([param], [grad], state, weights, p, scale),
-        lambda: CoordinatewiseLSTM(3, 2, preprocess_p=p, output_scale=scale),
+        lambda: checks.check_step_args(grad, state, weights, 1, p, scale, None, output),
+        lambda: checks.check_backward_args(grad, state, grad, state, weights, 1, p, scale, None, output),
+        lambda: checks.check_inplace_args(param, grad, state, weights, 1, p, scale, None, output),
+        lambda: checks.check_multi_step_args([param], [grad], state, weights, 1, p, scale, None, output),
+        lambda: reference.lstm_step(grad, state, weights, p, scale, 1, None, output),
+        lambda: reference.lstm_step_(param, grad, state, weights, p, scale, 1, None, output),
+        lambda: reference.lstm_multi_step_([param], [grad], state, weights, p, scale, 1, None, output),
+        lambda: CoordinatewiseLSTM(3, 2, preprocess_p=p, output_scale=scale,
+                                   output={0: "linear", -1: "bounded", 2: "sigmoid"}[output]),
     ]
     for call in calls:
         with pytest.raises(ValueError, match=f"^{name}: "):

@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from conftest import FEATURE_SETS, feature_id, random_grad, random_state, random_weights, requires_native
+from conftest import (VARIANTS, moments_for, random_grad, random_state, random_weights, requires_native,
+                      variant_id)
 from l2l_fast import ops
 
 pytestmark = requires_native
@@ -42,16 +43,26 @@ def counts(cache):
     return stats["hits"], stats["misses"]
 
 
-@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
-def test_repeated_calls_hit(gen, cache, features):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_repeated_calls_hit(gen, cache, variant):
+    """Every op, every feature set and output kind: the moments and the output are not part of the packing."""
+    features, output = variant
     grad, state, weights = inputs(gen, features=features)
-    ops.lstm_step(grad, state, weights, P, SCALE, features)
+    moments = moments_for(features, grad, gen=gen)
+
+    def fresh():
+        return None if moments is None else moments.clone()
+
+    extra = (features, moments, output)
+    ops.lstm_step(grad, state, weights, P, SCALE, *extra)
     assert counts(cache) == (0, 1)
-    ops.lstm_step(grad, state, weights, P, SCALE, features)
+    ops.lstm_step(grad, state, weights, P, SCALE, *extra)
     torch.ops.l2l_fast.lstm_step_backward(torch.ones(N, dtype=torch.float64), torch.ones_like(state), grad, state,
-                                          weights, P, SCALE, features)
-    ops.lstm_step_(torch.zeros(N, dtype=torch.float64), grad, state.clone(), weights, P, SCALE, features)
-    ops.lstm_multi_step_([torch.zeros(N, dtype=torch.float64)], [grad], state.clone(), weights, P, SCALE, features)
+                                          weights, P, SCALE, *extra)
+    ops.lstm_step_(torch.zeros(N, dtype=torch.float64), grad, state.clone(), weights, P, SCALE, features, fresh(),
+                   output)
+    ops.lstm_multi_step_([torch.zeros(N, dtype=torch.float64)], [grad], state.clone(), weights, P, SCALE, features,
+                         fresh(), output)
     assert counts(cache) == (4, 1)
 
 

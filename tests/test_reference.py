@@ -1,4 +1,5 @@
-"""The reference (the specification) against plain torch.nn modules and the paper's formulas."""
+"""The reference (the specification) against plain torch.nn modules and the paper's formulas; the moments feature
+(functional steps take advanced moments, in-place steps advance them) and the tanh output."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (DTYPE_IDS, FEATURE_SETS, WEIGHT_KINDS, branch_counts, feature_id, make_net, random_grad,
-                      random_state, random_weights)
+from conftest import (DTYPE_IDS, OUTPUTS, VARIANTS, WEIGHT_KINDS, branch_counts, make_net, moments_for, random_grad,
+                      random_moments, random_state, random_weights, variant_id)
 from l2l_fast import CoordinatewiseLSTM, reference
 from l2l_fast import features as registry
 
@@ -25,32 +26,35 @@ def torch_modules(weights, hidden_size, num_layers):
     return lstm, out
 
 
-def torch_step(lstm, out, x_seq, state, scale):
+def torch_step(lstm, out, x_seq, state, scale, output=0):
     """nn.LSTM over a sequence x_seq [T, n, 2] from state [L, 2, H, n] -> (update of the last step, final state)."""
     h0 = state[:, 0].transpose(1, 2).contiguous()  # [L, n, H]
     c0 = state[:, 1].transpose(1, 2).contiguous()
     y, (h, c) = lstm(x_seq, (h0, c0))
-    update = scale * out(y[-1]).squeeze(1)
+    value = out(y[-1]).squeeze(1)
+    update = scale * (torch.tanh(value) if output == 1 else value)
     return update, torch.stack([h.transpose(1, 2), c.transpose(1, 2)], dim=1)
 
 
-@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("hidden_size,num_layers", [(1, 1), (20, 2), (7, 3)], ids=["H1-L1", "H20-L2", "H7-L3"])
-def test_reference_equals_torch_lstm_and_linear(gen, hidden_size, num_layers, kind, features):
+def test_reference_equals_torch_lstm_and_linear(gen, hidden_size, num_layers, kind, variant):
+    features, output = variant
     p, scale, n = 10.0, 0.1, 257
     weights = random_weights(hidden_size, num_layers, gen=gen, kind=kind, features=features)
     grad = random_grad(n, gen=gen, p=p)
     state = random_state(num_layers, hidden_size, n, gen=gen)
+    moments = moments_for(features, grad, gen=gen)
     big, small = branch_counts(grad, p)
     assert big > 0 and small > 0
 
-    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features)
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features, moments, output)
 
     lstm, out = torch_modules(weights, hidden_size, num_layers)
-    # the features in bit order, each its registered function of the gradient
-    x = torch.cat([f.fn(grad, p) for f in registry.REGISTRY.values() if features & f.bit], dim=1).unsqueeze(0)
-    expected_update, expected_state = torch_step(lstm, out, x, state, scale)
+    # the features in bit order, each its registered function of the gradient (and the moments)
+    x = torch.cat([f(grad, p, moments) for f in registry.REGISTRY.values() if features & f.bit], dim=1).unsqueeze(0)
+    expected_update, expected_state = torch_step(lstm, out, x, state, scale, output)
     torch.testing.assert_close(update, expected_update, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(new_state, expected_state, rtol=1e-12, atol=1e-14)
 
@@ -107,6 +111,95 @@ def test_preprocess_gradient_both_branches():
     torch.testing.assert_close(d0, torch.where(big, 1 / (p * g.detach()), torch.zeros_like(d0)))
     torch.testing.assert_close(d1, torch.where(big, torch.zeros_like(d1), torch.full_like(d1, math.exp(p))))
     assert torch.isfinite(d0).all() and torch.isfinite(d1).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_reference_step_inplace_advances_the_moments(gen, variant):
+    """lstm_step_: the moments advanced (features.advance_moments), then the functional step on the advanced ones;
+    a NaN-gradient coordinate keeps its moments bit for bit."""
+    features, output = variant
+    H, L, n, p, scale = 4, 2, 30, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, features=features)
+    grad = random_grad(n, gen=gen, p=p)
+    grad[5] = math.nan
+    state = random_state(L, H, n, gen=gen)
+    param = torch.randn(n, dtype=torch.float64, generator=gen)
+    moments = random_moments(n, gen=gen) if registry.reads_moments(features) else None
+    advanced = None if moments is None else registry.advance_moments(grad, moments)
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features, advanced, output)
+    before = None if moments is None else moments.clone()
+    expected_param = param + update
+    reference.lstm_step_(param, grad, state, weights, p, scale, features, moments, output)
+    assert torch.equal(param, expected_param) and torch.equal(state, new_state)
+    if moments is not None:
+        assert torch.equal(moments, advanced)
+        assert torch.equal(moments[:, 5], before[:, 5])
+
+
+@pytest.mark.parametrize("output", OUTPUTS, ids=["linear", "tanh"])
+def test_reference_multi_step_moments_at_the_state_offsets(gen, output):
+    """lstm_multi_step_: tensor k's moments are the columns [offset_k, offset_k + n_k), as its state's."""
+    H, L, p, scale, features = 3, 2, 10.0, 0.1, registry.ALL_MASK
+    sizes = [4, 0, 7]
+    weights = random_weights(H, L, gen=gen, features=features)
+    params = [torch.randn(n, dtype=torch.float64, generator=gen) for n in sizes]
+    grads = [random_grad(n, gen=gen, p=p) for n in sizes]
+    state = random_state(L, H, sum(sizes), gen=gen)
+    moments = random_moments(sum(sizes), gen=gen)
+    expected = [p.clone() for p in params], state.clone(), moments.clone()
+    offset = 0
+    for param, grad, n in zip(expected[0], grads, sizes):
+        columns = slice(offset, offset + n)
+        rows, cols = expected[1][..., columns].clone(), expected[2][:, columns].clone()
+        reference.lstm_step_(param, grad, rows, weights, p, scale, features, cols, output)
+        expected[1][..., columns], expected[2][:, columns] = rows, cols
+        offset += n
+    reference.lstm_multi_step_(params, grads, state, weights, p, scale, features, moments, output)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected[0]))
+    assert torch.equal(state, expected[1]) and torch.equal(moments, expected[2])
+
+
+def test_reference_moments_get_no_gradient(gen):
+    """The functional step treats the moments as data: no gradient reaches them, d grad only through
+    g / (sqrt(v_hat) + eps)."""
+    H, L, n, p, scale = 3, 2, 8, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, features=2)
+    grad = random_grad(n, gen=gen, p=p).requires_grad_(True)
+    moments = random_moments(n, gen=gen, grad=grad.detach()).requires_grad_(True)
+    update, new_state = reference.lstm_step(grad, random_state(L, H, n, gen=gen), weights, p, scale, 2, moments)
+    d_grad, d_moments = torch.autograd.grad(update.sum() + new_state.sum(), [grad, moments], allow_unused=True)
+    assert d_moments is None and torch.isfinite(d_grad).all() and d_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("which", ["m", "v", "t"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_reference_non_finite_moments_poison(gen, bad, which):
+    """A finite-gradient coordinate with a non-finite moment is poisoned like one with a non-finite state value:
+    NaN update and new state, NaN gradients; the other coordinates as if it were absent. With a non-finite
+    gradient it keeps everything instead."""
+    H, L, p, scale, n, features = 4, 2, 10.0, 0.1, 9, registry.ALL_MASK
+    weights = [w.requires_grad_(True) for w in random_weights(H, L, gen=gen, kind="random", features=features)]
+    grad = random_grad(n, gen=gen, p=p)
+    grad[6] = math.nan
+    state = random_state(L, H, n, gen=gen).requires_grad_(True)
+    moments = random_moments(n, gen=gen, grad=grad)
+    row = "mvt".index(which)
+    moments[row, [4, 6]] = bad
+    grad.requires_grad_(True)
+    update, new_state = reference.lstm_step(grad, state, weights, p, scale, features, moments)
+    up_u = torch.randn(n, dtype=torch.float64, generator=gen)
+    up_s = torch.randn(L, 2, H, n, dtype=torch.float64, generator=gen)
+    assert math.isnan(update[4].item()) and torch.isnan(new_state[..., 4]).all()
+    assert update[6].item() == 0.0 and torch.equal(new_state[..., 6], state[..., 6])
+    keep = [k for k in range(n) if k not in (4, 6)]
+    sub_update, sub_state = reference.lstm_step(grad[keep], state[..., keep], weights, p, scale, features,
+                                                moments[:, keep])
+    torch.testing.assert_close(update[keep], sub_update, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(new_state[..., keep], sub_state, rtol=1e-13, atol=1e-15)
+    d = torch.autograd.grad([update, new_state], [grad, state, *weights], [up_u, up_s])
+    assert math.isnan(d[0][4].item()) and torch.isnan(d[1][..., 4]).all()
+    assert all(torch.isnan(w).all() for w in d[2:])
+    assert d[0][6].item() == 0.0 and torch.equal(d[1][..., 6], up_s[..., 6])
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])

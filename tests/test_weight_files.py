@@ -246,6 +246,8 @@ CONSTANTS = [
     ("hidden_size", 4.0, "hidden_size: expected a positive int"),
     ("hidden_size", True, "hidden_size: expected a positive int"),
     ("num_layers", -2, "num_layers: expected a positive int"),
+    ("output", "sigmoid", "output: expected one of"),
+    ("output", 1, "output: expected one of"),
 ]
 
 
@@ -273,6 +275,17 @@ def test_an_unknown_net_argument_is_refused_by_name(tmp_path, layout):
 def test_a_missing_net_argument_is_refused_by_name(tmp_path, layout):
     kwargs = {k: v for k, v in small_net().size_kwargs().items() if k != "preprocess_p"}
     refusal(write_net(tmp_path / "opt.pt", layout, kwargs=kwargs), layout, r"missing net argument 'preprocess_p'")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_output_kind_round_trips(tmp_path, layout):
+    """A tanh net's file says so in every layout; the same weights step identically after loading."""
+    net = small_net(output="tanh", features=("paper", "moments"))
+    loaded = load_pretrained(str(write_net(tmp_path / "opt.pt", layout, net)))
+    assert loaded.output == "tanh" and loaded.size_kwargs() == net.size_kwargs()
+    grad = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    moments = net.advance_moments(grad, net.init_moments(6))
+    assert torch.equal(loaded(grad, loaded.init_state(6), moments)[0], net(grad, net.init_state(6), moments)[0])
 
 
 class FeaturesNet(CoordinatewiseLSTM):
