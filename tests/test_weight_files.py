@@ -277,9 +277,9 @@ def test_a_missing_net_argument_is_refused_by_name(tmp_path, layout):
     refusal(write_net(tmp_path / "opt.pt", layout, kwargs=kwargs), layout, r"missing net argument 'preprocess_p'")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["verified", "run"])
 def test_the_output_kind_round_trips(tmp_path, layout):
-    """A tanh net's file says so in every layout; the same weights step identically after loading."""
+    """A tanh net's file says so (an exported one and a run's); the same weights step identically after loading."""
     net = small_net(output="tanh", features=("paper", "moments"))
     loaded = load_pretrained(str(write_net(tmp_path / "opt.pt", layout, net)))
     assert loaded.output == "tanh" and loaded.size_kwargs() == net.size_kwargs()
