@@ -220,7 +220,9 @@ def test_packed_weights_cached_per_version(impl, emu, gen):
     assert emu.packed_cache_counts() == (hits + 2, misses + 2, bypassed + 1)
 
 
-NONFINITE_CASES = [dict(n=n, hidden=h, layers=l, bad_grads=bg, bad_states=bs, bad_weight=bw, kind="random", seed=s)
+# The paper's features and output here (make_inputs' full draw); the moments' cases: test_nonfinite_moments.
+NONFINITE_CASES = [dict(n=n, hidden=h, layers=l, bad_grads=bg, bad_states=bs, bad_moments=0, bad_weight=bw,
+                        kind="random", features=1, output=0, seed=s)
                    for s, (n, h, l, bg, bs, bw) in enumerate([
                        (40, 20, 2, 3, 4, None), (40, 20, 2, 2, 0, math.nan), (40, 3, 2, 0, 3, None),
                        (33, 3, 2, 4, 6, math.inf), (70, 20, 2, 5, 5, None), (9, 1, 1, 1, 2, -math.inf)])]
@@ -233,7 +235,7 @@ def test_nonfinite_policy(impl, pr, dtype):
     from test_nonfinite_policy import assert_same_pattern, expected_poisoned, make_inputs
     from tolerances import assert_elementwise_close
 
-    grad, state, weights, up_u, up_s = make_inputs(pr, dtype)
+    grad, state, weights, up_u, up_s, _ = make_inputs(pr, dtype)
     update, new_state = impl.lstm_step(grad, state, weights, 10.0, 0.1, 1)
     d_grad, d_state, d_weights = impl.lstm_step_backward(up_u, up_s, grad, state, weights, 10.0, 0.1, 1)
     ref = step_grads(reference.lstm_step, grad.double(), state.double(), [w.double() for w in weights], 10.0, 0.1,
