@@ -143,8 +143,9 @@ def cmd_evaluate(args) -> int:
 
     if getattr(args, "suite", None):
         return _evaluate_suite(args)
-    if getattr(args, "quick", False):
-        raise ValueError("--quick: applies to --suite only")
+    for flag in ("quick", "reuse_tuning"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')}: applies to --suite only")
     args = argparse.Namespace(**{**vars(args), "task": args.task or DEFAULT_TASK, **{
         name: default if getattr(args, name, None) is None else getattr(args, name)
         for name, default in EVALUATE_DEFAULTS.items()}})
@@ -191,9 +192,14 @@ def _evaluate_suite(args) -> int:
     learned = {spec: lambda task, spec=spec: load_optimizer_spec(spec, task)[1] for spec in specs
                if spec not in BASELINES}
     baselines = [spec for spec in specs if spec in BASELINES]
+    cache = {}
+    if args.reuse_tuning:
+        from .meta.suite_report import tuning_cache_from_record
+
+        cache = tuning_cache_from_record(json.loads(Path(args.reuse_tuning).read_text()))
     result = run_suite(args.suite, learned, baselines=baselines, problems=args.problems,
                        tune_problems=args.tune_problems, seed=args.seed, quick=args.quick, data_dir=args.data_dir,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
+                       cache=cache, log=lambda line: print(line, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - started
     import torch
 
@@ -279,6 +285,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                                "counts and a summary; writes suite_NAME.md, .json and .png into --out")
     evaluate.add_argument("--quick", action="store_true",
                           help="with --suite: 3 test and 2 validation problems, horizons cut to 20 steps")
+    evaluate.add_argument("--reuse-tuning", default=None, metavar="JSON",
+                          help="with --suite: take the baselines' tuned learning rates from an earlier run's "
+                               "suite_NAME.json where its tuning settings match (entries that do not match tune "
+                               "anew): a new learned optimizer is compared without tuning Adam again")
     # --task and its options left None, so that --suite can refuse them; a single-task run fills in the defaults
     evaluate.set_defaults(func=cmd_evaluate, task=None, **{name: None for name in _task_flags()})
 

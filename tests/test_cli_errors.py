@@ -148,6 +148,19 @@ def test_quick_and_unknown_suites_are_refused(capsys, tmp_path):
     assert "No such file" in err
 
 
+def test_reused_tuning_must_be_a_suite_record(capsys, tmp_path):
+    suite = ["evaluate", "--suite", "smoke", "--quick", "--optimizer", "adam", "--out", str(tmp_path), "--reuse-tuning"]
+    assert "--reuse-tuning: applies to --suite only" in run_failing(
+        ["evaluate", "--optimizer", "adam", "--reuse-tuning", "x.json"], capsys)
+    assert "No such file" in run_failing(suite + [str(tmp_path / "absent.json")], capsys)
+    torn = tmp_path / "torn.json"
+    torn.write_text('{"settings": {')
+    assert "Expecting" in run_failing(suite + [str(torn)], capsys)  # json's own message, no traceback
+    other = tmp_path / "other.json"
+    other.write_text('{"rows": []}')
+    assert "not a suite record" in run_failing(suite + [str(other)], capsys)
+
+
 def test_a_single_task_evaluate_keeps_its_defaults(tmp_path):
     """The flags --suite made optional (--task, --steps, the task options) still default as before."""
     assert cli_main(["evaluate", "--optimizer", "adam", "--problems", "2", "--tune-problems", "1",

@@ -12,7 +12,7 @@ from l2l_fast.cli import main as cli_main
 from l2l_fast.meta.evaluate import paired_ratio
 from l2l_fast.meta.suite import (ADAM_DEFAULT, ADAM_TUNED, SUITES, Suite, check_suite, diverged_runs, entry,
                                  final_losses, run_suite, summarize, summary_line)
-from l2l_fast.meta.suite_report import format_loss, format_ratio, markdown_table
+from l2l_fast.meta.suite_report import format_loss, format_ratio, markdown_table, tuning_cache_from_record
 from l2l_fast.pretrained import load_pretrained
 
 TINY = Suite("tiny", (entry("q3", "quadratic", 12, dim=3), entry("q6", "quadratic", 8, dim=6)))
@@ -230,3 +230,32 @@ def test_learned_optimizers_load_per_task_and_labels_must_not_clash():
         run_suite(TINY, {ADAM_TUNED: net}, problems=2, tune_problems=1)
     with pytest.raises(ValueError, match="baselines"):
         run_suite(TINY, {}, baselines=["adamw"])
+
+
+def test_a_later_run_reuses_the_recorded_tuning_and_reproduces_the_baselines(tmp_path, monkeypatch):
+    """--reuse-tuning: the JSON record of a run gives the next run its tuned rates (no tuning at all), and the
+    baselines' test runs, rerun from those rates, are the recorded ones; other settings tune anew."""
+    monkeypatch.setitem(SUITES, "tiny", TINY)
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["evaluate", "--suite", "tiny", "--quick", "--optimizer", "sgd", "--optimizer", "pretrained:quadratic"]
+    assert cli_main(common + ["--out", str(first)]) == 0
+    record = json.loads((first / "suite_tiny_quick.json").read_text())
+    cache = tuning_cache_from_record(record)
+    assert len(cache) == 4  # tuned Adam and sgd on two entries
+    for (task, options, steps, tune_problems, seed, name, rates, extend_to), (lr, scores) in cache.items():
+        assert lr == min(scores, key=scores.get) and lr in scores and name in ("adam", "sgd")
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("tuned although the record had the rates")
+
+    monkeypatch.setattr(suite_module, "tune_learning_rate", no_tuning)
+    assert cli_main(common + ["--out", str(second), "--reuse-tuning", str(first / "suite_tiny_quick.json")]) == 0
+    again = json.loads((second / "suite_tiny_quick.json").read_text())
+    for old, new in zip(record["rows"], again["rows"], strict=True):
+        assert (old["entry"], old["optimizer"], old["lr"]) == (new["entry"], new["optimizer"], new["lr"])
+        assert old["finals"] == new["finals"] and old["validation_scores"] == new["validation_scores"]
+    with pytest.raises(AssertionError, match="tuned although"):  # another seed: the record does not apply
+        cli_main(common + ["--out", str(second), "--seed", "7", "--reuse-tuning",
+                           str(first / "suite_tiny_quick.json")])
+    with pytest.raises(ValueError, match="not a suite record"):
+        tuning_cache_from_record({"rows": []})

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .suite import ADAM_DEFAULT, ADAM_TUNED, SuiteResult, summary_line
+from .suite import ADAM_DEFAULT, ADAM_TUNED, REFERENCES, SuiteResult, summary_line
 
 RATIO_KEYS = (("vs_adam_1e-3", ADAM_DEFAULT), ("vs_adam_tuned", ADAM_TUNED))
 
@@ -105,3 +105,40 @@ def write_report(result: SuiteResult, out, extra: dict | None = None) -> dict[st
     paths["json"].write_text(json.dumps(record, indent=2))
     plot_suite(result, paths["png"])
     return paths
+
+
+def _grid_rate(text: str) -> float:
+    """A rate as the JSON rows key it ("%.6g") -> the grids' exact float 10^(k/4) (suite.ADAM_GRID, tune_extending)."""
+    return 10 ** (round(4 * math.log10(float(text))) / 4)
+
+
+def tuning_cache_from_record(record: dict) -> dict:
+    """The tuning results of an earlier suite run (its JSON record) as run_suite's `cache`: {key: (lr, scores)} for
+    tuned Adam and every tuned baseline. A later run with the same tuning settings (validation problems, seed,
+    grids) then re-runs only the test problems: comparing a new learned optimizer costs no tuning.
+    The rates are rebuilt from the rows' 6-digit keys as the grids' exact quarter decades; a record whose rates
+    are not on that lattice (a custom grid) is refused, as is a record from an older format."""
+    settings = record.get("settings", {})
+    needed = ("tune_problems", "seed", "adam_grid", "baseline_grid", "extend_to", "quick")
+    missing = [k for k in needed if k not in settings]
+    if missing or "rows" not in record:
+        raise ValueError(f"not a suite record (its settings lack {missing or 'nothing'}, rows "
+                         f"{'present' if 'rows' in record else 'missing'}): pass the .json an evaluate --suite run wrote")
+    cache = {}
+    for row in record["rows"]:
+        name = row["optimizer"]
+        if name == ADAM_DEFAULT or (name not in REFERENCES and row["lr"] is None):
+            continue  # untuned: Adam at 1e-3, and the learned optimizers
+        tuner = "adam" if name == ADAM_TUNED else name
+        grid = settings["adam_grid"] if tuner == "adam" else settings["baseline_grid"]
+        scores = {_grid_rate(lr): score for lr, score in row["validation_scores"].items()}
+        lr = row["lr"]
+        if lr not in scores or any(not math.isclose(r, float(text), rel_tol=1e-5)
+                                   for r, text in zip(scores, row["validation_scores"])):
+            raise ValueError(f"entry {row['entry']!r}, {name}: its rates are not the grids' quarter decades; "
+                             f"a record made with a custom grid cannot be reused")
+        options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in row["options"].items()))
+        key = (row["task"], options, row["steps"], settings["tune_problems"], settings["seed"], tuner, tuple(grid),
+               settings["extend_to"])
+        cache[key] = (lr, scores)
+    return cache
