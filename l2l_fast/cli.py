@@ -212,7 +212,8 @@ def _evaluate_suite(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """MNIST MLPs with the shipped optimizer against tuned baselines; quadratics if MNIST is missing."""
+    """MNIST MLPs with the shipped optimizers (the default `general` and the task's specialist) against tuned
+    baselines; quadratics if MNIST is missing."""
     from .data.mnist import MNISTUnavailable, load_mnist
 
     task = "mnist"
@@ -225,7 +226,7 @@ def cmd_demo(args) -> int:
     # the task's options are left out: each takes its default
     ns = argparse.Namespace(threads=args.threads, task=task, data_dir=args.data_dir, steps=args.steps,
                             problems=args.problems, tune_problems=args.problems, seed=args.seed, out=args.out,
-                            optimizer=[f"pretrained:{task}", "adam", "rmsprop", "nag", "sgd"])
+                            optimizer=["pretrained:general", f"pretrained:{task}", "adam", "rmsprop", "nag", "sgd"])
     code = cmd_evaluate(ns)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return code
@@ -292,7 +293,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     # --task and its options left None, so that --suite can refuse them; a single-task run fills in the defaults
     evaluate.set_defaults(func=cmd_evaluate, task=None, **{name: None for name in _task_flags()})
 
-    demo = sub.add_parser("demo", help="the shipped MNIST optimizer against tuned Adam, RMSprop, NAG, SGD")
+    demo = sub.add_parser("demo", help="the shipped general and MNIST optimizers against tuned Adam, RMSprop, "
+                                            "NAG, SGD")
     demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"))
     demo.add_argument("--steps", type=positive_int, default=100)
     demo.add_argument("--problems", type=positive_int, default=10)

@@ -507,7 +507,7 @@ def test_cli_demo_falls_back_to_quadratics_without_mnist(tmp_path, monkeypatch, 
                      "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "Falling back to the quadratic task" in printed
-    assert "| adam |" in printed
+    assert "| adam |" in printed and "| pretrained:general |" in printed
 
 
 def test_cifar_task_with_separate_conv_and_fc_optimizers(tmp_path):

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from ..checks import PARAM_DTYPES
 from ..net import CoordinatewiseLSTM
+from ..pretrained import DEFAULT
 from .checkpoint import check_loadable, net_signature
 from .fused import FusedGroup, math_dtype_of, resolve_state_dtype
 from .sharding import check_placements, local, state_like
@@ -28,7 +29,9 @@ class LearnedOptimizer(Optimizer):
         params: parameters or param groups, as for any torch optimizer. A group may carry its own ``net``
             (e.g. one for conv and one for fully connected parameters, as in the paper), ``lr`` and ``state_dtype``.
         net: the optimizer network; default: the shipped one named by ``pretrained``.
-        pretrained: name of a shipped net ("mnist", "quadratic") or a file from ``save_pretrained``.
+        pretrained: name of a shipped net: "general" (the default: meta-trained over many model families, it
+            reads the gradient's running moments) or the paper's specialists "mnist" and "quadratic"; or a file
+            from ``save_pretrained``.
         lr: multiplies the net's update (its output_scale); 1.0 is the optimizer as trained. LR schedulers
             scale it as they scale any learning rate. A float: the kernels take it as one, so a Tensor lr (torch's
             way to change lr without recompiling a compiled step) is refused; under torch.compile each new lr
@@ -62,7 +65,7 @@ class LearnedOptimizer(Optimizer):
     ``torch.amp.GradScaler`` a step with any Inf is skipped as a whole by the scaler.
     """
 
-    def __init__(self, params, net: CoordinatewiseLSTM | None = None, *, pretrained: str | None = "mnist",
+    def __init__(self, params, net: CoordinatewiseLSTM | None = None, *, pretrained: str | None = DEFAULT,
                  lr: float = 1.0, state_dtype: torch.dtype | None = None):
         if net is None:
             if pretrained is None:

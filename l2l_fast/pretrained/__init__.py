@@ -1,6 +1,9 @@
 """Shipped, meta-trained optimizers (weights-only torch files of a few tens of KB, with how they were trained).
 
-    net = l2l_fast.CoordinatewiseLSTM.from_pretrained("mnist")
+    net = l2l_fast.CoordinatewiseLSTM.from_pretrained("general")
+
+DEFAULT ("general", meta-trained over many model families: LearnedOptimizer's default) and the paper's two
+specialists, "mnist" (the 784-20-10 sigmoid MLP) and "quadratic", each with its training record (`net.record`).
 
 save_pretrained writes the verified format FORMAT ("l2l_fast.pretrained.v2"): the checksummed record of
 l2l_fast.files, {"format", "sha256" of body, "body": bytes of torch.save(payload)}, with the payload
@@ -28,6 +31,7 @@ from ..net import BACKENDS, CoordinatewiseLSTM
 from .contents import FORMAT, Invalid, check_part, read
 
 SHIPPED_DIR = Path(__file__).parent
+DEFAULT = "general"  # what LearnedOptimizer(params) runs: it beat "mnist" on the held-out suite (README)
 # A spec with one of these suffixes (any case) names a file; so does one with a path separator, and one that
 # is an existing file and no shipped name. Anything else is a shipped name.
 PATH_SUFFIXES = (".pt", ".pth", ".bin")
