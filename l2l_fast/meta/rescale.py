@@ -37,6 +37,11 @@ class RescaledProblems(ProblemBatch):
         u = torch.rand(*base.param_shape, generator=generator, dtype=torch.float64)
         return cls(base, torch.exp((2 * u - 1) * spread).to(torch.get_default_dtype()))
 
+    def _select(self, start: int, stop: int) -> "RescaledProblems":
+        part = self.base.select(start, stop)
+        first, end = self.base.coordinate_range(start, stop)
+        return RescaledProblems(part, self.scale.reshape(-1)[first:end].view(part.param_shape))
+
     def init_params(self) -> Tensor:
         return self.base.init_params() / self.scale
 

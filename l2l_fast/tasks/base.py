@@ -6,6 +6,7 @@ different shapes as one flat [N] with a segment per problem, so they still share
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -32,6 +33,47 @@ class ProblemBatch:
     groups: list[ParamGroup]
     # evaluation scores each problem's losses relative to its loss at theta_0 (problems of different scales)
     relative_scores: bool = False
+    # A batch cut out of a larger one (select) keeps the problems [draw_offset, draw_offset + num_problems) of a
+    # draw of draw_size problems: whatever is drawn per problem (initial params, minibatches, teachers) is drawn
+    # for the whole draw and cut to these rows, so each problem is exactly the one of the whole batch.
+    draw_offset: int = 0
+    draw_size: int | None = None  # None: this batch is the whole draw
+
+    @property
+    def drawn(self) -> int:
+        """Problems of the draw this batch comes from (num_problems unless it was cut out by select)."""
+        return self.num_problems if self.draw_size is None else self.draw_size
+
+    def own_rows(self, drawn: Tensor) -> Tensor:
+        """A tensor drawn for every problem of the draw, [drawn, ...] -> this batch's rows [num_problems, ...]."""
+        if self.draw_size is None:
+            return drawn
+        return drawn[self.draw_offset:self.draw_offset + self.num_problems]
+
+    def select(self, start: int, stop: int) -> "ProblemBatch":
+        """Problems [start, stop) of this batch as a batch of their own: the same initial params, minibatches and
+        losses as here (what rank r of a distributed meta-training run optimizes of the global batch)."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_problems):
+            raise ValueError(f"select: expected 0 <= start < stop <= {self.num_problems}, got [{start}, {stop})")
+        if (start, stop) == (0, self.num_problems):
+            return self
+        return self._select(start, stop)
+
+    def _select(self, start: int, stop: int) -> "ProblemBatch":
+        raise NotImplementedError(f"{type(self).__name__} cannot select some of its problems: give it a _select "
+                                  "(needed to split a meta-batch across processes)")
+
+    def _rows(self, start: int, stop: int) -> "ProblemBatch":
+        """_select of a batch whose per-problem data all comes from draws cut by own_rows."""
+        part = copy.copy(self)
+        part.draw_offset, part.draw_size = self.draw_offset + start, self.drawn
+        part.num_problems = stop - start
+        return part
+
+    def coordinate_range(self, start: int, stop: int) -> tuple[int, int]:
+        """Where problems [start, stop) lie in the flattened params: [first coordinate, end)."""
+        sizes = self.problem_sizes()
+        return sum(sizes[:start]), sum(sizes[:stop])
 
     @property
     def param_shape(self) -> tuple[int, ...]:
@@ -83,6 +125,15 @@ class MixedBatch(ProblemBatch):
     def init_params(self) -> Tensor:
         return torch.cat([part.init_params().reshape(-1) for part in self.parts])
 
+    def _select(self, start: int, stop: int) -> "MixedBatch":
+        parts, first = [], 0
+        for part in self.parts:  # the parts overlapping [start, stop), each cut to the overlap
+            last = first + part.num_problems
+            if first < stop and start < last:
+                parts.append(part.select(max(start, first) - first, min(stop, last) - first))
+            first = last
+        return MixedBatch(parts, specs=None if self.specs is None else self.specs[start:stop])
+
     def loss(self, params: Tensor, step: int) -> Tensor:
         """params [N] -> losses [P]."""
         pieces = params.split(self.counts)
@@ -103,8 +154,11 @@ class ClassifierBatch(ProblemBatch):
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The minibatch of `step` for every problem: x [P, B, ...], labels [P, B]."""
         generator = seeded(self.seed, self.salt, 2, step)
-        index = torch.randint(len(self.labels), (self.num_problems, self.batch_size), generator=generator)
+        index = self.own_rows(torch.randint(len(self.labels), (self.drawn, self.batch_size), generator=generator))
         return self.images[index], self.labels[index]
+
+    def _select(self, start: int, stop: int) -> "ClassifierBatch":
+        return self._rows(start, stop)
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -54,12 +54,16 @@ class CharLSTMBatch(ProblemBatch):
         self.groups = [ParamGroup("all", 0, self.dim)]
 
     def init_params(self) -> Tensor:
-        return self.layout.init(self.num_problems, self.weight_init, seeded(self.seed, self.salt, 1))
+        return self.own_rows(self.layout.init(self.drawn, self.weight_init, seeded(self.seed, self.salt, 1)))
+
+    def _select(self, start: int, stop: int) -> "CharLSTMBatch":
+        return self._rows(start, stop)
 
     def batch(self, step: int) -> Tensor:
         """The windows of `step`: characters [P, B, seq_len + 1]."""
         generator = seeded(self.seed, self.salt, 2, step)
-        starts = torch.randint(len(self.text) - self.seq_len, (self.num_problems, self.batch_size), generator=generator)
+        starts = self.own_rows(torch.randint(len(self.text) - self.seq_len, (self.drawn, self.batch_size),
+                                             generator=generator))
         return self.text[starts.unsqueeze(-1) + torch.arange(self.seq_len + 1)]
 
     def loss(self, params: Tensor, step: int) -> Tensor:

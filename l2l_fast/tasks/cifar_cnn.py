@@ -46,15 +46,15 @@ class CNNBatch(ClassifierBatch):
         pieces = []
         for (name, shape), size in zip(self.shapes, self.sizes):
             if name.startswith("bn") and name.endswith("weight"):
-                piece = torch.ones(self.num_problems, size)
+                piece = torch.ones(self.drawn, size)
             elif name.endswith("bias"):
-                piece = torch.zeros(self.num_problems, size)
+                piece = torch.zeros(self.drawn, size)
             else:  # Kaiming-uniform-like fan-in scaling, as torch.nn's defaults
                 fan_in = size // shape[0]
                 bound = 1.0 / fan_in**0.5
-                piece = (torch.rand(self.num_problems, size, generator=generator) * 2 - 1) * bound
+                piece = (torch.rand(self.drawn, size, generator=generator) * 2 - 1) * bound
             pieces.append(piece)
-        return torch.cat(pieces, dim=1)
+        return self.own_rows(torch.cat(pieces, dim=1))
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, 3, 32, 32] -> [P, B, 10]."""

@@ -20,6 +20,9 @@ class ClippedSquareBatch(ProblemBatch):
     def init_params(self) -> Tensor:
         return torch.zeros_like(self.a)
 
+    def _select(self, start: int, stop: int) -> "ClippedSquareBatch":
+        return ClippedSquareBatch(self.a[start:stop])
+
     def loss(self, params: Tensor, step: int) -> Tensor:
         return (params - self.a).pow(2).clamp(0, 10).mean(1)
 

@@ -76,9 +76,10 @@ class Examples:
         self.labels, self.classes, self.seed, self.salt = labels, classes, seed, salt
         self.features, self.outputs = self.x[0].numel(), classes
 
-    def batch(self, step: int, num_problems: int, batch_size: int) -> tuple[Tensor, Tensor]:
-        """x [P, B, ...], labels [P, B]."""
+    def batch(self, step: int, num_problems: int, batch_size: int, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """x [P, B, ...], labels [P, B]; rows: those of the P problems drawn for."""
         index = torch.randint(len(self.labels), (num_problems, batch_size), generator=seeded(self.seed, self.salt, 2, step))
+        index = index[rows]
         return self.x[index], self.labels[index]
 
     def loss(self, out: Tensor, target: Tensor) -> Tensor:
@@ -101,10 +102,11 @@ class Teacher:
         self.b1 = 0.1 * torch.randn(P, 1, hidden, generator=g)
         self.w2 = torch.randn(P, hidden, self.outputs, generator=g) / hidden**0.5
 
-    def batch(self, step: int, num_problems: int, batch_size: int) -> tuple[Tensor, Tensor]:
-        """x [P, B, features], targets [P, B] (class indices) or [P, B, outputs]."""
-        x = torch.randn(num_problems, batch_size, self.features, generator=seeded(self.seed, self.salt, 2, step))
-        out = torch.bmm(torch.tanh(torch.baddbmm(self.b1, x, self.w1)), self.w2)
+    def batch(self, step: int, num_problems: int, batch_size: int, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """x [P, B, features], targets [P, B] (class indices) or [P, B, outputs]; rows: those of the P problems
+        (of this teacher) drawn for."""
+        x = torch.randn(num_problems, batch_size, self.features, generator=seeded(self.seed, self.salt, 2, step))[rows]
+        out = torch.bmm(torch.tanh(torch.baddbmm(self.b1[rows], x, self.w1[rows])), self.w2[rows])
         return x, (out if self.regression else out.argmax(-1))
 
     def loss(self, out: Tensor, target: Tensor) -> Tensor:

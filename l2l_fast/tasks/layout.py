@@ -64,11 +64,15 @@ class LayoutBatch(ProblemBatch):
         self.groups = [ParamGroup("all", 0, self.dim)]
 
     def init_params(self) -> Tensor:
-        return self.layout.init(self.num_problems, self.weight_init, seeded(self.seed, self.salt, 1))
+        return self.own_rows(self.layout.init(self.drawn, self.weight_init, seeded(self.seed, self.salt, 1)))
+
+    def _select(self, start: int, stop: int) -> "LayoutBatch":
+        return self._rows(start, stop)
 
     def forward(self, params: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def loss(self, params: Tensor, step: int) -> Tensor:
-        x, target = self.data.batch(step, self.num_problems, self.batch_size)
+        rows = slice(self.draw_offset, self.draw_offset + self.num_problems)
+        x, target = self.data.batch(step, self.drawn, self.batch_size, rows)
         return self.data.loss(self.forward(params, x), target)

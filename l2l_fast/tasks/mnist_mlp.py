@@ -40,7 +40,7 @@ class MLPBatch(ClassifierBatch):
 
     def init_params(self) -> Tensor:
         generator = seeded(self.seed, self.salt, 1)
-        return 0.01 * torch.randn(self.num_problems, self.dim, generator=generator)
+        return self.own_rows(0.01 * torch.randn(self.drawn, self.dim, generator=generator))
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """params [P, D], x [P, B, 784] -> logits [P, B, 10]."""

@@ -71,6 +71,13 @@ class ModuleBatch(ProblemBatch):
     def init_params(self) -> Tensor:
         return self._init.clone()
 
+    def _select(self, start: int, stop: int) -> "ModuleBatch":
+        part = copy.copy(self)  # the data draws are keyed by first + p: they follow the problems
+        part._init = self._init[start:stop]
+        part.buffers = {name: b[start:stop] for name, b in self.buffers.items()}
+        part.num_problems, part.first = stop - start, self.first + start
+        return part
+
     def _one(self, params: dict, buffers: dict, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(functional_call(self.base, (params, buffers), (x,)), y)
 

@@ -21,6 +21,9 @@ class QuadraticBatch(ProblemBatch):
     def init_params(self) -> Tensor:
         return torch.zeros_like(self.y)
 
+    def _select(self, start: int, stop: int) -> "QuadraticBatch":
+        return QuadraticBatch(self.W[start:stop], self.y[start:stop])
+
     def loss(self, params: Tensor, step: int) -> Tensor:
         residual = torch.bmm(self.W, params.unsqueeze(2)).squeeze(2) - self.y
         return residual.pow(2).sum(1)
