@@ -15,8 +15,10 @@ DEFAULT_TASK = "quadratic"
 
 def _user_errors() -> tuple:
     from .files import CheckpointError
+    from .meta.distributed import DistributedError
 
-    return (OSError, ValueError, CheckpointError)  # OSError covers missing files and datasets
+    # OSError covers missing files and datasets; DistributedError a dead or hanging rank, or ranks that disagree
+    return (OSError, ValueError, CheckpointError, DistributedError)
 
 
 def _add_threads_arg(parser) -> None:
@@ -95,15 +97,21 @@ def _config_from_args(args):
 
 
 def cmd_meta_train(args) -> int:
+    from .meta.distributed import init_from_env
     from .meta.train import MetaTrainer
     from .pretrained import save_pretrained
 
     config = _config_from_args(args)
-    if args.export:  # found out now, not after the run
+    # under torchrun: this rank joins the others (gloo); a plain command: one process, nothing exchanged
+    ranks = init_from_env(args.dist_timeout)
+    if args.export and ranks.writer:  # found out now, not after the run
         Path(args.export).parent.mkdir(parents=True, exist_ok=True)
     trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, ranks=ranks)
     summary = trainer.run()
+    ranks.close()
+    if not ranks.writer:
+        return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     if args.export:
         net = trainer.best_net()
@@ -266,6 +274,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--export", default=None, help="write the best optimizer to this .pt file")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                       help="under torchrun: seconds after which the ranks give up on one that died or hangs "
+                            "(default: $L2L_FAST_DIST_TIMEOUT, else 300)")
     train.set_defaults(func=cmd_meta_train)
 
     evaluate = sub.add_parser("evaluate", help="compare optimizers on held-out problems")

@@ -32,17 +32,27 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(payload: dict, path: str | os.PathLike, tag: str = FORMAT) -> None:
     """Writes `payload` to `path` through a temporary file, fsync and rename, with a checksum, tagged `tag`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     body = buffer.getvalue()
     record = {"format": tag, "sha256": hashlib.sha256(body).hexdigest(), "body": body}
+    _replace_atomically(path, lambda f: torch.save(record, f))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Writes `text` (UTF-8) to `path` through a temporary file, fsync and rename: a reader never sees part of it."""
+    _replace_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _replace_atomically(path: str | os.PathLike, write) -> None:
+    """write(binary file) into a temporary file beside `path`, fsync, rename over `path`, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,11 +2,16 @@
 random length: horizon_min) in truncations of `unroll` steps; after each truncation Adam updates the LSTM's
 weights from the sum of the optimizee losses. Held-out evaluation every `eval_every` epochs keeps the best
 weights.
+
+Across processes (torchrun): every rank optimizes its slice of the global meta-batch and the meta-gradients are
+summed every meta-step, so that K ranks with --meta-batch B are the one-process run with --meta-batch K*B; rank 0
+alone writes the run's files (distributed.py).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -16,13 +21,15 @@ from pathlib import Path
 
 import torch
 
-from ..files import CheckpointError, load_verified, save_atomic
+from .. import __version__
+from ..files import CheckpointError, load_verified, save_atomic, write_text_atomic
 from ..grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
 from ..pretrained import load_pretrained
 from ..tasks import TASKS, get_task
 from ..tasks.base import seeded
 from .config import MetaTrainConfig, normalize_features
+from .distributed import Ranks
 from .rescale import RescaledProblems
 from .unroll import CoordinateSample, initial_state, loss_and_grad, run_learned, truncation
 
@@ -65,18 +72,33 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
         target.load_state_dict(part.state_dict())
 
 
-def evaluate_learned(net, task, config: MetaTrainConfig) -> float:
+def evaluate_learned(net, task, config: MetaTrainConfig, ranks: Ranks | None = None) -> float:
     """Validation score (lower is better): the mean loss over the last tenth of the horizon on fixed
     validation problems. It selects for where the comparison with hand-designed optimizers is made
     (the loss reached at the end), averaged over a few steps against minibatch noise. Problems of different
-    scales (a mixed batch: relative_scores) count each loss relative to the problem's loss at theta_0."""
+    scales (a mixed batch: relative_scores) count each loss relative to the problem's loss at theta_0.
+    ranks: several split the problems and sum their losses (in float64): the same score on every rank."""
     problems = task.sample(config.eval_problems, seed=config.seed, split="val")
-    losses = run_learned(net, problems, config.horizon)
+    tail = max(1, config.horizon // 10)
+    if ranks is not None and ranks.distributed:
+        start, stop = ranks.split(config.eval_problems)
+        total, count = 0.0, 0
+        if stop > start:  # fewer problems than ranks leaves some ranks without any
+            losses = _validation_losses(net, problems.select(start, stop), config.horizon)[-tail:]
+            total, count = losses.double().sum().item(), losses.numel()
+        total, count = ranks.sum_values([total, count])
+        score = total / count
+    else:
+        score = _validation_losses(net, problems, config.horizon)[-tail:].mean().item()
+    return score if math.isfinite(score) else math.inf
+
+
+def _validation_losses(net, problems, horizon: int):
+    """Losses [horizon + 1, P], relative to theta_0's for problems of different scales."""
+    losses = run_learned(net, problems, horizon)
     if problems.relative_scores:
         losses = losses / losses[0].clamp_min(1e-12)
-    tail = max(1, config.horizon // 10)
-    score = losses[-tail:].mean().item()
-    return score if math.isfinite(score) else math.inf
+    return losses
 
 
 def initial_validation_loss(task, config: MetaTrainConfig) -> float:
@@ -88,34 +110,50 @@ def initial_validation_loss(task, config: MetaTrainConfig) -> float:
         return problems.loss(problems.init_params(), 0).mean().item()
 
 
-def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int) -> dict:
+def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int, ranks: Ranks | None = None) -> dict:
     """One epoch: fresh problems, horizon // unroll truncations (the episode's horizon: config.episode_horizon),
-    an Adam step after each."""
-    problems = task.sample(config.meta_batch, seed=config.seed * 1_000_003 + epoch, split="train")
+    an Adam step after each.
+
+    ranks: K ranks draw the global batch of K * meta_batch problems and each optimizes its slice (select); their
+    meta-gradients and meta-losses are summed before each Adam step (the one-process run's, on every rank)."""
+    ranks = ranks or Ranks()
+    global_batch = config.meta_batch * ranks.world
+    problems = task.sample(global_batch, seed=config.seed * 1_000_003 + epoch, split="train")
     if config.random_scale > 0:
         problems = RescaledProblems.random(problems, config.random_scale, seeded(config.seed, epoch, 4))
+    coordinates = math.prod(problems.param_shape)
+    mine = (ranks.rank * config.meta_batch, (ranks.rank + 1) * config.meta_batch)
+    window = problems.coordinate_range(*mine) if ranks.distributed else None
+    problems = problems.select(*mine)
     horizon = config.episode_horizon(epoch)
     params = problems.init_params()
     state = initial_state(net, params.numel())  # the LSTM state, with the moments of a net that reads them
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
     initial = 1.0 / losses.detach().clamp_min(1e-12)
     total, skipped, norms = 0.0, 0, []
-    scale = 1.0 / (config.unroll * problems.num_problems)
+    scale = 1.0 / (config.unroll * global_batch)
     for start in range(0, horizon, config.unroll):
         weights = {"relative": 1.0 / losses.detach().clamp_min(1e-12), "initial": initial}.get(config.loss_scale)
         step_weights = None if config.step_weight_power == 0 else [
             config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
-            params.numel(), config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device)
+            coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
                                                              config.unroll, weights, step_weights, sample)
         losses = history[-1]
         meta_loss = meta_loss * scale
+        if ranks.distributed:  # every rank gets the sums: all decide alike below
+            meta_optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(meta_loss) and meta_loss.requires_grad:
+                meta_loss.backward()
+            meta_loss = ranks.sum_meta_gradient(net.parameters(), meta_loss)
         if not torch.isfinite(meta_loss):
             skipped += 1  # a diverged problem: drop this truncation's update, keep the weights
+            meta_optimizer.zero_grad(set_to_none=True)
             break
-        meta_optimizer.zero_grad(set_to_none=True)
-        meta_loss.backward()
+        if not ranks.distributed:
+            meta_optimizer.zero_grad(set_to_none=True)
+            meta_loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
         if not torch.isfinite(norm):
             skipped += 1
@@ -134,11 +172,17 @@ class MetaTrainer:
 
     task: the Task to meta-train on instead of the registered one named by config.task (e.g. a ModuleTask of
     your own model; config.task is then its label in the run's files, and config.task_kwargs are not used).
+    ranks: the processes of a distributed run (default: those of torch.distributed's initialized default group,
+    else a plain run). Every rank builds a MetaTrainer with the same settings (refused otherwise); rank 0 alone
+    reads and writes the run's files and shows progress, and shares what it read with the others.
     """
 
     def __init__(self, config: MetaTrainConfig, out_dir, *, resume: bool = False, progress: bool = True,
-                 data_dir=None, task=None):
-        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+                 data_dir=None, task=None, ranks: Ranks | None = None):
+        self.ranks = ranks if ranks is not None else Ranks.current()
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress and self.ranks.writer
+        self.ranks.agree({**dataclasses.asdict(config), "resume": resume, "torch": torch.__version__,
+                          "l2l_fast": __version__})
         self.task = task if task is not None else get_task(config.task).make(config.task_kwargs, data_dir=data_dir)
         shape = self.task.sample(1, seed=config.seed, split="val")  # the task's parameter groups
         self.groups, self.dim = shape.groups, shape.dim
@@ -149,17 +193,27 @@ class MetaTrainer:
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.epoch, self.best_score, self.best_state, self.log = 0, math.inf, None, []
         self.stalled_evaluations, self.stop_reason, self.initial_loss = 0, None, None
+        payload = self.ranks.from_writer(lambda: self._read_start(resume))
+        if "checkpoint" in payload:
+            self._restore(payload["checkpoint"])
+        elif "init" in payload:
+            self.net.load_state_dict(payload["init"])
+
+    def _read_start(self, resume: bool) -> dict:
+        """What the run starts from (rank 0 reads it for all): {"checkpoint": payload} to resume, {"init": the
+        weights of config.init}, or {} for fresh weights."""
         checkpoint = self.out_dir / "checkpoint.pt"
         if resume and checkpoint.exists():
-            self._restore(load_verified(checkpoint))
-        elif checkpoint.exists() and not resume:
+            return {"checkpoint": load_verified(checkpoint)}
+        if checkpoint.exists() and not resume:
             raise FileExistsError(f"{checkpoint} exists: pass resume=True (--resume) to continue that run, "
                                   f"or choose another output directory")
-        else:
-            if resume:  # a requeued job passes --resume every time; its first start has nothing to resume
-                warnings.warn(f"resume: no checkpoint in {self.out_dir}; starting a new run", stacklevel=2)
-            if config.init:
-                load_initial_weights(self.net, config.init, self.groups, self.dim)
+        if resume:  # a requeued job passes --resume every time; its first start has nothing to resume
+            warnings.warn(f"resume: no checkpoint in {self.out_dir}; starting a new run", stacklevel=3)
+        if not self.config.init:
+            return {}
+        load_initial_weights(self.net, self.config.init, self.groups, self.dim)
+        return {"init": self.net.state_dict()}
 
     def _restore(self, payload: dict) -> None:
         saved = {**dataclasses.asdict(MetaTrainConfig()), **payload["config"]}  # fields added since: defaults
@@ -170,6 +224,17 @@ class MetaTrainer:
             saved["task_kwargs"], mine["task_kwargs"] = complete(saved["task_kwargs"]), complete(mine["task_kwargs"])
         free = ("epochs", "collapse_patience")  # may change on resume
         differing = {k for k in mine if k not in free and saved[k] != mine[k]}
+        saved_world = payload.get("world_size", 1)  # files from before distributed runs: one process
+        if saved_world != self.ranks.world:
+            # the global batch defines the problems and the meta-gradient: another split of it is the same run
+            was, now = saved["meta_batch"] * saved_world, mine["meta_batch"] * self.ranks.world
+            if was != now:
+                raise CheckpointError(
+                    f"checkpoint was made by {saved_world} process(es) x --meta-batch {saved['meta_batch']} = {was} "
+                    f"problems per meta-step; this run has {self.ranks.world} x {mine['meta_batch']} = {now}: resume "
+                    f"with the same global meta-batch (--meta-batch {was / self.ranks.world:g} on "
+                    f"{self.ranks.world} process(es)) or the same number of processes")
+            differing.discard("meta_batch")
         if differing:
             raise CheckpointError(f"checkpoint was made with a different configuration ({sorted(differing)}); "
                                   f"resume with the same settings or use another output directory")
@@ -180,17 +245,21 @@ class MetaTrainer:
         self.best_state, self.log = payload["best_state"], payload["log"]
 
     def _checkpoint(self) -> None:
+        if not self.ranks.writer:
+            return
         save_atomic({"config": dataclasses.asdict(self.config), "net_kwargs": net_kwargs(self.net),
                      "net": self.net.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
                      "epoch": self.epoch, "best_score": self.best_score, "best_state": self.best_state,
-                     "log": self.log, "stalled_evaluations": self.stalled_evaluations},
+                     "log": self.log, "stalled_evaluations": self.stalled_evaluations,
+                     "world_size": self.ranks.world},
                     self.out_dir / "checkpoint.pt")
         # the log is rewritten whole from the checkpoint's rows, so after a resume it never
         # holds epochs the checkpoint does not know
-        with open(self.out_dir / "log.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.log)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.log)
+        write_text_atomic(table.getvalue(), self.out_dir / "log.csv")
 
     def best_net(self) -> CoordinatewiseLSTM:
         """The weights with the best validation score so far (the current ones before any evaluation)."""
@@ -202,13 +271,20 @@ class MetaTrainer:
         if score < self.best_score:
             self.best_score = score
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            if not self.ranks.writer:
+                return
             save_atomic({"config": dataclasses.asdict(self.config), "net_kwargs": net_kwargs(self.net),
                          "net": self.best_state, "score": score, "epoch": self.epoch}, self.out_dir / "best.pt")
+
+    def _evaluate(self) -> float:
+        # a plain run calls evaluate_learned as it always has (tests replace it with 3-argument stand-ins)
+        extra = (self.ranks,) if self.ranks.distributed else ()
+        return evaluate_learned(self.net, self.task, self.config, *extra)
 
     def _score_initial_weights(self) -> None:
         """A fine-tune's epoch 0: its starting weights are evaluated and kept as the best so far."""
         t0 = time.perf_counter()
-        score = evaluate_learned(self.net, self.task, self.config)
+        score = self._evaluate()
         self._keep_if_best(score)
         self.log.append({"epoch": 0, "meta_loss": "", "skipped": 0, "grad_norm": "", "val_score": score,
                          "best_score": self.best_score, "seconds": time.perf_counter() - t0})
@@ -230,7 +306,8 @@ class MetaTrainer:
 
     def run(self) -> dict:
         config = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.ranks.writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -243,11 +320,11 @@ class MetaTrainer:
             t0 = time.perf_counter()
             for group in self.meta_optimizer.param_groups:
                 group["lr"] = config.lr_at(self.epoch)
-            row = run_episode(self.net, self.meta_optimizer, self.task, config, self.epoch)
+            row = run_episode(self.net, self.meta_optimizer, self.task, config, self.epoch, self.ranks)
             self.epoch += 1
             row.update(epoch=self.epoch, val_score="", best_score="")
             if self.epoch % config.eval_every == 0 or self.epoch == config.epochs:
-                score = evaluate_learned(self.net, self.task, config)
+                score = self._evaluate()
                 self._keep_if_best(score)
                 self._check_progress(score)
                 row.update(val_score=score, best_score=self.best_score)
@@ -262,10 +339,13 @@ class MetaTrainer:
                 break
         if bar is not None:
             bar.close()
-        if self.stop_reason:
-            print(f"meta-train: {self.stop_reason}", file=sys.stderr)
         summary = {"config": dataclasses.asdict(config), "epochs": self.epoch, "best_score": self.best_score,
                    "skipped_truncations": sum(int(r["skipped"]) for r in self.log),
                    "seconds_this_session": time.perf_counter() - started, "stopped_early": self.stop_reason}
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.ranks.distributed:
+            summary.update(processes=self.ranks.world, global_meta_batch=config.meta_batch * self.ranks.world)
+        if self.ranks.writer:
+            if self.stop_reason:
+                print(f"meta-train: {self.stop_reason}", file=sys.stderr)
+            write_text_atomic(json.dumps(summary, indent=2), self.out_dir / "summary.json")
         return summary

@@ -72,17 +72,29 @@ class CoordinateSample:
     subset and scaling by n / k is an unbiased estimate, at k / n of the LSTM backward's cost (the
     largest cost of meta-training); the other coordinates still take their learned steps, without
     a graph.
+
+    window: (first, end), the coordinates [first, end) of the n that this process steps (a rank's problems in a
+    distributed run): the sample of all n restricted to them, renumbered from 0, with the scale n / k of all n.
     """
 
-    def __init__(self, n: int, fraction: float, generator: torch.Generator, device=None):
+    def __init__(self, n: int, fraction: float, generator: torch.Generator, device=None,
+                 window: tuple[int, int] | None = None):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}")
         if n < 1:
             raise ValueError(f"n: expected at least one coordinate, got {n}")
         k = min(n, max(1, round(fraction * n)))
-        order = torch.randperm(n, generator=generator).to(device)  # drawn on the CPU: the same on any device
-        self.tracked, self.untracked = order[:k], order[k:]
-        self.inverse = torch.argsort(order)  # positions in cat(tracked, untracked) of coordinates 0..n-1
+        order = torch.randperm(n, generator=generator)  # drawn on the CPU: the same on any device
+        tracked, untracked = order[:k], order[k:]
+        if window is not None:
+            first, end = window
+            if not 0 <= first < end <= n:
+                raise ValueError(f"window: expected 0 <= first < end <= n ({n}), got {window}")
+            tracked = tracked[(tracked >= first) & (tracked < end)] - first
+            untracked = untracked[(untracked >= first) & (untracked < end)] - first
+        self.tracked, self.untracked = tracked.to(device), untracked.to(device)
+        # positions in cat(tracked, untracked) of coordinates 0..n-1 (of the window)
+        self.inverse = torch.argsort(torch.cat([self.tracked, self.untracked]))
         self.scale = n / k
 
     def split(self, state: Tensor) -> tuple[Tensor, Tensor]:
