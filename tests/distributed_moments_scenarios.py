@@ -8,13 +8,14 @@ failure leaves its traceback in error{r}.txt.
 from __future__ import annotations
 
 import os
-import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from distributed_scenarios import CHECKPOINT_AFTER, STEPS, make_model, record_grads_of, shard, train_steps
+from spawn_ranks import reporting_errors
+
 from l2l_fast import CoordinatewiseLSTM, LearnedOptimizer
 
 HIDDEN = 8
@@ -73,14 +74,10 @@ def fsdp(rank: int, world: int, out_dir: str) -> dict:
 
 
 def run(rank: int, world: int, out_dir: str) -> None:
-    try:
+    with reporting_errors(out_dir, rank):
         torch.set_num_threads(1)
         store = dist.FileStore(os.path.join(out_dir, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
         torch.save(fsdp(rank, world, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise

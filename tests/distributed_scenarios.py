@@ -7,12 +7,13 @@ middle), and saves what the test compares to rank{r}.pt; a failure leaves its tr
 from __future__ import annotations
 
 import os
-import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from spawn_ranks import reporting_errors
 
 from l2l_fast import CoordinatewiseLSTM, LearnedOptimizer
 
@@ -122,7 +123,7 @@ def fsdp(rank: int, world: int, out_dir: str) -> dict:
 
 
 def run(rank: int, world: int, out_dir: str) -> None:
-    try:
+    with reporting_errors(out_dir, rank):
         torch.set_num_threads(1)  # two ranks on a 2-core machine
         store = dist.FileStore(os.path.join(out_dir, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -130,7 +131,3 @@ def run(rank: int, world: int, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise

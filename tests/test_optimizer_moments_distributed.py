@@ -3,16 +3,13 @@ shards only, as DTensors placed like the parameters one dim right (Shard(d) -> S
 the unsharded one bit for bit, and a distributed checkpoint save / load in the middle continues bit-identically."""
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import distributed_moments_scenarios as scenarios
 from conftest import requires_native
 from distributed_scenarios import STEPS, make_model
+from spawn_ranks import spawn_ranks
 from l2l_fast import LearnedOptimizer
 
 pytestmark = [requires_native,
@@ -25,19 +22,7 @@ TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("distributed_moments"))
-    context = mp.start_processes(scenarios.run, args=(WORLD, out_dir), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the ranks did not finish in {TIMEOUT_S} s")
-    except Exception as error:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-        errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.startswith("error")]
-        raise AssertionError(f"distributed run failed: {error}\n" + "\n".join(errors)) from error
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(scenarios.run, WORLD, out_dir, TIMEOUT_S)
 
 
 def unsharded(grads_per_step):
