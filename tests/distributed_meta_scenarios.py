@@ -9,6 +9,7 @@ scaling and a coordinate fraction on (both must cut the global batch consistentl
 - mismatch: rank 1 asks for another --lr: both ranks must refuse to start;
 - hang, then dead: with a 3 s timeout, rank 1 first sleeps through a collective, then exits: rank 0 must raise
   DistributedError within the timeout each time (rank 1 saves its results before dying).
+run_nccl: the straight run with nccl on one GPU per rank, joined through torchrun's environment variables.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from spawn_ranks import reporting_errors
 
-from l2l_fast.meta.distributed import DistributedError, Ranks
+from l2l_fast.meta.distributed import DistributedError, Ranks, init_from_env
 from l2l_fast.meta.train import MetaTrainConfig, MetaTrainer, build_net, run_episode
 from l2l_fast.tasks import make_task
 
@@ -135,3 +136,18 @@ def run(rank: int, world: int, out_dir: str) -> None:
         results["hang"] = fault(rank, world, out_dir, "hang", results)
         results["dead"] = fault(rank, world, out_dir, "dead", results)  # rank 1 saves and exits in there
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_nccl(rank: int, world: int, out_dir: str, port: int) -> None:
+    """The straight run through init_from_env as torchrun would start it, collectives on cuda:LOCAL_RANK (nccl)."""
+    with reporting_errors(out_dir, rank):
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        ranks = init_from_env(60, device="cuda")
+        assert dist.get_backend() == "nccl" and ranks.device == torch.device("cuda", rank)
+        trainer = MetaTrainer(config(epochs=2), os.path.join(out_dir, f"nccl_rank{rank}"), progress=False,
+                              ranks=ranks)
+        trainer.run()
+        torch.save(snapshot(trainer), os.path.join(out_dir, f"rank{rank}.pt"))
+        ranks.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,17 @@ def test_a_hanging_or_dead_rank_makes_the_other_raise_within_the_timeout(ranks, 
     assert "rank 0 of 2" in outcome["outcome"] and f"{scenarios.FAULT_TIMEOUT_S:g} s" in outcome["outcome"]
     # the timeout, plus building the task and net before the first collective on a loaded machine
     assert outcome["seconds"] < scenarios.FAULT_TIMEOUT_S + 5, outcome
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl across ranks needs a GPU per rank (2)")
+def test_nccl_ranks_step_identically(tmp_path):
+    """The same code path with the collectives on cuda:LOCAL_RANK: nccl, as init_from_env picks for CUDA."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = spawn_ranks(scenarios.run_nccl, WORLD, str(tmp_path), TIMEOUT_S, args=(port,))
+    assert_equal_tensors(results[0]["net"], results[1]["net"], "weights")
+    assert_equal_tensors(adam_tensors(results[0]["adam"]), adam_tensors(results[1]["adam"]), "Adam state")
 
 
 def test_timeout_and_backend_choices(monkeypatch):
