@@ -91,7 +91,7 @@ def copy_bandwidth(device: str, threads: int, nbytes: int = 1 << 30, min_run_tim
     return 2 * nbytes / measurement.median
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -144,7 +144,7 @@ def machine_lines(device: str, threads: int) -> list[str]:
     if hasattr(os, "getloadavg"):  # other work on the machine shows up here before it shows up in the numbers
         load = ", load average (1 min) {:.2f} at start".format(os.getloadavg()[0])
     lines = [
-        f"cpu      : {_cpu_model()}, {cores}, ISA {torch.backends.cpu.get_cpu_capability()}{load}",
+        f"cpu      : {cpu_model()}, {cores}, ISA {torch.backends.cpu.get_cpu_capability()}{load}",
         f"software : torch {torch.__version__}, python {sys.version.split()[0]}, {platform.system()} "
         f"{platform.release()}, torch threads {threads}",
     ]
