@@ -44,6 +44,8 @@ TASKS = [
     pytest.param("logistic", {"dataset": "teacher_classification"}, id="logistic-teacher"),
     pytest.param("cnn", {"dataset": "digits", "channels": (3,)}, id="cnn-digits", marks=needs_sklearn),
     pytest.param("charlm", {"hidden": (4,), "seq_len": 5}, id="charlm", marks=needs_fortunes),
+    pytest.param("chartransformer", {"d_model": 8, "heads": 2, "seq_len": 5}, id="chartransformer",
+                 marks=needs_fortunes),
     pytest.param("mixed", {"families": ("mlp", "logistic", "convex", "quadratic"),
                            "datasets": ("teacher_classification", "teacher_regression")}, id="mixed"),
 ]

@@ -37,6 +37,10 @@ def test_the_general_suite_is_held_out_and_declared_validly():
     general = SUITES["general"].entries
     assert len(general) >= 8 and len({e.label for e in general}) == len(general)
     assert any(e.steps >= 2000 for e in general) and any(e.task != "mnist" for e in general)
+    # an architecture family held out entirely: a task of no family the mixed sampler draws (mnist is an MLP)
+    from l2l_fast.tasks.mixed import FAMILIES
+
+    assert any(e.task not in FAMILIES + ("mnist",) for e in general)
     # none is pretrained:mnist's own meta-training task: the 784-20-10 sigmoid MLP for 100 steps
     from l2l_fast.tasks import get_task
 

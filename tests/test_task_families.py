@@ -121,7 +121,8 @@ def test_held_out_datasets_and_bad_families_are_refused():
 def test_every_held_out_entry_has_a_task_that_samples(fortunes):
     tasks = held_out_tasks()
     named = {"gelu": ["mlp_gelu", "cnn_gelu"], "wine": ["mlp_wine", "logistic_wine"], "deep": ["mlp_deep"],
-             "wide": ["mlp_wide", "charlm_wide"], "mnist28": ["mnist28"]}
+             "wide": ["mlp_wide", "charlm_wide"], "mnist28": ["mnist28"],
+             "attention": ["attention"]}
     assert set(named) == set(HELD_OUT) and sorted(sum(named.values(), [])) == sorted(tasks)
     for label, (name, options) in tasks.items():
         if name == "mnist" or needs_mnist(options):

@@ -36,7 +36,7 @@ def toy(monkeypatch):
 
 def test_the_shipped_tasks_and_their_options():
     assert list(TASKS) == ["quadratic", "mnist", "cifar10", "mlp", "logistic", "cnn", "convex", "charlm",
-                           "mixed"]  # the order of --task's choices
+                           "chartransformer", "mixed"]  # the order of --task's choices
     assert [o.name for o in TASKS["mnist"].options] == ["hidden", "activation"]
     assert TASKS["mnist"].complete({}) == {"hidden": (20,), "activation": "sigmoid"}  # the factory's defaults
     assert TASKS["quadratic"].complete({"dim": None}) == {"dim": 10}
@@ -52,7 +52,7 @@ def test_cli_flags_come_from_the_registry(toy, capsys):
     with pytest.raises(SystemExit):
         cli_main(["meta-train", "--help"])
     text = capsys.readouterr().out
-    assert "--task {quadratic,mnist,cifar10,mlp,logistic,cnn,convex,charlm,mixed,toy}" in text
+    assert "--task {quadratic,mnist,cifar10,mlp,logistic,cnn,convex,charlm,chartransformer,mixed,toy}" in text
     for flag in ("--dim DIM", "--hidden HIDDEN [HIDDEN ...]", "--activation {sigmoid,relu,tanh}",
                  "--sizes SIZES [SIZES ...]", "--flavour {plain,spicy}", "--scale SCALE", "a 100% label"):
         assert flag in text, flag

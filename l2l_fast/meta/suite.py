@@ -107,9 +107,10 @@ def get_suite(name: str) -> Suite:
 
 
 # `held_out` says how each entry differs from pretrained:mnist's meta-training task: the 784-20-10 sigmoid MNIST
-# MLP for 100 steps. For an optimizer meta-trained on the mixed sampler (tasks/mixed.py), the 28x28 MNIST, GELU
-# and 3-layer entries stay held out (its HELD_OUT); the quadratic, cnn, charlm and teacher entries are held out
-# only if its --families leave those families out.
+# MLP for 100 steps. For an optimizer meta-trained on the mixed sampler (tasks/mixed.py), the 28x28 MNIST, GELU,
+# 3-layer and transformer entries stay held out (its HELD_OUT; the transformer is an architecture family it never
+# draws), and every 2,000-step horizon is 10x its longest episode; the quadratic, cnn, charlm and teacher entries
+# are held out only if its --families leave those families out.
 register_suite("general", [
     entry("mnist_40_sigmoid", "mnist", 200, hidden=(40,), held_out="width, horizon x2"),
     entry("mnist_20x20x20_sigmoid", "mnist", 200, hidden=(20, 20, 20), held_out="depth, horizon x2"),
@@ -127,6 +128,8 @@ register_suite("general", [
     entry("charlm_20", "charlm", 300, hidden=(20,), held_out="architecture family (recurrent), text"),
     entry("teacher_mse_2000", "mlp", 2000, dataset="teacher_regression", hidden=(32,), nonlinearity="relu",
           held_out="regression (squared error), horizon x20"),
+    entry("transformer_32", "chartransformer", 300, d_model=32,
+          held_out="architecture family (attention): never meta-trained on, text"),
 ], help="held-out widths, depths, activations, families and 2,000-step horizons")
 
 register_suite("smoke", [

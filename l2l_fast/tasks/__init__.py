@@ -11,8 +11,9 @@ from .base import MixedBatch, ParamGroup, ProblemBatch, Task
 from .registry import TASKS, TaskOption, TaskSpec, get_task, make_task, register, register_task
 
 # The tasks, registered as they are imported, in the order of the CLI's --task choices.
-from . import quadratic, mnist_mlp, cifar_cnn, mlp, cnn, convex, charlm, mixed  # noqa: I001  (the CLI's order)
+from . import quadratic, mnist_mlp, cifar_cnn, mlp, cnn, convex, charlm, chartransformer, mixed  # noqa: I001
 from .charlm import CharLMTask
+from .chartransformer import CharTransformerTask
 from .cifar_cnn import CIFARCNNTask
 from .cnn import CNNTask
 from .convex import ConvexTask
@@ -23,6 +24,6 @@ from .module_task import ModuleBatch, ModuleTask
 from .quadratic import QuadraticTask
 
 __all__ = ["MixedBatch", "ParamGroup", "ProblemBatch", "Task", "TASKS", "TaskOption", "TaskSpec", "get_task",
-           "make_task", "register", "register_task", "CharLMTask", "CIFARCNNTask", "CNNTask", "ConvexTask",
-           "HELD_OUT", "LogisticTask", "MixedTask", "MLPTask", "MNISTMLPTask", "ModuleBatch", "ModuleTask",
-           "QuadraticTask", "held_out_tasks"]
+           "make_task", "register", "register_task", "CharLMTask", "CharTransformerTask", "CIFARCNNTask", "CNNTask",
+           "ConvexTask", "HELD_OUT", "LogisticTask", "MixedTask", "MLPTask", "MNISTMLPTask", "ModuleBatch",
+           "ModuleTask", "QuadraticTask", "held_out_tasks"]

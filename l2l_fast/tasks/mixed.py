@@ -28,6 +28,7 @@ HELD_OUT = {
     "deep": "MLPs of 3 or more hidden layers: the sampler draws 1 or 2",
     "wide": "hidden layers wider than 64 units (mlp; LSTMs wider than 32): the sampler draws 4-64 (8-32)",
     "mnist28": "full-resolution 28x28 MNIST, the paper's task: the sampler draws MNIST at 7x7 and 14x14",
+    "attention": "transformers (the chartransformer task), an architecture family the sampler never draws",
 }
 TRAIN_DATASETS = tuple(d for d in DATASETS if d != "wine")
 TRAIN_NONLINEARITIES = ("sigmoid", "tanh", "relu")
@@ -45,6 +46,7 @@ def held_out_tasks() -> dict[str, tuple[str, dict]]:
         "mlp_wide": ("mlp", {"dataset": "mnist", "hidden": (128,), "nonlinearity": "tanh"}),
         "charlm_wide": ("charlm", {"hidden": (64,)}),
         "mnist28": ("mnist", {"hidden": (20,), "activation": "sigmoid"}),
+        "attention": ("chartransformer", {"d_model": 32}),
     }
 
 
