@@ -21,6 +21,7 @@ from ..tasks.base import seeded
 
 LOSS_SCALES = ("sum", "relative", "initial")
 LR_SCHEDULES = ("constant", "cosine")
+ESTIMATORS = ("backprop", "pes")
 
 
 def _flag(default, help: str, *, type=None, choices=None, metavar=None, nargs=None):
@@ -121,6 +122,25 @@ class MetaTrainConfig:
     random_scale: float = _flag(0.0, "rescale each meta-training problem's coordinates by exp(U(-S, S)) (Lv et al. "
                                      "2017), so the optimizer cannot fit one problem family's gradient scales; "
                                      "validation and test problems are never rescaled; 0: off", metavar="S")
+    unroll_curriculum: int = _flag(0, "curriculum over the episode length (Chen et al. 2020): the first N epochs' "
+                                      "episodes are one truncation (--unroll steps) long, and every N epochs the "
+                                      "truncations per episode double, up to --horizon (e.g. 20, 40, 80, 100 steps "
+                                      "for --unroll 20 --horizon 100): a fixed schedule of the epoch alone (a resumed "
+                                      "run goes on with it; Chen et al. move on when validation stalls); validation "
+                                      "always runs --horizon steps; 0: off", metavar="N")
+    estimator: str = _flag("backprop", "the meta-gradient: backprop, through each truncation (the paper; biased "
+                                       "toward greedy steps: effects beyond the truncation are unseen); pes, "
+                                       "persistent evolution strategies (Vicol et al. 2021): antithetic Gaussian "
+                                       "perturbations of the LSTM's weights, each particle carrying its own "
+                                       "problems' trajectory and the sum of its perturbations across the "
+                                       "episode's truncations, an unbiased estimate of the episode's smoothed "
+                                       "meta-gradient without backprop (--pes-pairs, --pes-sigma)",
+                           choices=ESTIMATORS)
+    pes_pairs: int = _flag(4, "with --estimator pes: antithetic pairs of particles (2N copies of the meta-batch "
+                              "optimized with perturbed weights: a truncation costs 2N no-grad unrolls)",
+                           type=positive_int, metavar="N")
+    pes_sigma: float = _flag(0.01, "with --estimator pes: standard deviation of the perturbations of the LSTM's "
+                                   "weights (the meta-loss is smoothed over that scale)", metavar="S")
     init: str = _flag("", "start from these weights instead of fresh ones (a fine-tune): pretrained:NAME, an "
                           "exported .pt, or a meta-train run's best.pt / checkpoint.pt; they are scored first, so "
                           "the best kept is never worse", metavar="SPEC")
@@ -152,6 +172,20 @@ class MetaTrainConfig:
             raise ValueError(f"coordinate_fraction: expected a number in (0, 1], got {self.coordinate_fraction!r}")
         if not (math.isfinite(self.random_scale) and self.random_scale >= 0):
             raise ValueError(f"random_scale: expected a finite number >= 0, got {self.random_scale!r}")
+        if not (isinstance(self.unroll_curriculum, int) and self.unroll_curriculum >= 0):
+            raise ValueError(f"unroll_curriculum: expected an int >= 0 (epochs per stage; 0: off), got "
+                             f"{self.unroll_curriculum!r}")
+        if self.unroll_curriculum and self.horizon_min:
+            raise ValueError("unroll_curriculum and horizon_min both choose the episodes' lengths: use one of them")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
+        if not (isinstance(self.pes_pairs, int) and self.pes_pairs >= 1):
+            raise ValueError(f"pes_pairs: expected a positive int, got {self.pes_pairs!r}")
+        if not (isinstance(self.pes_sigma, (int, float)) and math.isfinite(self.pes_sigma) and self.pes_sigma > 0):
+            raise ValueError(f"pes_sigma: expected a finite number > 0, got {self.pes_sigma!r}")
+        if self.estimator == "pes" and self.coordinate_fraction != 1:
+            raise ValueError("coordinate_fraction < 1 samples the coordinates that backprop runs through; "
+                             "estimator pes runs no backprop: use coordinate_fraction 1 with it")
         if self.collapse_patience < 0:
             raise ValueError(f"collapse_patience: expected an int >= 0, got {self.collapse_patience}")
 
@@ -165,12 +199,22 @@ class MetaTrainConfig:
     def episode_horizon(self, epoch: int) -> int:
         """The steps of epoch `epoch`'s episode: --horizon, or with --horizon-min M a log-uniform draw in
         [M, horizon] rounded up to a multiple of unroll, a function of (seed, epoch) alone (a resumed run draws
-        the same)."""
+        the same); with --unroll-curriculum, the curriculum's (curriculum_horizon)."""
+        if self.unroll_curriculum:
+            return self.curriculum_horizon(epoch)
         if self.horizon_min == 0:
             return self.horizon
         u = torch.rand((), generator=seeded(self.seed, epoch, 5), dtype=torch.float64).item()
         steps = math.exp(math.log(self.horizon_min) + u * (math.log(self.horizon) - math.log(self.horizon_min)))
         return min(self.horizon, max(self.unroll, math.ceil(steps / self.unroll - 1e-9) * self.unroll))
+
+    def curriculum_horizon(self, epoch: int) -> int:
+        """The curriculum's episode length at epoch `epoch` (0-based): unroll * 2^(epoch // N) steps, at most
+        horizon; a multiple of unroll at every stage, non-decreasing in the epoch, horizon from stage
+        ceil(log2(horizon / unroll)) on."""
+        truncations = self.horizon // self.unroll
+        stage = epoch // self.unroll_curriculum
+        return self.unroll * min(truncations, 1 << min(stage, truncations.bit_length()))
 
     def step_weight(self, step: int, horizon: int | None = None) -> float:
         """The meta-loss weight of the loss after step `step` (1 .. horizon) of an episode of `horizon` steps

@@ -1,6 +1,7 @@
 """Meta-training (the paper's procedure): each epoch optimizes fresh problems for `horizon` steps (or a
-random length: horizon_min) in truncations of `unroll` steps; after each truncation Adam updates the LSTM's
-weights from the sum of the optimizee losses. Held-out evaluation every `eval_every` epochs keeps the best
+random length: horizon_min; or a length growing with the epochs: unroll_curriculum) in truncations of `unroll`
+steps; after each truncation Adam updates the LSTM's weights from the meta-gradient of the sum of the optimizee
+losses, backpropagated through the truncation or estimated by persistent evolution strategies (pes.py). Held-out evaluation every `eval_every` epochs keeps the best
 weights.
 
 Across processes (torchrun): every rank optimizes its slice of the global meta-batch and the meta-gradients are
@@ -30,8 +31,10 @@ from ..tasks import TASKS, get_task
 from ..tasks.base import seeded
 from .config import MetaTrainConfig, normalize_features
 from .distributed import Ranks
+from .pes import PESEpisode, write_gradient
 from .rescale import RescaledProblems
-from .unroll import CoordinateSample, initial_state, loss_and_grad, run_learned, truncation
+from .unroll import (CoordinateSample, initial_state, loss_and_grad, problem_weights, run_learned,
+                     truncation)
 
 LOG_FIELDS = ["epoch", "horizon", "meta_loss", "skipped", "grad_norm", "val_score", "best_score", "seconds"]
 
@@ -112,7 +115,7 @@ def initial_validation_loss(task, config: MetaTrainConfig) -> float:
 
 def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int, ranks: Ranks | None = None) -> dict:
     """One epoch: fresh problems, horizon // unroll truncations (the episode's horizon: config.episode_horizon),
-    an Adam step after each.
+    an Adam step after each on the meta-gradient of config.estimator.
 
     ranks: K ranks draw the global batch of K * meta_batch problems and each optimizes its slice (select); their
     meta-gradients and meta-losses are summed before each Adam step (the one-process run's, on every rank)."""
@@ -126,34 +129,19 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int, 
     window = problems.coordinate_range(*mine) if ranks.distributed else None
     problems = problems.select(*mine)
     horizon = config.episode_horizon(epoch)
-    params = problems.init_params()
-    state = initial_state(net, params.numel())  # the LSTM state, with the moments of a net that reads them
-    losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
-    initial = 1.0 / losses.detach().clamp_min(1e-12)
-    total, skipped, norms = 0.0, 0, []
     scale = 1.0 / (config.unroll * global_batch)
-    for start in range(0, horizon, config.unroll):
-        weights = {"relative": 1.0 / losses.detach().clamp_min(1e-12), "initial": initial}.get(config.loss_scale)
-        step_weights = None if config.step_weight_power == 0 else [
-            config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
-        sample = None if config.coordinate_fraction == 1 else CoordinateSample(
-            coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
-        meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
-                                                             config.unroll, weights, step_weights, sample)
-        losses = history[-1]
-        meta_loss = meta_loss * scale
+    if config.estimator == "pes":
+        meta_losses = _pes_meta_losses(net, problems, config, epoch, horizon, scale)
+    else:
+        meta_losses = _backprop_meta_losses(net, problems, config, epoch, horizon, scale, coordinates, window)
+    total, skipped, norms = 0.0, 0, []
+    for meta_loss in meta_losses:  # each truncation's, with its meta-gradient in the parameters' .grad
         if ranks.distributed:  # every rank gets the sums: all decide alike below
-            meta_optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(meta_loss) and meta_loss.requires_grad:
-                meta_loss.backward()
             meta_loss = ranks.sum_meta_gradient(net.parameters(), meta_loss)
         if not torch.isfinite(meta_loss):
             skipped += 1  # a diverged problem: drop this truncation's update, keep the weights
             meta_optimizer.zero_grad(set_to_none=True)
             break
-        if not ranks.distributed:
-            meta_optimizer.zero_grad(set_to_none=True)
-            meta_loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
         if not torch.isfinite(norm):
             skipped += 1
@@ -165,6 +153,44 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int, 
     done = horizon // config.unroll - skipped
     return {"horizon": horizon, "meta_loss": total / max(done, 1), "skipped": skipped,
             "grad_norm": max(norms, default=0.0)}
+
+
+def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon: int, scale: float,
+                          coordinates: int, window):
+    """Truncated backprop: yields each truncation's meta-loss (detached) after backpropagating it into .grad
+    (zeros when it is not finite: the caller skips it). Stops when the caller does."""
+    params = problems.init_params()
+    state = initial_state(net, params.numel())  # the LSTM state, with the moments of a net that reads them
+    losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
+    initial = losses.detach()
+    for start in range(0, horizon, config.unroll):
+        weights = problem_weights(config.loss_scale, losses, initial)
+        step_weights = None if config.step_weight_power == 0 else [
+            config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
+        sample = None if config.coordinate_fraction == 1 else CoordinateSample(
+            coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
+        meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
+                                                             config.unroll, weights, step_weights, sample)
+        losses = history[-1]
+        meta_loss = meta_loss * scale
+        for p in net.parameters():
+            p.grad = None
+        if torch.isfinite(meta_loss) and meta_loss.requires_grad:
+            meta_loss.backward()
+        yield meta_loss.detach()
+
+
+def _pes_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon: int, scale: float):
+    """Persistent evolution strategies (pes.py): yields each truncation's mean meta-loss over the particles after
+    writing its estimate into .grad. The perturbations come from (seed, epoch, start): the same on every rank."""
+    episode = PESEpisode(net, problems, config.pes_pairs, config.pes_sigma)
+    for start in range(0, horizon, config.unroll):
+        step_weights = None if config.step_weight_power == 0 else [
+            config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
+        result = episode.truncation(start, config.unroll, seeded(config.seed, epoch, start, 6),
+                                    loss_scale=config.loss_scale, step_weights=step_weights, scale=scale)
+        write_gradient(net, result.gradient)
+        yield result.meta_loss.to(next(net.parameters()).dtype)
 
 
 class MetaTrainer:

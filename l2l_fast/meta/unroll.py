@@ -63,6 +63,15 @@ def loss_and_grad(problems: ProblemBatch, params: Tensor, step: int, keep_graph:
     return losses, grad.detach()
 
 
+def problem_weights(loss_scale: str, start_losses: Tensor, initial_losses: Tensor) -> Tensor | None:
+    """Each problem's meta-loss weight [P] for a truncation (MetaTrainConfig.loss_scale): None for "sum",
+    1 / its losses at the truncation's start for "relative", at the episode's start for "initial"."""
+    if loss_scale == "sum":
+        return None
+    losses = start_losses if loss_scale == "relative" else initial_losses
+    return 1.0 / losses.detach().clamp_min(1e-12)
+
+
 class CoordinateSample:
     """A random subset of k of the n coordinates that carries the meta-gradient in one truncation.
 
@@ -178,18 +187,27 @@ def run_learned(net, problems: ProblemBatch, steps: int) -> Tensor:
     """
     params = problems.init_params()
     flat = params.reshape(-1).clone()
-    state, moments = _unpack(net, initial_state(net, flat.numel()))
+    state = initial_state(net, flat.numel())
     history = []
     for t in range(steps + 1):
         losses, grad = loss_and_grad(problems, flat.view(params.shape), t, keep_graph=False)
         history.append(losses.detach())
         if t < steps:
-            with torch.no_grad():
-                if moments is None:
-                    net.step_(flat, grad.reshape(-1), state)
-                else:  # advances the moments in place
-                    net.step_(flat, grad.reshape(-1), state, moments)
+            learned_step_(net, flat, grad, state)
     return torch.stack(history)
+
+
+def learned_step_(net, flat: Tensor, grad: Tensor, state) -> None:
+    """One in-place, no-graph learned step: flat [n] += update of grad (any shape of n elements); the carried
+    `state` (initial_state's: the LSTM state, or the pair with the moments) advanced in place."""
+    lstm_state, moments = _unpack(net, state)
+    if moments is not None and not isinstance(state, (tuple, list)):  # fresh zero moments each step: wrong
+        raise ValueError("state: the net reads moments; carry initial_state's (state, moments) pair to keep them")
+    with torch.no_grad():
+        if moments is None:
+            net.step_(flat, grad.reshape(-1), lstm_state)
+        else:  # advances the moments in place
+            net.step_(flat, grad.reshape(-1), lstm_state, moments)
 
 
 def run_torch_optimizer(make_optimizer, problems: ProblemBatch, steps: int) -> Tensor:
