@@ -6,6 +6,7 @@ scaling and a coordinate fraction on (both must cut the global batch consistentl
 - straight: 4 epochs; the weights, Adam's state, the log, and what each rank wrote;
 - resumed: 2 epochs, then a new trainer resumes to 4 from rank 0's checkpoint;
 - poisoned: one episode whose only non-finite problem is rank 1's: both ranks must skip alike;
+- pes: 3 epochs with the PES estimator and a curriculum (the same perturbations on every rank);
 - mismatch: rank 1 asks for another --lr: both ranks must refuse to start;
 - hang, then dead: with a 3 s timeout, rank 1 first sleeps through a collective, then exits: rank 0 must raise
   DistributedError within the timeout each time (rank 1 saves its results before dying).
@@ -80,6 +81,18 @@ def poisoned(rank: int) -> dict:
     return dict(rows=rows, net=net.state_dict())
 
 
+def pes(rank: int, out_dir: str) -> dict:
+    """The PES estimator with a curriculum: each rank runs its slice with the same perturbations."""
+    trainer = MetaTrainer(pes_config(), os.path.join(out_dir, f"pes_rank{rank}"), progress=False)
+    trainer.run()
+    return snapshot(trainer)
+
+
+def pes_config(**overrides) -> MetaTrainConfig:
+    return config(estimator="pes", pes_pairs=2, pes_sigma=0.05, coordinate_fraction=1.0, unroll_curriculum=1,
+                  epochs=3, **overrides)
+
+
 def mismatch(rank: int, out_dir: str) -> str:
     try:
         MetaTrainer(config(lr=1e-3 if rank == 0 else 2e-3), os.path.join(out_dir, f"mismatch{rank}"), progress=False)
@@ -130,7 +143,7 @@ def run(rank: int, world: int, out_dir: str) -> None:
         store = dist.FileStore(os.path.join(out_dir, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
         results = dict(straight=straight(rank, out_dir), resumed=resumed(rank, out_dir), poisoned=poisoned(rank),
-                       mismatch=mismatch(rank, out_dir))
+                       pes=pes(rank, out_dir), mismatch=mismatch(rank, out_dir))
         dist.barrier()
         dist.destroy_process_group()
         results["hang"] = fault(rank, world, out_dir, "hang", results)

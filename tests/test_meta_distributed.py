@@ -3,7 +3,8 @@
 One spawn of 2 ranks runs every scenario (tests/distributed_meta_scenarios.py): the ranks hold bit-identical
 weights and Adam states after every run; 2 ranks with --meta-batch 2 equal the one-process run with --meta-batch 4
 (float64, up to the reduction's rounding); a run stopped after a checkpoint and resumed equals the uninterrupted
-one bit for bit; a non-finite meta-loss on one rank makes both skip; ranks with different settings refuse to
+one bit for bit; a non-finite meta-loss on one rank makes both skip; the PES estimator (with a curriculum)
+keeps the ranks bit-identical and equals the one-process run; ranks with different settings refuse to
 start; a rank that hangs or dies makes the other raise within the timeout. Then `torchrun -m l2l_fast.cli
 meta-train` end to end: killed with SIGKILL after a checkpoint and resumed, also on one process (a global
 meta-batch split otherwise).
@@ -131,6 +132,28 @@ def test_a_nonfinite_meta_loss_on_one_rank_makes_every_rank_skip(ranks):
     assert [row["skipped"] for row in rows] == [1, 1]
     for rank in ranks:
         assert_equal_tensors(rank["poisoned"]["net"], initial, "weights")
+
+
+def test_pes_on_two_ranks_equals_one_process_with_the_global_meta_batch(ranks, tmp_path):
+    """Every rank perturbs the weights alike and estimates from its slice; the estimates are linear in the problems'
+    losses, so their sum is the one-process estimate. Bit-identical across ranks; against one process up to
+    rounding, which PES amplifies: a pair's estimate divides the difference of its two meta-losses (each summed in
+    another order on 2 ranks: ~1e-16 relative) by 2 sigma^2 (sigma 0.05), so the gradient carries ~1e-16 *
+    L / (L+ - L-) ~ 1e-14 relative error per meta-step (measured below: see the assertion's slack)."""
+    assert_equal_tensors(ranks[0]["pes"]["net"], ranks[1]["pes"]["net"], "weights")
+    assert_equal_tensors(adam_tensors(ranks[0]["pes"]["adam"]), adam_tensors(ranks[1]["pes"]["adam"]), "Adam state")
+    assert [row["horizon"] for row in ranks[0]["pes"]["log"]] == [5, 10, 10]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = MetaTrainer(scenarios.pes_config(meta_batch=WORLD * scenarios.PER_RANK), tmp_path, progress=False)
+        trainer.run()
+    finally:
+        torch.set_default_dtype(default)
+    for key, value in trainer.net.state_dict().items():
+        torch.testing.assert_close(ranks[0]["pes"]["net"][key], value, rtol=1e-10, atol=1e-12)
+    initial = build_net(scenarios.pes_config()).state_dict()
+    assert any(not torch.equal(value, initial[key]) for key, value in trainer.net.state_dict().items())
 
 
 def test_ranks_with_different_settings_refuse_to_start(ranks):

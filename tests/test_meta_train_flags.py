@@ -58,12 +58,16 @@ def test_every_field_is_a_flag_or_says_why_not():
     assert {f.name for f in dataclasses.fields(MetaTrainConfig)} - flags == NO_FLAG
 
 
-def test_every_flag_reaches_the_config():
+# the curriculum excludes --horizon-min, PES --coordinate-fraction < 1: their values reach the config in a second run
+@pytest.mark.parametrize("exclusive", [{}, {"horizon_min": "0", "unroll_curriculum": "3", "estimator": "pes",
+                                            "coordinate_fraction": "1.0"}], ids=["backprop", "pes-curriculum"])
+def test_every_flag_reaches_the_config(exclusive):
     given = {"epochs": "7", "horizon": "12", "horizon_min": "5", "unroll": "4", "meta_batch": "3", "lr": "0.02", "clip": "2.5",
              "eval_every": "2", "eval_problems": "5", "checkpoint_every": "3", "seed": "11", "loss_scale": "relative",
              "step_weight_power": "1.5", "lr_schedule": "cosine", "collapse_patience": "0",
-             "coordinate_fraction": "0.5", "random_scale": "0.3", "init": "pretrained:mnist",
-             "features": "moments,paper", "output": "tanh"}
+             "coordinate_fraction": "0.5", "random_scale": "0.3", "unroll_curriculum": "0", "estimator": "backprop",
+             "pes_pairs": "6", "pes_sigma": "0.03", "init": "pretrained:mnist",
+             "features": "moments,paper", "output": "tanh", **exclusive}
     assert set(given) == {f.name for f in flag_fields()}, "a new flag: give it a value here"
     argv = ["meta-train", "--task", "mnist", "--hidden", "8", "9", "--activation", "relu"]
     for name, text in given.items():

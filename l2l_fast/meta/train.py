@@ -1,8 +1,8 @@
 """Meta-training (the paper's procedure): each epoch optimizes fresh problems for `horizon` steps (or a
 random length: horizon_min; or a length growing with the epochs: unroll_curriculum) in truncations of `unroll`
 steps; after each truncation Adam updates the LSTM's weights from the meta-gradient of the sum of the optimizee
-losses, backpropagated through the truncation or estimated by persistent evolution strategies (pes.py). Held-out evaluation every `eval_every` epochs keeps the best
-weights.
+losses, backpropagated through the truncation or estimated by persistent evolution strategies (pes.py).
+Held-out evaluation every `eval_every` epochs keeps the best weights.
 
 Across processes (torchrun): every rank optimizes its slice of the global meta-batch and the meta-gradients are
 summed every meta-step, so that K ranks with --meta-batch B are the one-process run with --meta-batch K*B; rank 0
