@@ -90,7 +90,7 @@ def main() -> None:
         sums.append(total)
     sums = torch.stack(sums)
     mean = sums.mean(0)
-    print("\n".join(machine_lines()))
+    print("\n".join(machine_lines("cpu", args.threads)))
     print(f"task {config.task} {config.task_kwargs}, features {config.features}, output {config.output}, "
           f"horizon {config.horizon} in truncations of {config.unroll}, meta-batch {config.meta_batch}, "
           f"loss scale {config.loss_scale}, weights {config.init or 'fresh'}; PES {config.pes_pairs} pairs, sigma "

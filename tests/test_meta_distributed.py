@@ -139,7 +139,8 @@ def test_pes_on_two_ranks_equals_one_process_with_the_global_meta_batch(ranks, t
     losses, so their sum is the one-process estimate. Bit-identical across ranks; against one process up to
     rounding, which PES amplifies: a pair's estimate divides the difference of its two meta-losses (each summed in
     another order on 2 ranks: ~1e-16 relative) by 2 sigma^2 (sigma 0.05), so the gradient carries ~1e-16 *
-    L / (L+ - L-) ~ 1e-14 relative error per meta-step (measured below: see the assertion's slack)."""
+    L / (L+ - L-) ~ 1e-14 relative error per meta-step. Measured: the weights at most 1.7e-15 apart after 7
+    meta-steps (the backprop run's: 6e-17); asserted at 1e-10 relative, 1e-12 absolute."""
     assert_equal_tensors(ranks[0]["pes"]["net"], ranks[1]["pes"]["net"], "weights")
     assert_equal_tensors(adam_tensors(ranks[0]["pes"]["adam"]), adam_tensors(ranks[1]["pes"]["adam"]), "Adam state")
     assert [row["horizon"] for row in ranks[0]["pes"]["log"]] == [5, 10, 10]
