@@ -158,7 +158,7 @@ def run_episode(net, meta_optimizer, task, config: MetaTrainConfig, epoch: int, 
 def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon: int, scale: float,
                           coordinates: int, window):
     """Truncated backprop: yields each truncation's meta-loss (detached) after backpropagating it into .grad
-    (zeros when it is not finite: the caller skips it). Stops when the caller does."""
+    (none when it is not finite: the caller skips it). Stops when the caller does."""
     params = problems.init_params()
     state = initial_state(net, params.numel())  # the LSTM state, with the moments of a net that reads them
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
