@@ -172,4 +172,7 @@ class Ranks:
     def close(self) -> None:
         """Leaves the process group after a run that ended well (after a failure the process just exits)."""
         if self.distributed and dist.is_initialized():
+            # all ranks in step first: a rank that tears gloo down while rank 0 still writes the run's last files
+            # can abort in gloo's teardown (std::terminate, seen under load)
+            self._collective("leaving the process group", dist.barrier)
             dist.destroy_process_group()
