@@ -177,11 +177,9 @@ def test_collapse_patience_zero_never_stops(tmp_path, monkeypatch):
         tiny_config(collapse_patience=-1)
 
 
-def test_nonfinite_meta_loss_is_skipped_and_weights_kept():
-    config = tiny_config()
-    net = build_net(config)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    task = make_task("quadratic")
+def nan_quadratic_task(**options):
+    """A quadratic task whose every sample has a NaN target in problem 0: its meta-loss is never finite."""
+    task = make_task("quadratic", **options)
     original = task.sample
 
     def poisoned(*args, **kwargs):
@@ -190,6 +188,14 @@ def test_nonfinite_meta_loss_is_skipped_and_weights_kept():
         return problems
 
     task.sample = poisoned
+    return task
+
+
+def test_nonfinite_meta_loss_is_skipped_and_weights_kept():
+    config = tiny_config()
+    net = build_net(config)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = nan_quadratic_task()
     row = run_episode(net, torch.optim.Adam(net.parameters(), 1e-2), task, config, epoch=0)
     assert row["skipped"] >= 1
     for k, v in net.state_dict().items():

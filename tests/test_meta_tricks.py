@@ -14,6 +14,7 @@ from l2l_fast.meta.pes import PESEpisode, flat_weights
 from l2l_fast.meta.train import MetaTrainConfig, MetaTrainer, build_net, run_episode
 from l2l_fast.meta.unroll import loss_and_grad, truncation
 from l2l_fast.tasks import make_task
+from test_meta import nan_quadratic_task
 
 
 def tiny_config(**overrides) -> MetaTrainConfig:
@@ -208,15 +209,7 @@ def test_pes_skips_a_nonfinite_truncation_and_keeps_the_weights():
     config = tiny_config(estimator="pes", pes_pairs=2)
     net = build_net(config)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    task = make_task("quadratic", dim=3)
-    original = task.sample
-
-    def poisoned(*args, **kwargs):
-        problems = original(*args, **kwargs)
-        problems.y[0, 0] = float("nan")
-        return problems
-
-    task.sample = poisoned
+    task = nan_quadratic_task(dim=3)
     row = run_episode(net, torch.optim.Adam(net.parameters(), 1e-2), task, config, epoch=0)
     assert row["skipped"] == 1
     for k, v in net.state_dict().items():

@@ -35,6 +35,16 @@ def _encoded(split: str, folder: str) -> Tensor:  # the folder keys the cache: $
     return encode(load_fortunes(split))
 
 
+def text_windows(problems: ProblemBatch, step: int) -> Tensor:
+    """The windows of `step` of a batch of language-model problems (charlm, chartransformer): characters
+    [P, B, seq_len + 1] of problems.text, drawn for the whole draw from (seed, salt, step) and cut by own_rows,
+    so a selected batch sees its problems' windows."""
+    generator = seeded(problems.seed, problems.salt, 2, step)
+    starts = problems.own_rows(torch.randint(len(problems.text) - problems.seq_len,
+                                             (problems.drawn, problems.batch_size), generator=generator))
+    return problems.text[starts.unsqueeze(-1) + torch.arange(problems.seq_len + 1)]
+
+
 class CharLSTMBatch(ProblemBatch):
     def __init__(self, text: Tensor, hidden: tuple[int, ...], weight_init: str, seq_len: int, batch_size: int,
                  num_problems: int, seed: int, salt: int):
@@ -60,11 +70,7 @@ class CharLSTMBatch(ProblemBatch):
         return self._rows(start, stop)
 
     def batch(self, step: int) -> Tensor:
-        """The windows of `step`: characters [P, B, seq_len + 1]."""
-        generator = seeded(self.seed, self.salt, 2, step)
-        starts = self.own_rows(torch.randint(len(self.text) - self.seq_len, (self.drawn, self.batch_size),
-                                             generator=generator))
-        return self.text[starts.unsqueeze(-1) + torch.arange(self.seq_len + 1)]
+        return text_windows(self, step)
 
     def loss(self, params: Tensor, step: int) -> Tensor:
         named = self.layout.split(params)

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..argtypes import positive_int
 from ..data.text import VOCAB
 from .base import ParamGroup, ProblemBatch, Task, check_split, seeded
-from .charlm import corpus
+from .charlm import corpus, text_windows
 from .layout import WEIGHT_INITS, Entry, Layout
 from .mlp import WEIGHT_INIT_OPTION
 from .registry import TaskOption, register_task
@@ -93,11 +93,7 @@ class CharTransformerBatch(ProblemBatch):
         return self._rows(start, stop)
 
     def batch(self, step: int) -> Tensor:
-        """The windows of `step`: characters [P, B, seq_len + 1]."""
-        generator = seeded(self.seed, self.salt, 2, step)
-        starts = self.own_rows(torch.randint(len(self.text) - self.seq_len, (self.drawn, self.batch_size),
-                                             generator=generator))
-        return self.text[starts.unsqueeze(-1) + torch.arange(self.seq_len + 1)]
+        return text_windows(self, step)
 
     def loss(self, params: Tensor, step: int) -> Tensor:
         """params [P, D] -> mean next-character cross-entropy of each problem on its windows of `step`: [P]."""
