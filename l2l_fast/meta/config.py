@@ -222,6 +222,13 @@ class MetaTrainConfig:
         k = self.step_weight_power
         return 1.0 if k == 0 else (k + 1) * (step / (horizon or self.horizon)) ** k
 
+    def truncation_step_weights(self, start: int, horizon: int) -> list[float] | None:
+        """The weights of the losses after steps start + 1 .. start + unroll of an episode of `horizon` steps; None
+        when every step counts once (step_weight_power 0)."""
+        if self.step_weight_power == 0:
+            return None
+        return [self.step_weight(start + j + 1, horizon) for j in range(self.unroll)]
+
     def net_kwargs(self) -> dict:
         """The CoordinatewiseLSTM's arguments (all but the backend)."""
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,

@@ -165,8 +165,7 @@ def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, ho
     initial = losses.detach()
     for start in range(0, horizon, config.unroll):
         weights = problem_weights(config.loss_scale, losses, initial)
-        step_weights = None if config.step_weight_power == 0 else [
-            config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
+        step_weights = config.truncation_step_weights(start, horizon)
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
             coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
@@ -185,8 +184,7 @@ def _pes_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon
     writing its estimate into .grad. The perturbations come from (seed, epoch, start): the same on every rank."""
     episode = PESEpisode(net, problems, config.pes_pairs, config.pes_sigma)
     for start in range(0, horizon, config.unroll):
-        step_weights = None if config.step_weight_power == 0 else [
-            config.step_weight(start + j + 1, horizon) for j in range(config.unroll)]
+        step_weights = config.truncation_step_weights(start, horizon)
         result = episode.truncation(start, config.unroll, seeded(config.seed, epoch, start, 6),
                                     loss_scale=config.loss_scale, step_weights=step_weights, scale=scale)
         write_gradient(net, result.gradient)
