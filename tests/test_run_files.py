@@ -139,3 +139,31 @@ def test_every_net_argument_of_a_file_is_passed_on(tmp_path, monkeypatch, record
         payload["net_kwargs"] = {**net.size_kwargs(), "features": "scale-free"}
     save_atomic(payload, tmp_path / "best.pt")
     assert load_pretrained(str(tmp_path / "best.pt")).hidden_size == 4 and seen == ["scale-free"]
+
+
+def test_checkpoint_weights_writes_the_runs_current_weights(tmp_path):
+    """benchmarks/checkpoint_weights.py: the weights at the end of a run (checkpoint.pt's "net"), not its
+    best-validation ones, as a weight file that loads like best.pt; anything else is refused by name."""
+    import runpy
+    import sys
+
+    run = tmp_path / "run"
+    assert cli_main(["meta-train", *QUADRATIC_FLAGS, "--epochs", "3", "--lr", "0.05", "--out", str(run)]) == 0
+    script = str(Path(__file__).parents[1] / "benchmarks" / "checkpoint_weights.py")
+    argv = sys.argv
+    try:
+        sys.argv = [script, str(run / "checkpoint.pt"), str(tmp_path / "final.pt")]
+        runpy.run_path(script, run_name="__main__")
+        sys.argv = [script, str(tmp_path / "final.pt"), str(tmp_path / "again.pt")]
+        with pytest.raises(SystemExit, match="not a meta-train checkpoint"):
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = argv
+    current = load_verified(run / "checkpoint.pt")["net"]
+    loaded = load_pretrained(str(tmp_path / "final.pt"))
+    assert loaded.record["epoch"] == 3
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in current.items())
+    # three epochs of a large meta learning rate move the weights away from the ones scored first
+    first = load_pretrained(str(run / "best.pt")).state_dict() if load_verified(run / "best.pt")["epoch"] == 0 else None
+    if first is not None:
+        assert any(not torch.equal(first[k], v) for k, v in current.items())
