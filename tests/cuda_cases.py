@@ -10,7 +10,9 @@ multi-tensor step the table BF16_STATE / PARAM_16BIT below. The checks take the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,6 +29,20 @@ BF16_STATE = dict(rtol=2.0**-8, atol_rel=5e-5, atol=1e-8)
 # 16-bit parameters: param + update rounded once to the parameter's dtype (torch's param.add_ rounds the
 # update first, then the sum: the two can differ by one unit in the last place).
 PARAM_16BIT = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@functools.cache
+def emulation_module():
+    """tests/cuda_emulation/emulate.cpp built once per session (about a minute): the CUDA kernel bodies on CPU
+    threads, the ops of csrc/cuda/step_ops.h with an emulated launcher, the mma model (warp_mma.h)."""
+    from torch.utils.cpp_extension import load
+
+    root = Path(__file__).resolve().parents[1]
+    build = root / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    sources = [str(root / "tests" / "cuda_emulation" / "emulate.cpp"), str(root / "csrc" / "packed_cache.cpp")]
+    return load(name="l2l_fast_cuda_emulation", sources=sources, extra_include_paths=[str(root / "csrc")],
+                extra_cflags=["-O2", "-fno-strict-aliasing"], build_directory=str(build), verbose=False)
 
 
 @dataclasses.dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
     pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
                 allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64]
 # (hidden, layers): the compiled-in size (registers, unrolled) and the run-time paths up to 32 and 128
 SHAPES = [(20, 2), (3, 2), (1, 1), (33, 3)]
@@ -39,21 +37,13 @@ def output_id(output):
 
 @pytest.fixture(scope="module")
 def emu():
-    from torch.utils.cpp_extension import load
-
-    build = ROOT / "build" / "cuda_emulation"
-    build.mkdir(parents=True, exist_ok=True)
-    sources = [str(ROOT / "tests" / "cuda_emulation" / "emulate.cpp"), str(ROOT / "csrc" / "packed_cache.cpp")]
-    module = load(name="l2l_fast_cuda_emulation", sources=sources,
-                  extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-fno-strict-aliasing"],
-                  build_directory=str(build), verbose=False)
-    return module
+    return cases.emulation_module()
 
 
 @pytest.fixture
 def impl(emu):
     emu.configure(forward_threads=32, forward_blocks=3, backward_blocks=3, smem_limit=227 * 1024,
-                  forward_smem_limit=48 * 1024)
+                  forward_smem_limit=48 * 1024, mma_threads=64)
     return cases.Impl("cpu", emu.lstm_step, emu.lstm_step_backward, emu.lstm_step_, emu.lstm_multi_step_)
 
 

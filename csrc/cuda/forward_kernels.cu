@@ -1,12 +1,17 @@
-// The forward / in-place step kernel (forward_body.h) and its launch: a persistent grid of
-// occupancy x SM-count blocks of 128 threads, each block copying the weights to shared memory once.
+// The forward / in-place step kernels and their launch: a persistent grid of occupancy x SM-count
+// blocks of 128 threads, each block copying the weights to shared memory once. The FFMA kernel
+// (forward_body.h) by default; the tensor-core kernel (forward_mma_body.h) when L2L_FAST_CUDA_GATES=mma
+// asks for it and it covers the net (gate_variant.h).
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/cuda_ctx.cuh"
 #include "cuda/forward_body.h"
+#include "cuda/forward_mma_body.h"
+#include "cuda/gate_variant.h"
 #include "cuda/launch.h"
 
 namespace l2l_fast {
@@ -20,12 +25,46 @@ __global__ void __launch_bounds__(kForwardThreads) forward_kernel(const __grid_c
   forward_block(CudaCtx{}, args, dims, smem);
 }
 
+template <uint32_t Features, typename S>
+__global__ void __launch_bounds__(kForwardThreads) forward_mma_kernel(const __grid_constant__ ForwardArgs<float, S> args) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  forward_mma_block<Features>(CudaCtx{}, args, smem);
+}
+
+// Grid of the persistent kernels: occupancy x SMs blocks, no more than there are tiles.
+template <typename Kernel>
+int persistent_grid(Kernel kernel, size_t smem, int64_t tiles, const LaunchEnv& env) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kForwardThreads, smem));
+  return int(std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t(std::max(per_sm, 1)) * env.sm_count)));
+}
+
+// The tensor-core kernel, when asked for and it covers the launch; false when the FFMA kernel must run.
+template <typename T, typename S>
+bool launch_forward_mma(ForwardArgs<T, S>& a, const LaunchEnv& env) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (requested_gates() != Gates::kMma || env.cc_major < 8 || !mma_supports(a.net.layout)) return false;
+    a.weights_in_smem = 1;
+    return dispatch_mma_features(a.net.layout.features, [&](auto features) {
+      auto kernel = forward_mma_kernel<decltype(features)::value, S>;
+      const size_t smem = size_t(MmaNet::kSmemBytes);
+      const int64_t per_block = int64_t(kForwardThreads / 32) * kMmaTiles * kMmaRows;
+      const int grid = persistent_grid(kernel, smem, (a.end - a.begin + per_block - 1) / per_block, env);
+      kernel<<<grid, kForwardThreads, smem, env.stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
 }  // namespace
 
 template <typename T, typename S>
 void launch_forward(ForwardArgs<T, S>& a, const LaunchEnv& env) {
   const int64_t columns = a.end - a.begin;
   if (columns <= 0) return;
+  if (launch_forward_mma(a, env)) return;
   dispatch_dims(a.net.layout, [&](auto dims) {
     using Dims = decltype(dims);
     const int64_t weight_bytes = a.net.layout.size() * int64_t(sizeof(T));
@@ -33,10 +72,7 @@ void launch_forward(ForwardArgs<T, S>& a, const LaunchEnv& env) {
     TORCH_INTERNAL_ASSERT(weight_bytes <= kForwardSmemLimit || !Dims::kFixed);
     const size_t smem = a.weights_in_smem ? size_t(weight_bytes) : 0;
     auto kernel = forward_kernel<Dims, T, S>;
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kForwardThreads, smem));
-    const int64_t tiles = (columns + kForwardThreads - 1) / kForwardThreads;
-    const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t(std::max(per_sm, 1)) * env.sm_count)));
+    const int grid = persistent_grid(kernel, smem, (columns + kForwardThreads - 1) / kForwardThreads, env);
     kernel<<<grid, kForwardThreads, smem, env.stream>>>(a, dims);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -14,6 +14,7 @@ struct LaunchEnv {
   cudaStream_t stream;
   int sm_count;
   int64_t smem_optin;  // largest dynamic shared memory a block may opt in to
+  int cc_major;        // compute capability (the tensor-core kernel needs 8 or more)
 };
 
 // T: arithmetic and weights (float, double); S: state storage (T or bf16). Sets a.weights_in_smem.

@@ -23,6 +23,7 @@ LaunchEnv current_env() {
   struct Props {
     int sm_count = 0;
     int smem_optin = 0;
+    int cc_major = 0;
   };
   static std::array<Props, 64> cache;
   static std::mutex mutex;
@@ -34,10 +35,12 @@ LaunchEnv current_env() {
     if (props.sm_count == 0) {
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&props.sm_count, cudaDevAttrMultiProcessorCount, device));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&props.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&props.cc_major, cudaDevAttrComputeCapabilityMajor, device));
       cache.at(size_t(device)) = props;
     }
   }
-  return LaunchEnv{c10::cuda::getCurrentCUDAStream(device).stream(), props.sm_count, int64_t(props.smem_optin)};
+  return LaunchEnv{c10::cuda::getCurrentCUDAStream(device).stream(), props.sm_count, int64_t(props.smem_optin),
+                   props.cc_major};
 }
 
 struct CudaLauncher {

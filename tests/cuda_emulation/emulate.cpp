@@ -4,13 +4,16 @@
 // context; here every CUDA thread of a block is a std::thread and __syncthreads() a barrier, blocks
 // run one after another, and "shared memory" is a buffer filled with NaN before each block. The ops
 // are csrc/cuda/step_ops.h itself, with this launcher instead of the CUDA one, on CPU tensors.
-// What this cannot check: the GPU's arithmetic (exp2.approx etc.: here libm), the compiler's
-// register allocation, launch limits, races that a barrier too few would cause only under real
+// The tensor-core kernel's warp-wide mma.sync is warp_mma.h's model of the PTX fragment layouts: the 32
+// lanes of a warp exchange their fragments through a barrier.
+// What this cannot check: the GPU's arithmetic (exp2.approx etc.: here libm; the tensor cores' sums), the
+// compiler's register allocation, launch limits, races that a barrier too few would cause only under real
 // concurrency (the threads here do run concurrently, so many would still show).
 #include <torch/extension.h>
 
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -19,41 +22,26 @@
 
 #include "cuda/backward_body.h"
 #include "cuda/forward_body.h"
+#include "cuda/forward_mma_body.h"
+#include "cuda/gate_variant.h"
 #include "cuda/step_ops.h"
+#include "warp_mma.h"
 
 namespace l2l_fast {
 namespace cuda {
 namespace {
 
-class Barrier {
- public:
-  explicit Barrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const int generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-      return;
-    }
-    cv_.wait(lock, [&] { return generation != generation_; });
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int count_, arrived_ = 0, generation_ = 0;
-};
-
 struct EmuCtx {
   int t, nt, b, nb;
   Barrier* barrier;
+  std::deque<WarpMma>* warps;  // one exchange per warp of the block
   int thread() const { return t; }
   int threads() const { return nt; }
   int block() const { return b; }
   int blocks() const { return nb; }
   void sync() const { barrier->wait(); }
+  int lane() const { return t % 32; }
+  void mma_tf32(FragA& acc, const FragA& a, const FragB& b) const { (*warps)[size_t(t / 32)].mma(lane(), acc, a, b); }
 };
 
 // Launch shape of the emulated kernels; small blocks and grids so that tests cover several tiles
@@ -61,10 +49,12 @@ struct EmuCtx {
 struct Settings {
   int forward_threads = 32;
   int forward_blocks = 3;
+  int mma_threads = 64;  // the tensor-core kernel's blocks: whole warps
   int backward_blocks = 3;
   int64_t smem_limit = 227 * 1024;      // per block, as on an H100
   int64_t forward_smem_limit = kForwardSmemLimit;
   int64_t launches = 0;                  // kernel launches so far (multi-tensor chunking is visible here)
+  int64_t mma_launches = 0;              // of them, the tensor-core forward's
 };
 Settings settings;
 
@@ -75,9 +65,13 @@ void run_grid(int blocks, int threads, int64_t smem_bytes, const Body& body) {
   for (int b = 0; b < blocks; ++b) {
     std::fill(smem.begin(), smem.end(), std::numeric_limits<double>::quiet_NaN());  // unwritten reads show
     Barrier barrier(threads);
+    std::deque<WarpMma> warps;  // a deque: a WarpMma holds a mutex and cannot move
+    for (int w = 0; w < threads; w += 32) warps.emplace_back(std::min(32, threads - w));
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] { body(EmuCtx{t, threads, b, blocks, &barrier}, reinterpret_cast<unsigned char*>(smem.data())); });
+      pool.emplace_back([&, t] {
+        body(EmuCtx{t, threads, b, blocks, &barrier, &warps}, reinterpret_cast<unsigned char*>(smem.data()));
+      });
     for (std::thread& thread : pool) thread.join();
   }
 }
@@ -87,6 +81,7 @@ struct EmuLauncher {
   static void forward(ForwardArgs<T, S>& a) {
     const int64_t columns = a.end - a.begin;
     if (columns <= 0) return;
+    if (forward_mma(a)) return;
     dispatch_dims(a.net.layout, [&](auto dims) {
       using Dims = decltype(dims);
       const int64_t weight_bytes = a.net.layout.size() * int64_t(sizeof(T));
@@ -97,6 +92,26 @@ struct EmuLauncher {
       run_grid(grid, settings.forward_threads, a.weights_in_smem ? weight_bytes : 0,
                [&](const EmuCtx& ctx, unsigned char* smem) { forward_block(ctx, args, dims, smem); });
     });
+  }
+
+  // forward_kernels.cu's launch_forward_mma with the emulated launch shape.
+  template <typename T, typename S>
+  static bool forward_mma(ForwardArgs<T, S>& a) {
+    if constexpr (!std::is_same_v<T, float>) {
+      return false;
+    } else {
+      if (requested_gates() != Gates::kMma || !mma_supports(a.net.layout)) return false;
+      a.weights_in_smem = 1;
+      return dispatch_mma_features(a.net.layout.features, [&](auto features) {
+        const int64_t per_block = int64_t(settings.mma_threads / 32) * kMmaTiles * kMmaRows;
+        const int grid = int(std::min<int64_t>((a.end - a.begin + per_block - 1) / per_block, settings.forward_blocks));
+        const ForwardArgs<T, S> args = a;
+        ++settings.mma_launches;
+        run_grid(grid, settings.mma_threads, MmaNet::kSmemBytes, [&](const EmuCtx& ctx, unsigned char* smem) {
+          forward_mma_block<decltype(features)::value>(ctx, args, smem);
+        });
+      });
+    }
   }
 
   template <typename T>
@@ -131,8 +146,10 @@ struct EmuLauncher {
 };
 
 void configure(int forward_threads, int forward_blocks, int backward_blocks, int64_t smem_limit,
-               int64_t forward_smem_limit) {
+               int64_t forward_smem_limit, int mma_threads) {
   TORCH_CHECK(forward_threads >= 1 && forward_threads <= 128 && forward_blocks >= 1 && backward_blocks >= 1);
+  TORCH_CHECK(mma_threads >= 32 && mma_threads <= 128 && mma_threads % 32 == 0, "mma_threads: whole warps");
+  settings.mma_threads = mma_threads;
   settings.forward_threads = forward_threads;
   settings.forward_blocks = forward_blocks;
   settings.backward_blocks = backward_blocks;
@@ -162,6 +179,55 @@ at::Tensor from_f16_bits(const at::Tensor& x) {
   at::Tensor out = at::empty(h.sizes(), h.options().dtype(at::kFloat));
   const auto* in = reinterpret_cast<const f16*>(h.data_ptr());
   for (int64_t i = 0; i < h.numel(); ++i) out.data_ptr<float>()[i] = to_float(in[i]);
+  return out;
+}
+
+// The mma model for tests/test_cuda_emulated.py: per-lane fragments a [32, 4], b [32, 2], c [32, 4] (float32)
+// -> d [32, 4] of one emulated warp-wide mma.m16n8k8 (the lanes as threads, as in the kernels). With
+// split3, each operand is split into TF32 hi + lo first and the three products of mma_3xtf32 are summed.
+at::Tensor warp_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool split3) {
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({32, 4}) && b.sizes() == at::IntArrayRef({32, 2}) &&
+              c.sizes() == at::IntArrayRef({32, 4}) && a.scalar_type() == at::kFloat &&
+              b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat);
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor d = c.contiguous().clone();
+  const float* pa = ac.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* pd = d.data_ptr<float>();
+  run_grid(1, 32, 0, [&](const EmuCtx& ctx, unsigned char*) {
+    const int lane = ctx.lane();
+    FragA acc, fa;
+    FragB fb;
+    for (int i = 0; i < 4; ++i) acc.v[i] = pd[lane * 4 + i];
+    for (int i = 0; i < 4; ++i) fa.v[i] = pa[lane * 4 + i];
+    for (int i = 0; i < 2; ++i) fb.v[i] = pb[lane * 2 + i];
+    if (split3) {
+      FragA a_hi, a_lo;
+      FragB b_hi, b_lo;
+      for (int i = 0; i < 4; ++i) {
+        const Tf32Split s = split_tf32(fa.v[i]);
+        a_hi.v[i] = s.hi;
+        a_lo.v[i] = s.lo;
+      }
+      for (int i = 0; i < 2; ++i) {
+        const Tf32Split s = split_tf32(fb.v[i]);
+        b_hi.v[i] = s.hi;
+        b_lo.v[i] = s.lo;
+      }
+      mma_3xtf32(ctx, acc, a_hi, a_lo, b_hi, b_lo);
+    } else {
+      ctx.mma_tf32(acc, fa, fb);
+    }
+    for (int i = 0; i < 4; ++i) pd[lane * 4 + i] = acc.v[i];
+  });
+  return d;
+}
+
+// mma_tf32.h's round_tf32 (the host side of cvt.rna.tf32.f32) elementwise.
+at::Tensor round_tf32_tensor(const at::Tensor& x) {
+  at::Tensor out = x.to(at::kFloat).contiguous().clone();
+  float* p = out.data_ptr<float>();
+  for (int64_t i = 0; i < out.numel(); ++i) p[i] = round_tf32(p[i]);
   return out;
 }
 
@@ -197,8 +263,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("params"), py::arg("grads"), py::arg("state"), py::arg("weights"), py::arg("preprocess_p"),
         py::arg("output_scale"), py::arg("features") = 1, py::arg("moments") = py::none(), py::arg("output") = 0);
   m.def("configure", &configure, py::arg("forward_threads"), py::arg("forward_blocks"), py::arg("backward_blocks"),
-        py::arg("smem_limit"), py::arg("forward_smem_limit"));
+        py::arg("smem_limit"), py::arg("forward_smem_limit"), py::arg("mma_threads") = 64);
+  m.def("warp_mma", &warp_mma, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("split3") = false);
+  m.def("round_tf32", &round_tf32_tensor);
   m.def("launches", [] { return settings.launches; });
+  m.def("mma_launches", [] { return settings.mma_launches; });
   m.def("packed_cache_counts", [] {
     const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
     return std::make_tuple(s.hits, s.misses, s.bypassed);

@@ -1,0 +1,393 @@
+// Forward / in-place step on tensor cores, for the compiled-in net (hidden 20, 2 layers, float32 math,
+// first-layer inputs <= 4): the body of forward_mma_kernel, written against an execution context with
+// a warp-wide ctx.mma_tf32 so that the CPU emulation (tests/cuda_emulation) runs this very code.
+//
+// A warp takes kMmaTiles m-tiles of 16 coordinates and computes each layer's gates as
+//   Z[16 coords, 80] = X[16, K] W^T[K, 80] + bias       (mma.m16n8k8 TF32, 3xTF32 split: mma_tf32.h)
+// Fragment layouts (PTX ISA, mma.m16n8k8 with .tf32; lane = 4 groupID + tig, tig = threadID_in_group):
+//   A: a0 (row groupID, col tig), a1 (row groupID + 8, col tig), a2 (groupID, tig + 4), a3 (groupID + 8, tig + 4)
+//   B: b0 (k tig, n groupID), b1 (k tig + 4, n groupID)
+//   C: c0, c1 (row groupID, cols 2 tig, 2 tig + 1), c2, c3 (row groupID + 8, the same cols)
+// Rows are coordinates, so a thread works on the two coordinates groupID and groupID + 8 of each m-tile.
+//
+// The permutations that keep everything in the thread's own registers (no shuffles, no gate buffer):
+//   N (gate columns): n-tiles 2p and 2p + 1 (p < 5) hold units 4p .. 4p + 3; column 2t, 2t + 1 of tile 2p
+//     are gates i, f of unit 4p + t, of tile 2p + 1 its g, o. Thread tig so holds all four gates of
+//     units 4p + tig, p < 5, for its two coordinates, and runs their cell update in registers.
+//   K (layer inputs): a thread's "slot" s is column tig + 4 (s % 2) of k-tile s / 2, i.e. a_{2 (s%2)} and
+//     a_{2 (s%2) + 1} of that k-tile for its two rows. Slot s < 5 of layer 1 is the h of unit 4s + tig of
+//     layer 0, which is exactly the h this thread has just computed; slots 5 .. 9 are layer 1's own old h
+//     (loaded, units 4 (s - 5) + tig). Layer 0: slots 0 .. 4 its old h, slot 5 the features (feature tig
+//     for tig < inputs, else 0): 3 k-tiles, K padded from 22 to 24 with zero weights. Layer 1: 5 k-tiles.
+//   Output: y = out_w . h_top + out_b as one more product, [16, 24] x [24, 8] with out_w in every column
+//     (so that every lane gets y of its rows); a thread's poison (0 or NaN: non-finite state or moments
+//     it read) is added to its slots there, so the NaN reaches y of the coordinate in every lane.
+// Each thread reads and writes only the state cells (units 4p + tig, its two coordinates) it owns.
+//
+// The weights are regrouped into B fragments once per block, while they are copied to shared memory:
+// for layer l, k-tile kt, n-tile nt and lane, one 16-byte entry (b0_hi, b1_hi, b0_lo, b1_lo), so a lane
+// fetches a B fragment pair of 3xTF32 with one LDS.128. 43 KB for the default features.
+#pragma once
+#include <type_traits>
+
+#include "cuda/device_math.h"
+#include "cuda/forward_body.h"
+#include "cuda/kernel_args.h"
+#include "cuda/mma_tf32.h"
+#include "input_features.h"
+#include "lstm_cell.h"
+
+namespace l2l_fast {
+namespace cuda {
+
+// The net the mma kernel is compiled for, and its shared-memory plan (in floats).
+struct MmaNet {
+  static constexpr int kH = 20, kLayers = 2;
+  static constexpr int kUnits = kH / 4;        // units per thread: 4p + tig, p < kUnits
+  static constexpr int kNTiles = 4 * kH / 8;    // 10
+  static constexpr int kMaxInputs = 4;          // first-layer inputs: slot 5's four columns tig
+  static constexpr int kKTiles0 = 3, kKTiles1 = 5;  // layer 0: slots 0 .. 5; layer 1: slots 0 .. 9
+  static constexpr int kKTilesOut = 3;          // slots 0 .. 4 (and 5, zero) of the top layer's h
+  static constexpr int kEntry = 4;              // floats per (k-tile, n-tile, lane): b0_hi, b1_hi, b0_lo, b1_lo
+  static constexpr int64_t kLayer1Offset = int64_t(kKTiles0) * kNTiles * 32 * kEntry;
+  static constexpr int64_t kOutOffset = kLayer1Offset + int64_t(kKTiles1) * kNTiles * 32 * kEntry;
+  static constexpr int64_t kBiasOffset = kOutOffset + int64_t(kKTilesOut) * 32 * kEntry;  // [l][u][4], as packed
+  static constexpr int64_t kSize = kBiasOffset + int64_t(kLayers) * kH * 4;
+  static constexpr int64_t kSmemBytes = kSize * int64_t(sizeof(float));
+  L2L_HD static constexpr int k_tiles(int l) { return l == 0 ? kKTiles0 : kKTiles1; }
+  L2L_HD static constexpr int64_t layer_offset(int l) { return l == 0 ? 0 : kLayer1Offset; }
+};
+static_assert(kMaxFeatureInputs <= MmaNet::kMaxInputs, "features wider than slot 5's four columns");
+
+// Whether the mma kernel computes this net (else the FFMA kernel does).
+L2L_HD bool mma_supports(const PackedLayout& layout) {
+  return layout.hidden == MmaNet::kH && layout.layers == MmaNet::kLayers && layout.inputs <= MmaNet::kMaxInputs;
+}
+
+// Coordinates per m-tile and m-tiles per warp: two keep every B fragment load feeding 6 mma.
+constexpr int kMmaRows = 16;
+constexpr int kMmaTiles = 2;
+
+// The weight in column c of k-tile kt (B's row) and column n of n-tile nt of layer l's B = W^T, from the
+// packed weights w (lstm_layout.h); 0 for the padding.
+L2L_HD float mma_layer_weight(const float* w, const PackedLayout& lay, int l, int kt, int c, int nt, int n) {
+  const int tig = c % 4, s = 2 * kt + c / 4;
+  const int u = 4 * (nt / 2) + n / 2, gate = n % 2 + 2 * (nt % 2);
+  const int I = lay.input_size(l), K = lay.k_size(l);
+  int k;  // the layer input (lstm_layout.h's order: the layer's inputs, then its own h)
+  if (l == 0) {
+    if (s < MmaNet::kUnits) k = I + 4 * s + tig;
+    else if (tig < I) k = tig;  // slot 5: the features
+    else return 0.0f;
+  } else {
+    k = s < MmaNet::kUnits ? 4 * s + tig : I + 4 * (s - MmaNet::kUnits) + tig;
+  }
+  return w[lay.layer_offset(l) + (int64_t(u) * K + k) * 4 + gate];
+}
+
+// The output weight of column c of k-tile kt (every n column holds the same).
+L2L_HD float mma_out_weight(const float* w, const PackedLayout& lay, int kt, int c) {
+  const int s = 2 * kt + c / 4;
+  return s < MmaNet::kUnits ? w[lay.out_weight_offset() + 4 * s + c % 4] : 0.0f;
+}
+
+L2L_HD void store_entry(float* e, float w0, float w1) {
+  const Tf32Split s0 = split_tf32(w0), s1 = split_tf32(w1);
+  e[0] = s0.hi;
+  e[1] = s1.hi;
+  e[2] = s0.lo;
+  e[3] = s1.lo;
+}
+
+// Regroups the packed weights (global memory) into the B fragments in shared memory; every thread of the
+// block calls it (it ends with a barrier).
+template <class Ctx>
+L2L_DEVICE void stage_mma_weights(const Ctx& ctx, const float* w, const PackedLayout& lay, float* smem) {
+  for (int l = 0; l < MmaNet::kLayers; ++l) {
+    const int entries = MmaNet::k_tiles(l) * MmaNet::kNTiles * 32;
+    for (int e = ctx.thread(); e < entries; e += ctx.threads()) {
+      const int lane = e % 32, nt = (e / 32) % MmaNet::kNTiles, kt = e / (32 * MmaNet::kNTiles);
+      const int g = lane / 4, tig = lane % 4;
+      store_entry(smem + MmaNet::layer_offset(l) + int64_t(e) * MmaNet::kEntry,
+                  mma_layer_weight(w, lay, l, kt, tig, nt, g), mma_layer_weight(w, lay, l, kt, tig + 4, nt, g));
+    }
+  }
+  for (int e = ctx.thread(); e < MmaNet::kKTilesOut * 32; e += ctx.threads()) {
+    const int lane = e % 32, kt = e / 32, tig = lane % 4;
+    store_entry(smem + MmaNet::kOutOffset + int64_t(e) * MmaNet::kEntry, mma_out_weight(w, lay, kt, tig),
+                mma_out_weight(w, lay, kt, tig + 4));
+  }
+  for (int l = 0; l < MmaNet::kLayers; ++l)
+    for (int q = ctx.thread(); q < MmaNet::kH * 4; q += ctx.threads())
+      smem[MmaNet::kBiasOffset + l * MmaNet::kH * 4 + q] = w[lay.bias_offset(l) + q];
+  ctx.sync();
+}
+
+// B fragments (hi, lo) of one 16-byte entry.
+struct FragB2 {
+  FragB hi, lo;
+};
+
+L2L_DEVICE FragB2 load_frag_b(const float* e) {
+  const Quad<float> q = load_quad(e);
+  return FragB2{{{q.v[0], q.v[1]}}, {{q.v[2], q.v[3]}}};
+}
+
+// A fragment of k-tile kt from a thread's slot values x[row][slot] (row 0: groupID, 1: groupID + 8), split.
+template <int Slots>
+L2L_DEVICE void split_a(const float (&x)[2][Slots], int kt, FragA& hi, FragA& lo) {
+  const float v[4] = {x[0][2 * kt], x[1][2 * kt], x[0][2 * kt + 1], x[1][2 * kt + 1]};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const Tf32Split s = split_tf32(v[i]);
+    hi.v[i] = s.hi;
+    lo.v[i] = s.lo;
+  }
+}
+
+// What a thread knows of one of its coordinates.
+struct MmaRow {
+  int64_t c;      // state column
+  bool valid;     // c < end
+  bool active;    // valid and a finite gradient: the coordinate is stepped
+  float poison;   // 0, or NaN when a weight or a value the thread read of it is not finite
+};
+
+// One LSTM layer for the warp's kMmaTiles x 16 coordinates: gates on tensor cores from the slot values x
+// (row, slot), then the cell update of the thread's units; h_out[m][row][p] = new h of unit 4p + tig.
+template <int KT, typename S, class Ctx>
+L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int l,
+                          const float (&x)[kMmaTiles][2][2 * KT], MmaRow (&rows)[kMmaTiles][2],
+                          float (&h_out)[kMmaTiles][2][MmaNet::kUnits]) {
+  const int lane = ctx.lane(), tig = lane % 4;
+  const PackedLayout& lay = a.net.layout;
+  const int64_t cols = a.columns;
+  FragA a_hi[kMmaTiles][KT], a_lo[kMmaTiles][KT];
+#pragma unroll
+  for (int m = 0; m < kMmaTiles; ++m)
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) split_a(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
+  const float* w_l = sw + MmaNet::layer_offset(l);
+  // not unrolled, like the FFMA kernel's unit loop: its body is the hot code
+#pragma unroll 1
+  for (int p = 0; p < MmaNet::kUnits; ++p) {
+    const int u = 4 * p + tig;
+    const Quad<float> bias = load_quad(sw + MmaNet::kBiasOffset + (l * MmaNet::kH + u) * 4);
+    FragA z_if[kMmaTiles], z_go[kMmaTiles];  // tiles 2p (i, f) and 2p + 1 (g, o)
+#pragma unroll
+    for (int m = 0; m < kMmaTiles; ++m) {
+      z_if[m] = FragA{{bias.v[0], bias.v[1], bias.v[0], bias.v[1]}};
+      z_go[m] = FragA{{bias.v[2], bias.v[3], bias.v[2], bias.v[3]}};
+    }
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+      const FragB2 b_if = load_frag_b(w_l + ((kt * MmaNet::kNTiles + 2 * p) * 32 + lane) * MmaNet::kEntry);
+      const FragB2 b_go = load_frag_b(w_l + ((kt * MmaNet::kNTiles + 2 * p + 1) * 32 + lane) * MmaNet::kEntry);
+#pragma unroll
+      for (int m = 0; m < kMmaTiles; ++m) {
+        mma_3xtf32(ctx, z_if[m], a_hi[m][kt], a_lo[m][kt], b_if.hi, b_if.lo);
+        mma_3xtf32(ctx, z_go[m], a_hi[m][kt], a_lo[m][kt], b_go.hi, b_go.lo);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMmaTiles; ++m)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        MmaRow& row = rows[m][r];
+        float c_old = 0.0f;
+        if (row.active) {
+          c_old = load_value<float>(a.state + state_row(lay, l, 1, u) * cols + row.c);
+          row.poison += c_old - c_old;
+        }
+        float i, f, g, o, c_new, tanh_c, h;
+        cell_forward<Activations<float>>(z_if[m].v[2 * r], z_if[m].v[2 * r + 1], z_go[m].v[2 * r],
+                                         z_go[m].v[2 * r + 1], c_old, i, f, g, o, c_new, tanh_c, h);
+        // h_out[m][r][p] with p a loop variable would put h_out in local memory: a select per slot
+#pragma unroll
+        for (int q = 0; q < MmaNet::kUnits; ++q) h_out[m][r][q] = q == p ? h : h_out[m][r][q];
+        if (row.active) {
+          store_value(a.new_state + state_row(lay, l, 0, u) * cols + row.c, h);
+          store_value(a.new_state + state_row(lay, l, 1, u) * cols + row.c, c_new);
+        }
+      }
+  }
+}
+
+// Old h of the thread's units of layer l into slots [first, first + 5) of x (0 for rows not stepped).
+template <int Slots, typename S>
+L2L_DEVICE void load_old_h(const ForwardArgs<float, S>& a, int l, int tig, int first, MmaRow (&rows)[2],
+                           float (&x)[2][Slots]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int p = 0; p < MmaNet::kUnits; ++p) {
+      float v = 0.0f;
+      if (rows[r].active) {
+        v = load_value<float>(a.state + state_row(a.net.layout, l, 0, 4 * p + tig) * a.columns + rows[r].c);
+        rows[r].poison += v - v;
+      }
+      x[r][first + p] = v;
+    }
+}
+
+// The moments of coordinate c the features read: this step's (lstm_step), or advanced with g (the in-place
+// steps, which store them back at the end of the tile: stored here, they could reach another lane of the
+// coordinate before that lane has read the old ones).
+template <typename S>
+L2L_DEVICE CoordinateInputs<float> step_moments(const ForwardArgs<float, S>& a, int64_t c, float g) {
+  CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f};
+  load_moments(a.moments, a.columns, c, in);
+  if (a.new_moments) advance_moments<ScalarMath<float>>(in, a.net.features);
+  return in;
+}
+
+// The first layer's inputs of one coordinate (features of the finite gradient g): column tig of slot 5.
+template <uint32_t Features, typename S>
+L2L_DEVICE float feature_slot(const ForwardArgs<float, S>& a, int tig, MmaRow& row, float g) {
+  CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f};
+  if (reads_moments(Features)) {
+    in = step_moments(a, row.c, g);
+    row.poison += moments_poison(in);
+  }
+  float x[MmaNet::kMaxInputs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  compute_features<ScalarMath<float>>(Features, in, a.net.features, x);
+  float v = 0.0f;  // x[tig] without a dynamically indexed (local-memory) array
+#pragma unroll
+  for (int k = 0; k < input_width(Features); ++k) v = tig == k ? x[k] : v;
+  return v;
+}
+
+// The state cells a thread owns of coordinate c: fn(row index) for h and c of its units of every layer.
+template <typename Fn>
+L2L_DEVICE void for_own_cells(const PackedLayout& lay, int tig, Fn&& fn) {
+#pragma unroll
+  for (int l = 0; l < MmaNet::kLayers; ++l)
+#pragma unroll
+    for (int which = 0; which < 2; ++which)
+#pragma unroll
+      for (int p = 0; p < MmaNet::kUnits; ++p) fn(state_row(lay, l, which, 4 * p + tig));
+}
+
+// The step of the warp's coordinates [base, base + kMmaTiles * 16) (those below a.end).
+template <uint32_t Features, typename S, class Ctx>
+L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int64_t base) {
+  const int lane = ctx.lane(), tig = lane % 4, group = lane / 4;
+  const PackedLayout& lay = a.net.layout;
+  const int64_t cols = a.columns;
+  const float weight_poison = a.net.weights[lay.poison_offset()];
+  MmaRow rows[kMmaTiles][2];
+  float grads[kMmaTiles][2];
+  float x0[kMmaTiles][2][2 * MmaNet::kKTiles0];
+#pragma unroll
+  for (int m = 0; m < kMmaTiles; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      MmaRow& row = rows[m][r];
+      row.c = base + m * kMmaRows + group + 8 * r;
+      row.valid = row.c < a.end;
+      row.poison = weight_poison;
+      grads[m][r] = 0.0f;
+      if (row.valid) {
+        const TensorSlot& slot = a.slots[find_slot(a, row.c)];
+        grads[m][r] = load_elem<float>(slot.grad, slot.grad_type, row.c - slot.begin);
+      }
+      row.active = row.valid && is_finite(grads[m][r]);
+      x0[m][r][MmaNet::kUnits] = row.active ? feature_slot<Features>(a, tig, row, grads[m][r]) : 0.0f;
+    }
+#pragma unroll
+  for (int m = 0; m < kMmaTiles; ++m) load_old_h(a, 0, tig, 0, rows[m], x0[m]);
+  float h0[kMmaTiles][2][MmaNet::kUnits] = {};
+  mma_layer<MmaNet::kKTiles0>(ctx, a, sw, 0, x0, rows, h0);
+
+  float x1[kMmaTiles][2][2 * MmaNet::kKTiles1];
+#pragma unroll
+  for (int m = 0; m < kMmaTiles; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int p = 0; p < MmaNet::kUnits; ++p) x1[m][r][p] = h0[m][r][p];
+    load_old_h(a, 1, tig, MmaNet::kUnits, rows[m], x1[m]);
+  }
+  float h1[kMmaTiles][2][MmaNet::kUnits] = {};
+  mma_layer<MmaNet::kKTiles1>(ctx, a, sw, 1, x1, rows, h1);
+
+  // y = out_w . h1 + out_b, the poison of every thread of the coordinate added on the way
+  FragA y[kMmaTiles];
+  const float out_b = a.net.weights[lay.out_bias_offset()];
+#pragma unroll
+  for (int m = 0; m < kMmaTiles; ++m) {
+    float xo[2][2 * MmaNet::kKTilesOut];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int p = 0; p < MmaNet::kUnits; ++p) xo[r][p] = h1[m][r][p] + rows[m][r].poison;
+      xo[r][MmaNet::kUnits] = rows[m][r].poison;
+    }
+    y[m] = FragA{{out_b, out_b, out_b, out_b}};
+#pragma unroll
+    for (int kt = 0; kt < MmaNet::kKTilesOut; ++kt) {
+      FragA hi, lo;
+      split_a(xo, kt, hi, lo);
+      const FragB2 b = load_frag_b(sw + MmaNet::kOutOffset + (kt * 32 + lane) * MmaNet::kEntry);
+      mma_3xtf32(ctx, y[m], hi, lo, b.hi, b.lo);
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < kMmaTiles; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const MmaRow& row = rows[m][r];
+      if (!row.valid) continue;
+      if (!row.active) {  // the documented policy (rule 1): no update, state and moments kept bit for bit
+        if (tig == 0 && a.update) a.update[row.c] = 0.0f;
+        if (a.new_state != a.state)
+          for_own_cells(lay, tig, [&](int64_t q) { a.new_state[q * cols + row.c] = a.state[q * cols + row.c]; });
+        continue;
+      }
+      const float out = y[m].v[2 * r];
+      const float poison = row.poison + (out - out);
+      float update = update_of(a.net, out);
+      if (poison != poison) {  // poisoned: NaN update and new state
+        update = poison;
+        for_own_cells(lay, tig, [&](int64_t q) { store_value(a.new_state + q * cols + row.c, poison); });
+      }
+      if (tig == 0) {  // the coordinate's values, by one of its four lanes (after every lane read them)
+        if (a.update) a.update[row.c] = update;
+        const TensorSlot& slot = a.slots[find_slot(a, row.c)];
+        const int64_t j = row.c - slot.begin;
+        if (slot.param) store_elem(slot.param, slot.param_type, j, load_elem<float>(slot.param, slot.param_type, j) + update);
+        if (reads_moments(Features) && a.new_moments)
+          store_moments(a.new_moments, cols, row.c, step_moments(a, row.c, load_elem<float>(slot.grad, slot.grad_type, j)));
+      }
+    }
+}
+
+// One block's share of the launch: the weights regrouped into shared memory, then its warps walk tiles of
+// kMmaTiles x 16 consecutive columns, grid-stride. Control flow is uniform over each warp (mma.sync).
+template <uint32_t Features, typename S, class Ctx>
+L2L_DEVICE void forward_mma_block(const Ctx& ctx, const ForwardArgs<float, S>& a, unsigned char* smem) {
+  float* sw = reinterpret_cast<float*>(smem);
+  stage_mma_weights(ctx, a.net.weights, a.net.layout, sw);
+  const int64_t tile = int64_t(kMmaTiles) * kMmaRows;
+  const int warps = ctx.threads() / 32;
+  const int64_t step = int64_t(ctx.blocks()) * warps * tile;
+  for (int64_t base = a.begin + (int64_t(ctx.block()) * warps + ctx.thread() / 32) * tile; base < a.end; base += step)
+    forward_mma_tile<Features>(ctx, a, sw, base);
+}
+
+// Calls fn(std::integral_constant<uint32_t, mask>) for the feature masks the mma kernel is compiled for
+// (every mask of at most kMaxInputs inputs); false for any other.
+template <typename Fn>
+bool dispatch_mma_features(uint32_t mask, Fn&& fn) {
+  static_assert(kAllFeatures == 3, "a new feature: add its masks here");
+  switch (mask) {
+    case 1: fn(std::integral_constant<uint32_t, 1>{}); return true;
+    case 2: fn(std::integral_constant<uint32_t, 2>{}); return true;
+    case 3: fn(std::integral_constant<uint32_t, 3>{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace cuda
+}  // namespace l2l_fast

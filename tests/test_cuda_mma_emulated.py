@@ -1,0 +1,259 @@
+"""The tensor-core forward (csrc/cuda/forward_mma_body.h, L2L_FAST_CUDA_GATES=mma) on CPU threads.
+
+Two parts: the CPU model of mma.m16n8k8 TF32 itself (tests/cuda_emulation/warp_mma.h: the PTX fragment
+layouts, cvt.rna.tf32 bit for bit, the 3xTF32 error bound of csrc/cuda/mma_tf32.h), then the kernel body run
+through that model against the float64 reference on sizes that are not multiples of the 16-coordinate m-tiles
+or the 32-coordinate warp tiles, both state dtypes, every feature set and output kind, NaN/Inf per the README's
+policy. Tolerances: tests/tolerances.py's float32 table, unchanged (mma_tf32.h's error analysis: 3xTF32 adds
+at most 7.2e-7 of sum |w x| per gate, and its extra roundings stay an order below that table).
+Runs with L2L_FAST_CUDA_EMULATION=1, like test_cuda_emulated.py; tests/test_cuda.py runs the kernel on a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import cuda_cases as cases
+from conftest import FEATURE_SETS, feature_id
+from l2l_fast import features as registry
+
+if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
+    pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
+                allow_module_level=True)
+
+MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
+
+
+# The fragment layouts of mma.m16n8k8 with .tf32 operands, as the PTX ISA states them (lane = 4 groupID + tig),
+# written here independently of warp_mma.h's MmaLayout: (row, col) of element i of a lane's fragment.
+def a_at(lane, i):
+    return lane // 4 + 8 * (i % 2), lane % 4 + 4 * (i // 2)
+
+
+def b_at(lane, i):
+    return lane % 4 + 4 * i, lane // 4  # (k, n)
+
+
+def c_at(lane, i):
+    return lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2
+
+
+def to_fragments(a, b, c, a_layout=a_at):
+    fa = torch.tensor([[a[a_layout(lane, i)] for i in range(4)] for lane in range(32)], dtype=torch.float32)
+    fb = torch.tensor([[b[b_at(lane, i)] for i in range(2)] for lane in range(32)], dtype=torch.float32)
+    fc = torch.tensor([[c[c_at(lane, i)] for i in range(4)] for lane in range(32)], dtype=torch.float32)
+    return fa, fb, fc
+
+
+def from_fragments(d):
+    out = torch.empty(16, 8, dtype=d.dtype)
+    for lane in range(32):
+        for i in range(4):
+            out[c_at(lane, i)] = d[lane, i]
+    return out
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cases.emulation_module()
+
+
+@pytest.fixture
+def impl(emu, monkeypatch):
+    """The ops with L2L_FAST_CUDA_GATES=mma, emulated blocks of 2 warps, at most 3 blocks (grid-stride loops)."""
+    monkeypatch.setenv("L2L_FAST_CUDA_GATES", "mma")
+    emu.configure(forward_threads=32, forward_blocks=3, backward_blocks=3, smem_limit=227 * 1024,
+                  forward_smem_limit=48 * 1024, mma_threads=64)
+    return cases.Impl("cpu", emu.lstm_step, emu.lstm_step_backward, emu.lstm_step_, emu.lstm_multi_step_)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model of the instruction
+def test_mma_layout_matches_ptx(emu, gen):
+    """One emulated mma against a plain matmul: every element of A, B and C distinct (small integers: TF32-exact,
+    and every sum exact in float32), so a lane or register mapped to the wrong row or column changes D."""
+    a = (torch.randperm(128, generator=gen) + 1).view(16, 8).double()
+    b = (torch.randperm(64, generator=gen) + 1).view(8, 8).double()
+    c = (torch.randperm(128, generator=gen) * 1000).view(16, 8).double()
+    d = from_fragments(emu.warp_mma(*to_fragments(a, b, c))).double()
+    assert torch.equal(d, c + a @ b)
+
+
+def test_mma_layout_check_catches_a_swap(emu, gen):
+    """The check above has teeth: a0 / a2 swapped (columns tig and tig + 4) gives another D."""
+    a = (torch.randperm(128, generator=gen) + 1).view(16, 8).double()
+    b = (torch.randperm(64, generator=gen) + 1).view(8, 8).double()
+    c = torch.zeros(16, 8, dtype=torch.float64)
+
+    def swapped(lane, i):
+        return a_at(lane, {0: 2, 2: 0}.get(i, i))
+
+    d = from_fragments(emu.warp_mma(*to_fragments(a, b, c, a_layout=swapped))).double()
+    assert not torch.equal(d, c + a @ b)
+
+
+def rna_tf32_reference(x: torch.Tensor) -> torch.Tensor:
+    """cvt.rna.tf32.f32 by its definition, on finite float32 below 2^127: of the two TF32 neighbours of x (13 low
+    bits cleared, and one TF32 ulp further from zero) the nearer one in float64, ties away from zero."""
+    bits = x.view(torch.int32).long() & 0xFFFFFFFF
+    low = (bits & ~0x1FFF).to(torch.int64)
+    high = low + 0x2000  # same sign, one TF32 ulp larger in magnitude (may carry into the exponent)
+
+    def as_float(b):
+        return (b & 0xFFFFFFFF).to(torch.int64).to(torch.int32).view(torch.float32).double()
+
+    lo, hi, xd = as_float(low), as_float(high), x.double()
+    take_high = (hi - xd).abs() <= (xd - lo).abs()  # <=: the tie goes to the larger magnitude
+    return torch.where(take_high, hi, lo).float()
+
+
+def test_round_tf32_is_cvt_rna(emu, gen):
+    """mma_tf32.h's host rounding, bit for bit: random values over the whole exponent range, exact ties (low 13
+    bits 0x1000, both signs), one below and above them, subnormals; the edges with their known results."""
+    mant = torch.randint(0, 1 << 23, (20000,), generator=gen)
+    expo = torch.randint(0, 254, (20000,), generator=gen)
+    sign = torch.randint(0, 2, (20000,), generator=gen)
+    bits = (sign << 31) | (expo << 23) | mant
+    ties = (bits & ~0x1FFF) | 0x1000
+    bits = torch.cat([bits, ties, ties - 1, ties + 1])
+    x = (bits & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    got = emu.round_tf32(x)
+    assert torch.equal(got.view(torch.int32), rna_tf32_reference(x).view(torch.int32))
+    edge = torch.tensor([0.0, -0.0, math.inf, -math.inf, 3.4028234663852886e38, -3.4028234663852886e38, 1.0,
+                         1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11], dtype=torch.float32)
+    want = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.inf, -math.inf, 1.0, 1.0 + 2.0**-10,
+                         1.0 + 2.0**-9], dtype=torch.float32)
+    assert torch.equal(emu.round_tf32(edge).view(torch.int32), want.view(torch.int32))
+    assert torch.isnan(emu.round_tf32(torch.tensor([math.nan]))).all()
+
+
+@pytest.mark.parametrize("spread", [0, 8], ids=["unit-range", "wide-range"])
+def test_3xtf32_error_bound(emu, gen, spread):
+    """mma_3xtf32 (kernel code) on float32 operands against float64, within mma_tf32.h's bound
+    (3.01 * 2^-22 + 25 * 2^-24) * sum_k |a_k b_k| (24 float32 additions of the model); one plain TF32 mma, as a
+    control, is not."""
+    bound_rel = 3.01 * 2.0**-22 + 25 * 2.0**-24
+    worst_3x, worst_1x = 0.0, 0.0
+    for _ in range(20):
+        a = (torch.randn(16, 8, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-spread, spread + 1, (16, 8), generator=gen)).float()
+        b = (torch.randn(8, 8, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-spread, spread + 1, (8, 8), generator=gen)).float()
+        c = torch.zeros(16, 8)
+        exact = a.double() @ b.double()
+        scale = a.double().abs() @ b.double().abs()
+        for split3 in (True, False):
+            d = from_fragments(emu.warp_mma(*to_fragments(a, b, c), split3=split3)).double()
+            ratio = ((d - exact).abs() / scale).max().item()
+            if split3:
+                worst_3x = max(worst_3x, ratio)
+            else:
+                worst_1x = max(worst_1x, ratio)
+    assert worst_3x <= bound_rel, f"3xTF32 error {worst_3x:.3g} of sum|ab| > bound {bound_rel:.3g}"
+    assert worst_1x > 10 * bound_rel, f"control: plain TF32 error {worst_1x:.3g} should exceed the bound"
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["f32"])
+@pytest.mark.parametrize("n", [1, 7, 33, 301], ids=lambda n: f"n{n}")
+def test_forward_matches_reference(impl, emu, gen, n, dtype):
+    """lstm_step through the mma kernel (the backward stays FFMA); n = 301 takes several warp tiles per warp."""
+    before = emu.mma_launches()
+    cases.check_forward_backward(impl, n, 20, 2, dtype, gen, non_finite=True)
+    assert emu.mma_launches() > before, "the mma kernel did not run"
+
+
+@pytest.mark.parametrize("output", [0, 1], ids=["linear", "tanh"])
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
+def test_features_and_outputs(impl, emu, gen, features, output):
+    """Every feature set (the moments read, advanced in place and stored by one lane of four) and output kind:
+    forward, in-place step and the multi-tensor step with a float32 state."""
+    before = emu.mma_launches()
+    cases.check_forward_backward(impl, 45, 20, 2, torch.float32, gen, non_finite=True, features=features,
+                                 output=output)
+    cases.check_step_inplace(impl, 37, 20, 2, torch.float32, gen, features=features, output=output)
+    cases.check_multi_step(impl, [7, 0, 40], [torch.float32], 20, 2, gen, weight_dtype=torch.float32,
+                           state_dtype=torch.float32, features=features, output=output)
+    assert emu.mma_launches() >= before + 3
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
+def test_step_inplace(impl, gen, non_contiguous):
+    cases.check_step_inplace(impl, 97, 20, 2, torch.float32, gen, non_contiguous=non_contiguous)
+
+
+@pytest.mark.parametrize("features", [1, *MOMENT_SETS], ids=feature_id)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32-state", "bf16-state"])
+def test_multi_step_state_dtypes(impl, gen, state_dtype, features):
+    sizes = [7, 0, 1, 130, 5, 17]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    cases.check_multi_step(impl, sizes, dtypes, 20, 2, gen, state_dtype=state_dtype, features=features, output=1)
+
+
+def test_multi_step_matches_single_tensor_steps(impl, gen):
+    cases.check_multi_matches_single(impl, [5, 1, 77, 0, 32, 3], 20, 2, gen)
+
+
+def test_bf16_state_trajectory(impl, gen):
+    cases.check_bf16_trajectory(impl, 200, 20, 2, gen, steps=4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nonfinite_policy(impl, seed):
+    """README "Non-finite values" with the mma kernel: a NaN/Inf state value or weight reaches the other three
+    lanes of its coordinate through the output product; non-finite gradients keep their state bit for bit."""
+    from test_nonfinite_policy import assert_same_pattern, make_inputs
+    from l2l_fast import reference
+    from tolerances import assert_elementwise_close
+
+    pr = dict(n=40 + 3 * seed, hidden=20, layers=2, bad_grads=3, bad_states=4 + seed, bad_moments=0,
+              bad_weight=[None, math.nan, None, math.inf][seed], kind="random", features=1, output=0, seed=seed)
+    grad, state, weights, _, _, _ = make_inputs(pr, torch.float32)
+    update, new_state = impl.lstm_step(grad, state, weights, 10.0, 0.1, 1)
+    ref_update, ref_state = reference.lstm_step(grad.double(), state.double(), [w.double() for w in weights], 10.0, 0.1)
+    for name, a, e in (("update", update, ref_update), ("new_state", new_state, ref_state)):
+        fa, fe, _ = assert_same_pattern(a, e, name)
+        assert_elementwise_close(fa, fe, torch.float32, name)
+    param, s_got = torch.zeros_like(grad), state.clone()
+    p_ref, s_ref = param.double().clone(), state.double().clone()
+    reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1)
+    impl.lstm_step_(param, grad, s_got, weights, 10.0, 0.1, 1)
+    assert_same_pattern(param, p_ref, "param")
+    assert_same_pattern(s_got, s_ref, "state")
+    s16 = state.to(torch.bfloat16)
+    s16_ref, s16_got = s16.clone(), s16.clone()
+    p_ref, p_got = torch.zeros_like(grad), torch.zeros_like(grad)
+    sizes = [pr["n"] // 2, pr["n"] - pr["n"] // 2]
+    reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s16_ref, weights, 10.0, 0.1)
+    impl.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s16_got, weights, 10.0, 0.1, 1)
+    assert_same_pattern(p_got, p_ref, "param")
+    assert_same_pattern(s16_got, s16_ref, "bf16 state")
+
+
+@pytest.mark.parametrize("features", MOMENT_SETS, ids=feature_id)
+def test_nonfinite_moments(impl, gen, features):
+    cases.check_nonfinite_moments(impl, 40, 20, 2, torch.float32, gen, features=features, output=1)
+
+
+def test_other_nets_fall_back_to_ffma(impl, emu, gen):
+    """mma covers hidden 20, 2 layers in float32 only: other sizes and float64 run the FFMA kernel, correctly."""
+    before = emu.mma_launches()
+    cases.check_forward_backward(impl, 40, 3, 2, torch.float32, gen)
+    cases.check_forward_backward(impl, 40, 20, 2, torch.float64, gen)
+    assert emu.mma_launches() == before
+
+
+def test_gates_variable_checked(impl, gen, monkeypatch):
+    grad, state, weights, _, _ = cases.inputs(9, 20, 2, torch.float32, gen)
+    monkeypatch.setenv("L2L_FAST_CUDA_GATES", "tensorcores")
+    with pytest.raises(ValueError, match="L2L_FAST_CUDA_GATES"):
+        impl.lstm_step(grad, state, weights, 10.0, 0.1)
+
+
+def test_one_warp_per_block(impl, emu, gen):
+    """Blocks of one warp (the shared-memory staging loop then takes more rounds per thread)."""
+    emu.configure(forward_threads=32, forward_blocks=2, backward_blocks=3, smem_limit=227 * 1024,
+                  forward_smem_limit=48 * 1024, mma_threads=32)
+    cases.check_step_inplace(impl, 70, 20, 2, torch.float32, gen)
