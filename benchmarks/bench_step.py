@@ -5,7 +5,8 @@ For every N, in one run and one process, with the same weights and thread count:
                (``reference.lstm_step`` under no_grad, then param += update, state copied), torch.compile of
                that reference step, torch.optim.Adam (foreach; fused where the device supports it), step only;
                on CUDA also torch.optim.AdamW(fused=True) and the optimizer's multi-tensor step
-               (``lstm_multi_step_`` with one tensor) with float32 and with bfloat16 state.
+               (``lstm_multi_step_`` with one tensor) with float32 and with bfloat16 state; with ``--gates ffma mma mma16``
+               the fused step rows once per gate kernel (L2L_FAST_CUDA_GATES, csrc/cuda/gate_variant.h).
   fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
                torch.autograd.grad to the weights and the state with random output gradients), the same through
                the eager reference and through torch.compile of the reference.
@@ -19,6 +20,7 @@ torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x ra
   python benchmarks/bench_step.py --threads 2                   # CPU, N = 1e4 1e5 1e6
   python benchmarks/bench_step.py --sizes 1e5 --markdown
   python benchmarks/bench_step.py --device cuda                 # N = 1e6 1e7 1e8
+  python benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --no-compile   # the CUDA gate kernels
 """
 from __future__ import annotations
 
@@ -158,6 +160,7 @@ class Row:
     counts_flops: bool = True   # False for Adam: the LSTM FLOP limit says nothing about it
     baseline: bool = False
     warmup_calls: int = 1
+    gates: str | None = None    # L2L_FAST_CUDA_GATES while the row is built, warmed up and timed
     compiled: bool = False      # report the (untimed) compile + warm-up time in the note
     seconds: float | None = None
     iqr: float | None = None    # interquartile range of the per-call times: the spread behind the median
@@ -176,19 +179,25 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     step_bytes = machine.bytes_per_coord(hidden, layers, "step")
     fwdbwd_bytes = machine.bytes_per_coord(hidden, layers, "fwdbwd")
     fused = "fused" if args.backend == "native" else "fused [reference backend: harness smoke test]"
+    gate_rows = []  # the fused step rows, once per gate kernel asked for (CUDA)
+    for gates in (args.gates if device == "cuda" else ["ffma"]):
+        tag = "" if gates == "ffma" else f" [{gates}]"
+        gate_rows.append(Row(f"{fused} step_{tag}", "step", lambda: step_fn(fused_net_or_skip(), n), step_bytes,
+                             gates=gates))
+        if device == "cuda":
+            bf16_bytes = machine.bytes_per_coord(hidden, layers, "step", state_element_size=2)
+            gate_rows += [Row(f"{fused} multi_step_, fp32 state{tag}", "step",
+                              lambda: multi_step_fn(fused_net_or_skip(), n), step_bytes, gates=gates),
+                          Row(f"{fused} multi_step_, bf16 state{tag}", "step",
+                              lambda: multi_step_fn(fused_net_or_skip(), n, torch.bfloat16), bf16_bytes, gates=gates)]
     rows = [
-        Row(f"{fused} step_", "step", lambda: step_fn(fused_net_or_skip(), n), step_bytes),
+        gate_rows[0],
         Row("eager reference step", "step", lambda: step_fn(ref_net, n), step_bytes, baseline=True),
     ]
     if not args.no_compile:
         rows.append(Row("torch.compile(reference) step", "step", lambda: compiled_step_fn(ref_net, n), step_bytes,
                         warmup_calls=2, compiled=True))
-    if device == "cuda":
-        bf16_bytes = machine.bytes_per_coord(hidden, layers, "step", state_element_size=2)
-        rows += [Row(f"{fused} multi_step_, fp32 state", "step", lambda: multi_step_fn(fused_net_or_skip(), n),
-                     step_bytes),
-                 Row(f"{fused} multi_step_, bf16 state", "step",
-                     lambda: multi_step_fn(fused_net_or_skip(), n, torch.bfloat16), bf16_bytes)]
+    rows += gate_rows[1:]
     rows += [
         Row("torch.optim.Adam(foreach=True) step", "step", lambda: adam_fn(n, device, foreach=True),
             machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2),
@@ -217,6 +226,9 @@ def _short(error: BaseException) -> str:
 def measure(row: Row, args) -> None:
     """Build, warm up (compile time reported, not timed), time; failures become the row's note."""
     fn = None
+    saved_gates = os.environ.get("L2L_FAST_CUDA_GATES")
+    if row.gates is not None:
+        os.environ["L2L_FAST_CUDA_GATES"] = row.gates
     try:
         start = time.perf_counter()
         fn = row.build()
@@ -233,6 +245,10 @@ def measure(row: Row, args) -> None:
     except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
         row.note = f"n/a: {_short(error)}"
     finally:
+        if saved_gates is None:
+            os.environ.pop("L2L_FAST_CUDA_GATES", None)
+        else:
+            os.environ["L2L_FAST_CUDA_GATES"] = saved_gates
         del fn
         gc.collect()
         if args.device == "cuda":
@@ -337,6 +353,8 @@ def parse_args(argv=None):
                         help="backend of the fused rows; 'reference' only smoke-tests this script without _C")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--gates", choices=("ffma", "mma", "mma16"), nargs="+", default=["ffma"],
+                        help="CUDA: the gate kernels of the fused step rows (L2L_FAST_CUDA_GATES; default ffma)")
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [1e6, 1e7, 1e8] if args.device == "cuda" else [1e4, 1e5, 1e6]
@@ -403,6 +421,14 @@ def main(argv=None) -> None:
                      f"{sanity_check(min(args.sizes), fused_net, ref_net)} (<= {SANITY_ATOL})")
     if device == "cuda" and args.backend == "native" and device in ops.native_devices():
         lines.append(f"sanity   : {multi_step_sanity_check(min(args.sizes), fused_net)}")
+        for gates in args.gates:
+            if gates != "ffma":
+                os.environ["L2L_FAST_CUDA_GATES"] = gates
+                try:
+                    lines.append(f"sanity   : [{gates}] fused vs reference at N={min(args.sizes):,}, max |diff| "
+                                 f"{sanity_check(min(args.sizes), fused_net, ref_net)} (<= {SANITY_ATOL})")
+                finally:
+                    os.environ.pop("L2L_FAST_CUDA_GATES", None)
     print("\n".join(["```text"] + lines + ["```", ""] if args.markdown else lines + [""]), flush=True)
 
     for n in args.sizes:

@@ -245,6 +245,18 @@ def test_other_nets_fall_back_to_ffma(impl, emu, gen):
     assert emu.mma_launches() == before
 
 
+@pytest.mark.parametrize("features", [1, 3], ids=feature_id)
+def test_one_m_tile_per_warp(impl, emu, gen, monkeypatch, features):
+    """L2L_FAST_CUDA_GATES=mma16: the same body with one m-tile (16 coordinates) per warp."""
+    monkeypatch.setenv("L2L_FAST_CUDA_GATES", "mma16")
+    before = emu.mma_launches()
+    cases.check_forward_backward(impl, 41, 20, 2, torch.float32, gen, non_finite=True, features=features, output=1)
+    cases.check_step_inplace(impl, 37, 20, 2, torch.float32, gen, features=features)
+    cases.check_multi_step(impl, [7, 0, 1, 50], [torch.float32, torch.bfloat16], 20, 2, gen,
+                           state_dtype=torch.bfloat16, features=features)
+    assert emu.mma_launches() >= before + 3
+
+
 def test_gates_variable_checked(impl, gen, monkeypatch):
     grad, state, weights, _, _ = cases.inputs(9, 20, 2, torch.float32, gen)
     monkeypatch.setenv("L2L_FAST_CUDA_GATES", "tensorcores")

@@ -25,10 +25,10 @@ __global__ void __launch_bounds__(kForwardThreads) forward_kernel(const __grid_c
   forward_block(CudaCtx{}, args, dims, smem);
 }
 
-template <uint32_t Features, typename S>
+template <int Tiles, uint32_t Features, typename S>
 __global__ void __launch_bounds__(kForwardThreads) forward_mma_kernel(const __grid_constant__ ForwardArgs<float, S> args) {
   extern __shared__ __align__(16) unsigned char smem[];
-  forward_mma_block<Features>(CudaCtx{}, args, smem);
+  forward_mma_block<Tiles, Features>(CudaCtx{}, args, smem);
 }
 
 // Grid of the persistent kernels: occupancy x SMs blocks, no more than there are tiles.
@@ -45,12 +45,14 @@ bool launch_forward_mma(ForwardArgs<T, S>& a, const LaunchEnv& env) {
   if constexpr (!std::is_same_v<T, float>) {
     return false;
   } else {
-    if (requested_gates() != Gates::kMma || env.cc_major < 8 || !mma_supports(a.net.layout)) return false;
+    const Gates gates = requested_gates();
+    if (gates == Gates::kFfma || env.cc_major < 8 || !mma_supports(a.net.layout)) return false;
     a.weights_in_smem = 1;
     return dispatch_mma_features(a.net.layout.features, [&](auto features) {
-      auto kernel = forward_mma_kernel<decltype(features)::value, S>;
+      constexpr uint32_t F = decltype(features)::value;
+      auto kernel = mma_tiles(gates) == 1 ? forward_mma_kernel<1, F, S> : forward_mma_kernel<2, F, S>;
       const size_t smem = size_t(MmaNet::kSmemBytes);
-      const int64_t per_block = int64_t(kForwardThreads / 32) * kMmaTiles * kMmaRows;
+      const int64_t per_block = int64_t(kForwardThreads / 32) * mma_tiles(gates) * kMmaRows;
       const int grid = persistent_grid(kernel, smem, (a.end - a.begin + per_block - 1) / per_block, env);
       kernel<<<grid, kForwardThreads, smem, env.stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

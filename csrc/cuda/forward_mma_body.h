@@ -2,7 +2,7 @@
 // first-layer inputs <= 4): the body of forward_mma_kernel, written against an execution context with
 // a warp-wide ctx.mma_tf32 so that the CPU emulation (tests/cuda_emulation) runs this very code.
 //
-// A warp takes kMmaTiles m-tiles of 16 coordinates and computes each layer's gates as
+// A warp takes Tiles m-tiles of 16 coordinates (2: L2L_FAST_CUDA_GATES=mma, 1: mma16) and computes each layer's gates as
 //   Z[16 coords, 80] = X[16, K] W^T[K, 80] + bias       (mma.m16n8k8 TF32, 3xTF32 split: mma_tf32.h)
 // Fragment layouts (PTX ISA, mma.m16n8k8 with .tf32; lane = 4 groupID + tig, tig = threadID_in_group):
 //   A: a0 (row groupID, col tig), a1 (row groupID + 8, col tig), a2 (groupID, tig + 4), a3 (groupID + 8, tig + 4)
@@ -64,9 +64,10 @@ L2L_HD bool mma_supports(const PackedLayout& layout) {
   return layout.hidden == MmaNet::kH && layout.layers == MmaNet::kLayers && layout.inputs <= MmaNet::kMaxInputs;
 }
 
-// Coordinates per m-tile and m-tiles per warp: two keep every B fragment load feeding 6 mma.
+// Coordinates per m-tile. m-tiles per warp (Tiles): two make each B fragment load feed 6 mma and take 11%
+// fewer instructions per coordinate than one, but 168 registers (12 warps / SM) instead of 96 (20 warps):
+// both are built until a GPU says which is faster (NOTES.md).
 constexpr int kMmaRows = 16;
-constexpr int kMmaTiles = 2;
 
 // The weight in column c of k-tile kt (B's row) and column n of n-tile nt of layer l's B = W^T, from the
 // packed weights w (lstm_layout.h); 0 for the padding.
@@ -153,18 +154,18 @@ struct MmaRow {
   float poison;   // 0, or NaN when a weight or a value the thread read of it is not finite
 };
 
-// One LSTM layer for the warp's kMmaTiles x 16 coordinates: gates on tensor cores from the slot values x
+// One LSTM layer for the warp's Tiles x 16 coordinates: gates on tensor cores from the slot values x
 // (row, slot), then the cell update of the thread's units; h_out[m][row][p] = new h of unit 4p + tig.
-template <int KT, typename S, class Ctx>
+template <int Tiles, int KT, typename S, class Ctx>
 L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int l,
-                          const float (&x)[kMmaTiles][2][2 * KT], MmaRow (&rows)[kMmaTiles][2],
-                          float (&h_out)[kMmaTiles][2][MmaNet::kUnits]) {
+                          const float (&x)[Tiles][2][2 * KT], MmaRow (&rows)[Tiles][2],
+                          float (&h_out)[Tiles][2][MmaNet::kUnits]) {
   const int lane = ctx.lane(), tig = lane % 4;
   const PackedLayout& lay = a.net.layout;
   const int64_t cols = a.columns;
-  FragA a_hi[kMmaTiles][KT], a_lo[kMmaTiles][KT];
+  FragA a_hi[Tiles][KT], a_lo[Tiles][KT];
 #pragma unroll
-  for (int m = 0; m < kMmaTiles; ++m)
+  for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) split_a(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
   const float* w_l = sw + MmaNet::layer_offset(l);
@@ -173,9 +174,9 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
   for (int p = 0; p < MmaNet::kUnits; ++p) {
     const int u = 4 * p + tig;
     const Quad<float> bias = load_quad(sw + MmaNet::kBiasOffset + (l * MmaNet::kH + u) * 4);
-    FragA z_if[kMmaTiles], z_go[kMmaTiles];  // tiles 2p (i, f) and 2p + 1 (g, o)
+    FragA z_if[Tiles], z_go[Tiles];  // tiles 2p (i, f) and 2p + 1 (g, o)
 #pragma unroll
-    for (int m = 0; m < kMmaTiles; ++m) {
+    for (int m = 0; m < Tiles; ++m) {
       z_if[m] = FragA{{bias.v[0], bias.v[1], bias.v[0], bias.v[1]}};
       z_go[m] = FragA{{bias.v[2], bias.v[3], bias.v[2], bias.v[3]}};
     }
@@ -184,13 +185,13 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
       const FragB2 b_if = load_frag_b(w_l + ((kt * MmaNet::kNTiles + 2 * p) * 32 + lane) * MmaNet::kEntry);
       const FragB2 b_go = load_frag_b(w_l + ((kt * MmaNet::kNTiles + 2 * p + 1) * 32 + lane) * MmaNet::kEntry);
 #pragma unroll
-      for (int m = 0; m < kMmaTiles; ++m) {
+      for (int m = 0; m < Tiles; ++m) {
         mma_3xtf32(ctx, z_if[m], a_hi[m][kt], a_lo[m][kt], b_if.hi, b_if.lo);
         mma_3xtf32(ctx, z_go[m], a_hi[m][kt], a_lo[m][kt], b_go.hi, b_go.lo);
       }
     }
 #pragma unroll
-    for (int m = 0; m < kMmaTiles; ++m)
+    for (int m = 0; m < Tiles; ++m)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         MmaRow& row = rows[m][r];
@@ -268,18 +269,18 @@ L2L_DEVICE void for_own_cells(const PackedLayout& lay, int tig, Fn&& fn) {
       for (int p = 0; p < MmaNet::kUnits; ++p) fn(state_row(lay, l, which, 4 * p + tig));
 }
 
-// The step of the warp's coordinates [base, base + kMmaTiles * 16) (those below a.end).
-template <uint32_t Features, typename S, class Ctx>
+// The step of the warp's coordinates [base, base + Tiles * 16) (those below a.end).
+template <int Tiles, uint32_t Features, typename S, class Ctx>
 L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int64_t base) {
   const int lane = ctx.lane(), tig = lane % 4, group = lane / 4;
   const PackedLayout& lay = a.net.layout;
   const int64_t cols = a.columns;
   const float weight_poison = a.net.weights[lay.poison_offset()];
-  MmaRow rows[kMmaTiles][2];
-  float grads[kMmaTiles][2];
-  float x0[kMmaTiles][2][2 * MmaNet::kKTiles0];
+  MmaRow rows[Tiles][2];
+  float grads[Tiles][2];
+  float x0[Tiles][2][2 * MmaNet::kKTiles0];
 #pragma unroll
-  for (int m = 0; m < kMmaTiles; ++m)
+  for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       MmaRow& row = rows[m][r];
@@ -295,27 +296,27 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
       x0[m][r][MmaNet::kUnits] = row.active ? feature_slot<Features>(a, tig, row, grads[m][r]) : 0.0f;
     }
 #pragma unroll
-  for (int m = 0; m < kMmaTiles; ++m) load_old_h(a, 0, tig, 0, rows[m], x0[m]);
-  float h0[kMmaTiles][2][MmaNet::kUnits] = {};
-  mma_layer<MmaNet::kKTiles0>(ctx, a, sw, 0, x0, rows, h0);
+  for (int m = 0; m < Tiles; ++m) load_old_h(a, 0, tig, 0, rows[m], x0[m]);
+  float h0[Tiles][2][MmaNet::kUnits] = {};
+  mma_layer<Tiles, MmaNet::kKTiles0>(ctx, a, sw, 0, x0, rows, h0);
 
-  float x1[kMmaTiles][2][2 * MmaNet::kKTiles1];
+  float x1[Tiles][2][2 * MmaNet::kKTiles1];
 #pragma unroll
-  for (int m = 0; m < kMmaTiles; ++m) {
+  for (int m = 0; m < Tiles; ++m) {
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int p = 0; p < MmaNet::kUnits; ++p) x1[m][r][p] = h0[m][r][p];
     load_old_h(a, 1, tig, MmaNet::kUnits, rows[m], x1[m]);
   }
-  float h1[kMmaTiles][2][MmaNet::kUnits] = {};
-  mma_layer<MmaNet::kKTiles1>(ctx, a, sw, 1, x1, rows, h1);
+  float h1[Tiles][2][MmaNet::kUnits] = {};
+  mma_layer<Tiles, MmaNet::kKTiles1>(ctx, a, sw, 1, x1, rows, h1);
 
   // y = out_w . h1 + out_b, the poison of every thread of the coordinate added on the way
-  FragA y[kMmaTiles];
+  FragA y[Tiles];
   const float out_b = a.net.weights[lay.out_bias_offset()];
 #pragma unroll
-  for (int m = 0; m < kMmaTiles; ++m) {
+  for (int m = 0; m < Tiles; ++m) {
     float xo[2][2 * MmaNet::kKTilesOut];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -334,7 +335,7 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
   }
 
 #pragma unroll
-  for (int m = 0; m < kMmaTiles; ++m)
+  for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const MmaRow& row = rows[m][r];
@@ -364,16 +365,16 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
 }
 
 // One block's share of the launch: the weights regrouped into shared memory, then its warps walk tiles of
-// kMmaTiles x 16 consecutive columns, grid-stride. Control flow is uniform over each warp (mma.sync).
-template <uint32_t Features, typename S, class Ctx>
+// Tiles x 16 consecutive columns, grid-stride. Control flow is uniform over each warp (mma.sync).
+template <int Tiles, uint32_t Features, typename S, class Ctx>
 L2L_DEVICE void forward_mma_block(const Ctx& ctx, const ForwardArgs<float, S>& a, unsigned char* smem) {
   float* sw = reinterpret_cast<float*>(smem);
   stage_mma_weights(ctx, a.net.weights, a.net.layout, sw);
-  const int64_t tile = int64_t(kMmaTiles) * kMmaRows;
+  const int64_t tile = int64_t(Tiles) * kMmaRows;
   const int warps = ctx.threads() / 32;
   const int64_t step = int64_t(ctx.blocks()) * warps * tile;
   for (int64_t base = a.begin + (int64_t(ctx.block()) * warps + ctx.thread() / 32) * tile; base < a.end; base += step)
-    forward_mma_tile<Features>(ctx, a, sw, base);
+    forward_mma_tile<Tiles, Features>(ctx, a, sw, base);
 }
 
 // Calls fn(std::integral_constant<uint32_t, mask>) for the feature masks the mma kernel is compiled for

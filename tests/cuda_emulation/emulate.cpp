@@ -100,15 +100,19 @@ struct EmuLauncher {
     if constexpr (!std::is_same_v<T, float>) {
       return false;
     } else {
-      if (requested_gates() != Gates::kMma || !mma_supports(a.net.layout)) return false;
+      const Gates gates = requested_gates();
+      if (gates == Gates::kFfma || !mma_supports(a.net.layout)) return false;
       a.weights_in_smem = 1;
       return dispatch_mma_features(a.net.layout.features, [&](auto features) {
-        const int64_t per_block = int64_t(settings.mma_threads / 32) * kMmaTiles * kMmaRows;
+        constexpr uint32_t F = decltype(features)::value;
+        const int tiles = mma_tiles(gates);
+        const int64_t per_block = int64_t(settings.mma_threads / 32) * tiles * kMmaRows;
         const int grid = int(std::min<int64_t>((a.end - a.begin + per_block - 1) / per_block, settings.forward_blocks));
         const ForwardArgs<T, S> args = a;
         ++settings.mma_launches;
         run_grid(grid, settings.mma_threads, MmaNet::kSmemBytes, [&](const EmuCtx& ctx, unsigned char* smem) {
-          forward_mma_block<decltype(features)::value>(ctx, args, smem);
+          if (tiles == 1) forward_mma_block<1, F>(ctx, args, smem);
+          else forward_mma_block<2, F>(ctx, args, smem);
         });
       });
     }
