@@ -5,7 +5,8 @@
 #   - the built module imports, has_cuda_kernels() is True and every op has a CUDA kernel registered;
 #   - its CPU kernels pass a quick slice of the CPU tests, and tests/test_cuda.py skips cleanly;
 #   - the kernel bodies, run on CPU threads, match the reference (tests/test_cuda_emulated.py);
-#   - ptxas' resource report (registers, stack, spills) of the sm_90 kernels is printed.
+#   - ptxas' resource report (registers, stack, spills) of the sm_90 kernels is printed, and the SASS
+#     instruction counts of the forward kernels (scripts/sass_counts.py) where a cuobjdump is found.
 # Not part of CI (the venv is ~5.5 GB). Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
 # MAX_JOBS (default 1), CUDA_HOME (default /usr/local/cuda), L2L_CUDA_CHECK_DIR (default /tmp/l2l_fast-cuda-check).
 set -euo pipefail
@@ -72,8 +73,9 @@ rc=0
 tail -3 "$work/test_cuda.log"
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then echo "tests/test_cuda.py failed (exit $rc)"; exit 1; fi
 
-step "the CUDA kernels' code on CPU threads vs the reference (tests/test_cuda_emulated.py, builds its own module)"
-L2L_FAST_CUDA_EMULATION=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_emulated.py 2>&1 | tail -2
+step "the CUDA kernels' code on CPU threads vs the reference (tests/test_cuda_emulated.py, test_cuda_mma_emulated.py; builds its own module)"
+L2L_FAST_CUDA_EMULATION=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_emulated.py \
+  tests/test_cuda_mma_emulated.py 2>&1 | tail -2
 unset PYTHONPATH L2L_FAST_REQUIRE_NATIVE
 
 step "ptxas resource report, sm_90"
@@ -85,5 +87,20 @@ for cu in forward_kernels backward_kernels; do
     sed -E 's/l2l_fast::cuda::(\(anonymous namespace\)::)?//g; s/^void ([a-z_]+<[^>]*>?[^(]*)\(.*/  \1/' |
     paste - - - | sed -E 's/ptxas info *: //g; s/[[:space:]]+/ /g'
 done
+
+step "SASS instruction counts of the forward kernels, sm_90 (scripts/sass_counts.py; mma unit loops unrolled)"
+cuobjdump=""
+for candidate in "$(command -v cuobjdump || true)" "$CUDA_HOME/bin/cuobjdump" \
+    "$venv"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ]; then cuobjdump=$candidate; break; fi
+done
+if [ -n "$cuobjdump" ]; then
+  "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -DL2L_MMA_COUNT_UNROLLED -I "$root/csrc" $ti \
+    -c "$root/csrc/cuda/forward_kernels.cu" -o "$work/tmp/forward_counted.sm90.o" 2>/dev/null
+  "$cuobjdump" -sass "$work/tmp/forward_counted.sm90.o" >"$work/tmp/forward_counted.sass"
+  "$venv/bin/python" "$root/scripts/sass_counts.py" "$work/tmp/forward_counted.sass"
+else
+  echo "no cuobjdump (CUDA toolkit or triton's copy): no counts"
+fi
 
 step "done: the CUDA extension compiles, links and registers its kernels ($(( $(date +%s) - start )) s in all)"

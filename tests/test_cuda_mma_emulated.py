@@ -264,8 +264,10 @@ def test_gates_variable_checked(impl, gen, monkeypatch):
         impl.lstm_step(grad, state, weights, 10.0, 0.1)
 
 
-def test_one_warp_per_block(impl, emu, gen):
-    """Blocks of one warp (the shared-memory staging loop then takes more rounds per thread)."""
+@pytest.mark.parametrize("threads", [32, 128], ids=["1-warp", "4-warps"])
+def test_block_sizes(impl, emu, gen, threads):
+    """Blocks of one warp (the weight staging takes more rounds per thread) and of four (the GPU's 128 threads:
+    warps of one block take different tiles)."""
     emu.configure(forward_threads=32, forward_blocks=2, backward_blocks=3, smem_limit=227 * 1024,
-                  forward_smem_limit=48 * 1024, mma_threads=32)
-    cases.check_step_inplace(impl, 70, 20, 2, torch.float32, gen)
+                  forward_smem_limit=48 * 1024, mma_threads=threads)
+    cases.check_step_inplace(impl, 333, 20, 2, torch.float32, gen)

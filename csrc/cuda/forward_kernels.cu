@@ -25,8 +25,13 @@ __global__ void __launch_bounds__(kForwardThreads) forward_kernel(const __grid_c
   forward_block(CudaCtx{}, args, dims, smem);
 }
 
+// Blocks per SM asked of ptxas: mma's 2 m-tiles need ~160 registers (3 blocks); one m-tile fits 5 blocks
+// (<= 102 registers, the 43 KB of shared memory allow 5), which ptxas does not aim for unasked.
+template <int Tiles>
+constexpr int kMmaMinBlocks = Tiles == 1 ? 5 : 3;
+
 template <int Tiles, uint32_t Features, typename S>
-__global__ void __launch_bounds__(kForwardThreads) forward_mma_kernel(const __grid_constant__ ForwardArgs<float, S> args) {
+__global__ void __launch_bounds__(kForwardThreads, kMmaMinBlocks<Tiles>) forward_mma_kernel(const __grid_constant__ ForwardArgs<float, S> args) {
   extern __shared__ __align__(16) unsigned char smem[];
   forward_mma_block<Tiles, Features>(CudaCtx{}, args, smem);
 }

@@ -65,7 +65,7 @@ L2L_HD bool mma_supports(const PackedLayout& layout) {
 }
 
 // Coordinates per m-tile. m-tiles per warp (Tiles): two make each B fragment load feed 6 mma and take 11%
-// fewer instructions per coordinate than one, but 168 registers (12 warps / SM) instead of 96 (20 warps):
+// fewer instructions per coordinate than one, but ~160 registers (12 warps / SM) instead of 96 (20 warps):
 // both are built until a GPU says which is faster (NOTES.md).
 constexpr int kMmaRows = 16;
 
@@ -154,6 +154,18 @@ struct MmaRow {
   float poison;   // 0, or NaN when a weight or a value the thread read of it is not finite
 };
 
+// Old c of unit u of layer l of the thread's coordinates (0 for those not stepped).
+template <int Tiles, typename S>
+L2L_DEVICE void load_c_old(const ForwardArgs<float, S>& a, int l, int u, const MmaRow (&rows)[Tiles][2],
+                           float (&c)[Tiles][2]) {
+  const int64_t row_offset = state_row(a.net.layout, l, 1, u) * a.columns;
+#pragma unroll
+  for (int m = 0; m < Tiles; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      c[m][r] = rows[m][r].active ? load_value<float>(a.state + row_offset + rows[m][r].c) : 0.0f;
+}
+
 // One LSTM layer for the warp's Tiles x 16 coordinates: gates on tensor cores from the slot values x
 // (row, slot), then the cell update of the thread's units; h_out[m][row][p] = new h of unit 4p + tig.
 template <int Tiles, int KT, typename S, class Ctx>
@@ -169,10 +181,31 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) split_a(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
   const float* w_l = sw + MmaNet::layer_offset(l);
-  // not unrolled, like the FFMA kernel's unit loop: its body is the hot code
+  // With 2 m-tiles (12 warps per SM), c of the next unit is loaded one iteration ahead: its latency hides
+  // behind this unit's products (the compiler cannot hoist it over the stores, which may alias the state;
+  // they are other cells). With one m-tile (20 warps per SM) the 4 registers this takes would spill.
+  constexpr bool kAhead = Tiles > 1;
+  float c_next[Tiles][2];
+  if (kAhead) load_c_old(a, l, tig, rows, c_next);
+  // not unrolled, like the FFMA kernel's unit loop: its body is the hot code (unrolled only to count the
+  // instructions of a warp tile, scripts/check_cuda_build.sh)
+#if defined(L2L_MMA_COUNT_UNROLLED)
+#pragma unroll
+#else
 #pragma unroll 1
+#endif
   for (int p = 0; p < MmaNet::kUnits; ++p) {
     const int u = 4 * p + tig;
+    float c_olds[Tiles][2];
+    if (kAhead) {
+#pragma unroll
+      for (int m = 0; m < Tiles; ++m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) c_olds[m][r] = c_next[m][r];
+      if (p + 1 < MmaNet::kUnits) load_c_old(a, l, u + 4, rows, c_next);
+    } else {
+      load_c_old(a, l, u, rows, c_olds);
+    }
     const Quad<float> bias = load_quad(sw + MmaNet::kBiasOffset + (l * MmaNet::kH + u) * 4);
     FragA z_if[Tiles], z_go[Tiles];  // tiles 2p (i, f) and 2p + 1 (g, o)
 #pragma unroll
@@ -195,11 +228,8 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         MmaRow& row = rows[m][r];
-        float c_old = 0.0f;
-        if (row.active) {
-          c_old = load_value<float>(a.state + state_row(lay, l, 1, u) * cols + row.c);
-          row.poison += c_old - c_old;
-        }
+        const float c_old = c_olds[m][r];
+        if (row.active) row.poison += c_old - c_old;
         float i, f, g, o, c_new, tanh_c, h;
         cell_forward<Activations<float>>(z_if[m].v[2 * r], z_if[m].v[2 * r + 1], z_go[m].v[2 * r],
                                          z_go[m].v[2 * r + 1], c_old, i, f, g, o, c_new, tanh_c, h);
