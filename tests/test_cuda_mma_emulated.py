@@ -128,6 +128,9 @@ def test_round_tf32_is_cvt_rna(emu, gen):
                          1.0 + 2.0**-9], dtype=torch.float32)
     assert torch.equal(emu.round_tf32(edge).view(torch.int32), want.view(torch.int32))
     assert torch.isnan(emu.round_tf32(torch.tensor([math.nan]))).all()
+    # the integer rounding of the layer inputs: the same bits for every finite value and +-Inf
+    finite = torch.cat([x, edge])
+    assert torch.equal(emu.round_tf32(finite, finite=True).view(torch.int32), emu.round_tf32(finite).view(torch.int32))
 
 
 @pytest.mark.parametrize("spread", [0, 8], ids=["unit-range", "wide-range"])

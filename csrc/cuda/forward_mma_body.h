@@ -65,7 +65,7 @@ L2L_HD bool mma_supports(const PackedLayout& layout) {
 }
 
 // Coordinates per m-tile. m-tiles per warp (Tiles): two make each B fragment load feed 6 mma and take 11%
-// fewer instructions per coordinate than one, but ~160 registers (12 warps / SM) instead of 96 (20 warps):
+// fewer instructions per coordinate than one, but 168 registers (12 warps / SM) instead of 96 (20 warps):
 // both are built until a GPU says which is faster (NOTES.md).
 constexpr int kMmaRows = 16;
 
@@ -135,12 +135,14 @@ L2L_DEVICE FragB2 load_frag_b(const float* e) {
 }
 
 // A fragment of k-tile kt from a thread's slot values x[row][slot] (row 0: groupID, 1: groupID + 8), split.
-template <int Slots>
+// Finite: the layer inputs, NaN only in a coordinate whose poison is already NaN (mma_tf32.h's integer
+// rounding); the output product keeps cvt.rna, which carries the poison to the other lanes.
+template <bool Finite, int Slots>
 L2L_DEVICE void split_a(const float (&x)[2][Slots], int kt, FragA& hi, FragA& lo) {
   const float v[4] = {x[0][2 * kt], x[1][2 * kt], x[0][2 * kt + 1], x[1][2 * kt + 1]};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const Tf32Split s = split_tf32(v[i]);
+    const Tf32Split s = split_tf32<Finite>(v[i]);
     hi.v[i] = s.hi;
     lo.v[i] = s.lo;
   }
@@ -179,7 +181,7 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
 #pragma unroll
   for (int m = 0; m < Tiles; ++m)
 #pragma unroll
-    for (int kt = 0; kt < KT; ++kt) split_a(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
+    for (int kt = 0; kt < KT; ++kt) split_a<true>(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
   const float* w_l = sw + MmaNet::layer_offset(l);
   // With 2 m-tiles (12 warps per SM), c of the next unit is loaded one iteration ahead: its latency hides
   // behind this unit's products (the compiler cannot hoist it over the stores, which may alias the state;
@@ -358,7 +360,7 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
 #pragma unroll
     for (int kt = 0; kt < MmaNet::kKTilesOut; ++kt) {
       FragA hi, lo;
-      split_a(xo, kt, hi, lo);
+      split_a<false>(xo, kt, hi, lo);
       const FragB2 b = load_frag_b(sw + MmaNet::kOutOffset + (kt * 32 + lane) * MmaNet::kEntry);
       mma_3xtf32(ctx, y[m], hi, lo, b.hi, b.lo);
     }

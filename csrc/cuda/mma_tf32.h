@@ -44,14 +44,24 @@ L2L_HD float round_tf32(float x) {
 #endif
 }
 
-// a = hi + lo with both TF32 values (lo rounded again: it keeps 11 of the 13 bits hi dropped).
+// round_tf32 by integer arithmetic: the same result for every finite x and +-Inf, 2 instructions where
+// cvt.rna lowers to ~4 on sm_90 (it guards NaN); a NaN comes out as some other value (the GPU's canonical
+// NaN 0x7fffffff as -0). Only for values whose coordinate is poisoned anyway when they are NaN
+// (forward_mma_body.h's layer inputs), never for the poison itself.
+L2L_HD float round_tf32_finite(float x) {
+  return bits_to_float((float_to_bits(x) + 0x1000u) & 0xffffe000u);
+}
+
+// a = hi + lo with both TF32 values (lo rounded again: it keeps 11 of the 13 bits hi dropped). Finite: with
+// round_tf32_finite (NaN not kept).
 struct Tf32Split {
   float hi, lo;
 };
 
+template <bool Finite = false>
 L2L_HD Tf32Split split_tf32(float x) {
-  const float hi = round_tf32(x);
-  return Tf32Split{hi, round_tf32(x - hi)};
+  const float hi = Finite ? round_tf32_finite(x) : round_tf32(x);
+  return Tf32Split{hi, Finite ? round_tf32_finite(x - hi) : round_tf32(x - hi)};
 }
 
 // A 16 x 8 fragment of matrix A (a0..a3) and an 8 x 8 fragment of B (b0, b1) of mma.m16n8k8; the

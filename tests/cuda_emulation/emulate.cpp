@@ -228,10 +228,11 @@ at::Tensor warp_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 }
 
 // mma_tf32.h's round_tf32 (the host side of cvt.rna.tf32.f32) elementwise.
-at::Tensor round_tf32_tensor(const at::Tensor& x) {
+// (finite: round_tf32_finite, the integer rounding of the layer inputs)
+at::Tensor round_tf32_tensor(const at::Tensor& x, bool finite) {
   at::Tensor out = x.to(at::kFloat).contiguous().clone();
   float* p = out.data_ptr<float>();
-  for (int64_t i = 0; i < out.numel(); ++i) p[i] = round_tf32(p[i]);
+  for (int64_t i = 0; i < out.numel(); ++i) p[i] = finite ? round_tf32_finite(p[i]) : round_tf32(p[i]);
   return out;
 }
 
@@ -269,7 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure", &configure, py::arg("forward_threads"), py::arg("forward_blocks"), py::arg("backward_blocks"),
         py::arg("smem_limit"), py::arg("forward_smem_limit"), py::arg("mma_threads") = 64);
   m.def("warp_mma", &warp_mma, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("split3") = false);
-  m.def("round_tf32", &round_tf32_tensor);
+  m.def("round_tf32", &round_tf32_tensor, py::arg("x"), py::arg("finite") = false);
   m.def("launches", [] { return settings.launches; });
   m.def("mma_launches", [] { return settings.mma_launches; });
   m.def("packed_cache_counts", [] {
