@@ -153,7 +153,7 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 echo "-- sanitizer"
 grep -E "ERROR SUMMARY|cuda_smoke:|MISMATCH" "$OUT/sanitizer.log" | head -10
 echo "-- ncu (per profiled kernel: duration, throughput, occupancy, warp stalls)"
-grep -E "^-- ncu|ncu_step:|forward_.*kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per" \
+grep -E "^-- ncu|ncu_step:|==ERROR==|ERR_NVGPUCTRPERM|forward_.*kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per" \
   "$OUT/ncu.log" 2>/dev/null | head -70
 echo "-- error probe"
 grep -E "^error_probe|^CC=|^ *GNU_EH|libgcc|libstdc|g\+\+ \(" "$OUT/build.log" | head -24
