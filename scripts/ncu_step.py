@@ -29,7 +29,8 @@ def main() -> None:
     for inputs in (2, 20):
         weights += [torch.randn(80, inputs, generator=gen, device="cuda") / inputs**0.5,
                     torch.randn(80, 20, generator=gen, device="cuda") / 20**0.5,
-                    0.1 * torch.randn(80, generator=gen, device="cuda"), 0.1 * torch.randn(80, generator=gen, device="cuda")]
+                    0.1 * torch.randn(80, generator=gen, device="cuda"),
+                    0.1 * torch.randn(80, generator=gen, device="cuda")]
     weights += [torch.randn(1, 20, generator=gen, device="cuda") / 20**0.5, torch.zeros(1, device="cuda")]
     grad = torch.randn(n, generator=gen, device="cuda") * 1e-3
     param = torch.zeros(n, device="cuda")

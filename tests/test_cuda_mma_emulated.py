@@ -133,6 +133,12 @@ def test_round_tf32_is_cvt_rna(emu, gen):
     assert torch.equal(emu.round_tf32(finite, finite=True).view(torch.int32), emu.round_tf32(finite).view(torch.int32))
 
 
+def spread_values(shape, spread, gen):
+    """float32 normal values times 2^e, e uniform in [-spread, spread]."""
+    scale = 2.0 ** torch.randint(-spread, spread + 1, shape, generator=gen)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).float()
+
+
 @pytest.mark.parametrize("spread", [0, 8], ids=["unit-range", "wide-range"])
 def test_3xtf32_error_bound(emu, gen, spread):
     """mma_3xtf32 (kernel code) on float32 operands against float64, within mma_tf32.h's bound
@@ -141,8 +147,8 @@ def test_3xtf32_error_bound(emu, gen, spread):
     bound_rel = 3.01 * 2.0**-22 + 25 * 2.0**-24
     worst_3x, worst_1x = 0.0, 0.0
     for _ in range(20):
-        a = (torch.randn(16, 8, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-spread, spread + 1, (16, 8), generator=gen)).float()
-        b = (torch.randn(8, 8, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-spread, spread + 1, (8, 8), generator=gen)).float()
+        a = spread_values((16, 8), spread, gen)
+        b = spread_values((8, 8), spread, gen)
         c = torch.zeros(16, 8)
         exact = a.double() @ b.double()
         scale = a.double().abs() @ b.double().abs()

@@ -31,7 +31,8 @@ template <int Tiles>
 constexpr int kMmaMinBlocks = Tiles == 1 ? 5 : 3;
 
 template <int Tiles, uint32_t Features, typename S>
-__global__ void __launch_bounds__(kForwardThreads, kMmaMinBlocks<Tiles>) forward_mma_kernel(const __grid_constant__ ForwardArgs<float, S> args) {
+__global__ void __launch_bounds__(kForwardThreads, kMmaMinBlocks<Tiles>)
+    forward_mma_kernel(const __grid_constant__ ForwardArgs<float, S> args) {
   extern __shared__ __align__(16) unsigned char smem[];
   forward_mma_block<Tiles, Features>(CudaCtx{}, args, smem);
 }

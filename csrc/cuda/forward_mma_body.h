@@ -2,7 +2,8 @@
 // first-layer inputs <= 4): the body of forward_mma_kernel, written against an execution context with
 // a warp-wide ctx.mma_tf32 so that the CPU emulation (tests/cuda_emulation) runs this very code.
 //
-// A warp takes Tiles m-tiles of 16 coordinates (2: L2L_FAST_CUDA_GATES=mma, 1: mma16) and computes each layer's gates as
+// A warp takes Tiles m-tiles of 16 coordinates (2: L2L_FAST_CUDA_GATES=mma, 1: mma16) and computes each
+// layer's gates as
 //   Z[16 coords, 80] = X[16, K] W^T[K, 80] + bias       (mma.m16n8k8 TF32, 3xTF32 split: mma_tf32.h)
 // Fragment layouts (PTX ISA, mma.m16n8k8 with .tf32; lane = 4 groupID + tig, tig = threadID_in_group):
 //   A: a0 (row groupID, col tig), a1 (row groupID + 8, col tig), a2 (groupID, tig + 4), a3 (groupID + 8, tig + 4)
@@ -18,7 +19,8 @@
 //     a_{2 (s%2) + 1} of that k-tile for its two rows. Slot s < 5 of layer 1 is the h of unit 4s + tig of
 //     layer 0, which is exactly the h this thread has just computed; slots 5 .. 9 are layer 1's own old h
 //     (loaded, units 4 (s - 5) + tig). Layer 0: slots 0 .. 4 its old h, slot 5 the features (feature tig
-//     for tig < inputs, else 0): 3 k-tiles, K padded from 22 to 24 with zero weights. Layer 1: 5 k-tiles.
+//     for tig < inputs, else 0): 3 k-tiles, K = 24 (22 inputs for the paper's features, the rest zero weights).
+//     Layer 1: 5 k-tiles.
 //   Output: y = out_w . h_top + out_b as one more product, [16, 24] x [24, 8] with out_w in every column
 //     (so that every lane gets y of its rows); a thread's poison (0 or NaN: non-finite state or moments
 //     it read) is added to its slots there, so the NaN reaches y of the coordinate in every lane.
@@ -26,7 +28,7 @@
 //
 // The weights are regrouped into B fragments once per block, while they are copied to shared memory:
 // for layer l, k-tile kt, n-tile nt and lane, one 16-byte entry (b0_hi, b1_hi, b0_lo, b1_lo), so a lane
-// fetches a B fragment pair of 3xTF32 with one LDS.128. 43 KB for the default features.
+// fetches a B fragment pair of 3xTF32 with one LDS.128: 43 KB in all.
 #pragma once
 #include <type_traits>
 
@@ -64,7 +66,7 @@ L2L_HD bool mma_supports(const PackedLayout& layout) {
   return layout.hidden == MmaNet::kH && layout.layers == MmaNet::kLayers && layout.inputs <= MmaNet::kMaxInputs;
 }
 
-// Coordinates per m-tile. m-tiles per warp (Tiles): two make each B fragment load feed 6 mma and take 11%
+// Coordinates per m-tile. m-tiles per warp (Tiles): two make each B fragment load feed 6 mma and take 12%
 // fewer instructions per coordinate than one, but 168 registers (12 warps / SM) instead of 96 (20 warps):
 // both are built until a GPU says which is faster (NOTES.md).
 constexpr int kMmaRows = 16;
@@ -389,9 +391,12 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
         if (a.update) a.update[row.c] = update;
         const TensorSlot& slot = a.slots[find_slot(a, row.c)];
         const int64_t j = row.c - slot.begin;
-        if (slot.param) store_elem(slot.param, slot.param_type, j, load_elem<float>(slot.param, slot.param_type, j) + update);
-        if (reads_moments(Features) && a.new_moments)
-          store_moments(a.new_moments, cols, row.c, step_moments(a, row.c, load_elem<float>(slot.grad, slot.grad_type, j)));
+        if (slot.param)
+          store_elem(slot.param, slot.param_type, j, load_elem<float>(slot.param, slot.param_type, j) + update);
+        if (reads_moments(Features) && a.new_moments) {
+          const float g = load_elem<float>(slot.grad, slot.grad_type, j);
+          store_moments(a.new_moments, cols, row.c, step_moments(a, row.c, g));
+        }
       }
     }
 }
