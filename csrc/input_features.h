@@ -251,11 +251,12 @@ struct FeatureInfo {
   uint32_t bit;
   int width;
   const char* name;
+  bool reads_moments;
 };
 
 template <typename... F>
 constexpr std::array<FeatureInfo, sizeof...(F)> table_of(FeatureList<F...>) {
-  return {{FeatureInfo{F::kBit, F::kWidth, F::kName}...}};
+  return {{FeatureInfo{F::kBit, F::kWidth, F::kName, F::kReadsMoments}...}};
 }
 
 constexpr std::array<FeatureInfo, kFeatureCount> kFeatureTable = table_of(Features{});

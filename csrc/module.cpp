@@ -20,10 +20,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Give the unused blocks of the CPU output cache back to the system; returns the bytes released");
   m.def("cpu_cache_bytes", &l2l_fast::cpu::cached_output_bytes, "Bytes held in unused CPU output cache blocks");
   m.def("feature_table", [] {
-    std::vector<std::tuple<std::string, int64_t, int64_t>> table;
-    for (const l2l_fast::FeatureInfo& f : l2l_fast::kFeatureTable) table.emplace_back(f.name, f.bit, f.width);
+    std::vector<std::tuple<std::string, int64_t, int64_t, bool>> table;
+    for (const l2l_fast::FeatureInfo& f : l2l_fast::kFeatureTable)
+      table.emplace_back(f.name, f.bit, f.width, f.reads_moments);
     return table;
-  }, "The kernels' input features as (name, bit, width), in bit order (l2l_fast.features mirrors it)");
+  }, "The kernels' input features as (name, bit, width, reads_moments), in bit order (l2l_fast.features mirrors "
+     "it)");
   m.def("packed_cache_stats", [] {
     const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
     return std::map<std::string, int64_t>{{"hits", s.hits},         {"misses", s.misses},   {"stale", s.stale},

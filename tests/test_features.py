@@ -25,10 +25,12 @@ HEADER = Path(__file__).resolve().parents[1] / "csrc" / "input_features.h"
 
 @requires_native
 def test_registry_matches_the_kernels_table():
-    """Names, bits and widths, in bit order: what the Python reference computes is what the kernels compute."""
+    """Names, bits, widths and which read the moments, in bit order: what the Python reference computes is what
+    the kernels compute."""
     from l2l_fast import _C
 
-    assert [(f.name, f.bit, f.width) for f in registry.REGISTRY.values()] == [tuple(t) for t in _C.feature_table()]
+    assert ([(f.name, f.bit, f.width, f.reads_moments) for f in registry.REGISTRY.values()]
+            == [tuple(t) for t in _C.feature_table()])
 
 
 def test_moment_constants_and_readers_match_the_kernels_header():
