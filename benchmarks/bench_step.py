@@ -10,9 +10,15 @@ For every N, in one run and one process, with the same weights and thread count:
   fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
                torch.autograd.grad to the weights and the state with random output gradients), the same through
                the eager reference and through torch.compile of the reference.
+  nn.LSTM rows the user's alternative, one in each group: the net's weights in ``torch.nn.LSTM(I, H, L)`` and
+               ``torch.nn.Linear(H, 1)`` (``net.lstm.to_torch()``), applied to the preprocessed gradients as a batch of
+               N sequences of length 1, state (h, c) kept in nn.LSTM's own layout [L, N, H]; the step under no_grad
+               (param += output_scale * Linear(output), h and c replaced), fwd+bwd by autograd to the weights and
+               (h0, c0). It skips the non-finite policy (a NaN gradient reaches nn.LSTM), which costs the other
+               rows a little.
 
 Columns: median time (torch.utils.benchmark.Timer), million coordinates per second, speed-up over the eager
-reference of the same group (eager time / row time), % of the machine limit = GEMM FLOP/s / FLOPs per
+reference of the same group (eager time / row time) and over the nn.LSTM row of the group, % of the machine limit = GEMM FLOP/s / FLOPs per
 coordinate, both measured in the header. On CUDA: billion coordinates per second, also the speed-up over
 torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x rate) and % of the HBM roofline
 (achieved GB/s / the device-to-device copy bandwidth measured in the same run).
@@ -41,7 +47,7 @@ except ImportError:  # run from a checkout without installing: the package sits 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import l2l_fast
 
-from l2l_fast import CoordinatewiseLSTM, ops, reference  # noqa: E402
+from l2l_fast import CoordinatewiseLSTM, features, ops, reference  # noqa: E402
 
 import machine  # noqa: E402
 
@@ -97,6 +103,62 @@ def fwdbwd_fn(net: CoordinatewiseLSTM, n: int, forward=None) -> Callable[[], obj
     def fn():
         update, new_state = net(grad, state) if forward is None else forward(grad, state, weights)
         return torch.autograd.grad((update, new_state), (*weights, state), (grad_update, grad_state))
+
+    return fn
+
+
+def torch_lstm_modules(net: CoordinatewiseLSTM) -> tuple[torch.nn.LSTM, torch.nn.Linear]:
+    """torch.nn.LSTM(I, H, L) and torch.nn.Linear(H, 1) holding the net's weights."""
+    lstm = net.lstm.to_torch()
+    out = torch.nn.Linear(net.hidden_size, 1).to(net.out.weight.device)
+    out.load_state_dict(net.out.state_dict())
+    return lstm, out
+
+
+def torch_lstm_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """state [L, 2, H, n] -> (h, c), each [L, n, H] (nn.LSTM's layout), contiguous copies."""
+    return state[:, 0].transpose(1, 2).contiguous(), state[:, 1].transpose(1, 2).contiguous()
+
+
+def torch_lstm_forward(net, lstm, out, grad, h, c):
+    """(update [n], h_n, c_n) by nn.LSTM: the features of grad [n] as a batch of n sequences of length 1."""
+    x = features.compute(grad, net.feature_mask, net.preprocess_p)  # [n, I]
+    y, (h, c) = lstm(x.unsqueeze(0), (h, c))
+    return net.output_scale * out(y[0]).squeeze(1), h, c
+
+
+def torch_lstm_step_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], None]:
+    """The step through nn.LSTM under no_grad: param += update, (h, c) replaced by the new state."""
+    if net.reads_moments or net.output != "linear":
+        raise Unavailable("the nn.LSTM rows take the paper's features and linear output only")
+    param, grad, state = make_inputs(net, n)
+    lstm, out = torch_lstm_modules(net)
+    hc = list(torch_lstm_state(state))
+
+    def fn():
+        with torch.no_grad():
+            update, hc[0], hc[1] = torch_lstm_forward(net, lstm, out, grad, hc[0], hc[1])
+            param.add_(update)
+
+    return fn
+
+
+def torch_lstm_fwdbwd_fn(net: CoordinatewiseLSTM, n: int) -> Callable[[], object]:
+    """Forward through nn.LSTM, then autograd to its weights, the Linear's and (h0, c0); upstream gradients drawn
+    as fwdbwd_fn draws them (moved to nn.LSTM's layout)."""
+    if net.reads_moments or net.output != "linear":
+        raise Unavailable("the nn.LSTM rows take the paper's features and linear output only")
+    _, grad, state = make_inputs(net, n)
+    lstm, out = torch_lstm_modules(net)
+    h0, c0 = (t.requires_grad_(True) for t in torch_lstm_state(state))
+    gen = torch.Generator(device=grad.device).manual_seed(2)
+    grad_update = torch.randn(grad.shape, generator=gen, device=grad.device)
+    grad_h, grad_c = torch_lstm_state(torch.randn(state.shape, generator=gen, device=grad.device))
+    inputs = (*lstm.parameters(), *out.parameters(), h0, c0)
+
+    def fn():
+        update, h, c = torch_lstm_forward(net, lstm, out, grad, h0, c0)
+        return torch.autograd.grad((update, h, c), inputs, (grad_update, grad_h, grad_c))
 
     return fn
 
@@ -159,6 +221,7 @@ class Row:
     bytes_per_coord: float      # minimum traffic, for GB/s on CUDA
     counts_flops: bool = True   # False for Adam: the LSTM FLOP limit says nothing about it
     baseline: bool = False
+    torch_lstm: bool = False    # the group's nn.LSTM row: the "vs nn.LSTM" column divides by its time
     warmup_calls: int = 1
     gates: str | None = None    # L2L_FAST_CUDA_GATES while the row is built, warmed up and timed
     compiled: bool = False      # report the (untimed) compile + warm-up time in the note
@@ -193,6 +256,7 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     rows = [
         gate_rows[0],
         Row("eager reference step", "step", lambda: step_fn(ref_net, n), step_bytes, baseline=True),
+        Row("torch.nn.LSTM step", "step", lambda: torch_lstm_step_fn(ref_net, n), step_bytes, torch_lstm=True),
     ]
     if not args.no_compile:
         rows.append(Row("torch.compile(reference) step", "step", lambda: compiled_step_fn(ref_net, n), step_bytes,
@@ -211,6 +275,8 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     rows += [
         Row(f"{fused} fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n), fwdbwd_bytes),
         Row("eager reference fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(ref_net, n), fwdbwd_bytes, baseline=True),
+        Row("torch.nn.LSTM fwd+bwd", "fwdbwd", lambda: torch_lstm_fwdbwd_fn(ref_net, n), fwdbwd_bytes,
+            torch_lstm=True),
     ]
     if not args.no_compile:
         rows.append(Row("torch.compile(reference) fwd+bwd", "fwdbwd", lambda: compiled_fwdbwd_fn(ref_net, n),
@@ -259,11 +325,12 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
     cuda = args.device == "cuda"
     baseline = {r.group: r.seconds for r in rows if r.baseline}
     compiled = {r.group: r.seconds for r in rows if r.compiled}
+    torch_lstm = {r.group: r.seconds for r in rows if r.torch_lstm}
     if cuda:
-        header = ["row", "time ms (median)", "IQR %", "Gcoord/s", "vs eager", "vs compile", "% FLOP limit", "GB/s",
-                  "% HBM roofline"]
+        header = ["row", "time ms (median)", "IQR %", "Gcoord/s", "vs eager", "vs nn.LSTM", "vs compile",
+                  "% FLOP limit", "GB/s", "% HBM roofline"]
     else:
-        header = ["row", "time ms (median)", "IQR %", "Mcoord/s", "vs eager", "% FLOP limit"]
+        header = ["row", "time ms (median)", "IQR %", "Mcoord/s", "vs eager", "vs nn.LSTM", "% FLOP limit"]
     header.append("note")
     table = []
     for r in rows:
@@ -274,6 +341,8 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
             base = baseline.get(r.group)
             cells = [r.name, f"{r.seconds * 1e3:.3f}", f"{100 * r.iqr / r.seconds:.0f}",
                      f"{rate / 1e9:.3f}" if cuda else f"{rate / 1e6:.2f}", f"{base / r.seconds:.2f}x" if base else "-"]
+            lstm_time = torch_lstm.get(r.group)
+            cells.append(f"{lstm_time / r.seconds:.2f}x" if lstm_time else "-")
             if cuda:
                 comp = compiled.get(r.group)
                 cells.append(f"{comp / r.seconds:.2f}x" if comp else "-")
@@ -296,15 +365,19 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
 
 
 def sanity_check(n: int, fused_net, ref_net) -> str:
-    """The fused kernels compute the same function as the reference (to SANITY_ATOL): else the table means nothing."""
+    """The fused kernels and the nn.LSTM rows compute the same function as the reference (to SANITY_ATOL): else the
+    table means nothing."""
     param, grad, state = make_inputs(fused_net, n)
     with torch.no_grad():
         update_fused, _ = fused_net(grad, state)
         update_ref, _ = ref_net(grad, state)
+        lstm, out = torch_lstm_modules(ref_net)
+        update_lstm = torch_lstm_forward(ref_net, lstm, out, grad, *torch_lstm_state(state))[0]
         param_fused, state_fused = param.clone(), state.clone()
         fused_net.step_(param_fused, grad, state_fused)
         ref_net.step_(param, grad, state)
     diffs = {"update (forward)": (update_fused - update_ref).abs().max().item(),
+             "nn.LSTM update": (update_lstm - update_ref).abs().max().item(),
              "param (step_)": (param_fused - param).abs().max().item(),
              "state (step_)": (state_fused - state).abs().max().item()}
     bad = {k: v for k, v in diffs.items() if not v <= SANITY_ATOL}
@@ -403,13 +476,13 @@ def main(argv=None) -> None:
                      f"fwd+bwd {fwdbwd_bytes} B/coord; "
                      f"Adam {machine.ADAM_BYTES_PER_PARAM} B/param")
     if device == "cuda":
-        lines.append("columns  : vs eager / vs compile = eager reference / torch.compile(reference) time over row time, "
-                     "same group (step rows vs step, fwd+bwd vs fwd+bwd); % FLOP limit = coord/s / limit above; "
+        lines.append("columns  : vs eager / vs nn.LSTM / vs compile = eager reference / torch.nn.LSTM / "
+                     "torch.compile(reference) time over row time, same group (step rows vs step, fwd+bwd vs fwd+bwd); % FLOP limit = coord/s / limit above; "
                      "GB/s = coord/s x minimum B/coord; % HBM roofline = GB/s / device copy GB/s; IQR % = spread of "
                      "the per-call times / median")
     else:
-        lines.append("columns  : vs eager = eager reference time / row time, same group (step rows vs eager step, "
-                     "fwd+bwd rows vs eager fwd+bwd); % FLOP limit = Mcoord/s / limit above; IQR % = spread of the "
+        lines.append("columns  : vs eager, vs nn.LSTM = eager reference / torch.nn.LSTM time over row time, same group "
+                     "(step rows vs the step rows, fwd+bwd rows vs the fwd+bwd rows); % FLOP limit = Mcoord/s / limit above; IQR % = spread of the "
                      "per-call times / median")
 
     fused_net = None

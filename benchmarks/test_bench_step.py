@@ -52,3 +52,26 @@ def test_workloads_run_without_autograd_leaks():
     grads = bench_step.fwdbwd_fn(net, 7)()
     assert len(grads) == len(net.weights()) + 1
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+TORCH_LSTM = {"step": bench_step.torch_lstm_step_fn, "fwd+bwd": bench_step.torch_lstm_fwdbwd_fn}
+
+
+@pytest.mark.parametrize("kind", sorted(TORCH_LSTM))
+def test_torch_lstm(benchmark, kind):
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
+    run(benchmark, TORCH_LSTM[kind](net, N), kind)
+
+
+def test_torch_lstm_rows_compute_the_reference():
+    """The nn.LSTM rows are the same function as the reference: the same gradients (float32, both sides) to the
+    weights and the state, in the same order."""
+    net = bench_step.make_net(HIDDEN, LAYERS, "cpu", "reference")
+    expected = bench_step.fwdbwd_fn(net, 7)()
+    got = bench_step.torch_lstm_fwdbwd_fn(net, 7)()
+    assert len(got) == len(expected) + 1
+    for g, e in zip(got[:-2], expected[:-1]):
+        torch.testing.assert_close(g, e.reshape(g.shape), rtol=1e-4, atol=1e-6)
+    h, c = bench_step.torch_lstm_state(expected[-1])
+    torch.testing.assert_close(got[-2], h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[-1], c, rtol=1e-4, atol=1e-6)
