@@ -10,6 +10,10 @@ For every N, in one run and one process, with the same weights and thread count:
   fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
                torch.autograd.grad to the weights and the state with random output gradients), the same through
                the eager reference and through torch.compile of the reference.
+  precise rows on the CPU, the fused step_ and fwd+bwd again with the precise float activations (Cephes-style exp,
+               the kernels' only ones before 2026-12-06: l2l_fast._C.set_cpu_activations("precise")), so that today's
+               and the previous kernel are timed in one process; --ab-rounds R then alternates the two R more times
+               and prints each round's ratio (fair under a load that drifts).
   nn.LSTM rows the user's alternative, one in each group: the net's weights in ``torch.nn.LSTM(I, H, L)`` and
                ``torch.nn.Linear(H, 1)`` (``net.lstm.to_torch()``), applied to the preprocessed gradients as a batch of
                N sequences of length 1, state (h, c) kept in nn.LSTM's own layout [L, N, H]; the step under no_grad
@@ -25,6 +29,7 @@ torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x ra
 
   python benchmarks/bench_step.py --threads 2                   # CPU, N = 1e4 1e5 1e6
   python benchmarks/bench_step.py --sizes 1e5 --markdown
+  python benchmarks/bench_step.py --sizes 1e6 --no-compile --ab-rounds 5      # fast vs precise activations
   python benchmarks/bench_step.py --device cuda                 # N = 1e6 1e7 1e8
   python benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --no-compile   # the CUDA gate kernels
 """
@@ -35,6 +40,7 @@ import dataclasses
 import gc
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -222,12 +228,37 @@ class Row:
     counts_flops: bool = True   # False for Adam: the LSTM FLOP limit says nothing about it
     baseline: bool = False
     torch_lstm: bool = False    # the group's nn.LSTM row: the "vs nn.LSTM" column divides by its time
+    activations: str | None = None  # CPU fused rows: the float activations to time them with ("precise")
     warmup_calls: int = 1
     gates: str | None = None    # L2L_FAST_CUDA_GATES while the row is built, warmed up and timed
     compiled: bool = False      # report the (untimed) compile + warm-up time in the note
     seconds: float | None = None
     iqr: float | None = None    # interquartile range of the per-call times: the spread behind the median
     note: str = ""
+
+
+def precise_rows(args) -> bool:
+    """The CPU kernels can switch their float activations (a build from 2026-12-06 on)."""
+    return args.device == "cpu" and args.backend == "native" and ops.HAS_NATIVE and hasattr(
+        sys.modules.get("l2l_fast._C"), "set_cpu_activations")
+
+
+class activations_set:
+    """Runs the block with the CPU kernels' float activations set to `name` (None: unchanged), then restores."""
+
+    def __init__(self, name: str | None):
+        self.name, self.previous = name, None
+
+    def __enter__(self):
+        if self.name is not None:
+            from l2l_fast import _C
+            self.previous = _C.cpu_activations()
+            _C.set_cpu_activations(self.name)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            from l2l_fast import _C
+            _C.set_cpu_activations(self.previous)
 
 
 def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
@@ -256,6 +287,11 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     rows = [
         gate_rows[0],
         Row("eager reference step", "step", lambda: step_fn(ref_net, n), step_bytes, baseline=True),
+    ]
+    if precise_rows(args):
+        rows.append(Row(f"{fused} step_ [precise activations]", "step", lambda: step_fn(fused_net_or_skip(), n),
+                        step_bytes, activations="precise"))
+    rows += [
         Row("torch.nn.LSTM step", "step", lambda: torch_lstm_step_fn(ref_net, n), step_bytes, torch_lstm=True),
     ]
     if not args.no_compile:
@@ -275,6 +311,11 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     rows += [
         Row(f"{fused} fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n), fwdbwd_bytes),
         Row("eager reference fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(ref_net, n), fwdbwd_bytes, baseline=True),
+    ]
+    if precise_rows(args):
+        rows.append(Row(f"{fused} fwd+bwd [precise activations]", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n),
+                        fwdbwd_bytes, activations="precise"))
+    rows += [
         Row("torch.nn.LSTM fwd+bwd", "fwdbwd", lambda: torch_lstm_fwdbwd_fn(ref_net, n), fwdbwd_bytes,
             torch_lstm=True),
     ]
@@ -296,6 +337,21 @@ def measure(row: Row, args) -> None:
     if row.gates is not None:
         os.environ["L2L_FAST_CUDA_GATES"] = row.gates
     try:
+        with activations_set(row.activations):
+            _measure(row, args)
+    except Unavailable as error:
+        row.note = f"n/a: {error}"
+    except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
+        row.note = f"n/a: {_short(error)}"
+    finally:
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure(row: Row, args) -> None:
+    fn = None
+    try:
         start = time.perf_counter()
         fn = row.build()
         for _ in range(row.warmup_calls):
@@ -306,19 +362,12 @@ def measure(row: Row, args) -> None:
             row.note = f"compile + warm-up {time.perf_counter() - start:.1f} s, excluded"
         measurement = machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time)
         row.seconds, row.iqr = measurement.median, measurement.iqr
-    except Unavailable as error:
-        row.note = f"n/a: {error}"
-    except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
-        row.note = f"n/a: {_short(error)}"
     finally:
         if saved_gates is None:
             os.environ.pop("L2L_FAST_CUDA_GATES", None)
         else:
             os.environ["L2L_FAST_CUDA_GATES"] = saved_gates
         del fn
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
 
 
 def render(n: int, rows: list[Row], limits: dict, args) -> str:
@@ -362,6 +411,31 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
     fmt = lambda cells: "  ".join(  # noqa: E731
         c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in table]) + "\n"
+
+
+def ab_rounds(n: int, fused_net, args) -> str:
+    """fast vs precise activations, alternating (fast, precise) args.ab_rounds times per workload: a load that
+    drifts during the run hits both alike. Per round the median of each; the ratio precise / fast."""
+    lines = [f"A/B at N = {n:,}: fused rows with fast vs precise activations, {args.ab_rounds} alternating rounds "
+             f"(median ms of each; speed-up = precise / fast)"]
+    for name, build in (("step_", step_fn), ("fwd+bwd", fwdbwd_fn)):
+        fn, ratios, cells = build(fused_net, n), [], []
+        for _ in range(args.ab_rounds):
+            times = {}
+            for activations in ("fast", "precise"):
+                with activations_set(activations):
+                    fn()
+                    times[activations] = machine.timeit(fn, threads=args.threads,
+                                                        min_run_time=args.min_run_time).median
+            ratios.append(times["precise"] / times["fast"])
+            cells.append(f"{times['fast'] * 1e3:.1f}/{times['precise'] * 1e3:.1f}")
+        del fn
+        gc.collect()
+        lines.append(f"  {name:8s} rounds fast/precise ms: {', '.join(cells)}; speed-up per round "
+                     f"{', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}x")
+    if hasattr(os, "getloadavg"):
+        lines.append(f"  load average (1 min) {os.getloadavg()[0]:.2f} after the rounds")
+    return "\n".join(lines) + "\n"
 
 
 def sanity_check(n: int, fused_net, ref_net) -> str:
@@ -428,6 +502,9 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--gates", choices=("ffma", "mma", "mma16"), nargs="+", default=["ffma"],
                         help="CUDA: the gate kernels of the fused step rows (L2L_FAST_CUDA_GATES; default ffma)")
+    parser.add_argument("--ab-rounds", type=int, default=0,
+                        help="CPU: after each table, time the fused step_ and fwd+bwd with the fast and the precise "
+                             "activations alternately this many more times and print the per-round ratios")
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [1e6, 1e7, 1e8] if args.device == "cuda" else [1e4, 1e5, 1e6]
@@ -464,6 +541,10 @@ def main(argv=None) -> None:
              f"command  : {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
     lines += machine.machine_lines(device, args.threads)
     lines.append(f"l2l_fast : {l2l_fast.__version__}, native {native}; fused rows use backend={args.backend!r}")
+    if precise_rows(args):
+        from l2l_fast import _C
+        lines.append(f"kernels  : CPU {_C.cpu_isa()}, float activations {_C.cpu_activations()} (the [precise "
+                     "activations] rows: precise)")
     lines.append(f"GEMM     : fp32 torch.mm {gemm_size}x{gemm_size} = {gemm / 1e9:,.1f} GFLOP/s")
     lines.append(f"limit    : step {fwd_flops:,} FLOP/coord -> {limits['step'] / 1e6:,.2f} Mcoord/s; "
                  f"fwd+bwd {fwdbwd_flops:,} FLOP/coord (3x forward) -> {limits['fwdbwd'] / 1e6:,.2f} Mcoord/s")
@@ -509,6 +590,8 @@ def main(argv=None) -> None:
         for row in rows:
             measure(row, args)
         print(render(n, rows, limits, args), flush=True)
+        if args.ab_rounds > 0 and precise_rows(args) and fused_net is not None:
+            print(ab_rounds(n, fused_net, args), flush=True)
     if hasattr(os, "getloadavg"):  # other work during the run makes every number above pessimistic
         print(f"load average (1 min) {os.getloadavg()[0]:.2f} at the end")
 

@@ -2,6 +2,8 @@
 // which kernels this build has, their table of input features and the CPU output cache's controls.
 #include <torch/extension.h>
 
+#include <cmath>
+#include <cstring>
 #include <map>
 #include <string>
 #include <tuple>
@@ -16,6 +18,57 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &l2l_fast::cpu::active_isa_name, "Instruction set of the CPU kernels in use");
   m.def("set_cpu_isa", &l2l_fast::cpu::select_isa,
         "Use the CPU kernels built for `isa` ('generic', 'avx2', 'avx512' or 'auto'); returns the one in use");
+  m.def("cpu_activations", &l2l_fast::cpu::active_activations_name,
+        "Float sigmoid/tanh of the CPU kernels in use: 'fast' or 'precise' (csrc/cpu/ACTIVATIONS.md)");
+  m.def("set_cpu_activations", &l2l_fast::cpu::select_activations,
+        "Use the 'fast' or 'precise' float activations in the AVX2 / AVX-512 kernels (the generic ones are always "
+        "precise); returns the ones in use");
+  m.def("cpu_activation_f32", [](const torch::Tensor& x, const std::string& which) {
+    TORCH_CHECK_VALUE(which == "sigmoid" || which == "tanh", "which: expected 'sigmoid' or 'tanh', got '", which, "'");
+    TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 1 && x.is_contiguous(),
+                      "x: expected a contiguous 1-D float32 CPU tensor");
+    torch::Tensor y = torch::empty_like(x);
+    l2l_fast::cpu::active_kernels().activation_f32(which == "tanh", x.data_ptr<float>(), y.data_ptr<float>(),
+                                                   x.numel());
+    return y;
+  }, py::arg("x"), py::arg("which"),
+        "The CPU kernels' own float32 sigmoid or tanh (instruction set and activations in use) of x [n]: a new "
+        "tensor, for the accuracy tests and scripts/scan_activations.py");
+  m.def("cpu_activation_scan", [](const std::string& which, int64_t first_bits, int64_t count) {
+    TORCH_CHECK_VALUE(which == "sigmoid" || which == "tanh", "which: expected 'sigmoid' or 'tanh', got '", which, "'");
+    TORCH_CHECK_VALUE(count >= 0, "count: expected >= 0");
+    const bool tanh = which == "tanh";
+    constexpr int64_t kBlock = 4096;
+    std::vector<float> x(kBlock), y(kBlock);
+    double worst = 0, worst_x = 0;
+    bool nan_ok = true, in_range = true;
+    for (int64_t at = 0; at < count; at += kBlock) {
+      const int64_t m = std::min(kBlock, count - at);
+      for (int64_t j = 0; j < m; ++j) {
+        const uint32_t bits = uint32_t(first_bits + at + j);
+        std::memcpy(&x[j], &bits, sizeof(float));
+      }
+      l2l_fast::cpu::active_kernels().activation_f32(tanh, x.data(), y.data(), m);
+      for (int64_t j = 0; j < m; ++j) {
+        const double xd = x[j], yd = y[j];
+        if (std::isnan(xd)) {
+          nan_ok = nan_ok && std::isnan(yd);
+          continue;
+        }
+        const double exact = tanh ? std::tanh(xd) : 1.0 / (1.0 + std::exp(-xd));
+        const double err = std::fabs(yd - exact);
+        in_range = in_range && (tanh ? yd >= -1.0 : yd >= 0.0) && yd <= 1.0;
+        if (!(err <= worst)) {  // a NaN error (NaN output for a non-NaN input) is the worst there is
+          worst = std::isnan(err) ? INFINITY : err;
+          worst_x = xd;
+        }
+      }
+    }
+    return std::make_tuple(worst, worst_x, nan_ok, in_range);
+  }, py::arg("which"), py::arg("first_bits"), py::arg("count"),
+        "Scan of the CPU kernels' own float32 sigmoid or tanh over `count` consecutive bit patterns from "
+        "`first_bits` (as uint32): (max |f - exact| over non-NaN inputs, the input there, every NaN input gave "
+        "NaN, every output in the function's range); exact: libm in double. For scripts/scan_activations.py");
   m.def("empty_cpu_cache", &l2l_fast::cpu::release_cached_outputs,
         "Give the unused blocks of the CPU output cache back to the system; returns the bytes released");
   m.def("cpu_cache_bytes", &l2l_fast::cpu::cached_output_bytes, "Bytes held in unused CPU output cache blocks");

@@ -1,6 +1,8 @@
 // The CPU kernels' entry points, one table per instruction set (generic, AVX2, AVX-512).
 // Each table is compiled in its own translation unit with its own target flags
-// (kernel_<isa>.cpp); the binding picks one at run time from what the CPU supports.
+// (kernel_<isa>.cpp); the binding picks one at run time from what the CPU supports. AVX2 and AVX-512
+// are built twice: with the fast float activations (the default) and with the precise ones
+// (kernel_<isa>_precise.cpp), chosen at run time too.
 #pragma once
 #include <cstdint>
 
@@ -20,11 +22,16 @@ struct CpuKernels {
   void (*backward_f64)(const StepParams<double>&, int64_t begin, int64_t end, double* d_weights);
   int64_t tile_f32;  // coordinates per tile: ranges are best split at multiples of it
   int64_t tile_f64;
+  const char* activations;  // the float sigmoid/tanh: "fast" or "precise" (csrc/cpu/ACTIVATIONS.md)
+  void (*activation_f32)(int which, const float* x, float* y, int64_t n);  // 0 sigmoid, 1 tanh; for tests
 };
 
 namespace generic { extern const CpuKernels kernels; }
 namespace avx2 { extern const CpuKernels kernels; }
 namespace avx512 { extern const CpuKernels kernels; }
+// the same instruction sets with the precise activations (L2L_FAST_CPU_ACTIVATIONS=precise), for A/B runs
+namespace avx2_precise { extern const CpuKernels kernels; }
+namespace avx512_precise { extern const CpuKernels kernels; }
 
 }  // namespace cpu
 }  // namespace l2l_fast

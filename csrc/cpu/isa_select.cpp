@@ -21,10 +21,26 @@ bool cpu_supports(const std::string& isa) {
   return false;
 }
 
+bool parse_precise(const std::string& activations) {
+  TORCH_CHECK_VALUE(activations == "fast" || activations == "precise",
+                    "activations: expected 'fast' or 'precise', got '", activations, "'");
+  return activations == "precise";
+}
+
+// read once: the activations of every table chosen afterwards (until set_cpu_activations)
+std::atomic<bool>& precise() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("L2L_FAST_CPU_ACTIVATIONS");
+    return parse_precise(env ? env : "fast");
+  }()};
+  return flag;
+}
+
 const CpuKernels* kernels_named(const std::string& isa) {
+  const bool want_precise = precise().load();
   if (isa == "generic") return &generic::kernels;
-  if (isa == "avx2") return &avx2::kernels;
-  if (isa == "avx512") return &avx512::kernels;
+  if (isa == "avx2") return want_precise ? &avx2_precise::kernels : &avx2::kernels;
+  if (isa == "avx512") return want_precise ? &avx512_precise::kernels : &avx512::kernels;
   return nullptr;
 }
 
@@ -60,6 +76,16 @@ std::string active_isa_name() { return active_kernels().name; }
 std::string select_isa(const std::string& isa) {
   current().store(choose(isa));
   return active_isa_name();
+}
+
+std::string active_activations_name() { return active_kernels().activations; }
+
+std::string select_activations(const std::string& activations) {
+  const bool want_precise = parse_precise(activations);
+  const std::string isa = active_isa_name();  // keep the instruction set, change the activations
+  precise().store(want_precise);
+  current().store(choose(isa));
+  return active_activations_name();
 }
 
 }  // namespace cpu

@@ -11,5 +11,5 @@
 #define L2L_TILE_VECTORS 2
 #include "cpu/kernel_body.inc"
 #else
-namespace l2l_fast { namespace cpu { namespace avx2 { extern const CpuKernels kernels{"unavailable", nullptr, nullptr, nullptr, nullptr, 0, 0}; } } }
+namespace l2l_fast { namespace cpu { namespace avx2 { extern const CpuKernels kernels{"unavailable", nullptr, nullptr, nullptr, nullptr, 0, 0, "fast", nullptr}; } } }
 #endif
