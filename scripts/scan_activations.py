@@ -80,7 +80,7 @@ def main(argv=None) -> None:
           f"every {args.stride}th of the 2^32 float32 bit patterns" if args.stride > 1 else
           f"scan_activations: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           "all 2^32 float32 bit patterns")
-    print("isa      activations  function  max |error| (finite x)  at x               f(+0), f(-0), f(+inf), f(-inf)"
+    print("isa      activations  function  max |error| (non-NaN x) at x               f(+0), f(-0), f(+inf), f(-inf)"
           "          NaN -> NaN  in range  seconds")
     for isa in isas:
         _C.set_cpu_isa(isa)

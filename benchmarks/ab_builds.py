@@ -1,0 +1,75 @@
+"""Is one build of the kernels faster than another, measured alternately on a machine whose load drifts?
+
+Each round runs, for every checkout given, one child process with that checkout first on sys.path (its own
+l2l_fast and _C), which times the fused step_ and fwd+bwd of bench_step.py (same weights, inputs and timer)
+at one N; rounds alternate the checkouts, so a load that comes and goes hits all of them alike. Prints every
+sample, then per checkout the median over rounds and the speed-up of each checkout over the first.
+
+  git worktree add ../l2l-main main && (cd ../l2l-main && python setup.py build_ext --inplace)
+  python benchmarks/ab_builds.py ../l2l-main . --sizes 1e6 --rounds 3 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CHILD = r"""
+import json, os, sys, torch
+sys.path.insert(0, {bench!r})
+import bench_step, machine
+import l2l_fast
+from l2l_fast import _C
+torch.set_num_threads({threads})
+net = bench_step.make_net(20, 2, "cpu", "native")
+out = {{"activations": _C.cpu_activations() if hasattr(_C, "cpu_activations") else "precise (build without the switch)",
+       "isa": _C.cpu_isa(), "where": os.path.dirname(os.path.dirname(os.path.abspath(l2l_fast.__file__)))}}
+for name, build in (("step_", bench_step.step_fn), ("fwd+bwd", bench_step.fwdbwd_fn)):
+    fn = build(net, {n})
+    fn()
+    out[name] = machine.timeit(fn, threads={threads}, min_run_time={min_run_time}).median
+    del fn
+out["load"] = os.getloadavg()[0]
+print(json.dumps(out))
+"""
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkouts", nargs="+", help="repository roots (each with its built l2l_fast/_C)")
+    parser.add_argument("--sizes", type=float, default=1e6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    n = int(args.sizes)
+    samples = {c: [] for c in args.checkouts}
+    print(f"ab_builds: N = {n:,}, {args.threads} threads, {args.rounds} rounds over {len(args.checkouts)} checkouts")
+    for r in range(args.rounds):
+        for checkout in args.checkouts:
+            root = os.path.abspath(checkout)
+            code = CHILD.format(bench=HERE, threads=args.threads, n=n, min_run_time=args.min_run_time)
+            env = dict(os.environ, PYTHONPATH=root)
+            result = json.loads(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,
+                                               capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            samples[checkout].append(result)
+            print(f"round {r + 1} {checkout} ({result['isa']}, {result['activations']} activations): step_ "
+                  f"{result['step_'] * 1e3:.1f} ms, fwd+bwd {result['fwd+bwd'] * 1e3:.1f} ms, load {result['load']:.2f}",
+                  flush=True)
+    first = args.checkouts[0]
+    for name in ("step_", "fwd+bwd"):
+        base = statistics.median(s[name] for s in samples[first])
+        for checkout in args.checkouts:
+            med = statistics.median(s[name] for s in samples[checkout])
+            ratios = [b[name] / s[name] for b, s in zip(samples[first], samples[checkout])]
+            print(f"{name:8s} {checkout}: median {med * 1e3:.1f} ms, {n / med / 1e6:.2f} Mcoord/s, speed-up over "
+                  f"{first} {base / med:.3f}x (per round {', '.join(f'{x:.3f}' for x in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
