@@ -185,6 +185,49 @@ def assert_same_non_finite(actual, expected, dtype, name):
     assert_elementwise_close(a[finite], e[finite], dtype, name)
 
 
+def check_nonfinite_inplace(impl: Impl, grad, state, weights, p=10.0, scale=0.1):
+    """The in-place step on test_nonfinite_policy's inputs gives the reference's NaN pattern in param and state; for
+    float32, so does the multi-tensor step with a bfloat16 state, the coordinates split over two slots."""
+    from test_nonfinite_policy import assert_same_pattern
+
+    param = torch.zeros_like(grad)
+    p_ref, s_ref, s_got = param.double().clone(), state.double().clone(), state.clone()
+    reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], p, scale)
+    impl.lstm_step_(param, grad, s_got, weights, p, scale, 1)
+    assert_same_pattern(param, p_ref, "param")
+    assert_same_pattern(s_got, s_ref, "state")
+    if grad.dtype != torch.float32:
+        return
+    s16_ref, s16_got = state.to(torch.bfloat16), state.to(torch.bfloat16)
+    p_ref, p_got = torch.zeros_like(grad), torch.zeros_like(grad)
+    sizes = [grad.numel() // 2, grad.numel() - grad.numel() // 2]
+    reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s16_ref, weights, p, scale)
+    impl.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s16_got, weights, p, scale, 1)
+    assert_same_pattern(p_got, p_ref, "param")
+    assert_same_pattern(s16_got, s16_ref, "bf16 state")
+
+
+def check_graph_replays(calls: Callable, param, state, replays: int = 2):
+    """`calls(param, state)` (ops that advance param and state in place, returning their other outputs) captured
+    into a CUDA graph: every replay computes what the same calls compute eagerly on copies."""
+    param_e, state_e = param.clone(), state.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, on scratch copies
+        calls(param.clone(), state.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = calls(param, state)
+    for replay in range(replays):  # the in-place ops advance param and state on every replay
+        expected = calls(param_e, state_e)
+        graph.replay()
+        torch.cuda.synchronize()
+        for j, (a, b) in enumerate(zip(outputs, expected)):
+            assert torch.equal(a, b), f"replay {replay}, output {j}"
+        assert torch.equal(param, param_e) and torch.equal(state, state_e), f"replay {replay}"
+
+
 def check_nonfinite_moments(impl: Impl, n, H, L, dtype, gen, *, features, output=0, p=10.0, scale=0.1):
     """Non-finite moments (m NaN, v +Inf, t NaN at finite gradients) poison their coordinates like a non-finite
     state in all four ops; a non-finite gradient keeps its coordinate's moments bit for bit, NaN or not."""

@@ -314,7 +314,6 @@ def test_cuda_graph_capture(gen):
     what the same calls compute eagerly."""
     grad, state, weights, up_u, up_s = cases.on(IMPL, cases.inputs(70_003, 20, 2, torch.float32, gen, non_finite=True))
     param = torch.randn(grad.shape, device="cuda")
-    param_e, state_e = param.clone(), state.clone()
 
     def calls(param, state):
         update, new_state = ops.lstm_step(grad, state, weights, P, SCALE)
@@ -323,21 +322,7 @@ def test_cuda_graph_capture(gen):
         torch.ops.l2l_fast.lstm_multi_step_([param[:10], param[10:]], [grad[:10], grad[10:]], state, weights, P, SCALE)
         return [update, new_state, d[0], d[1], *d[2]]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture, on scratch copies
-        calls(param.clone(), state.clone())
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = calls(param, state)
-    for replay in range(2):  # the in-place ops advance param and state on every replay
-        expected = calls(param_e, state_e)
-        graph.replay()
-        torch.cuda.synchronize()
-        for j, (a, b) in enumerate(zip(outputs, expected)):
-            assert torch.equal(a, b), f"replay {replay}, output {j}"
-        assert torch.equal(param, param_e) and torch.equal(state, state_e), f"replay {replay}"
+    cases.check_graph_replays(calls, param, state)
 
 
 def test_cuda_graph_replays_see_in_place_weight_updates(gen):

@@ -239,21 +239,7 @@ def test_nonfinite_policy(impl, pr, dtype):
         assert all(torch.isnan(w).all() for w in d_weights)
     else:
         assert all(torch.isfinite(w).all() for w in d_weights)
-    param = torch.zeros_like(grad)
-    p_ref, s_ref, s_got = param.double().clone(), state.double().clone(), state.clone()
-    reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1)
-    impl.lstm_step_(param, grad, s_got, weights, 10.0, 0.1, 1)
-    assert_same_pattern(param, p_ref, "param")
-    assert_same_pattern(s_got, s_ref, "state")
-    if dtype == torch.float32:  # the multi-tensor step with a bfloat16 state
-        s16 = state.to(torch.bfloat16)
-        s16_ref, s16_got = s16.clone(), s16.clone()
-        p_ref, p_got = torch.zeros_like(grad), torch.zeros_like(grad)
-        sizes = [pr["n"] // 2, pr["n"] - pr["n"] // 2]
-        reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s16_ref, weights, 10.0, 0.1)
-        impl.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s16_got, weights, 10.0, 0.1, 1)
-        assert_same_pattern(p_got, p_ref, "param")
-        assert_same_pattern(s16_got, s16_ref, "bf16 state")
+    cases.check_nonfinite_inplace(impl, grad, state, weights)
 
 
 @pytest.mark.parametrize("output", OUTPUTS, ids=output_id)

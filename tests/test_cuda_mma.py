@@ -132,7 +132,6 @@ def test_cuda_graph_capture(gen):
     same calls compute eagerly (the kernel is chosen at capture time)."""
     grad, state, weights, _, _ = cases.on(IMPL, cases.inputs(70_003, 20, 2, torch.float32, gen, non_finite=True))
     param = torch.randn(grad.shape, device="cuda")
-    param_e, state_e = param.clone(), state.clone()
 
     def calls(param, state):
         update, new_state = ops.lstm_step(grad, state, weights, P, SCALE)
@@ -140,21 +139,7 @@ def test_cuda_graph_capture(gen):
         torch.ops.l2l_fast.lstm_multi_step_([param[:10], param[10:]], [grad[:10], grad[10:]], state, weights, P, SCALE)
         return [update, new_state]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        calls(param.clone(), state.clone())
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = calls(param, state)
-    for replay in range(2):
-        expected = calls(param_e, state_e)
-        graph.replay()
-        torch.cuda.synchronize()
-        for j, (a, b) in enumerate(zip(outputs, expected)):
-            assert torch.equal(a, b), f"replay {replay}, output {j}"
-        assert torch.equal(param, param_e) and torch.equal(state, state_e), f"replay {replay}"
+    cases.check_graph_replays(calls, param, state)
 
 
 def test_runs_on_the_current_stream(gen):

@@ -225,20 +225,7 @@ def test_nonfinite_policy(impl, seed):
     for name, a, e in (("update", update, ref_update), ("new_state", new_state, ref_state)):
         fa, fe, _ = assert_same_pattern(a, e, name)
         assert_elementwise_close(fa, fe, torch.float32, name)
-    param, s_got = torch.zeros_like(grad), state.clone()
-    p_ref, s_ref = param.double().clone(), state.double().clone()
-    reference.lstm_step_(p_ref, grad.double(), s_ref, [w.double() for w in weights], 10.0, 0.1)
-    impl.lstm_step_(param, grad, s_got, weights, 10.0, 0.1, 1)
-    assert_same_pattern(param, p_ref, "param")
-    assert_same_pattern(s_got, s_ref, "state")
-    s16 = state.to(torch.bfloat16)
-    s16_ref, s16_got = s16.clone(), s16.clone()
-    p_ref, p_got = torch.zeros_like(grad), torch.zeros_like(grad)
-    sizes = [pr["n"] // 2, pr["n"] - pr["n"] // 2]
-    reference.lstm_multi_step_(list(p_ref.split(sizes)), list(grad.split(sizes)), s16_ref, weights, 10.0, 0.1)
-    impl.lstm_multi_step_(list(p_got.split(sizes)), list(grad.split(sizes)), s16_got, weights, 10.0, 0.1, 1)
-    assert_same_pattern(p_got, p_ref, "param")
-    assert_same_pattern(s16_got, s16_ref, "bf16 state")
+    cases.check_nonfinite_inplace(impl, grad, state, weights)
 
 
 @pytest.mark.parametrize("features", MOMENT_SETS, ids=feature_id)
