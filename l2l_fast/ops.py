@@ -32,8 +32,8 @@ except ImportError as error:  # pure-Python install: the reference backend still
     HAS_NATIVE = False
     NATIVE_IMPORT_ERROR = error
 
-__all__ = ["HAS_NATIVE", "cpu_cache_bytes", "empty_cpu_cache", "lstm_multi_step_", "lstm_step", "lstm_step_",
-           "native_devices"]
+__all__ = ["HAS_NATIVE", "available_cpu_isas", "cpu_cache_bytes", "empty_cpu_cache", "lstm_multi_step_", "lstm_step",
+           "lstm_step_", "native_devices"]
 
 
 # Fixed at import: a plain constant that torch.compile can trace (a pybind call it cannot).
@@ -43,6 +43,24 @@ _NATIVE_DEVICES = frozenset(({"cpu", "cuda"} if _C.has_cuda_kernels() else {"cpu
 def native_devices() -> frozenset[str]:
     """Device types with a native kernel in this build."""
     return _NATIVE_DEVICES
+
+
+def available_cpu_isas() -> list[str]:
+    """Instruction sets whose CPU kernels this build has and this CPU runs, narrowest first (each one can be
+    forced with l2l_fast._C.set_cpu_isa); [] without the native extension."""
+    if not HAS_NATIVE:
+        return []
+    if not hasattr(_C, "set_cpu_isa"):
+        return [getattr(_C, "cpu_isa", lambda: "default")()]
+    current, found = _C.cpu_isa(), []
+    for isa in ("generic", "avx2", "avx512"):
+        try:
+            _C.set_cpu_isa(isa)
+            found.append(isa)
+        except (RuntimeError, ValueError):
+            pass
+    _C.set_cpu_isa(current)
+    return found
 
 
 def empty_cpu_cache() -> int:

@@ -21,6 +21,7 @@ import time
 import torch
 
 from l2l_fast import _C
+from l2l_fast.ops import available_cpu_isas
 
 REFERENCE = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 RANGE = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
@@ -68,14 +69,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     isas = args.isa
     if isas is None:
-        isas, current = [], _C.cpu_isa()
-        for isa in ("avx512", "avx2", "generic"):
-            try:
-                _C.set_cpu_isa(isa)
-                isas.append(isa)
-            except (RuntimeError, ValueError):
-                pass
-        _C.set_cpu_isa(current)
+        isas = available_cpu_isas()[::-1]  # widest first
     print(f"scan_activations: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"every {args.stride}th of the 2^32 float32 bit patterns" if args.stride > 1 else
           f"scan_activations: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

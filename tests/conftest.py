@@ -75,23 +75,7 @@ def variant_id(variant: tuple[int, int]) -> str:
     return f"{feature_id(features)}-{OUTPUT_NAMES[output]}"
 
 
-def available_cpu_isas() -> list[str]:
-    """Instruction sets whose CPU kernels this build has and this CPU runs (l2l_fast._C.set_cpu_isa)."""
-    if not ops.HAS_NATIVE:
-        return []
-    from l2l_fast import _C
-
-    if not hasattr(_C, "set_cpu_isa"):
-        return [getattr(_C, "cpu_isa", lambda: "default")()]
-    current, found = _C.cpu_isa(), []
-    for isa in ("generic", "avx2", "avx512"):
-        try:
-            _C.set_cpu_isa(isa)
-            found.append(isa)
-        except (RuntimeError, ValueError):
-            pass
-    _C.set_cpu_isa(current)
-    return found
+available_cpu_isas = ops.available_cpu_isas  # the tests' name for it (from conftest import ...)
 
 
 @pytest.fixture
