@@ -11,7 +11,7 @@
 // Adding a feature computed from what the ops receive: a struct like PaperFeature below, appended
 // to Features, and its entry in l2l_fast/features.py (with a new Math helper, if it needs one, in
 // ScalarMath and VecMath). Features may read the running moments (kReadsMoments; CoordinateInputs' m, v,
-// t), which the ops take as one optional [3, n] tensor.
+// t, u), which the ops take as one optional [4, n] tensor.
 #pragma once
 #include <array>
 #include <cmath>
@@ -44,31 +44,36 @@ struct ScalarMath {
 };
 
 // Per-coordinate running moments, kept by the optimizer for the features that read them (kReadsMoments):
-// one tensor [3, n] in the math dtype, row 0 m (moving average of g), row 1 v (of g^2), row 2 t (the
-// steps taken, for the bias correction); 3 values per coordinate (12 bytes in float32). Zeros to start.
-// The in-place ops advance them (advance_moments) before computing the features; the functional ops
-// (lstm_step and its backward) receive them already advanced and treat them as data (no gradient).
-// Decays are RNNprop's (Lv et al. 2017), constants of every net that reads moments.
-constexpr int kMomentRows = 3;
-constexpr double kMomentBeta1 = 0.95;  // m
-constexpr double kMomentBeta2 = 0.95;  // v
-constexpr double kMomentEps = 1e-8;    // g / (sqrt(v_hat) + eps)
+// one tensor [4, n] in the math dtype, row 0 m (moving average of g), row 1 v (of g^2), row 2 t (the
+// steps taken, for the bias corrections), row 3 u (a long moving average of g^2); 4 values per
+// coordinate (16 bytes in float32). Zeros to start. The in-place ops advance them (advance_moments)
+// before computing the features; the functional ops (lstm_step and its backward) receive them already
+// advanced and treat them as data (no gradient). Decays of m and v are RNNprop's (Lv et al. 2017), u's
+// Adam's (Kingma & Ba 2015): its ~1,000-step memory tells how far the gradient has fallen, which v's
+// ~20 steps forget. Constants of every net that reads moments. (Files of optimizer state written
+// before u existed hold [3, n]: l2l_fast.features.upgrade_moments appends u.)
+constexpr int kMomentRows = 4;
+constexpr double kMomentBeta1 = 0.95;      // m
+constexpr double kMomentBeta2 = 0.95;      // v
+constexpr double kMomentBetaLong = 0.999;  // u
+constexpr double kMomentEps = 1e-8;        // g / (sqrt(v_hat) + eps)
 
 // What an op receives for one coordinate. The kernels pass finite values only: a coordinate whose
 // gradient is NaN or +-Inf is masked before its features are computed (it keeps its state and moments).
-// m, v, t are zero unless the features read moments.
+// m, v, t, u are zero unless the features read moments.
 template <typename V>
 struct CoordinateInputs {
   V grad;  // the optimizee's gradient
   V m;     // the moments, advanced with this step's gradient
   V v;
   V t;
+  V u;
 };
 
 // d loss / d inputs is shaped like the inputs; features add their parts.
 template <typename V>
 L2L_HD CoordinateInputs<V> operator+(const CoordinateInputs<V>& a, const CoordinateInputs<V>& b) {
-  return CoordinateInputs<V>{a.grad + b.grad, a.m + b.m, a.v + b.v, a.t + b.t};
+  return CoordinateInputs<V>{a.grad + b.grad, a.m + b.m, a.v + b.v, a.t + b.t, a.u + b.u};
 }
 
 // Constants of a call, in the arithmetic type T, computed once on the host.
@@ -77,8 +82,8 @@ struct FeatureConstants {
   T preprocess_p;  // p of the paper's preprocessing
   T exp_minus_p;   // e^-p
   T exp_p;         // e^p
-  T beta1, beta2;          // the moments' decays
-  T log_beta1, log_beta2;  // their logs: the bias corrections 1 - beta^t = 1 - e^(t log beta)
+  T beta1, beta2, beta_long;              // the moments' decays
+  T log_beta1, log_beta2, log_beta_long;  // their logs: the bias corrections 1 - beta^t = 1 - e^(t log beta)
   T eps;
 };
 
@@ -90,8 +95,10 @@ inline FeatureConstants<T> make_feature_constants(double preprocess_p) {
   c.exp_p = std::exp(c.preprocess_p);
   c.beta1 = T(kMomentBeta1);
   c.beta2 = T(kMomentBeta2);
+  c.beta_long = T(kMomentBetaLong);
   c.log_beta1 = T(std::log(kMomentBeta1));
   c.log_beta2 = T(std::log(kMomentBeta2));
+  c.log_beta_long = T(std::log(kMomentBetaLong));
   c.eps = T(kMomentEps);
   return c;
 }
@@ -103,6 +110,7 @@ L2L_HD void advance_moments(CoordinateInputs<V>& in, const FeatureConstants<T>& 
   in.m = c.beta1 * in.m + (T(1) - c.beta1) * in.grad;
   in.v = c.beta2 * in.v + (T(1) - c.beta2) * (in.grad * in.grad);
   in.t = in.t + T(1);
+  in.u = c.beta_long * in.u + (T(1) - c.beta_long) * (in.grad * in.grad);
 }
 
 // Appendix A of the paper: |g| >= e^-p -> (log|g| / p, sign g); else (-1, e^p g).
@@ -131,9 +139,22 @@ struct PaperFeature {
   }
 };
 
+// The bias-corrected momentum m_hat = m / (1 - beta1^t); t below 1 counts as 1.
+template <typename Math, typename V, typename T>
+L2L_HD V corrected_momentum(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
+  return in.m / (T(1) - Math::exp(Math::max(in.t, Math::splat(T(1))) * c.log_beta1));
+}
+
+// 1 / (sqrt(second_hat) + eps), second_hat = second / (1 - beta^t) with log_beta = log beta; t below 1 counts as 1.
+template <typename Math, typename V, typename T>
+L2L_HD V inverse_scale_of(V second, V t, T log_beta, const FeatureConstants<T>& c) {
+  const V hat = second / (T(1) - Math::exp(Math::max(t, Math::splat(T(1))) * log_beta));
+  return T(1) / (Math::sqrt(hat) + c.eps);
+}
+
 // Scale-free inputs of RNNprop (Lv et al. 2017): (g, m_hat) / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t),
-// v_hat = v / (1 - beta2^t) from the moments advanced with this g; t below 1 counts as 1. The moments are
-// data: only g / (sqrt(v_hat) + eps) has a derivative, in g.
+// v_hat = v / (1 - beta2^t) from the moments advanced with this g. The moments are data: only
+// g / (sqrt(v_hat) + eps) has a derivative, in g.
 struct MomentFeature {
   static constexpr uint32_t kBit = 1u << 1;
   static constexpr int kWidth = 2;
@@ -142,16 +163,44 @@ struct MomentFeature {
 
   template <typename Math, typename V, typename T>
   L2L_HD static V inverse_scale(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
-    const V v_hat = in.v / (T(1) - Math::exp(Math::max(in.t, Math::splat(T(1))) * c.log_beta2));
-    return T(1) / (Math::sqrt(v_hat) + c.eps);
+    return inverse_scale_of<Math>(in.v, in.t, c.log_beta2, c);
   }
 
   template <typename Math, typename V, typename T>
   L2L_HD static void forward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
     const V inv = inverse_scale<Math>(in, c);
-    const V m_hat = in.m / (T(1) - Math::exp(Math::max(in.t, Math::splat(T(1))) * c.log_beta1));
     x[0] = in.grad * inv;
-    x[1] = m_hat * inv;
+    x[1] = corrected_momentum<Math>(in, c) * inv;
+  }
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static CoordinateInputs<V> backward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c,
+                                             const V* dx) {
+    CoordinateInputs<V> d{};
+    d.grad = dx[0] * inverse_scale<Math>(in, c);
+    return d;
+  }
+};
+
+// The same over Adam's long second moment: (g, m_hat) / (sqrt(u_hat) + eps), u_hat = u / (1 - 0.999^t).
+// Near an optimum the gradient falls below its long average, so these inputs shrink where RNNprop's stay
+// O(1): what a net needs to take steps that shrink too. Only g / (sqrt(u_hat) + eps) has a derivative, in g.
+struct LongMomentFeature {
+  static constexpr uint32_t kBit = 1u << 2;
+  static constexpr int kWidth = 2;
+  static constexpr const char* kName = "long_moments";
+  static constexpr bool kReadsMoments = true;
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static V inverse_scale(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
+    return inverse_scale_of<Math>(in.u, in.t, c.log_beta_long, c);
+  }
+
+  template <typename Math, typename V, typename T>
+  L2L_HD static void forward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
+    const V inv = inverse_scale<Math>(in, c);
+    x[0] = in.grad * inv;
+    x[1] = corrected_momentum<Math>(in, c) * inv;
   }
 
   template <typename Math, typename V, typename T>
@@ -166,7 +215,7 @@ struct MomentFeature {
 // Every feature, in bit order (the first has bit 1 << 0, the next 1 << 1, ...).
 template <typename... F>
 struct FeatureList {};
-using Features = FeatureList<PaperFeature, MomentFeature>;
+using Features = FeatureList<PaperFeature, MomentFeature, LongMomentFeature>;
 
 // The paper's set: the default of every op, net and file saved without a feature mask.
 constexpr uint32_t kDefaultFeatures = PaperFeature::kBit;
@@ -186,7 +235,7 @@ constexpr uint32_t kAllFeatures = bits_of(Features{});
 constexpr int kFeatureCount = count_of(Features{});
 static_assert(kAllFeatures == (1u << kFeatureCount) - 1, "feature bits are 1 << 0, 1 << 1, ... in list order");
 
-// The features that read the moments: a mask with any of them needs the [3, n] moments tensor.
+// The features that read the moments: a mask with any of them needs the [4, n] moments tensor.
 constexpr uint32_t kMomentFeatures = moment_bits_of(Features{});
 L2L_HD constexpr bool reads_moments(uint32_t mask) { return (mask & kMomentFeatures) != 0; }
 
@@ -240,7 +289,8 @@ L2L_HD void backward_each(FeatureList<F, Rest...>, uint32_t mask, const Coordina
 template <typename Math, typename V, typename T>
 L2L_HD CoordinateInputs<V> features_backward(uint32_t mask, const CoordinateInputs<V>& in,
                                              const FeatureConstants<T>& c, const V* dx) {
-  CoordinateInputs<V> d{Math::splat(T(0)), Math::splat(T(0)), Math::splat(T(0)), Math::splat(T(0))};
+  CoordinateInputs<V> d{Math::splat(T(0)), Math::splat(T(0)), Math::splat(T(0)), Math::splat(T(0)),
+                        Math::splat(T(0))};
   bool any = false;
   backward_each<Math>(Features{}, mask, in, c, dx, d, any);
   return d;

@@ -87,7 +87,7 @@ struct StepParams {
   T* new_state = nullptr;      // [L][2][H][n] or null
   T* update = nullptr;         // [n] or null
   T* param = nullptr;          // [n] or null: param += update
-  // [3][n] (input_features.h) when the features read moments, else null. With new_moments null (the
+  // [4][n] (input_features.h) when the features read moments, else null. With new_moments null (the
   // functional ops) they are this step's, used as they are; else the kernel advances them and writes
   // new_moments (the in-place ops: the same array).
   const T* moments = nullptr;

@@ -109,7 +109,7 @@ inline void check_output(int64_t output) {
                     "output: expected 0 (update = scale * y, the paper's) or 1 (scale * tanh(y), bounded), got ", output);
 }
 
-// `moments` [3, n] in the math dtype `math` on `device`, given exactly when the features read them.
+// `moments` [4, n] in the math dtype `math` on `device`, given exactly when the features read them.
 inline void check_moments(const std::optional<at::Tensor>& moments, const PackedLayout& layout, int64_t n,
                           at::ScalarType math, const at::Device& device) {
   const bool given = moments.has_value() && moments->defined();
@@ -119,14 +119,15 @@ inline void check_moments(const std::optional<at::Tensor>& moments, const Packed
     return;
   }
   TORCH_CHECK_VALUE(given, "moments: features=", layout.features, " (", feature_names(layout.features),
-                    ") read the running moments: pass a [3, ", n, "] tensor (rows m, v, t; zeros to start)");
+                    ") read the running moments: pass a [", kMomentRows, ", ", n,
+                    "] tensor (rows m, v, t, u; zeros to start)");
   const at::Tensor& t = *moments;
   check_dense_real(t, "moments");
   TORCH_CHECK_TYPE(t.scalar_type() == math, "moments: expected dtype ", math, " (the math dtype), got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == device, "moments: expected a tensor on ", device, ", got ", t.device());
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == kMomentRows && t.size(1) == n, "moments: expected shape [",
-                    kMomentRows, ", ", n, "] (rows m, v, t; one column per coordinate), got ", t.sizes(),
+                    kMomentRows, ", ", n, "] (rows m, v, t, u; one column per coordinate), got ", t.sizes(),
                     " (moments made for another parameter?)");
 }
 

@@ -3,7 +3,7 @@
 //
 // `features` is the mask of the LSTM's input features (input_features.h, l2l_fast/features.py): the
 // first layer's I = input_width(features) inputs; 1, the default, is the paper's preprocessing (I = 2).
-// `moments` [3, n] (rows m, v, t; input_features.h) is required when the features read moments, else
+// `moments` [4, n] (rows m, v, t, u; input_features.h) is required when the features read moments, else
 // None: the functional ops take them already advanced with this step's gradient (data, no gradient), the
 // in-place ops advance them in place. `output`: 0 update = scale * y (the paper's), 1 scale * tanh(y).
 #include <torch/library.h>
@@ -23,7 +23,7 @@ TORCH_LIBRARY(l2l_fast, m) {
   // same device; params may be float32, float64, bfloat16 or float16 (math in the weights' dtype, float32
   // for the 16-bit ones); state [L, 2, H, sum_k n_k] (float32 / float64 = weights' dtype, or bfloat16) holds
   // tensor k's coordinates at [offset_k, offset_k + n_k), offsets in list order, and so do moments
-  // [3, sum_k n_k] (in the weights' dtype). Same NaN/Inf policy.
+  // [4, sum_k n_k] (in the weights' dtype). Same NaN/Inf policy.
   m.def("lstm_multi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) state, Tensor[] weights,"
         " float preprocess_p, float output_scale, int features=1, Tensor(c!)? moments=None, int output=0) -> ()");
 }

@@ -83,7 +83,7 @@ def check_output(output) -> None:
 
 
 def check_moments(moments, features, n: int, math_dtype: torch.dtype, device: torch.device) -> None:
-    """`moments` [3, n] in the math dtype on `device`, given exactly when the features read them
+    """`moments` [4, n] in the math dtype on `device`, given exactly when the features read them
     (csrc/op_checks.h's check_moments)."""
     mask = check_features(features)
     described = f"features={mask} ({'+'.join(features_.names_of(mask))})"
@@ -93,14 +93,14 @@ def check_moments(moments, features, n: int, math_dtype: torch.dtype, device: to
         return
     if moments is None:
         raise ValueError(f"moments: {described} read the running moments: pass a [{features_.MOMENT_ROWS}, {n}] tensor "
-                         "(rows m, v, t; zeros to start)")
+                         "(rows m, v, t, u; zeros to start)")
     _check_float("moments", moments)
     if moments.dtype != math_dtype:
         raise TypeError(f"moments: expected dtype {math_dtype} (the math dtype), got {moments.dtype}")
     if moments.device != device:
         raise ValueError(f"moments: expected a tensor on {device}, got {moments.device}")
     if tuple(moments.shape) != (features_.MOMENT_ROWS, n):
-        raise ValueError(f"moments: expected shape [{features_.MOMENT_ROWS}, {n}] (rows m, v, t; one column per "
+        raise ValueError(f"moments: expected shape [{features_.MOMENT_ROWS}, {n}] (rows m, v, t, u; one column per "
                          f"coordinate), got {list(moments.shape)} (moments made for another parameter?)")
 
 

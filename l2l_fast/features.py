@@ -7,9 +7,10 @@ paper's preprocessing). Each entry holds the reference function the kernels are 
 
 Adding a feature computed from the gradient: its function and one ``_register`` line here, and its struct
 in ``csrc/input_features.h``; the tests parametrized over :data:`ALL` cover it without edits. A feature may
-also read the running moments (``reads_moments``): one tensor [MOMENT_ROWS = 3, n] in the math dtype, rows m
-(moving average of g), v (of g^2) and t (steps taken), zeros to start, which the in-place ops advance with
-:func:`advance_moments` before computing the features and the functional ops receive already advanced.
+also read the running moments (``reads_moments``): one tensor [MOMENT_ROWS = 4, n] in the math dtype, rows m
+(moving average of g), v (of g^2), t (steps taken) and u (long moving average of g^2), zeros to start, which
+the in-place ops advance with :func:`advance_moments` before computing the features and the functional ops
+receive already advanced.
 """
 from __future__ import annotations
 
@@ -21,18 +22,21 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ALL", "ALL_MASK", "BETA1", "BETA2", "DEFAULT", "DEFAULT_MASK", "EPS", "Feature", "MOMENT_ROWS", "REGISTRY",
-           "advance_moments", "compute", "input_size", "mask_of", "names_of", "paper", "reads_moments", "rnnprop"]
+__all__ = ["ALL", "ALL_MASK", "BETA1", "BETA2", "BETA_LONG", "DEFAULT", "DEFAULT_MASK", "EPS", "Feature", "MOMENT_ROWS",
+           "REGISTRY", "advance_moments", "compute", "input_size", "long_moments", "mask_of", "names_of", "paper",
+           "reads_moments", "rnnprop", "upgrade_moments"]
 
 FeaturesLike = Union[int, str, Iterable[str]]
 
 
-# The running moments (csrc/input_features.h: kMomentRows, kMomentBeta1, kMomentBeta2, kMomentEps): RNNprop's
-# decays (Lv et al. 2017), constants of every net that reads moments.
-MOMENT_ROWS = 3  # m, v, t
-BETA1 = 0.95     # m's decay
-BETA2 = 0.95     # v's decay
-EPS = 1e-8       # g / (sqrt(v_hat) + EPS)
+# The running moments (csrc/input_features.h: kMomentRows, kMomentBeta1, kMomentBeta2, kMomentBetaLong,
+# kMomentEps): RNNprop's decays for m and v (Lv et al. 2017), Adam's for u; constants of every net that reads
+# moments. u remembers ~1,000 steps of gradient scale, v ~20: u tells how far the gradient has fallen.
+MOMENT_ROWS = 4    # m, v, t, u
+BETA1 = 0.95       # m's decay
+BETA2 = 0.95       # v's decay
+BETA_LONG = 0.999  # u's decay
+EPS = 1e-8         # g / (sqrt(v_hat) + EPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Feature:
     bit: int     # its bit of a mask; the bits are 1 << 0, 1 << 1, ... in registration order
     width: int   # inputs it contributes to the first layer
     # (grad [n], preprocess_p) -> [n, width], differentiable in grad; with reads_moments, (grad [n], moments
-    # [3, n] advanced with grad) -> [n, width], differentiable in grad only (the moments are data)
+    # [4, n] advanced with grad) -> [n, width], differentiable in grad only (the moments are data)
     fn: Callable[..., Tensor]
     doc: str
     reads_moments: bool = False
@@ -51,7 +55,7 @@ class Feature:
         if not self.reads_moments:
             return self.fn(grad, preprocess_p)
         if moments is None:
-            raise ValueError(f"moments: feature {self.name!r} reads the running moments; pass a [3, n] tensor")
+            raise ValueError(f"moments: feature {self.name!r} reads the running moments; pass a [{MOMENT_ROWS}, n] tensor")
         return self.fn(grad, moments)
 
 
@@ -79,22 +83,42 @@ def paper(grad: Tensor, p: float) -> Tensor:
 _register("paper", 2, paper)
 
 
+def _bias_corrected(average: Tensor, beta: float, steps: Tensor) -> Tensor:
+    return average / (1 - torch.pow(beta, steps))
+
+
+def _scale_free(grad: Tensor, moments: Tensor, second_row: int, beta: float) -> Tensor:
+    """(g, m_hat) / (sqrt(second_hat) + EPS), the second moment from row `second_row` with decay `beta`."""
+    m, t, second = moments.detach()[[0, 2, second_row]]
+    steps = torch.clamp(t, min=1.0)
+    inverse_scale = 1 / (torch.sqrt(_bias_corrected(second, beta, steps)) + EPS)
+    return torch.stack([grad * inverse_scale, _bias_corrected(m, BETA1, steps) * inverse_scale], dim=1)
+
+
 def rnnprop(grad: Tensor, moments: Tensor) -> Tensor:
-    """RNNprop's scale-free inputs (Lv et al. 2017): [n], moments [3, n] -> [n, 2].
+    """RNNprop's scale-free inputs (Lv et al. 2017): [n], moments [4, n] -> [n, 2].
 
     (g, m_hat) / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) from the moments
     advanced with this g (t below 1 counts as 1); beta1 = beta2 = 0.95, eps = 1e-8. Only g / (sqrt(v_hat) + eps)
     has a derivative, in g: the moments are data.
     """
-    m, v, t = moments.detach()
-    steps = torch.clamp(t, min=1.0)
-    m_hat = m / (1 - torch.pow(BETA1, steps))
-    v_hat = v / (1 - torch.pow(BETA2, steps))
-    inverse_scale = 1 / (torch.sqrt(v_hat) + EPS)
-    return torch.stack([grad * inverse_scale, m_hat * inverse_scale], dim=1)
+    return _scale_free(grad, moments, 1, BETA2)
 
 
 _register("moments", 2, rnnprop, reads_moments=True)
+
+
+def long_moments(grad: Tensor, moments: Tensor) -> Tensor:
+    """The same over Adam's long second moment: [n], moments [4, n] -> [n, 2].
+
+    (g, m_hat) / (sqrt(u_hat) + eps), u_hat = u / (1 - 0.999^t). Near an optimum the gradient falls below its
+    ~1,000-step average, so these inputs shrink where RNNprop's stay O(1). Only g / (sqrt(u_hat) + eps) has a
+    derivative, in g.
+    """
+    return _scale_free(grad, moments, 3, BETA_LONG)
+
+
+_register("long_moments", 2, long_moments, reads_moments=True)
 
 ALL: tuple[str, ...] = tuple(REGISTRY)  # every feature's name, in bit order
 ALL_MASK: int = sum(f.bit for f in REGISTRY.values())
@@ -150,16 +174,35 @@ def compute(grad: Tensor, features: FeaturesLike, preprocess_p: float, moments: 
 
 
 def advance_moments(grad: Tensor, moments: Tensor) -> Tensor:
-    """The moments [3, n] after a step with gradient grad [n]: m = beta1 m + (1 - beta1) g, v = beta2 v +
-    (1 - beta2) g^2, t + 1, in the moments' dtype (grad is converted to it); a new tensor, no autograd. A
-    coordinate whose gradient is NaN or +-Inf keeps its moments bit for bit (as it keeps its state)."""
+    """The moments [4, n] after a step with gradient grad [n]: m = beta1 m + (1 - beta1) g, v = beta2 v +
+    (1 - beta2) g^2, t + 1, u = beta_long u + (1 - beta_long) g^2, in the moments' dtype (grad is converted to
+    it); a new tensor, no autograd. A coordinate whose gradient is NaN or +-Inf keeps its moments bit for bit (as
+    it keeps its state)."""
     with torch.no_grad():
         dtype = moments.dtype
         g = grad.to(dtype)
         finite = torch.isfinite(g)
         g = torch.where(finite, g, torch.zeros_like(g))
         # the decays and their complements rounded to the moments' dtype first, as the kernels hold them
-        beta1, beta2 = (torch.tensor(b, dtype=dtype, device=moments.device) for b in (BETA1, BETA2))
-        m, v, t = moments
-        advanced = torch.stack([beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * (g * g), t + 1])
+        beta1, beta2, beta_long = (torch.tensor(b, dtype=dtype, device=moments.device)
+                                   for b in (BETA1, BETA2, BETA_LONG))
+        m, v, t, u = moments
+        squared = g * g
+        advanced = torch.stack([beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * squared, t + 1,
+                                beta_long * u + (1 - beta_long) * squared])
         return torch.where(finite, advanced, moments)
+
+
+def upgrade_moments(moments: Tensor) -> Tensor:
+    """Moments saved before the long second moment u existed ([3, ...]: m, v, t) -> [4, ...], u started at v.
+
+    v's average over ~20 steps is the best estimate of u that such a file holds; u then follows its own decay.
+    Moments of MOMENT_ROWS rows come back as they are; any other row count is a ValueError.
+    """
+    rows = moments.shape[0] if moments.dim() else 0
+    if rows == MOMENT_ROWS:
+        return moments
+    if rows != 3:
+        raise ValueError(f"moments: expected {MOMENT_ROWS} rows (m, v, t, u), or 3 (m, v, t) from a file written "
+                         f"before u existed, got shape {tuple(moments.shape)}")
+    return torch.cat([moments, moments[1:2]], dim=0)

@@ -3,7 +3,7 @@ convolutional, one for the fully connected parameters), behind the single-net in
 
 Coordinates arrive as [P, D] flattened; group g owns the columns [start_g, stop_g) of every problem.
 The state is one tensor [L, 2, H, P * D] whose coordinates are ordered group by group, and so are the
-moments [3, P * D] of nets that read them (the groups' nets all do or all do not).
+moments [4, P * D] of nets that read them (the groups' nets all do or all do not).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class GroupedLSTM(nn.Module):
             offset += count
 
     def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """grad [P * D], state [L, 2, H, P * D] (and moments [3, P * D] advanced with grad, in group order) ->
+        """grad [P * D], state [L, 2, H, P * D] (and moments [4, P * D] advanced with grad, in group order) ->
         (update [P * D], new_state)."""
         grad = grad.view(-1, self.dim)
         updates, states = [], []

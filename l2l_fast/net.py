@@ -63,7 +63,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     State layout: one tensor [num_layers, 2, hidden_size, n]; ``state[l, 0]`` is h and ``state[l, 1]`` is c
     of layer l, coordinates last. Make it with :meth:`init_state`. A net whose features read the running
-    moments (:attr:`reads_moments`, the "moments" feature) also needs them: [3, n], rows m, v, t, from
+    moments (:attr:`reads_moments`, the "moments" feature) also needs them: [4, n], rows m, v, t, u, from
     :meth:`init_moments`; :meth:`step_` and :meth:`multi_step_` advance them in place, :meth:`forward` takes
     them already advanced (:meth:`advance_moments`).
 
@@ -127,7 +127,7 @@ class CoordinatewiseLSTM(nn.Module):
                            dtype=dtype or weight.dtype)
 
     def init_moments(self, n: int, device=None, dtype: torch.dtype | None = None) -> Tensor | None:
-        """Zero moments for n coordinates, [3, n] (rows m, v, t), on the net's device and dtype by default; None
+        """Zero moments for n coordinates, [4, n] (rows m, v, t, u), on the net's device and dtype by default; None
         when the net's features read no moments."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n: expected a non-negative int, got {n!r}")
@@ -174,7 +174,7 @@ class CoordinatewiseLSTM(nn.Module):
         checks.check_moments(moments, self.feature_mask, grad.shape[0], weight.dtype, weight.device)
 
     def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """grad [n], state [L, 2, H, n] (and moments [3, n] advanced with grad, when the net reads them) ->
+        """grad [n], state [L, 2, H, n] (and moments [4, n] advanced with grad, when the net reads them) ->
         (update [n], new_state [L, 2, H, n]); differentiable (not in the moments), inputs untouched."""
         self._check(grad, state, moments)
         impl = self.implementation(grad.device)
@@ -183,7 +183,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     @torch.no_grad()
     def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> None:
-        """In-place inference step on a flat parameter: param [n] += update, state (and moments [3, n], when the net
+        """In-place inference step on a flat parameter: param [n] += update, state (and moments [4, n], when the net
         reads them) advanced; no autograd graph."""
         self._check(grad, state, moments, param=param)
         impl = self.implementation(grad.device)
@@ -195,7 +195,7 @@ class CoordinatewiseLSTM(nn.Module):
                     moments: Tensor | None = None) -> None:
         """The optimizer's fused step over many flat tensors sharing one state, in place, no autograd graph:
         params[k] [n_k] += lr * update of grads[k] [n_k]; state [L, 2, H, sum_k n_k] advanced, tensor k's
-        coordinates at [offset_k, offset_k + n_k) in list order, and so are the moments' [3, sum_k n_k] (when the
+        coordinates at [offset_k, offset_k + n_k) in list order, and so are the moments' [4, sum_k n_k] (when the
         net reads them), advanced in place.
 
         The math runs in float64 for float64 params and in float32 for float32, bfloat16 and float16 ones

@@ -14,14 +14,16 @@ Shapes (n = number of coordinates, L = num_layers, H = hidden_size):
            out_weight [1, H], out_bias [1]]
   features mask of the LSTM's input features (l2l_fast.features; default 1, the paper's preprocessing
           of the gradient): the first layer's I = features.input_size(features) inputs.
-  moments [3, n]         the running moments, in the math dtype (grad's; the weights' in lstm_multi_step_),
-                         given exactly when a feature of the mask reads them (the "moments" feature, RNNprop's
-                         scale-free inputs), else None. Rows m (moving average of g), v (of g^2), t (steps
-                         taken; zeros to start). lstm_step (and its backward) takes them already advanced with
-                         this step's gradient, as data: no gradient flows to them, d grad only through
-                         g / (sqrt(v_hat) + eps). The in-place steps advance them first (features.advance_moments:
-                         m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, t + 1; b1 = b2 = 0.95) and compute the
-                         features from the advanced values; lstm_multi_step_'s columns sit at the state's offsets.
+  moments [4, n]         the running moments, in the math dtype (grad's; the weights' in lstm_multi_step_),
+                         given exactly when a feature of the mask reads them ("moments", RNNprop's scale-free
+                         inputs; "long_moments", the same over Adam's long second moment), else None. Rows m
+                         (moving average of g), v (of g^2), t (steps taken), u (long moving average of g^2);
+                         zeros to start. lstm_step (and its backward) takes them already advanced with this
+                         step's gradient, as data: no gradient flows to them, d grad only through
+                         g / (sqrt(v_hat) + eps) (and g / (sqrt(u_hat) + eps)). The in-place steps advance them
+                         first (features.advance_moments: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, t + 1,
+                         u = b3 u + (1 - b3) g^2; b1 = b2 = 0.95, b3 = 0.999) and compute the features from the
+                         advanced values; lstm_multi_step_'s columns sit at the state's offsets.
   output  how the output layer's value y becomes the update: 0 (default) update = output_scale * y, the
           paper's; 1 update = output_scale * tanh(y), bounded by |output_scale|.
 
@@ -30,7 +32,7 @@ Non-finite values (the same on every backend, instruction set and dtype), in thi
      bit for bit (the LSTM never sees the bad value nor its state); in the backward it is the identity
      for its state, 0 for its gradient input, and it adds nothing to the weight gradients.
   2. A coordinate with a finite gradient is "poisoned" when any of its 2 L H state values is NaN or
-     +-Inf, or any of its moments (m, v, t; when given), or when any weight is NaN or +-Inf: its update
+     +-Inf, or any of its moments (m, v, t, u; when given), or when any weight is NaN or +-Inf: its update
      is NaN and its whole new state is NaN (the optimizer never continues silently from a corrupt state
      or net). In the backward its gradient input and state gradients are NaN, and so are the weight
      gradients. (The in-place steps advance a poisoned coordinate's moments as any other's.)
@@ -84,7 +86,7 @@ def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], 
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
               output_scale: float = 0.1, features: int = 1, moments: Tensor | None = None,
               output: int = 0) -> tuple[Tensor, Tensor]:
-    """One optimizer step for every coordinate: returns (update [n], new_state [L, 2, H, n]). moments [3, n]:
+    """One optimizer step for every coordinate: returns (update [n], new_state [L, 2, H, n]). moments [4, n]:
     already advanced with grad, when the features read them."""
     check_constants(preprocess_p, output_scale)
     check_moments(moments, features, grad.shape[0], grad.dtype, grad.device)
@@ -129,7 +131,7 @@ def check_inplace_autograd(name: str, written: Sequence[Tensor], read: Sequence[
 
 def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
                output_scale: float = 0.1, features: int = 1, moments: Tensor | None = None, output: int = 0) -> None:
-    """In-place step: param [n] += update, state [L, 2, H, n] and moments [3, n] (when the features read them)
+    """In-place step: param [n] += update, state [L, 2, H, n] and moments [4, n] (when the features read them)
     advanced; the features see the advanced moments."""
     check_inplace_autograd("lstm_step_", [param, state, *_given(moments)], [grad, *weights])
     check_inplace_moments(moments, features, grad.shape[0], grad.dtype, grad.device)
@@ -146,7 +148,7 @@ def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: T
                      moments: Tensor | None = None, output: int = 0) -> None:
     """In-place step of a list of tensors sharing one state: params[k] [n_k] += update of grads[k] [n_k], tensor k's
     state at state[..., offset_k : offset_k + n_k] of state [L, 2, H, sum_k n_k] (offsets in list order), and its
-    moments (when the features read them) at moments[:, offset_k : offset_k + n_k] of [3, sum_k n_k].
+    moments (when the features read them) at moments[:, offset_k : offset_k + n_k] of [4, sum_k n_k].
 
     The math runs in the weights' dtype: 16-bit params, their grads and a bfloat16 state are widened to it,
     and the new param (old + update, summed in the math dtype) and state are rounded to nearest on store.

@@ -164,11 +164,12 @@ def random_grad(n: int, *, gen: torch.Generator, dtype=torch.float64, p: float =
 
 def random_moments(n: int, *, gen: torch.Generator, dtype=torch.float64, grad: torch.Tensor | None = None,
                    lo: float = 1e-12, hi: float = 1e3) -> torch.Tensor:
-    """Running moments [3, n] as an optimizer holds them after 1..50 steps, advanced with `grad` when given
+    """Running moments [4, n] as an optimizer holds them after 1..50 steps, advanced with `grad` when given
     (features.advance_moments, in `dtype`).
 
     Per coordinate a magnitude s log-uniform in [lo, hi]; m_hat ~ N(0, s^2) and v_hat = m_hat^2 + s^2 U(0.1, 1.1),
-    so m_hat^2 <= v_hat as for real moving averages; m, v carry the bias 1 - beta^t of their step count t.
+    so m_hat^2 <= v_hat as for real moving averages; the long u_hat = v_hat 10^U(-2, 2) (the gradient has fallen
+    or grown since the long average began); m, v, u carry the bias 1 - beta^t of their step count t.
     With n >= 3 the first coordinate is fresh (zeros): after the advance, the first step's moments.
     """
     t = torch.randint(1, 51, (n,), generator=gen).double()
@@ -176,7 +177,9 @@ def random_moments(n: int, *, gen: torch.Generator, dtype=torch.float64, grad: t
                   + math.log10(lo))
     m_hat = s * torch.randn(n, generator=gen, dtype=torch.float64)
     v_hat = m_hat**2 + s**2 * (0.1 + torch.rand(n, generator=gen, dtype=torch.float64))
-    moments = torch.stack([m_hat * (1 - registry.BETA1**t), v_hat * (1 - registry.BETA2**t), t])
+    u_hat = v_hat * torch.pow(10.0, 4 * torch.rand(n, generator=gen, dtype=torch.float64) - 2)
+    moments = torch.stack([m_hat * (1 - registry.BETA1**t), v_hat * (1 - registry.BETA2**t), t,
+                           u_hat * (1 - registry.BETA_LONG**t)])
     if n >= 3:
         moments[:, 0] = 0
     moments = moments.to(dtype)

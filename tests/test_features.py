@@ -34,15 +34,16 @@ def test_registry_matches_the_kernels_table():
 
 
 def test_moment_constants_and_readers_match_the_kernels_header():
-    """BETA1, BETA2, EPS, MOMENT_ROWS and which features read moments, as csrc/input_features.h declares them
+    """BETA1, BETA2, BETA_LONG, EPS, MOMENT_ROWS and which features read moments, as csrc/input_features.h declares them
     (the extension exposes neither)."""
     text = HEADER.read_text()
 
     def constant(name):
         return float(re.search(rf"constexpr \w+ {name} = ([0-9.e+-]+);", text).group(1))
 
-    assert (constant("kMomentBeta1"), constant("kMomentBeta2"), constant("kMomentEps"), constant("kMomentRows")) == (
-        registry.BETA1, registry.BETA2, registry.EPS, registry.MOMENT_ROWS)
+    assert (constant("kMomentBeta1"), constant("kMomentBeta2"), constant("kMomentBetaLong"), constant("kMomentEps"),
+            constant("kMomentRows")) == (registry.BETA1, registry.BETA2, registry.BETA_LONG, registry.EPS,
+                                         registry.MOMENT_ROWS)
     readers = dict(re.findall(r'kName = "(\w+)";\s*static constexpr bool kReadsMoments = (true|false);', text))
     assert readers == {f.name: str(f.reads_moments).lower() for f in registry.REGISTRY.values()}
 
@@ -82,80 +83,122 @@ def test_a_feature_that_reads_moments_refuses_none(gen):
 
 # ---------------------------------------------------------------------------------------------
 # the moments feature and the running moments
-def test_moments_feature_formula():
-    """RNNprop's inputs by hand: (g, m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), t below 1 counting as 1."""
-    b1, b2, eps = registry.BETA1, registry.BETA2, registry.EPS
+# (name, row of its second moment, that moment's decay): the scale-free features
+SCALE_FREE = [("moments", 1, registry.BETA2), ("long_moments", 3, registry.BETA_LONG)]
+SCALE_FREE_IDS = [name for name, _, _ in SCALE_FREE]
+
+
+@pytest.mark.parametrize("name,row,beta", SCALE_FREE, ids=SCALE_FREE_IDS)
+def test_scale_free_feature_formula(name, row, beta):
+    """By hand: (g, m / (1 - b1^t)) / (sqrt(s / (1 - b^t)) + eps), s = v (RNNprop's, b = 0.95) or u (the long one,
+    b = 0.999), t below 1 counting as 1."""
+    b1, eps = registry.BETA1, registry.EPS
     grad = torch.tensor([0.3, -2.0, 1e-3, 5.0], dtype=torch.float64)
-    moments = torch.tensor([[0.1, -0.4, 0.0, 2.0], [0.2, 0.5, 1e-20, 9.0], [1.0, 3.0, 0.0, 40.0]], dtype=torch.float64)
-    x = registry.compute(grad, "moments", 10.0, moments)
+    moments = torch.tensor([[0.1, -0.4, 0.0, 2.0], [0.2, 0.5, 1e-20, 9.0], [1.0, 3.0, 0.0, 40.0],
+                            [0.7, 1e-3, 4e-19, 300.0]], dtype=torch.float64)
+    x = registry.compute(grad, name, 10.0, moments)
     for j in range(4):
-        m, v, t = moments[:, j].tolist()
-        t = max(t, 1.0)
-        inv = 1 / (math.sqrt(v / (1 - b2**t)) + eps)
+        m, t, second = moments[0, j].item(), max(moments[2, j].item(), 1.0), moments[row, j].item()
+        inv = 1 / (math.sqrt(second / (1 - beta**t)) + eps)
         assert x[j, 0].item() == pytest.approx(grad[j].item() * inv, rel=1e-14)
         assert x[j, 1].item() == pytest.approx(m / (1 - b1**t) * inv, rel=1e-14, abs=1e-300)
-    assert registry.REGISTRY["moments"].width == 2 and registry.REGISTRY["moments"].reads_moments
-    assert "RNNprop" in registry.REGISTRY["moments"].doc
+    assert registry.REGISTRY[name].width == 2 and registry.REGISTRY[name].reads_moments
 
 
-def test_moments_feature_is_scale_free(gen):
-    """A gradient history scaled by any factor gives the same inputs (as long as sqrt(v_hat) >> eps)."""
+def test_feature_docs_name_their_source():
+    assert "RNNprop" in registry.REGISTRY["moments"].doc and "0.999" in registry.REGISTRY["long_moments"].doc
+
+
+@pytest.mark.parametrize("name", SCALE_FREE_IDS)
+def test_scale_free_features_are_scale_free(gen, name):
+    """A gradient history scaled by any factor gives the same inputs (as long as the square roots >> eps)."""
     grads = [random_grad(42, gen=gen, lo=1.0, hi=1e3)[2:] for _ in range(5)]  # not the two forced tiny ones
     inputs = []
-    for factor in (1.0, 1e-2, 1e4):  # |g| >= 1e-2: eps is at most 1e-6 of sqrt(v_hat)
-        moments = torch.zeros(3, 40, dtype=torch.float64)
+    for factor in (1.0, 1e-2, 1e4):  # |g| >= 1e-2: eps is at most 1e-6 of the square roots
+        moments = torch.zeros(registry.MOMENT_ROWS, 40, dtype=torch.float64)
         for g in grads:
             moments = registry.advance_moments(factor * g, moments)
-        inputs.append(registry.compute(factor * grads[-1], "moments", 10.0, moments))
+        inputs.append(registry.compute(factor * grads[-1], name, 10.0, moments))
     torch.testing.assert_close(inputs[1], inputs[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(inputs[2], inputs[0], rtol=1e-5, atol=0)
 
 
+def test_long_moments_shrink_as_the_gradient_falls_and_rnnprops_do_not():
+    """What the long moment is for: a gradient falling 10x every 100 steps (as near an optimum). RNNprop's input
+    is set by the fall per ~20 steps of v's memory: g / sqrt(v_hat) -> sqrt((1 - r^-2 b2) / (1 - b2)) = 0.32
+    (r = 10^-0.01), whatever g is. u averages ~500 steps of g^2, ~0.044 (the early gradients), so the long input
+    at g = 1e-5 is ~5e-5: it shrinks with the gradient."""
+    moments = torch.zeros(registry.MOMENT_ROWS, 1, dtype=torch.float64)
+    for step in range(500):
+        g = torch.full((1,), 10.0 ** (-step / 100), dtype=torch.float64)
+        moments = registry.advance_moments(g, moments)
+    short = registry.compute(g, "moments", 10.0, moments)[0, 0].item()
+    long = registry.compute(g, "long_moments", 10.0, moments)[0, 0].item()
+    assert 0.3 < short < 0.4, short
+    assert long < 1e-3 * short, long
+
+
+@pytest.mark.parametrize("name,row,beta", SCALE_FREE, ids=SCALE_FREE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_moments_feature_is_bounded_once_advanced(gen, dtype):
-    """With moments advanced with g: |x0| <= 1 / sqrt(1 - beta2) (v_hat >= (1 - beta2) g^2); the first step
-    from zeros gives x0 = x1 = g / (|g| + eps)."""
+def test_scale_free_features_are_bounded_once_advanced(gen, dtype, name, row, beta):
+    """With moments advanced with g: |x0| <= 1 / sqrt(1 - b) (s_hat >= (1 - b) g^2); the first step from zeros
+    gives x0 = x1 = g / (|g| + eps)."""
     grad = random_grad(2000, gen=gen, dtype=dtype)
     moments = random_moments(2000, gen=gen, dtype=dtype, grad=grad)
-    x = registry.compute(grad, "moments", 10.0, moments)
-    assert x[:, 0].abs().max().item() <= 1 / math.sqrt(1 - registry.BETA2) * (1 + 1e-6)
-    first = registry.compute(grad, "moments", 10.0, registry.advance_moments(grad, torch.zeros(3, 2000, dtype=dtype)))
+    x = registry.compute(grad, name, 10.0, moments)
+    assert x[:, 0].abs().max().item() <= 1 / math.sqrt(1 - beta) * (1 + 1e-5)
+    fresh = torch.zeros(registry.MOMENT_ROWS, 2000, dtype=dtype)
+    first = registry.compute(grad, name, 10.0, registry.advance_moments(grad, fresh))
     expected = grad.double() / (grad.double().abs() + registry.EPS)
     torch.testing.assert_close(first.double(), torch.stack([expected, expected], 1), rtol=1e-5, atol=1e-7)
 
 
-def test_moments_are_data(gen):
+@pytest.mark.parametrize("name,row,beta", SCALE_FREE, ids=SCALE_FREE_IDS)
+def test_moments_are_data(gen, name, row, beta):
     """Only x0 = g * inv depends on g (d x0 / d g = inv); nothing flows to the moments."""
     grad = random_grad(30, gen=gen).requires_grad_(True)
     moments = random_moments(30, gen=gen, grad=grad.detach()).requires_grad_(True)
-    x = registry.compute(grad, "moments", 10.0, moments)
+    x = registry.compute(grad, name, 10.0, moments)
     d_grad, d_moments = torch.autograd.grad(x.sum(), [grad, moments], allow_unused=True)
     assert d_moments is None
-    m, v, t = moments.detach()
-    inv = 1 / (torch.sqrt(v / (1 - registry.BETA2 ** t.clamp(min=1))) + registry.EPS)
+    t, second = moments.detach()[2], moments.detach()[row]
+    inv = 1 / (torch.sqrt(second / (1 - beta ** t.clamp(min=1))) + registry.EPS)
     torch.testing.assert_close(d_grad, inv, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16_grad"])
 def test_advance_moments(gen, dtype):
-    """m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, t + 1 in the moments' dtype (a 16-bit gradient widened);
-    a NaN/Inf-gradient column kept bit for bit; a new tensor, no autograd."""
+    """m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, t + 1, u = b3 u + (1 - b3) g^2 in the moments' dtype (a
+    16-bit gradient widened); a NaN/Inf-gradient column kept bit for bit; a new tensor, no autograd."""
     math_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     grad = random_grad(50, gen=gen).to(dtype)
     grad[[3, 7, 11]] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
     moments = random_moments(50, gen=gen, dtype=math_dtype)
     moments.requires_grad_(True)
     advanced = registry.advance_moments(grad, moments)
-    assert advanced.dtype == math_dtype and advanced.shape == (3, 50) and not advanced.requires_grad
-    g, (m, v, t) = grad.to(math_dtype).double(), moments.detach().double()
-    b1, b2 = registry.BETA1, registry.BETA2
+    assert advanced.dtype == math_dtype and advanced.shape == (4, 50) and not advanced.requires_grad
+    g, (m, v, t, u) = grad.to(math_dtype).double(), moments.detach().double()
+    # the decays as the moments' dtype holds them (1 - 0.999 in float32 is off by 1.3e-5 relative)
+    b1, b2, b3 = (torch.tensor(b, dtype=math_dtype).item() for b in (registry.BETA1, registry.BETA2, registry.BETA_LONG))
     good = torch.isfinite(g)
     rel = 4 * torch.finfo(math_dtype).eps
     torch.testing.assert_close(advanced[0, good].double(), (b1 * m + (1 - b1) * g)[good], rtol=rel,
                                atol=rel * (m.abs() + g.abs())[good].max().item())
     torch.testing.assert_close(advanced[1, good].double(), (b2 * v + (1 - b2) * g * g)[good], rtol=rel, atol=0)
     assert torch.equal(advanced[2, good], moments.detach()[2, good] + 1)
+    torch.testing.assert_close(advanced[3, good].double(), (b3 * u + (1 - b3) * g * g)[good], rtol=rel, atol=0)
     assert torch.equal(advanced[:, ~good], moments.detach()[:, ~good])
+
+
+def test_upgrade_moments_appends_u_started_at_v(gen):
+    """[3, ...] moments from files written before u existed: u = v; [4, ...] unchanged; other shapes refused."""
+    old = random_moments(12, gen=gen)[:3].reshape(3, 3, 4)
+    new = registry.upgrade_moments(old)
+    assert new.shape == (4, 3, 4) and torch.equal(new[:3], old) and torch.equal(new[3], old[1])
+    assert registry.upgrade_moments(new) is new
+    for bad in (torch.zeros(2, 5), torch.zeros(5, 5), torch.zeros(())):
+        with pytest.raises(ValueError, match="^moments: expected 4 rows"):
+            registry.upgrade_moments(bad)
 
 
 def test_paper_feature_is_reference_preprocess(gen):
@@ -187,7 +230,7 @@ def test_net_keeps_names_and_builds_its_input_size(features):
 
 @pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 def test_net_makes_and_advances_its_moments(gen, features):
-    """init_moments: zeros [3, n] on the net's device and dtype (or those asked for), None for a net that reads
+    """init_moments: zeros [4, n] on the net's device and dtype (or those asked for), None for a net that reads
     none; advance_moments: features.advance_moments, None for None."""
     net = CoordinatewiseLSTM(4, 2, features=features).double()
     assert net.reads_moments == registry.reads_moments(features)
@@ -196,7 +239,7 @@ def test_net_makes_and_advances_its_moments(gen, features):
     if not net.reads_moments:
         assert moments is None and net.advance_moments(grad, moments) is None
         return
-    assert moments.shape == (3, 7) and moments.dtype == torch.float64 and torch.count_nonzero(moments) == 0
+    assert moments.shape == (registry.MOMENT_ROWS, 7) and moments.dtype == torch.float64 and torch.count_nonzero(moments) == 0
     assert net.init_moments(7, dtype=torch.float32).dtype == torch.float32
     assert torch.equal(net.advance_moments(grad, moments), registry.advance_moments(grad, moments))
     assert torch.count_nonzero(moments) == 0, "advance_moments returns new moments"

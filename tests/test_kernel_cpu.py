@@ -493,7 +493,7 @@ def test_unrolled_step_inplace(gen, n, dtype, variant):
     a, b = quadratic(n, gen=gen, dtype=dtype)
     param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     state = random_state(L, H, n, gen=gen, dtype=dtype)
-    moments = torch.zeros(3, n, dtype=dtype) if registry.reads_moments(features) else None
+    moments = torch.zeros(registry.MOMENT_ROWS, n, dtype=dtype) if registry.reads_moments(features) else None
     # copies (.double() of a float64 tensor is the tensor itself, which the reference would step a second time)
     param_ref, state_ref, weights_ref = copy64(param), copy64(state), to64(weights)
     moments_ref = copy64(moments)
@@ -695,7 +695,7 @@ def test_zero_coordinates_all_ops(gen, dtype, variant):
     weights = [w.requires_grad_(True) for w in random_weights(H, L, gen=gen, dtype=dtype, features=features)]
     grad = torch.empty(0, dtype=dtype, requires_grad=True)
     state = torch.empty(L, 2, H, 0, dtype=dtype, requires_grad=True)
-    moments = torch.empty(3, 0, dtype=dtype) if registry.reads_moments(features) else None
+    moments = torch.empty(registry.MOMENT_ROWS, 0, dtype=dtype) if registry.reads_moments(features) else None
     extra = (features, moments, output)
     update, new_state = ops.lstm_step(grad, state, weights, 10.0, 0.1, *extra)
     assert update.shape == (0,) and new_state.shape == (L, 2, H, 0)

@@ -58,7 +58,7 @@ def test_grouped_nets_split_the_moments_like_the_state(gen):
     n = problems * dim
     grad, param = random_grad(n, gen=gen), torch.zeros(n, dtype=torch.float64)
     state, moments = grouped.init_state(n), random_moments(n, gen=gen)
-    assert grouped.reads_moments and grouped.init_moments(n).shape == (3, n)
+    assert grouped.reads_moments and grouped.init_moments(n).shape == (registry.MOMENT_ROWS, n)
     expected_param, expected_moments, offset = torch.zeros(problems, dim, dtype=torch.float64), moments.clone(), 0
     for group in groups:
         columns = grad.view(problems, dim)[:, group.start:group.stop].reshape(-1)

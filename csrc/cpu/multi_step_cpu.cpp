@@ -155,7 +155,7 @@ class MultiStep {
   S* state_;
   const int64_t total_;
   void (*kernel_)(const StepParams<M>&, int64_t, int64_t);
-  M* moments_;  // [3][total_] or null
+  M* moments_;  // [4][total_] or null
   const int64_t rows_;
   std::vector<M> grad_buf_, param_buf_, state_buf_;
 };

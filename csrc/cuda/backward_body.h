@@ -224,7 +224,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
 
   for (int64_t base = int64_t(ctx.block()) * tile; base < n; base += int64_t(ctx.blocks()) * tile) {
     const int64_t c = base + tid;
-    CoordinateInputs<T> in{c < n ? a.grad[c] : T(0), T(0), T(0), T(0)};
+    CoordinateInputs<T> in{c < n ? a.grad[c] : T(0), T(0), T(0), T(0), T(0)};
     const bool active = c < n && is_finite(in.grad);
     T dh[Dims::kMaxH];
     T gu = T(0);

@@ -51,12 +51,13 @@ L2L_DEVICE Quad<T> gate_preactivations(const T* w, const T* bias, const T* x, in
   return z;
 }
 
-// The moments of column c of a [3][stride] array (rows m, v, t) into in, and back.
+// The moments of column c of a [4][stride] array (rows m, v, t, u) into in, and back.
 template <typename T>
 L2L_DEVICE void load_moments(const T* moments, int64_t stride, int64_t c, CoordinateInputs<T>& in) {
   in.m = moments[c];
   in.v = moments[stride + c];
   in.t = moments[2 * stride + c];
+  in.u = moments[3 * stride + c];
 }
 
 template <typename T>
@@ -64,12 +65,13 @@ L2L_DEVICE void store_moments(T* moments, int64_t stride, int64_t c, const Coord
   moments[c] = in.m;
   moments[stride + c] = in.v;
   moments[2 * stride + c] = in.t;
+  moments[3 * stride + c] = in.u;
 }
 
 // 0, or NaN when a moment the features read is not finite (the state's poison rule).
 template <typename T>
 L2L_DEVICE T moments_poison(const CoordinateInputs<T>& in) {
-  return (in.m - in.m) + (in.v - in.v) + (in.t - in.t);
+  return (in.m - in.m) + (in.v - in.v) + (in.t - in.t) + (in.u - in.u);
 }
 
 // What the features of coordinate c (finite gradient g) read: g and, when the features read moments,
@@ -77,7 +79,7 @@ L2L_DEVICE T moments_poison(const CoordinateInputs<T>& in) {
 // constant for the fixed dims, so the paper's kernel neither loads nor keeps moments.
 template <class Dims, typename T, typename S>
 L2L_DEVICE CoordinateInputs<T> forward_inputs(const ForwardArgs<T, S>& a, Dims dims, int64_t c, T g) {
-  CoordinateInputs<T> in{g, T(0), T(0), T(0)};
+  CoordinateInputs<T> in{g, T(0), T(0), T(0), T(0)};
   if (reads_moments(dims.features())) {
     load_moments(a.moments, a.columns, c, in);
     if (a.new_moments) {

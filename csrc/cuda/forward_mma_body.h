@@ -59,7 +59,6 @@ struct MmaNet {
   L2L_HD static constexpr int k_tiles(int l) { return l == 0 ? kKTiles0 : kKTiles1; }
   L2L_HD static constexpr int64_t layer_offset(int l) { return l == 0 ? 0 : kLayer1Offset; }
 };
-static_assert(kMaxFeatureInputs <= MmaNet::kMaxInputs, "features wider than slot 5's four columns");
 
 // Whether the mma kernel computes this net (else the FFMA kernel does).
 L2L_HD bool mma_supports(const PackedLayout& layout) {
@@ -270,7 +269,7 @@ L2L_DEVICE void load_old_h(const ForwardArgs<float, S>& a, int l, int tig, int f
 // coordinate before that lane has read the old ones).
 template <typename S>
 L2L_DEVICE CoordinateInputs<float> step_moments(const ForwardArgs<float, S>& a, int64_t c, float g) {
-  CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f};
+  CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f, 0.0f};
   load_moments(a.moments, a.columns, c, in);
   if (a.new_moments) advance_moments<ScalarMath<float>>(in, a.net.features);
   return in;
@@ -279,7 +278,8 @@ L2L_DEVICE CoordinateInputs<float> step_moments(const ForwardArgs<float, S>& a, 
 // The first layer's inputs of one coordinate (features of the finite gradient g): column tig of slot 5.
 template <uint32_t Features, typename S>
 L2L_DEVICE float feature_slot(const ForwardArgs<float, S>& a, int tig, MmaRow& row, float g) {
-  CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f};
+  static_assert(input_width(Features) <= MmaNet::kMaxInputs, "features wider than slot 5's four columns");
+  CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f, 0.0f};
   if (reads_moments(Features)) {
     in = step_moments(a, row.c, g);
     row.poison += moments_poison(in);
@@ -418,11 +418,14 @@ L2L_DEVICE void forward_mma_block(const Ctx& ctx, const ForwardArgs<float, S>& a
 // (every mask of at most kMaxInputs inputs); false for any other.
 template <typename Fn>
 bool dispatch_mma_features(uint32_t mask, Fn&& fn) {
-  static_assert(kAllFeatures == 3, "a new feature: add its masks here");
-  switch (mask) {
+  static_assert(kAllFeatures == 7, "a new feature: add its masks here");
+  switch (mask) {  // 7 (every feature) has six inputs
     case 1: fn(std::integral_constant<uint32_t, 1>{}); return true;
     case 2: fn(std::integral_constant<uint32_t, 2>{}); return true;
     case 3: fn(std::integral_constant<uint32_t, 3>{}); return true;
+    case 4: fn(std::integral_constant<uint32_t, 4>{}); return true;
+    case 5: fn(std::integral_constant<uint32_t, 5>{}); return true;
+    case 6: fn(std::integral_constant<uint32_t, 6>{}); return true;
     default: return false;
   }
 }

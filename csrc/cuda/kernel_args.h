@@ -34,7 +34,7 @@ struct ForwardArgs {
   const S* state = nullptr;    // [L][2][H][columns]
   S* new_state = nullptr;      // == state for the in-place step
   T* update = nullptr;         // [columns] or null
-  // [3][columns] (rows m, v, t; input_features.h) when the features read moments, else null. With
+  // [4][columns] (rows m, v, t, u; input_features.h) when the features read moments, else null. With
   // new_moments null (lstm_step) they are this step's, used as they are; else (the in-place steps)
   // new_moments == moments and the kernel advances them in place.
   const T* moments = nullptr;
@@ -52,7 +52,7 @@ struct BackwardArgs {
   int32_t weights_in_smem = 0;
   const T* grad = nullptr;            // [n]
   const T* state = nullptr;           // [L][2][H][n]
-  const T* moments = nullptr;         // [3][n], this step's (already advanced), when the features read them
+  const T* moments = nullptr;         // [4][n], this step's (already advanced), when the features read them
   const T* grad_update = nullptr;     // [n]
   const T* grad_new_state = nullptr;  // [L][2][H][n]
   T* grad_grad = nullptr;             // [n]

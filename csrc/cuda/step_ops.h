@@ -189,7 +189,7 @@ void multi_step_launches(const std::vector<at::Tensor>& params, const std::vecto
   a.net = make_net_constants<T>(layout, preprocess_p, output_scale, packed.data_ptr<T>(), output);
   a.columns = state.size(3);
   a.state = a.new_state = reinterpret_cast<S*>(state.data_ptr());
-  a.moments = a.new_moments = data_or_null<T>(moments);  // [3][columns], advanced in place
+  a.moments = a.new_moments = data_or_null<T>(moments);  // [4][columns], advanced in place
   a.slot_count = 0;
   auto flush = [&] {
     if (a.slot_count == 0) return;

@@ -6,7 +6,7 @@ coordinates of all problems go through one kernel call per step: params are [P, 
 shape, [N] for a MixedBatch of problems of different shapes, and the LSTM sees them flattened alike.
 
 What an optimizer carries from step to step per coordinate is its LSTM state [L, 2, H, n] and, for a net that
-reads the running moments of the gradient (``net.reads_moments``: features "moments"), its moments [3, n]. The
+reads the running moments of the gradient (``net.reads_moments``: features "moments"), its moments [4, n]. The
 carried state is the LSTM state alone for a net without moments and the pair (state, moments) for a net with
 them (:func:`initial_state`); both are carried (detached) across truncations and reset at an episode's start.
 """
@@ -142,7 +142,7 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state,
                weights: Tensor | None = None, step_weights=None, sample: CoordinateSample | None = None):
     """`steps` differentiable steps from `params` ([P, D], or [N] for a MixedBatch) whose gradient `grad`
     (params' shape) is already known; state: the carried state (initial_state: the LSTM state [L, 2, H,
-    params.numel()], with the moments [3, params.numel()] for a net that reads them; a bare LSTM state starts
+    params.numel()], with the moments [4, params.numel()] for a net that reads them; a bare LSTM state starts
     the moments at zero).
 
     Each step advances the moments with the (detached) gradient first, then runs the net on the gradient, its

@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from ..features import MOMENT_ROWS
+from ..features import MOMENT_ROWS, upgrade_moments
 from ..net import CoordinatewiseLSTM
 from .sharding import is_dtensor
 
@@ -69,8 +69,10 @@ def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, d
                 raise ValueError(f"state_dict: no 'moments' for {name}, whose net reads the gradient's moments "
                                  f"(features {net.features}); a state_dict of this optimizer holds them next to "
                                  "'lstm_state'")
+            if moments.dim() == param.dim() + 1 and tuple(moments.shape[1:]) == tuple(param.shape):
+                moments = upgrade_moments(moments)  # [3, ...] from before the long moment u: u starts at v
             _check_entry(name, "the moments", moments, param, (MOMENT_ROWS, *param.shape),
-                         "(3, *param.shape): rows m, v, t (another parameter layout?)")
+                         f"({MOMENT_ROWS}, *param.shape): rows m, v, t, u (another parameter layout?)")
             states[param]["moments"] = moments
         elif moments is not None:
             raise ValueError(f"state_dict: {name} has 'moments' but its net (features {net.features}) reads none")

@@ -91,7 +91,7 @@ class FusedGroup:
         return [self._rows(k).view(*self.lead, *t.shape) for k, t in enumerate(self.locals)]
 
     def moment_views(self) -> list[Tensor] | None:
-        """Each parameter's moments: a view [3, *local shape] of the fused moments; None for a net without."""
+        """Each parameter's moments: a view [4, *local shape] of the fused moments; None for a net without."""
         if self.moments is None:
             return None
         return [self._moment_rows(k).view(MOMENT_ROWS, *t.shape) for k, t in enumerate(self.locals)]

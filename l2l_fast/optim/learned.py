@@ -40,14 +40,14 @@ class LearnedOptimizer(Optimizer):
             or torch.bfloat16, which halves the optimizer's memory (the math stays in float32).
 
     State: per parameter ``state[p]["lstm_state"]`` [num_layers, 2, hidden_size, *p.shape] (in state_dtype) and,
-    for a net that reads the gradient's running moments (``net.reads_moments``, features "moments"),
-    ``state[p]["moments"]`` [3, *p.shape]: rows m, v (running mean and second moment, beta 0.95) and t (the
-    coordinate's step count), always in the math dtype (float32, float64 for float64 parameters), never bfloat16,
+    for a net that reads the gradient's running moments (``net.reads_moments``, features "moments" or
+    "long_moments"), ``state[p]["moments"]`` [4, *p.shape]: rows m, v (running mean and second moment, beta 0.95),
+    t (the coordinate's step count) and u (long second moment, beta 0.999), always in the math dtype (float32, float64 for float64 parameters), never bfloat16,
     whatever state_dtype is. Both are views of the fused tensors of one kernel call.
 
     Memory: the LSTM state holds 2 * num_layers * hidden_size values per parameter element, 80 for the shipped
     nets (H = 20, L = 2): 320 bytes per element in float32, 160 in bfloat16 (Adam: 8); a net that reads moments
-    adds 3 values (12 bytes in float32, 24 in float64) per element. Under FSDP2 each rank keeps only its shard's.
+    adds 4 values (16 bytes in float32, 32 in float64) per element. Under FSDP2 each rank keeps only its shard's.
 
     Parameters: float32, float64, bfloat16 or float16, dense, real; DTensors (FSDP2) are stepped shard by
     shard. Each param group's parameters on one device with one math dtype (float64, or float32 for the
@@ -154,7 +154,7 @@ class LearnedOptimizer(Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict:
         """torch.optim's, with each group's net replaced by its signature (sizes, constants, weight hash) and
-        per parameter {"lstm_state": [L, 2, H, *param.shape]}, with "moments": [3, *param.shape] for a net that
+        per parameter {"lstm_state": [L, 2, H, *param.shape]}, with "moments": [4, *param.shape] for a net that
         reads them (views of the live state, not copies). Post hooks (register_state_dict_post_hook) see this
         form."""
         with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):

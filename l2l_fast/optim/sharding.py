@@ -3,7 +3,7 @@
 The optimizer is coordinatewise, so a shard is stepped exactly as the same coordinates of the full tensor.
 A parameter's LSTM state has the parameter's shape behind [L, 2, H]; for a DTensor parameter it is a DTensor
 with the parameter's mesh and placements moved three dims right (Shard(d) -> Shard(d + 3)), so distributed
-checkpointing saves and reshards it like the parameter itself. The moments of a net that reads them, [3, *shape],
+checkpointing saves and reshards it like the parameter itself. The moments of a net that reads them, [4, *shape],
 are placed alike, one dim right (Shard(d) -> Shard(d + 1)).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check_placements(param: Tensor, name: str) -> None:
 
 
 def state_like(param: Tensor, local_state: Tensor) -> Tensor:
-    """local_state [*lead, *local shape] (an LSTM state [L, 2, H, ...], moments [3, ...]) as the state of `param`:
+    """local_state [*lead, *local shape] (an LSTM state [L, 2, H, ...], moments [4, ...]) as the state of `param`:
     a DTensor like param's, its shard dims moved behind the lead dims, if param is one."""
     if not is_dtensor(param):
         return local_state
