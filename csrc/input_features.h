@@ -139,16 +139,29 @@ struct PaperFeature {
   }
 };
 
+// The bias correction 1 - beta^t = 1 - e^x, x = max(t, 1) log beta <= 0, to a few ulp relative. 1 - e^x cancels
+// for small |x|: at t = 1 it multiplies e^x's error by beta / (1 - beta), 19 for 0.95 but 999 for 0.999 (1e-4
+// relative in float32). For |x| < 1/4 it is -x (1 + x/2 (1 + x/3 (1 + ...))), the Taylor series, to
+// |x|^(K+1) / (K+2)! < 1e-10 (float, K = 7) or 1e-17 (double, K = 12); beyond, the cancellation is at most 4.5x.
+template <typename Math, typename V, typename T>
+L2L_HD V bias_correction(V t, T log_beta) {
+  const V x = Math::max(t, Math::splat(T(1))) * log_beta;
+  constexpr int kTerms = sizeof(T) == sizeof(float) ? 7 : 12;
+  V series = Math::splat(T(1));
+  for (int j = kTerms + 1; j >= 2; --j) series = T(1) + x * T(1.0 / j) * series;
+  return Math::select(x > T(-0.25), -x * series, T(1) - Math::exp(x));
+}
+
 // The bias-corrected momentum m_hat = m / (1 - beta1^t); t below 1 counts as 1.
 template <typename Math, typename V, typename T>
 L2L_HD V corrected_momentum(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
-  return in.m / (T(1) - Math::exp(Math::max(in.t, Math::splat(T(1))) * c.log_beta1));
+  return in.m / bias_correction<Math>(in.t, c.log_beta1);
 }
 
 // 1 / (sqrt(second_hat) + eps), second_hat = second / (1 - beta^t) with log_beta = log beta; t below 1 counts as 1.
 template <typename Math, typename V, typename T>
 L2L_HD V inverse_scale_of(V second, V t, T log_beta, const FeatureConstants<T>& c) {
-  const V hat = second / (T(1) - Math::exp(Math::max(t, Math::splat(T(1))) * log_beta));
+  const V hat = second / bias_correction<Math>(t, log_beta);
   return T(1) / (Math::sqrt(hat) + c.eps);
 }
 

@@ -76,7 +76,7 @@ def inputs(n, H, L, dtype, gen, kind="random", p=10.0, non_finite=False, feature
 
 
 def moments_for(features, grad, gen, *, advanced=True, steps=5):
-    """None when the features read no moments, else moments [3, n] in grad's dtype as an optimizer keeps them:
+    """None when the features read no moments, else moments [4, n] in grad's dtype as an optimizer keeps them:
     each coordinate has taken 0 to `steps` earlier steps (t = 0: fresh zeros) with gradients drawn like
     random_grad's, then, when `advanced` (what lstm_step receives), the step of grad itself."""
     if not registry.reads_moments(features):

@@ -374,10 +374,11 @@ def test_module_takes_its_features(gen, backend, features):
 # the moments and the output: one message on every front
 BAD_MOMENTS = {  # name: (for feature sets that read moments or for those that read none, good moments, grad -> bad)
     "missing": (True, lambda m, g: None),
-    "extra": (False, lambda m, g: torch.zeros(3, g.shape[0], dtype=g.dtype)),
-    "one_more_column": (True, lambda m, g: torch.zeros(3, g.shape[0] + 1, dtype=g.dtype)),
+    "extra": (False, lambda m, g: torch.zeros(registry.MOMENT_ROWS, g.shape[0], dtype=g.dtype)),
+    "one_more_column": (True, lambda m, g: torch.zeros(registry.MOMENT_ROWS, g.shape[0] + 1, dtype=g.dtype)),
     "one_less_column": (True, lambda m, g: m[:, 1:]),
     "two_rows": (True, lambda m, g: m[:2]),
+    "three_rows": (True, lambda m, g: m[:3]),  # the layout before the long moment u
     "transposed": (True, lambda m, g: m.t().contiguous()),
     "1d": (True, lambda m, g: m.flatten()),
     "float32": (True, lambda m, g: m.float()),
@@ -421,7 +422,7 @@ def test_op_rejects_bad_moments(gen, op, features, bad):
 def test_inplace_op_rejects_expanded_moments(gen, features):
     param, grad, state, weights = raw_inputs(gen, features=features)
     # elements sharing memory: refused by the in-place ops, which write them; data to the functional ones
-    moments = moments_for(features, grad, gen=gen)[:, :1].expand(3, N)
+    moments = moments_for(features, grad, gen=gen)[:, :1].expand(registry.MOMENT_ROWS, N)
     update, _ = torch.ops.l2l_fast.lstm_step(grad, state, weights, 10.0, 0.1, features, moments)
     assert update.shape == (N,), "the functional op reads them as data"
     before = moments.clone()

@@ -167,16 +167,16 @@ def test_moments_and_output_checked(impl, gen):
     with pytest.raises(ValueError, match="moments"):
         impl.lstm_step(grad, state, weights, 10.0, 0.1, 3)
     with pytest.raises(ValueError, match="moments"):
-        impl.lstm_step_(torch.zeros(9), grad, state, weights, 10.0, 0.1, 3, moments=torch.zeros(3, 8))
+        impl.lstm_step_(torch.zeros(9), grad, state, weights, 10.0, 0.1, 3, moments=torch.zeros(registry.MOMENT_ROWS, 8))
     with pytest.raises(TypeError, match="moments"):
         impl.lstm_step_backward(torch.zeros(9), state, grad, state, weights, 10.0, 0.1, 3,
-                                moments=torch.zeros(3, 9, dtype=torch.float64))
+                                moments=torch.zeros(registry.MOMENT_ROWS, 9, dtype=torch.float64))
     with pytest.raises(ValueError, match="output"):
-        impl.lstm_multi_step_([torch.zeros(9)], [grad], state, weights, 10.0, 0.1, 3, moments=torch.zeros(3, 9),
+        impl.lstm_multi_step_([torch.zeros(9)], [grad], state, weights, 10.0, 0.1, 3, moments=torch.zeros(registry.MOMENT_ROWS, 9),
                               output=2)
     grad, state, weights, _, _ = cases.inputs(9, 3, 1, torch.float32, gen)
     with pytest.raises(ValueError, match="moments"):
-        impl.lstm_step(grad, state, weights, 10.0, 0.1, 1, moments=torch.zeros(3, 9))
+        impl.lstm_step(grad, state, weights, 10.0, 0.1, 1, moments=torch.zeros(registry.MOMENT_ROWS, 9))
 
 
 def test_multi_step_keeps_the_cpu_contract(impl, gen):

@@ -329,10 +329,10 @@ def sliced_state(values, *, gen):
 
 
 def moments_view(values, *, gen):
-    """values [3, n] as a view of a buffer stored [n, 3] (coordinates the slowest axis); None for None."""
+    """values [rows, n] as a view of a buffer stored [n, rows] (coordinates the slowest axis); None for None."""
     if values is None:
         return None, None
-    base = torch.randn(values.shape[1], 3, generator=gen, dtype=torch.float64).to(values.dtype)
+    base = torch.randn(values.shape[1], values.shape[0], generator=gen, dtype=torch.float64).to(values.dtype)
     view = base.t()
     view.copy_(values)
     return view, base

@@ -238,6 +238,48 @@ def test_init_from_weights_of_other_features_is_refused(tmp_path):
         MetaTrainer(tiny_config(init="pretrained:quadratic"), tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("source_features,target_features", [(("moments",), ("moments", "long_moments")),
+                                                             (("long_moments",), MOMENTS + ("long_moments",)),
+                                                             (("paper",), MOMENTS)])
+def test_init_from_fewer_features_widens_with_zero_input_weights(tmp_path, gen, source_features, target_features):
+    """--init from a net with a subset of the run's features: its input weights land at its features' columns,
+    the new ones start at zero, so the run's first net steps exactly as the file's (updates, states)."""
+    from l2l_fast import features as registry
+    from l2l_fast.pretrained import save_pretrained
+
+    source = moments_net(features=source_features, seed=3)
+    with torch.no_grad():
+        for w in source.parameters():
+            w.normal_(0, 0.5, generator=gen)
+    save_pretrained(source, tmp_path / "source.pt", record={"note": "test"})
+    trainer = MetaTrainer(tiny_config(features=target_features, hidden_size=5, init=str(tmp_path / "source.pt")),
+                          tmp_path / "run", progress=False)
+    net = trainer.net
+    assert net.features == registry.names_of(target_features)
+    n = 64
+    grad = torch.randn(n, generator=gen, dtype=torch.float64) * torch.pow(10.0, torch.rand(n, generator=gen) * 6 - 5)
+    moments = registry.advance_moments(grad, torch.rand(4, n, generator=gen, dtype=torch.float64)
+                                       * torch.tensor([[1.0], [1.0], [20.0], [1.0]], dtype=torch.float64))
+    state = 0.3 * torch.randn(2, 2, 5, n, generator=gen, dtype=torch.float64)
+    source = load_pretrained(str(tmp_path / "source.pt")).double()  # as the file holds it (float32)
+    expected = source(grad, state, moments if source.reads_moments else None)
+    got = net.double()(grad, state, moments)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-15)
+    new_columns = [k for k, name in enumerate(name for name in net.features
+                                               for _ in range(registry.REGISTRY[name].width))
+                   if name not in source.features]
+    assert new_columns and torch.count_nonzero(net.lstm.weight_ih_l0[:, new_columns]) == 0
+
+
+def test_init_from_more_features_is_refused(tmp_path):
+    from l2l_fast.pretrained import save_pretrained
+
+    save_pretrained(moments_net(features=MOMENTS + ("long_moments",)), tmp_path / "wide.pt", record={})
+    with pytest.raises(ValueError, match="init: .*do not fit"):
+        MetaTrainer(tiny_config(hidden_size=5, init=str(tmp_path / "wide.pt")), tmp_path / "run", progress=False)
+
+
 def test_a_task_of_several_parameter_groups_carries_each_groups_moments(tmp_path):
     """cifar10 (conv and fc LSTMs, a GroupedLSTM) with the moments feature and tanh output: both nets read
     moments and train, its best weights load per group with the features and evaluate."""

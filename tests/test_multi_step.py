@@ -1,6 +1,6 @@
 """lstm_multi_step_, the optimizer's one-call step over a list of tensors: against the float64 reference, against
 the single-tensor op (bit for bit), 16-bit params and state, strides, NaN/Inf, threads, ISAs, opcheck, compile
-and bad input (C++ checks and the fake kernel's Python checks); the running moments [3, sum_k n_k] at the
+and bad input (C++ checks and the fake kernel's Python checks); the running moments [4, sum_k n_k] at the
 state's offsets, for feature sets that read them, with either output kind."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def inputs(gen, sizes, dtype, param_dtype=None, state_dtype=None, features=1):
 
 
 def moments_of(features, sizes, gen, dtype):
-    """Random moments [3, sum(sizes)] in the math dtype when the features read them, else None."""
+    """Random moments [4, sum(sizes)] in the math dtype when the features read them, else None."""
     return random_moments(sum(sizes), gen=gen, dtype=dtype) if registry.reads_moments(features) else None
 
 
@@ -385,14 +385,14 @@ def test_python_checks_agree(gen, bad, features):
 
 MULTI_BAD_MOMENTS = {  # name: (for feature sets that read moments or for those that read none, good, total -> bad)
     "missing": (True, lambda m, total: None),
-    "extra": (False, lambda m, total: torch.zeros(3, total, dtype=torch.float64)),
-    "one_more_column": (True, lambda m, total: torch.zeros(3, total + 1, dtype=torch.float64)),
+    "extra": (False, lambda m, total: torch.zeros(registry.MOMENT_ROWS, total, dtype=torch.float64)),
+    "one_more_column": (True, lambda m, total: torch.zeros(registry.MOMENT_ROWS, total + 1, dtype=torch.float64)),
     "first_tensor_only": (True, lambda m, total: m[:, :4]),
     "two_rows": (True, lambda m, total: m[:2]),
     "float32": (True, lambda m, total: m.float()),
     "bfloat16": (True, lambda m, total: m.bfloat16()),
     "meta": (True, lambda m, total: m.to("meta")),
-    "expanded": (True, lambda m, total: m[:, :1].expand(3, total)),
+    "expanded": (True, lambda m, total: m[:, :1].expand(registry.MOMENT_ROWS, total)),
 }
 MULTI_MOMENT_CASES = [pytest.param(f, bad, id=f"{feature_id(f)}-{bad}") for f in FEATURE_SETS
                       for bad, (reads, _) in MULTI_BAD_MOMENTS.items() if reads == registry.reads_moments(f)]

@@ -52,7 +52,7 @@ def problems(draw):
 
 
 def make_inputs(pr, dtype):
-    """grad [n], state [L, 2, H, n], weights, upstream (u, s), moments [3, n] (or None; the previous step's, not
+    """grad [n], state [L, 2, H, n], weights, upstream (u, s), moments [4, n] (or None; the previous step's, not
     advanced): float64 values rounded to `dtype`, with non-finite values injected at random positions."""
     gen = generator(pr["seed"])
     n, H, L = pr["n"], pr["hidden"], pr["layers"]

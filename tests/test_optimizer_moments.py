@@ -21,6 +21,7 @@ NETS = {  # (features, output)
     "paper+moments_tanh": (("paper", "moments"), "tanh"),
     "moments_linear": (("moments",), "linear"),
     "moments_tanh": (("moments",), "tanh"),
+    "moments+long_moments_tanh": (("moments", "long_moments"), "tanh"),
 }
 
 
@@ -116,11 +117,11 @@ def test_matches_a_loop_over_advance_moments_and_forward(gen, kind, backend):
         for k, p in enumerate(params):
             name = f"group {g} param {k}"
             state, moments = opt.state[p]["lstm_state"], opt.state[p]["moments"]
-            assert moments.shape == (3, *p.shape) and moments.dtype == torch.float64, name
+            assert moments.shape == (registry.MOMENT_ROWS, *p.shape) and moments.dtype == torch.float64, name
             assert state.shape == (*state.shape[:3], *p.shape), name
             close(p.detach().reshape(-1), expected["params"][k], tol, f"{name}: value")
             close(state.reshape(*state.shape[:3], -1), expected["states"][k], tol, f"{name}: state")
-            close(moments.reshape(3, -1), expected["moments"][k], tol, f"{name}: moments")
+            close(moments.reshape(registry.MOMENT_ROWS, -1), expected["moments"][k], tol, f"{name}: moments")
     # the step count t: every step but the one where the first tensor of each group had no gradient and the
     # second a NaN and an Inf at its ends (in row-major order)
     for params in (first, second):
@@ -148,18 +149,20 @@ def test_moments_are_kept_in_the_math_dtype(gen, dtype, state_dtype, math):
     params = make_params([(3, 4), (5,)], dtype, gen)
     opt = LearnedOptimizer(params, net, state_dtype=state_dtype)
     for p in params:
-        assert opt.state[p]["moments"].dtype == math and opt.state[p]["moments"].shape == (3, *p.shape)
+        assert opt.state[p]["moments"].dtype == math and opt.state[p]["moments"].shape == (registry.MOMENT_ROWS, *p.shape)
         assert not opt.state[p]["moments"].any(), "zeros before the first step"
         assert opt.state[p]["lstm_state"].dtype == (state_dtype or math)
     for p in params:
         p.grad = random_grad(p.numel(), gen=gen, lo=1e-3).reshape(p.shape).to(dtype)
     opt.step()
     for p in params:
-        m, v, t = opt.state[p]["moments"]
+        m, v, t, u = opt.state[p]["moments"]
         g = p.grad.to(math)
         assert torch.equal(t, torch.ones_like(t))
         torch.testing.assert_close(m, (1 - registry.BETA1) * g)
         torch.testing.assert_close(v, (1 - registry.BETA2) * g * g)
+        # 1 - 0.999 as the math dtype holds it (off by 1.3e-5 relative in float32)
+        torch.testing.assert_close(u, (1 - torch.tensor(registry.BETA_LONG, dtype=math)) * g * g)
 
 
 CONFIGS = {
@@ -220,7 +223,7 @@ def test_state_dict_holds_the_moments_as_views(gen):
     params = make_params([(30, 20), (30,)], torch.float32, gen)
     opt = LearnedOptimizer(params, net)
     state_dict = opt.state_dict()
-    assert [tuple(s["moments"].shape) for s in state_dict["state"].values()] == [(3, 30, 20), (3, 30)]
+    assert [tuple(s["moments"].shape) for s in state_dict["state"].values()] == [(4, 30, 20), (4, 30)]
     assert state_dict["param_groups"][0]["net"]["features"] == ("moments",)
     for p in params:  # views of one fused tensor per call
         assert opt.state[p]["moments"].untyped_storage().data_ptr() == \
@@ -250,9 +253,9 @@ def bad_state_dicts(gen, net):
     return {
         "no_moments": edit(lambda state: state[1].pop("moments")),
         "moments_none": edit(lambda state: state[0].update(moments=None)),
-        "moments_of_another_shape": edit(lambda state: state[0].update(moments=torch.zeros(3, 3, 4))),
+        "moments_of_another_shape": edit(lambda state: state[0].update(moments=torch.zeros(registry.MOMENT_ROWS, 3, 4))),
         "moments_of_two_rows": edit(lambda state: state[1].update(moments=torch.zeros(2, 5))),
-        "integer_moments": edit(lambda state: state[1].update(moments=torch.zeros(3, 5, dtype=torch.int64))),
+        "integer_moments": edit(lambda state: state[1].update(moments=torch.zeros(registry.MOMENT_ROWS, 5, dtype=torch.int64))),
         "a_net_without_moments": saved(gen, paper),
     }
 
@@ -276,6 +279,36 @@ def test_rejects_a_state_dict_without_fitting_moments_and_changes_nothing(gen, c
     for k in before["state"]:
         for key in ("lstm_state", "moments"):
             assert torch.equal(after["state"][k][key], before["state"][k][key]), (case, key)
+
+
+def test_a_state_dict_from_before_the_long_moment_loads_with_u_started_at_v(gen):
+    """A state_dict saved when moments had 3 rows (m, v, t): it loads, u starts at v (the best estimate it holds),
+    and stepping continues exactly as from the same state with u = v written out."""
+    net = moments_net(("moments", "long_moments"), "tanh", gen=gen, backend="auto", dtype=torch.float32)
+    current = saved(gen, net)
+    old = copy.deepcopy(current)
+    for entry in old["state"].values():
+        entry["moments"] = entry["moments"][:3].clone()
+    upgraded = copy.deepcopy(current)
+    for entry in upgraded["state"].values():
+        entry["moments"][3] = entry["moments"][1]
+    opts = []
+    for state_dict in (old, upgraded):
+        params = make_params([(4, 3), (5,)], torch.float32, torch.Generator().manual_seed(5))
+        opt = LearnedOptimizer(params, net)
+        opt.load_state_dict(state_dict)
+        opts.append((opt, params))
+    for k, p in enumerate(opts[0][1]):
+        moments = opts[0][0].state[p]["moments"]
+        assert moments.shape == (registry.MOMENT_ROWS, *p.shape)
+        assert torch.equal(moments[:3], old["state"][k]["moments"]) and torch.equal(moments[3], moments[1])
+    grads = [random_grad(p.numel(), gen=gen).reshape(p.shape).float() for p in opts[0][1]]
+    for opt, params in opts:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(opts[0][1], opts[1][1]):
+        assert torch.equal(a, b)
 
 
 def test_moments_for_a_net_that_reads_none_are_refused(gen):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from .. import features as features_
 from ..files import CheckpointError, load_verified, save_atomic, write_text_atomic
 from ..grouped import GroupedLSTM
 from ..net import CoordinatewiseLSTM
@@ -69,10 +70,40 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
     targets = dict(net.nets) if isinstance(net, GroupedLSTM) else {None: net}
     for group, target in targets.items():
         part = source.nets[group] if isinstance(source, GroupedLSTM) else source
-        if part.size_kwargs() != target.size_kwargs():
+        if part.size_kwargs() == target.size_kwargs():
+            target.load_state_dict(part.state_dict())
+        elif _widens(part, target):
+            load_widened(target, part)
+        else:
             raise ValueError(f"init: {spec} was built with {part.size_kwargs()}, this run with "
-                             f"{target.size_kwargs()}: its weights do not fit; start from a file of the same sizes")
-        target.load_state_dict(part.state_dict())
+                             f"{target.size_kwargs()}: its weights do not fit; start from a file of the same sizes "
+                             "(or of a subset of this run's features)")
+
+
+def _widens(source, target) -> bool:
+    """Whether target is source with more input features (everything else the same)."""
+    a, b = dict(source.size_kwargs()), dict(target.size_kwargs())
+    fewer, more = set(a.pop("features")), set(b.pop("features"))
+    return a == b and fewer < more
+
+
+def load_widened(target, source) -> None:
+    """source's weights into target, a net of the same sizes with more input features: each of source's features
+    keeps its input weights (at its columns in target's order), the new features' columns start at zero, so that
+    target computes exactly what source did until training moves them."""
+    with torch.no_grad():
+        state = source.state_dict()
+        weight = state["lstm.weight_ih_l0"]
+        widened = torch.zeros_like(target.lstm.weight_ih_l0)
+        column = 0
+        for name in target.features:
+            width = features_.REGISTRY[name].width
+            if name in source.features:
+                at = sum(features_.REGISTRY[n].width for n in source.features[: source.features.index(name)])
+                widened[:, column : column + width] = weight[:, at : at + width]
+            column += width
+        state["lstm.weight_ih_l0"] = widened
+        target.load_state_dict(state)
 
 
 def evaluate_learned(net, task, config: MetaTrainConfig, ranks: Ranks | None = None) -> float:

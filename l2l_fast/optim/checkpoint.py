@@ -69,7 +69,7 @@ def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, d
                 raise ValueError(f"state_dict: no 'moments' for {name}, whose net reads the gradient's moments "
                                  f"(features {net.features}); a state_dict of this optimizer holds them next to "
                                  "'lstm_state'")
-            if moments.dim() == param.dim() + 1 and tuple(moments.shape[1:]) == tuple(param.shape):
+            if moments.dim() == param.dim() + 1 and moments.shape[0] == 3 and moments.shape[1:] == param.shape:
                 moments = upgrade_moments(moments)  # [3, ...] from before the long moment u: u starts at v
             _check_entry(name, "the moments", moments, param, (MOMENT_ROWS, *param.shape),
                          f"({MOMENT_ROWS}, *param.shape): rows m, v, t, u (another parameter layout?)")
