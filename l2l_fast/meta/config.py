@@ -92,7 +92,8 @@ class MetaTrainConfig:
                                                "preprocessed gradient), moments (RNNprop's scale-free inputs: the "
                                                "gradient and its running mean over the root of its running second "
                                                "moment, beta 0.95, bias-corrected; the moments are carried like the "
-                                               "LSTM state); words or commas: paper moments, paper,moments",
+                                               "LSTM state), long_moments (the same over Adam's long second moment, "
+                                               "beta 0.999); words or commas: paper moments, paper,moments",
                             type=feature_names, metavar="NAMES", nargs="+")
     output: str = _flag("linear", "the net's update: linear, output_scale times the LSTM's output (the paper); "
                                   "tanh, output_scale times its tanh (a bounded step)", choices=OUTPUTS)
