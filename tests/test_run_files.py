@@ -167,3 +167,40 @@ def test_checkpoint_weights_writes_the_runs_current_weights(tmp_path):
     first = load_pretrained(str(run / "best.pt")).state_dict() if load_verified(run / "best.pt")["epoch"] == 0 else None
     if first is not None:
         assert any(not torch.equal(first[k], v) for k, v in current.items())
+
+
+def test_interpolate_weights_mixes_two_nets_and_widens_the_first(tmp_path, gen):
+    """benchmarks/interpolate_weights.py: (1 - alpha) A + alpha B weight by weight, B's sizes and features; an A
+    with a subset of B's features counts its missing input columns as zero; unrelated nets are refused."""
+    import importlib.util
+    import sys
+
+    from l2l_fast.pretrained import save_pretrained
+
+    def random_net(features):
+        net = CoordinatewiseLSTM(hidden_size=4, features=features, output="tanh")
+        with torch.no_grad():
+            for w in net.parameters():
+                w.normal_(0, 1, generator=gen)
+        return net
+
+    a, b = random_net(("moments",)), random_net(("moments", "long_moments"))
+    save_pretrained(a, tmp_path / "a.pt", record={})
+    save_pretrained(b, tmp_path / "b.pt", record={})
+    save_pretrained(random_net(("paper",)), tmp_path / "other.pt", record={})
+    path = Path(__file__).parents[1] / "benchmarks" / "interpolate_weights.py"
+    spec = importlib.util.spec_from_file_location("interpolate_weights", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--alpha", "0.25", "--out", str(tmp_path / "m.pt")])
+    mixed = load_pretrained(str(tmp_path / "m.pt"))
+    assert mixed.features == b.features and mixed.record["interpolation"]["alpha"] == 0.25
+    ma, mb = load_pretrained(str(tmp_path / "a.pt")).state_dict(), load_pretrained(str(tmp_path / "b.pt")).state_dict()
+    for key, value in mixed.state_dict().items():
+        start = ma[key]
+        if key == "lstm.weight_ih_l0":  # a's two moments columns, then zeros for long_moments
+            start = torch.cat([start, torch.zeros_like(start)], dim=1)
+        torch.testing.assert_close(value, 0.75 * start + 0.25 * mb[key], rtol=1e-6, atol=1e-6)
+    with pytest.raises(SystemExit, match="not the same net"):
+        script.main([str(tmp_path / "other.pt"), str(tmp_path / "a.pt"), "--alpha", "0.5",
+                     "--out", str(tmp_path / "x.pt")])
