@@ -43,7 +43,7 @@ def tiny_config(**overrides) -> MetaTrainConfig:
 def test_the_carried_state_holds_zero_moments_for_a_moments_net_only():
     net = moments_net()
     state, moments = initial_state(net, 7)
-    assert state.shape == (2, 2, 5, 7) and moments.shape == (3, 7) and moments.dtype == torch.float64
+    assert state.shape == (2, 2, 5, 7) and moments.shape == (4, 7) and moments.dtype == torch.float64
     assert not state.any() and not moments.any()
     plain = CoordinatewiseLSTM(hidden_size=5)
     assert isinstance(initial_state(plain, 7), torch.Tensor)
@@ -191,7 +191,7 @@ def test_cli_run_with_moments_and_tanh_saves_resumes_bit_identically_and_loads(t
     opt = LearnedOptimizer([theta], pretrained=str(tmp_path / "opt.pt"))
     theta.grad = torch.randn(10)
     opt.step()
-    assert opt.state[theta]["moments"].shape == (3, 10)
+    assert opt.state[theta]["moments"].shape == (4, 10)
     capsys.readouterr()
     # resuming with other features or another output is refused, the checkpoint untouched
     for other in (["--features", "paper"], ["--output", "linear"]):

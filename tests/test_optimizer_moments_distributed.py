@@ -48,7 +48,7 @@ def test_each_rank_holds_its_shards_moments_as_dtensors(ranks):
         local = results["local"]
         assert all(local["moments_are_dtensors"]) and set(local["moments_dtypes"]) == {torch.float64}
         for param_shape, moments_shape in zip(local["param_local_shapes"], local["moments_local_shapes"]):
-            assert moments_shape == (3, *param_shape), f"rank {rank}"
+            assert moments_shape == (4, *param_shape), f"rank {rank}"
         for param, moments in zip(local["param_placements"], local["moments_placements"]):
             assert param == (("Shard", 0),) and moments == (("Shard", 1),), f"rank {rank}"
         assert local["fused_moments_numel"] == 3 * sum(torch.Size(s).numel() for s in local["param_local_shapes"])
