@@ -51,7 +51,7 @@ def test_each_rank_holds_its_shards_moments_as_dtensors(ranks):
             assert moments_shape == (4, *param_shape), f"rank {rank}"
         for param, moments in zip(local["param_placements"], local["moments_placements"]):
             assert param == (("Shard", 0),) and moments == (("Shard", 1),), f"rank {rank}"
-        assert local["fused_moments_numel"] == 3 * sum(torch.Size(s).numel() for s in local["param_local_shapes"])
+        assert local["fused_moments_numel"] == 4 * sum(torch.Size(s).numel() for s in local["param_local_shapes"])
     shards = [r["local"]["param_local_shapes"] for r in ranks]
     assert shards[0] != shards[1], "uneven shards: the test must cover them"
 
