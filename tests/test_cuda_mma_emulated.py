@@ -178,14 +178,18 @@ def test_forward_matches_reference(impl, emu, gen, n, dtype):
 @pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 def test_features_and_outputs(impl, emu, gen, features, output):
     """Every feature set (the moments read, advanced in place and stored by one lane of four) and output kind:
-    forward, in-place step and the multi-tensor step with a float32 state."""
+    forward, in-place step and the multi-tensor step with a float32 state. A set of more than four inputs (slot
+    5's four columns) runs the FFMA kernel instead, with the same results."""
     before = emu.mma_launches()
     cases.check_forward_backward(impl, 45, 20, 2, torch.float32, gen, non_finite=True, features=features,
                                  output=output)
     cases.check_step_inplace(impl, 37, 20, 2, torch.float32, gen, features=features, output=output)
     cases.check_multi_step(impl, [7, 0, 40], [torch.float32], 20, 2, gen, weight_dtype=torch.float32,
                            state_dtype=torch.float32, features=features, output=output)
-    assert emu.mma_launches() >= before + 3
+    if registry.input_size(features) <= 4:
+        assert emu.mma_launches() >= before + 3
+    else:
+        assert emu.mma_launches() == before, "the mma kernel ran a net wider than its four input columns"
 
 
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
