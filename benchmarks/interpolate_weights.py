@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from l2l_fast import CoordinatewiseLSTM
-from l2l_fast.meta.train import load_widened
+from l2l_fast.meta.train import load_widened, widens
 from l2l_fast.pretrained import load_pretrained, save_pretrained
 
 
@@ -23,7 +23,7 @@ def interpolate(a: CoordinatewiseLSTM, b: CoordinatewiseLSTM, alpha: float) -> C
     """A net like b with weights (1 - alpha) a + alpha b; a widened to b's features first when it reads fewer."""
     if a.size_kwargs() != b.size_kwargs():
         widened = CoordinatewiseLSTM(**b.size_kwargs())
-        load_widened(widened, a)  # refuses a that is not b with fewer features
+        load_widened(widened, a)
         a = widened
     mixed = CoordinatewiseLSTM(**b.size_kwargs())
     b_state = b.state_dict()
@@ -40,17 +40,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="the weight file to write")
     args = parser.parse_args(argv)
     a, b = load_pretrained(args.a), load_pretrained(args.b)
-    if not (a.size_kwargs() == b.size_kwargs() or _fewer_features(a, b)):
+    if not (a.size_kwargs() == b.size_kwargs() or widens(a, b)):
         raise SystemExit(f"{args.a} ({a.size_kwargs()}) and {args.b} ({b.size_kwargs()}) are not the same net "
                          "(nor A the same with fewer features)")
     save_pretrained(interpolate(a, b, args.alpha), args.out,
                     record={"interpolation": {"a": args.a, "b": args.b, "alpha": args.alpha}})
     print(f"{args.out}: (1 - {args.alpha}) {args.a} + {args.alpha} {args.b}")
-
-
-def _fewer_features(a, b) -> bool:
-    sa, sb = dict(a.size_kwargs()), dict(b.size_kwargs())
-    return sa.pop("features") != sb.pop("features") and sa == sb and set(a.features) < set(b.features)
 
 
 if __name__ == "__main__":

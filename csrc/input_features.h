@@ -165,18 +165,14 @@ L2L_HD V inverse_scale_of(V second, V t, T log_beta, const FeatureConstants<T>& 
   return T(1) / (Math::sqrt(hat) + c.eps);
 }
 
-// Scale-free inputs of RNNprop (Lv et al. 2017): (g, m_hat) / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t),
-// v_hat = v / (1 - beta2^t) from the moments advanced with this g. The moments are data: only
-// g / (sqrt(v_hat) + eps) has a derivative, in g.
-struct MomentFeature {
-  static constexpr uint32_t kBit = 1u << 1;
-  static constexpr int kWidth = 2;
-  static constexpr const char* kName = "moments";
-  static constexpr bool kReadsMoments = true;
-
+// Scale-free inputs over a second moment s (Lv et al. 2017): (g, m_hat) / (sqrt(s_hat) + eps), s_hat = s / (1 -
+// beta^t), m_hat = m / (1 - beta1^t), from the moments advanced with this g. The moments are data: only
+// g / (sqrt(s_hat) + eps) has a derivative, in g. Moment (CRTP) names s: second(in) and its log_beta(c).
+template <class Moment>
+struct ScaleFreeInputs {
   template <typename Math, typename V, typename T>
   L2L_HD static V inverse_scale(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
-    return inverse_scale_of<Math>(in.v, in.t, c.log_beta2, c);
+    return inverse_scale_of<Math>(Moment::second(in), in.t, Moment::log_beta(c), c);
   }
 
   template <typename Math, typename V, typename T>
@@ -195,34 +191,31 @@ struct MomentFeature {
   }
 };
 
-// The same over Adam's long second moment: (g, m_hat) / (sqrt(u_hat) + eps), u_hat = u / (1 - 0.999^t).
-// Near an optimum the gradient falls below its long average, so these inputs shrink where RNNprop's stay
-// O(1): what a net needs to take steps that shrink too. Only g / (sqrt(u_hat) + eps) has a derivative, in g.
-struct LongMomentFeature {
+// RNNprop's: over v (decay 0.95).
+struct MomentFeature : ScaleFreeInputs<MomentFeature> {
+  static constexpr uint32_t kBit = 1u << 1;
+  static constexpr int kWidth = 2;
+  static constexpr const char* kName = "moments";
+  static constexpr bool kReadsMoments = true;
+
+  template <typename V>
+  L2L_HD static V second(const CoordinateInputs<V>& in) { return in.v; }
+  template <typename T>
+  L2L_HD static T log_beta(const FeatureConstants<T>& c) { return c.log_beta2; }
+};
+
+// The same over Adam's long second moment u (decay 0.999). Near an optimum the gradient falls below its long
+// average, so these inputs shrink where RNNprop's stay O(1): what a net needs to take steps that shrink too.
+struct LongMomentFeature : ScaleFreeInputs<LongMomentFeature> {
   static constexpr uint32_t kBit = 1u << 2;
   static constexpr int kWidth = 2;
   static constexpr const char* kName = "long_moments";
   static constexpr bool kReadsMoments = true;
 
-  template <typename Math, typename V, typename T>
-  L2L_HD static V inverse_scale(const CoordinateInputs<V>& in, const FeatureConstants<T>& c) {
-    return inverse_scale_of<Math>(in.u, in.t, c.log_beta_long, c);
-  }
-
-  template <typename Math, typename V, typename T>
-  L2L_HD static void forward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c, V* x) {
-    const V inv = inverse_scale<Math>(in, c);
-    x[0] = in.grad * inv;
-    x[1] = corrected_momentum<Math>(in, c) * inv;
-  }
-
-  template <typename Math, typename V, typename T>
-  L2L_HD static CoordinateInputs<V> backward(const CoordinateInputs<V>& in, const FeatureConstants<T>& c,
-                                             const V* dx) {
-    CoordinateInputs<V> d{};
-    d.grad = dx[0] * inverse_scale<Math>(in, c);
-    return d;
-  }
+  template <typename V>
+  L2L_HD static V second(const CoordinateInputs<V>& in) { return in.u; }
+  template <typename T>
+  L2L_HD static T log_beta(const FeatureConstants<T>& c) { return c.log_beta_long; }
 };
 
 // Every feature, in bit order (the first has bit 1 << 0, the next 1 << 1, ...).

@@ -275,6 +275,9 @@ def test_init_from_fewer_features_widens_with_zero_input_weights(tmp_path, gen, 
 def test_init_from_more_features_is_refused(tmp_path):
     from l2l_fast.pretrained import save_pretrained
 
+    with pytest.raises(ValueError, match="is not .* with more input features"):
+        train_module.load_widened(moments_net(features=("moments",)), moments_net(features=MOMENTS))
+
     save_pretrained(moments_net(features=MOMENTS + ("long_moments",)), tmp_path / "wide.pt", record={})
     with pytest.raises(ValueError, match="init: .*do not fit"):
         MetaTrainer(tiny_config(hidden_size=5, init=str(tmp_path / "wide.pt")), tmp_path / "run", progress=False)

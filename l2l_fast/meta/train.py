@@ -72,7 +72,7 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
         part = source.nets[group] if isinstance(source, GroupedLSTM) else source
         if part.size_kwargs() == target.size_kwargs():
             target.load_state_dict(part.state_dict())
-        elif _widens(part, target):
+        elif widens(part, target):
             load_widened(target, part)
         else:
             raise ValueError(f"init: {spec} was built with {part.size_kwargs()}, this run with "
@@ -80,7 +80,7 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
                              "(or of a subset of this run's features)")
 
 
-def _widens(source, target) -> bool:
+def widens(source, target) -> bool:
     """Whether target is source with more input features (everything else the same)."""
     a, b = dict(source.size_kwargs()), dict(target.size_kwargs())
     fewer, more = set(a.pop("features")), set(b.pop("features"))
@@ -90,7 +90,9 @@ def _widens(source, target) -> bool:
 def load_widened(target, source) -> None:
     """source's weights into target, a net of the same sizes with more input features: each of source's features
     keeps its input weights (at its columns in target's order), the new features' columns start at zero, so that
-    target computes exactly what source did until training moves them."""
+    target computes exactly what source did until training moves them. ValueError unless widens(source, target)."""
+    if not widens(source, target):
+        raise ValueError(f"{target.size_kwargs()} is not {source.size_kwargs()} with more input features")
     with torch.no_grad():
         state = source.state_dict()
         weight = state["lstm.weight_ih_l0"]
