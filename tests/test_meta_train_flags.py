@@ -67,7 +67,8 @@ def test_every_flag_reaches_the_config(exclusive):
              "step_weight_power": "1.5", "lr_schedule": "cosine", "collapse_patience": "0",
              "coordinate_fraction": "0.5", "random_scale": "0.3", "unroll_curriculum": "0", "estimator": "backprop",
              "pes_pairs": "6", "pes_sigma": "0.03", "init": "pretrained:mnist",
-             "features": "moments,paper", "output": "tanh", **exclusive}
+             "features": "moments,paper", "output": "tanh", "long_loss_scale": "initial", "long_episodes": "6",
+             **exclusive}
     assert set(given) == {f.name for f in flag_fields()}, "a new flag: give it a value here"
     argv = ["meta-train", "--task", "mnist", "--hidden", "8", "9", "--activation", "relu"]
     for name, text in given.items():

@@ -106,6 +106,13 @@ class MetaTrainConfig:
                                    "its loss at the episode's start, so problems of different loss scales (--task "
                                    "mixed) weigh alike",
                             choices=LOSS_SCALES)
+    long_loss_scale: str = _flag("", "with --long-episodes K: the loss scale (as --loss-scale) of the episodes of "
+                                     "more than K steps, the others keeping --loss-scale; e.g. --loss-scale initial "
+                                     "--long-loss-scale relative trains the first steps' progress and late precision "
+                                     "in one run (each epoch one or the other)", choices=("",) + LOSS_SCALES,
+                                 metavar="SCALE")
+    long_episodes: int = _flag(0, "episodes of more than K steps use --long-loss-scale; 0: every episode uses "
+                                  "--loss-scale", metavar="K")
     step_weight_power: float = _flag(0.0, "0: every step's loss counts once (the paper); K > 0: the loss after step t "
                                           "counts (K+1)(t/horizon)^K (mean about 1), leaning the meta-loss toward the "
                                           "loss reached at the end of the horizon", metavar="K")
@@ -163,6 +170,16 @@ class MetaTrainConfig:
             raise ValueError(f"step_weight_power: expected a finite number >= 0, got {self.step_weight_power!r}")
         if self.loss_scale not in LOSS_SCALES:
             raise ValueError(f"loss_scale: expected one of {LOSS_SCALES}, got {self.loss_scale!r}")
+        if self.long_loss_scale not in ("",) + LOSS_SCALES:
+            raise ValueError(f"long_loss_scale: expected one of {LOSS_SCALES}, got {self.long_loss_scale!r}")
+        if not (isinstance(self.long_episodes, int) and self.long_episodes >= 0):
+            raise ValueError(f"long_episodes: expected an int >= 0 (0: off), got {self.long_episodes!r}")
+        if bool(self.long_episodes) != bool(self.long_loss_scale):
+            raise ValueError("long_episodes and long_loss_scale go together: give both (K > 0 and a scale) or "
+                             "neither")
+        if self.long_episodes and self.long_episodes >= self.horizon:
+            raise ValueError(f"long_episodes ({self.long_episodes}) must be below horizon ({self.horizon}): no "
+                             f"episode would be long")
         for name in ("epochs", "horizon", "unroll", "meta_batch", "eval_every", "eval_problems", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
@@ -208,6 +225,13 @@ class MetaTrainConfig:
         u = torch.rand((), generator=seeded(self.seed, epoch, 5), dtype=torch.float64).item()
         steps = math.exp(math.log(self.horizon_min) + u * (math.log(self.horizon) - math.log(self.horizon_min)))
         return min(self.horizon, max(self.unroll, math.ceil(steps / self.unroll - 1e-9) * self.unroll))
+
+    def episode_loss_scale(self, horizon: int) -> str:
+        """The loss scale of an episode of `horizon` steps: --long-loss-scale past --long-episodes, else
+        --loss-scale."""
+        if self.long_episodes and horizon > self.long_episodes:
+            return self.long_loss_scale
+        return self.loss_scale
 
     def curriculum_horizon(self, epoch: int) -> int:
         """The curriculum's episode length at epoch `epoch` (0-based): unroll * 2^(epoch // N) steps, at most

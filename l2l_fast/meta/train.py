@@ -197,7 +197,7 @@ def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, ho
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
     initial = losses.detach()
     for start in range(0, horizon, config.unroll):
-        weights = problem_weights(config.loss_scale, losses, initial)
+        weights = problem_weights(config.episode_loss_scale(horizon), losses, initial)
         step_weights = config.truncation_step_weights(start, horizon)
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
             coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
@@ -219,7 +219,8 @@ def _pes_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon
     for start in range(0, horizon, config.unroll):
         step_weights = config.truncation_step_weights(start, horizon)
         result = episode.truncation(start, config.unroll, seeded(config.seed, epoch, start, 6),
-                                    loss_scale=config.loss_scale, step_weights=step_weights, scale=scale)
+                                    loss_scale=config.episode_loss_scale(horizon), step_weights=step_weights,
+                                    scale=scale)
         write_gradient(net, result.gradient)
         yield result.meta_loss.to(next(net.parameters()).dtype)
 
