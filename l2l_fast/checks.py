@@ -172,7 +172,7 @@ def _check_state(state, name: str, layers: int, hidden: int, grad: Tensor) -> No
 
 def check_step_args(grad, state, weights, features, preprocess_p=10.0, output_scale=0.1, moments=None,
                     output=0) -> None:
-    """lstm_step: grad [n], state [L, 2, H, n], weights, moments [3, n] (when the features read them); one dtype
+    """lstm_step: grad [n], state [L, 2, H, n], weights, moments [4, n] (when the features read them); one dtype
     (float32 / float64) and device."""
     _check_grad(grad)
     layers, hidden = check_weights(weights, grad, "grad", features)

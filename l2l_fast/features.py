@@ -166,7 +166,7 @@ def reads_moments(features: FeaturesLike) -> bool:
 
 
 def compute(grad: Tensor, features: FeaturesLike, preprocess_p: float, moments: Tensor | None = None) -> Tensor:
-    """grad [n] (and the moments [3, n], advanced with it, for features that read them) -> the first layer's
+    """grad [n] (and the moments [4, n], advanced with it, for features that read them) -> the first layer's
     inputs [n, input_size(features)], the features in bit order."""
     mask = mask_of(features)
     parts = [f(grad, preprocess_p, moments) for f in REGISTRY.values() if mask & f.bit]

@@ -6,7 +6,7 @@ whose backward is itself a custom op.
 
 Shapes: grad [n], state [L, 2, H, n], weights as in :mod:`l2l_fast.reference`; ``features`` is the mask of the
 LSTM's input features (:mod:`l2l_fast.features`; 1, the default, is the paper's preprocessing of the gradient);
-``moments`` [3, n] the running moments, given exactly when the features read them (advanced with this step's
+``moments`` [4, n] the running moments, given exactly when the features read them (advanced with this step's
 gradient for lstm_step, advanced in place by the in-place ops); ``output`` 0 (update = scale * y) or 1
 (scale * tanh(y)).
 """
@@ -97,7 +97,7 @@ def _forward_mode(tensors: Sequence[Tensor]) -> bool:
 def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
               output_scale: float = 0.1, features: int = 1, moments: Tensor | None = None,
               output: int = 0) -> tuple[Tensor, Tensor]:
-    """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched. moments [3, n],
+    """Fused, differentiable step: returns (update [n], new_state [L, 2, H, n]); inputs untouched. moments [4, n],
     already advanced with grad, are data: no gradient flows to them.
 
     Forward-mode AD (torch.func.jvp, jacfwd, dual tensors) runs the reference instead, which has the
@@ -112,7 +112,7 @@ def lstm_step(grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess
 
 def lstm_step_(param: Tensor, grad: Tensor, state: Tensor, weights: Sequence[Tensor], preprocess_p: float = 10.0,
                output_scale: float = 0.1, features: int = 1, moments: Tensor | None = None, output: int = 0) -> None:
-    """Fused in-place step, no autograd: param [n] += update; state [L, 2, H, n] and moments [3, n] (when the
+    """Fused in-place step, no autograd: param [n] += update; state [L, 2, H, n] and moments [4, n] (when the
     features read them) advanced in place."""
     torch.ops.l2l_fast.lstm_step_(param, grad, state, list(weights), float(preprocess_p), float(output_scale),
                                   int(features), moments, int(output))

@@ -3,7 +3,8 @@
 Each param group saves the signature of its net instead of the module (sizes, constants and a hash of the
 weights), so a state_dict is only loaded into an optimizer with the same nets; each parameter's state is
 ``{"lstm_state": [num_layers, 2, hidden_size, *param.shape]}`` and, for a net that reads moments,
-``"moments": [3, *param.shape]`` (m, v, t in the math dtype), each a DTensor for a DTensor parameter.
+``"moments": [4, *param.shape]`` (m, v, t, u in the math dtype; a state saved with 3 rows, before u, loads with u
+started at v), each a DTensor for a DTensor parameter.
 """
 from __future__ import annotations
 
