@@ -196,8 +196,9 @@ def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, ho
     state = initial_state(net, params.numel())  # the LSTM state, with the moments of a net that reads them
     losses, grad = loss_and_grad(problems, params, 0, keep_graph=False)
     initial = losses.detach()
+    loss_scale = config.episode_loss_scale(horizon)
     for start in range(0, horizon, config.unroll):
-        weights = problem_weights(config.episode_loss_scale(horizon), losses, initial)
+        weights = problem_weights(loss_scale, losses, initial)
         step_weights = config.truncation_step_weights(start, horizon)
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
             coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
@@ -216,11 +217,11 @@ def _pes_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon
     """Persistent evolution strategies (pes.py): yields each truncation's mean meta-loss over the particles after
     writing its estimate into .grad. The perturbations come from (seed, epoch, start): the same on every rank."""
     episode = PESEpisode(net, problems, config.pes_pairs, config.pes_sigma)
+    loss_scale = config.episode_loss_scale(horizon)
     for start in range(0, horizon, config.unroll):
         step_weights = config.truncation_step_weights(start, horizon)
         result = episode.truncation(start, config.unroll, seeded(config.seed, epoch, start, 6),
-                                    loss_scale=config.episode_loss_scale(horizon), step_weights=step_weights,
-                                    scale=scale)
+                                    loss_scale=loss_scale, step_weights=step_weights, scale=scale)
         write_gradient(net, result.gradient)
         yield result.meta_loss.to(next(net.parameters()).dtype)
 
