@@ -71,6 +71,24 @@ def check_constants(preprocess_p, output_scale) -> None:
         raise ValueError(f"output_scale: expected a finite number, got {output_scale!r}")
 
 
+def check_progress(progress, reads_progress: bool) -> None:
+    """progress (t, total_steps) given exactly to a net that reads it: ints, t >= 0, total_steps >= 1; else a
+    ValueError naming it."""
+    if not reads_progress:
+        if progress is not None:
+            raise ValueError(f"progress: this net has no progress input (built without progress_input), got "
+                             f"{progress!r}; pass None")
+        return
+    if progress is None:
+        raise ValueError("progress: this net reads where training is (progress_input=True); pass progress = "
+                         "(t, total_steps), step t counted from 0")
+    ok = isinstance(progress, (tuple, list)) and len(progress) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in progress)
+    if not ok or progress[0] < 0 or progress[1] < 1:
+        raise ValueError(f"progress: expected (t, total_steps), ints with t >= 0 and total_steps >= 1, got "
+                         f"{progress!r}")
+
+
 # The ops' `output` (csrc/lstm_layout.h OutputKind): 0 update = scale * y, 1 update = scale * tanh(y).
 OUTPUT_KINDS = 2
 

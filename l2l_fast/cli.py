@@ -82,6 +82,10 @@ def _add_config_args(parser) -> None:
     from .meta.config import flag_fields, flag_type
 
     for f in flag_fields():
+        if isinstance(f.default, bool):  # a switch: on when given
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                                help=f.metadata["help"].replace("%", "%%"))
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=flag_type(f),
                             choices=f.metadata["choices"], metavar=f.metadata["metavar"],
                             nargs=f.metadata.get("nargs"), help=f.metadata["help"].replace("%", "%%"))

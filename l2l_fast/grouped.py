@@ -35,12 +35,18 @@ class GroupedLSTM(nn.Module):
         if len({n.reads_moments for n in nets.values()}) != 1:
             features = {name: n.features for name, n in nets.items()}
             raise ValueError(f"nets: the groups' nets must all read the running moments or none, got {features}")
+        if len({n.reads_progress for n in nets.values()}) != 1:
+            raise ValueError("nets: the groups' nets must all read progress (progress_input) or none")
         self.nets = nn.ModuleDict(nets)
         self.groups, self.dim = groups, dim
 
     @property
     def reads_moments(self) -> bool:
         return self._first().reads_moments
+
+    @property
+    def reads_progress(self) -> bool:
+        return self._first().reads_progress
 
     def _first(self) -> CoordinatewiseLSTM:
         return next(iter(self.nets.values()))
@@ -70,23 +76,25 @@ class GroupedLSTM(nn.Module):
             yield group, slice(group.start, group.stop), slice(offset, offset + count)
             offset += count
 
-    def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """grad [P * D], state [L, 2, H, P * D] (and moments [4, P * D] advanced with grad, in group order) ->
-        (update [P * D], new_state)."""
+    def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None,
+                progress: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """grad [P * D], state [L, 2, H, P * D] (and moments [4, P * D] advanced with grad, in group order; progress
+        for nets that read it) -> (update [P * D], new_state)."""
         grad = grad.view(-1, self.dim)
         updates, states = [], []
         for group, columns, span in self._spans(grad.numel()):
             group_moments = None if moments is None else moments[:, span].contiguous()
             update, new_state = self.nets[group.name](grad[:, columns].reshape(-1), state[..., span].contiguous(),
-                                                      group_moments)
+                                                      group_moments, progress)
             updates.append(update.view(grad.shape[0], -1))
             states.append(new_state)
         return torch.cat(updates, dim=1).reshape(-1), torch.cat(states, dim=-1)
 
     @torch.no_grad()
-    def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> None:
+    def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None,
+              progress: tuple[int, int] | None = None) -> None:
         advanced = self.advance_moments(grad, moments)
-        update, new_state = self.forward(grad, state, advanced)
+        update, new_state = self.forward(grad, state, advanced, progress)
         param.add_(update)
         state.copy_(new_state)
         if moments is not None:

@@ -1,6 +1,8 @@
 """The learned optimizer as an ``nn.Module``: a coordinatewise 2-layer LSTM with shared weights."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +14,16 @@ from .checks import check_step_inputs
 BACKENDS = ("auto", "native", "reference")
 OUTPUTS = ("linear", "tanh")  # the ops' `output` 0 and 1
 _GATE_NAMES = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
+
+
+PROGRESS_WIDTH = 2  # inputs of progress_input: the fraction of training done, the horizon's length
+
+
+def progress_inputs(step: int, total_steps: int) -> tuple[float, float]:
+    """The progress inputs of step `step` (0-based) of a run of `total_steps`: (min(step / total_steps, 1),
+    log10(total_steps) / 4). The second is 0.5 for 100 steps and 1 for 10,000; steps past total_steps read as its
+    last."""
+    return min(step / total_steps, 1.0), math.log10(total_steps) / 4
 
 
 def math_dtype_of(dtype: torch.dtype) -> torch.dtype:
@@ -61,6 +73,16 @@ class CoordinatewiseLSTM(nn.Module):
     without an ``output`` entry was made with), update = output_scale * y, or "tanh", output_scale * tanh(y),
     no step larger than |output_scale|.
 
+    progress_input: the LSTM also reads where training is, from ``progress = (t, total_steps)`` (step t counted
+    from 0): :func:`progress_inputs`, the fraction done min(t / total_steps, 1) and the horizon's length
+    log10(total_steps) / 4, as PROGRESS_WIDTH = 2 more inputs after the features' (the last columns of
+    ``weight_ih_l0``; VeLO's horizon inputs, Metz et al. 2022). A learning rate tuned for a short run differs from
+    one tuned for a long run, and the end of a run wants other steps than its start: with these inputs one set of
+    weights can serve both. Every call then takes ``progress``. They are the same for every coordinate, so their
+    columns fold into the first layer's bias (b + W_progress @ inputs, :meth:`op_weights`) before the kernels
+    run: no kernel sees them. False (the default, and what a file saved without a ``progress_input`` entry was
+    made with): the net does not know the horizon.
+
     State layout: one tensor [num_layers, 2, hidden_size, n]; ``state[l, 0]`` is h and ``state[l, 1]`` is c
     of layer l, coordinates last. Make it with :meth:`init_state`. A net whose features read the running
     moments (:attr:`reads_moments`, the "moments" feature) also needs them: [4, n], rows m, v, t, u, from
@@ -73,7 +95,8 @@ class CoordinatewiseLSTM(nn.Module):
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess_p: float = 10.0,
                  output_scale: float = 0.1, backend: str = "auto",
-                 features: features_.FeaturesLike = features_.DEFAULT, output: str = "linear"):
+                 features: features_.FeaturesLike = features_.DEFAULT, output: str = "linear",
+                 progress_input: bool = False):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
@@ -90,18 +113,24 @@ class CoordinatewiseLSTM(nn.Module):
         self.feature_mask = features_.mask_of(self.features)
         self.reads_moments = features_.reads_moments(self.feature_mask)
         self.output, self.output_kind = output, OUTPUTS.index(output)
+        if not isinstance(progress_input, bool):
+            raise ValueError(f"progress_input: expected True or False, got {progress_input!r}")
+        self.reads_progress = progress_input
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess_p, self.output_scale = float(preprocess_p), float(output_scale)
         self.backend = backend
-        self.lstm = LSTMParameters(features_.input_size(self.features), hidden_size, num_layers)
+        inputs = features_.input_size(self.features) + (PROGRESS_WIDTH if progress_input else 0)
+        self.lstm = LSTMParameters(inputs, hidden_size, num_layers)
         self.out = nn.Linear(hidden_size, 1)
         self._converted: dict = {}  # (device, dtype) -> (source weights' identity and versions, converted copies)
 
     def size_kwargs(self) -> dict:
         """The sizes and constants this net was built with (not the backend):
-        ``CoordinatewiseLSTM(**net.size_kwargs())`` makes a net whose weights load into it."""
-        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
-                    output_scale=self.output_scale, features=self.features, output=self.output)
+        ``CoordinatewiseLSTM(**net.size_kwargs())`` makes a net whose weights load into it. progress_input only
+        when True, so that the files and signatures of nets without it read as they always have."""
+        kwargs = dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
+                      output_scale=self.output_scale, features=self.features, output=self.output)
+        return {**kwargs, "progress_input": True} if self.reads_progress else kwargs
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, backend: str = "auto") -> "CoordinatewiseLSTM":
@@ -112,11 +141,27 @@ class CoordinatewiseLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, preprocess_p={self.preprocess_p}, output_scale={self.output_scale}, "
-                f"output={self.output!r}, backend={self.backend!r}")
+                f"output={self.output!r}, " + ("progress_input=True, " if self.reads_progress else "")
+                + f"backend={self.backend!r}")
 
     def weights(self) -> list[Tensor]:
-        """The weights in the order the ops take them (see :mod:`l2l_fast.reference`)."""
+        """The weights in the order the ops take them (see :mod:`l2l_fast.reference`); with progress_input,
+        ``weight_ih_l0`` has the progress column last, which :meth:`op_weights` folds away."""
         return self.lstm.flat() + [self.out.weight, self.out.bias]
+
+    def op_weights(self, weights: list[Tensor], progress) -> list[Tensor]:
+        """`weights` (op order, as :meth:`weights`) as the ops take them at `progress` (t, total_steps): for a net
+        with progress_input, weight_ih_l0 without its last PROGRESS_WIDTH columns and bias_ih_l0 + those columns @
+        progress_inputs(t, total_steps) (exactly the LSTM's first-layer gates with those inputs last;
+        differentiable in the weights); otherwise `weights` itself. Checks `progress` against the net."""
+        checks.check_progress(progress, self.reads_progress)
+        if not self.reads_progress:
+            return weights
+        first = weights[0]
+        inputs = first.shape[1] - PROGRESS_WIDTH
+        values = first.new_tensor(progress_inputs(*progress))
+        folded_bias = weights[2] + first[:, inputs:] @ values
+        return [first[:, :inputs].contiguous(), weights[1], folded_bias, *weights[3:]]
 
     def init_state(self, n: int, device=None, dtype: torch.dtype | None = None) -> Tensor:
         """Zero state for n coordinates: [num_layers, 2, hidden_size, n], on the net's device and dtype by default."""
@@ -173,26 +218,31 @@ class CoordinatewiseLSTM(nn.Module):
                           dtype=weight.dtype, device=weight.device, param=param)
         checks.check_moments(moments, self.feature_mask, grad.shape[0], weight.dtype, weight.device)
 
-    def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """grad [n], state [L, 2, H, n] (and moments [4, n] advanced with grad, when the net reads them) ->
-        (update [n], new_state [L, 2, H, n]); differentiable (not in the moments), inputs untouched."""
+    def forward(self, grad: Tensor, state: Tensor, moments: Tensor | None = None,
+                progress: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """grad [n], state [L, 2, H, n] (and moments [4, n] advanced with grad, when the net reads them; progress
+        (t, total_steps), when it reads that) -> (update [n], new_state [L, 2, H, n]); differentiable (not in the
+        moments), inputs untouched."""
         self._check(grad, state, moments)
+        weights = self.op_weights(self.weights(), progress)
         impl = self.implementation(grad.device)
-        return impl.lstm_step(grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask,
+        return impl.lstm_step(grad, state, weights, self.preprocess_p, self.output_scale, self.feature_mask,
                               moments, self.output_kind)
 
     @torch.no_grad()
-    def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None) -> None:
+    def step_(self, param: Tensor, grad: Tensor, state: Tensor, moments: Tensor | None = None,
+              progress: tuple[int, int] | None = None) -> None:
         """In-place inference step on a flat parameter: param [n] += update, state (and moments [4, n], when the net
-        reads them) advanced; no autograd graph."""
+        reads them) advanced; no autograd graph. progress: (t, total_steps), for a net with progress_input."""
         self._check(grad, state, moments, param=param)
+        weights = self.op_weights(self.weights(), progress)
         impl = self.implementation(grad.device)
-        impl.lstm_step_(param, grad, state, self.weights(), self.preprocess_p, self.output_scale, self.feature_mask,
+        impl.lstm_step_(param, grad, state, weights, self.preprocess_p, self.output_scale, self.feature_mask,
                         moments, self.output_kind)
 
     @torch.no_grad()
     def multi_step_(self, params: list[Tensor], grads: list[Tensor], state: Tensor, lr: float = 1.0,
-                    moments: Tensor | None = None) -> None:
+                    moments: Tensor | None = None, progress: tuple[int, int] | None = None) -> None:
         """The optimizer's fused step over many flat tensors sharing one state, in place, no autograd graph:
         params[k] [n_k] += lr * update of grads[k] [n_k]; state [L, 2, H, sum_k n_k] advanced, tensor k's
         coordinates at [offset_k, offset_k + n_k) in list order, and so are the moments' [4, sum_k n_k] (when the
@@ -201,11 +251,13 @@ class CoordinatewiseLSTM(nn.Module):
         The math runs in float64 for float64 params and in float32 for float32, bfloat16 and float16 ones
         (the weights are converted to it, once per weight version); grads[k] in params[k]'s dtype; state in
         the math dtype or bfloat16. A coordinate whose gradient is NaN or +-Inf does not move and keeps its
-        state and moments."""
+        state and moments. progress: (t, total_steps), for a net with progress_input."""
+        checks.check_progress(progress, self.reads_progress)
         if not params:
             return
         device = params[0].device
         impl = self.implementation(device)
-        impl.lstm_multi_step_(params, grads, state, self.weights_for(device, math_dtype_of(params[0].dtype)),
+        weights = self.op_weights(self.weights_for(device, math_dtype_of(params[0].dtype)), progress)
+        impl.lstm_multi_step_(params, grads, state, weights,
                               self.preprocess_p, self.output_scale * lr, self.feature_mask, moments, self.output_kind)
 

@@ -20,7 +20,7 @@ HAND_WRITTEN = {"task": "quadratic", "hidden": [20], "activation": "sigmoid", "d
                 "loss_scale": "sum", "step_weight_power": 0.0, "coordinate_fraction": 1.0, "random_scale": 0.0,
                 "init": "", "eval_every": 10, "eval_problems": 16, "collapse_patience": 5, "checkpoint_every": 1,
                 "seed": 0, "out": "runs/meta-train", "resume": False, "export": None, "no_progress": False,
-                "threads": None, "features": ["paper"], "output": "linear"}
+                "threads": None, "features": ["paper"], "output": "linear", "progress_input": False}
 NO_FLAG = {"task", "task_kwargs", "hidden_size", "num_layers", "preprocess_p", "output_scale", "out_init_scale",
            "backend"}
 
@@ -68,14 +68,15 @@ def test_every_flag_reaches_the_config(exclusive):
              "coordinate_fraction": "0.5", "random_scale": "0.3", "unroll_curriculum": "0", "estimator": "backprop",
              "pes_pairs": "6", "pes_sigma": "0.03", "init": "pretrained:mnist",
              "features": "moments,paper", "output": "tanh", "long_loss_scale": "initial", "long_episodes": "6",
-             **exclusive}
+             "progress_input": True, **exclusive}
     assert set(given) == {f.name for f in flag_fields()}, "a new flag: give it a value here"
     argv = ["meta-train", "--task", "mnist", "--hidden", "8", "9", "--activation", "relu"]
-    for name, text in given.items():
-        argv += ["--" + name.replace("_", "-"), text]
+    for name, text in given.items():  # a switch (True) is its flag alone
+        argv += ["--" + name.replace("_", "-")] + ([] if text is True else [text])
     parser, _ = _build_parser()
     config = _config_from_args(parser.parse_args(argv))
-    expected = {name: type(getattr(MetaTrainConfig, name))(text) for name, text in given.items() if name != "features"}
+    expected = {name: text if text is True else type(getattr(MetaTrainConfig, name))(text)
+                for name, text in given.items() if name != "features"}
     expected["features"] = ("paper", "moments")  # the net's order (bit order), whatever the command line's
     assert {name: getattr(config, name) for name in given} == expected
     assert config.task == "mnist" and config.task_kwargs == {"hidden": (8, 9), "activation": "relu"}

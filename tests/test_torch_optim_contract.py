@@ -53,8 +53,8 @@ test_step_is_noop_for_zero_grads            test_zero_grad_is_not_no_grad: ADAPT
                                             against the net itself; the no-op is a None gradient (zero_grad())
 test_optimizer_can_be_printed               test_optimizer_can_be_printed
 test_state_dict_deterministic               test_state_dict_deterministic: bit-equal, named x unnamed
-test_can_load_older_state_dict              test_can_load_older_state_dict: no option was added after the first
-                                            release (not_og_supported_flags = ()); the group keys are pinned so that
+test_can_load_older_state_dict              test_can_load_older_state_dict: total_steps was added after the first
+                                            release (not_og_supported_flags); the group keys are pinned so that
                                             a new option has to be entered there
 test_can_load_from_to_named_state_dict      test_can_load_from_to_named_state_dict: also the LSTM states
 test_save_load_equality_with_weights_only   test_save_load_equality_with_weights_only
@@ -178,7 +178,7 @@ INFO = OptimizerInfo(
     optim_inputs_func=optim_inputs_func_learned,
     optim_error_inputs_func=optim_error_inputs_func_learned,
     supported_impls=(),  # no foreach / fused / differentiable implementations to choose from
-    not_og_supported_flags=(),  # no option was added after the first release
+    not_og_supported_flags=("total_steps",),  # options added after the first release
     supports_complex=False,
     supports_sparse=False,
 )
@@ -532,7 +532,7 @@ def test_can_load_older_state_dict(kwargs):
         optimizer.step()
     old_state_dict = copy.deepcopy(optimizer.state_dict())
     # an option added later must go to not_og_supported_flags, with a default for state_dicts without it
-    assert old_state_dict["param_groups"][0].keys() == {"params", "net", "lr", "state_dtype"}
+    assert old_state_dict["param_groups"][0].keys() == {"params", "net", "lr", "state_dtype", "total_steps"}
     for group in old_state_dict["param_groups"]:
         for flag in INFO.not_og_supported_flags:
             group.pop(flag, None)

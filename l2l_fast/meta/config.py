@@ -97,6 +97,11 @@ class MetaTrainConfig:
                             type=feature_names, metavar="NAMES", nargs="+")
     output: str = _flag("linear", "the net's update: linear, output_scale times the LSTM's output (the paper); "
                                   "tanh, output_scale times its tanh (a bounded step)", choices=OUTPUTS)
+    progress_input: bool = _flag(False, "the LSTM also reads where the episode is: the fraction done, t / horizon, "
+                                        "and the horizon's length, log10(horizon) / 4 (VeLO's horizon inputs), so "
+                                        "its steps can depend on both; users then give LearnedOptimizer its "
+                                        "total_steps; with --init from a net without them, their columns start at "
+                                        "zero")
     out_init_scale: float = _no_flag(0.1, "the output layer's initial weights are scaled by this (small first "
                                           "updates; later work found this helps)", why="set from code")
     loss_scale: str = _flag("sum", "sum: a truncation's meta-loss is the sum of its losses (the paper); relative: "
@@ -155,6 +160,8 @@ class MetaTrainConfig:
 
     def __post_init__(self):
         self.features = normalize_features(self.features)
+        if not isinstance(self.progress_input, bool):
+            raise ValueError(f"progress_input: expected True or False, got {self.progress_input!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {self.output!r}")
         if self.horizon % self.unroll:
@@ -257,7 +264,8 @@ class MetaTrainConfig:
     def net_kwargs(self) -> dict:
         """The CoordinatewiseLSTM's arguments (all but the backend)."""
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
-                    output_scale=self.output_scale, features=self.features, output=self.output)
+                    output_scale=self.output_scale, features=self.features, output=self.output,
+                    **({"progress_input": True} if self.progress_input else {}))
 
 
 def flag_fields() -> list[dataclasses.Field]:

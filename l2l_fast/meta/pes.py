@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..tasks.base import ProblemBatch
-from .unroll import initial_state, learned_step_, loss_and_grad, problem_weights
+from .unroll import initial_state, learned_step_, loss_and_grad, problem_weights, progress_at
 
 
 @dataclass
@@ -78,15 +78,17 @@ class PESEpisode:
     """The 2 * pairs particles of one episode of `problems`, all starting at theta_0 with zero state and xi = 0.
 
     net: the meta-trained net, read (never written) at each truncation: theta may change between truncations
-    (an Adam step each), as in online PES. sigma: the perturbations' standard deviation.
+    (an Adam step each), as in online PES. sigma: the perturbations' standard deviation. horizon: the episode's
+    steps, which a net that reads progress needs.
     """
 
-    def __init__(self, net, problems: ProblemBatch, pairs: int, sigma: float):
+    def __init__(self, net, problems: ProblemBatch, pairs: int, sigma: float, horizon: int | None = None):
         if pairs < 1:
             raise ValueError(f"pairs: expected a positive int, got {pairs!r}")
         if not sigma > 0:
             raise ValueError(f"sigma: expected a number > 0, got {sigma!r}")
         self.net, self.problems, self.pairs, self.sigma = net, problems, pairs, float(sigma)
+        self.horizon = horizon
         self.perturbed = copy.deepcopy(net).requires_grad_(False)  # runs theta + eps
         params = problems.init_params()
         self.shape = params.shape
@@ -125,7 +127,8 @@ class PESEpisode:
         weights = problem_weights(loss_scale, particle.losses, self.initial_losses)
         total = 0.0
         for j in range(steps):
-            learned_step_(self.perturbed, particle.flat, particle.grad, particle.state)
+            learned_step_(self.perturbed, particle.flat, particle.grad, particle.state,
+                          progress_at(self.net, start + j, self.horizon))
             losses, particle.grad = loss_and_grad(self.problems, particle.flat.view(self.shape), start + j + 1,
                                                   keep_graph=False)
             losses = losses.detach()

@@ -26,7 +26,7 @@ from .. import __version__
 from .. import features as features_
 from ..files import CheckpointError, load_verified, save_atomic, write_text_atomic
 from ..grouped import GroupedLSTM
-from ..net import CoordinatewiseLSTM
+from ..net import PROGRESS_WIDTH, CoordinatewiseLSTM
 from ..pretrained import load_pretrained
 from ..tasks import TASKS, get_task
 from ..tasks.base import seeded
@@ -77,20 +77,23 @@ def load_initial_weights(net, spec: str, groups, dim: int) -> None:
         else:
             raise ValueError(f"init: {spec} was built with {part.size_kwargs()}, this run with "
                              f"{target.size_kwargs()}: its weights do not fit; start from a file of the same sizes "
-                             "(or of a subset of this run's features)")
+                             "(or of a subset of this run's inputs)")
 
 
 def widens(source, target) -> bool:
-    """Whether target is source with more input features (everything else the same)."""
+    """Whether target is source with more inputs: more input features, or the progress input added, or both
+    (everything else the same)."""
     a, b = dict(source.size_kwargs()), dict(target.size_kwargs())
     fewer, more = set(a.pop("features")), set(b.pop("features"))
-    return a == b and fewer < more
+    had, has = a.pop("progress_input", False), b.pop("progress_input", False)
+    return a == b and fewer <= more and had <= has and (fewer < more or had < has)
 
 
 def load_widened(target, source) -> None:
-    """source's weights into target, a net of the same sizes with more input features: each of source's features
-    keeps its input weights (at its columns in target's order), the new features' columns start at zero, so that
-    target computes exactly what source did until training moves them. ValueError unless widens(source, target)."""
+    """source's weights into target, a net of the same sizes with more inputs: each of source's features (and its
+    progress input) keeps its input weights (at its columns in target's order), the new inputs' columns start at
+    zero, so that target computes exactly what source did until training moves them. ValueError unless
+    widens(source, target)."""
     if not widens(source, target):
         raise ValueError(f"{target.size_kwargs()} is not {source.size_kwargs()} with more input features")
     with torch.no_grad():
@@ -104,6 +107,8 @@ def load_widened(target, source) -> None:
                 at = sum(features_.REGISTRY[n].width for n in source.features[: source.features.index(name)])
                 widened[:, column : column + width] = weight[:, at : at + width]
             column += width
+        if source.reads_progress:  # the last columns in both
+            widened[:, -PROGRESS_WIDTH:] = weight[:, -PROGRESS_WIDTH:]
         state["lstm.weight_ih_l0"] = widened
         target.load_state_dict(state)
 
@@ -203,7 +208,7 @@ def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, ho
         sample = None if config.coordinate_fraction == 1 else CoordinateSample(
             coordinates, config.coordinate_fraction, seeded(config.seed, epoch, start, 3), params.device, window)
         meta_loss, history, params, grad, state = truncation(net, problems, params, grad, state, start,
-                                                             config.unroll, weights, step_weights, sample)
+                                                             config.unroll, weights, step_weights, sample, horizon)
         losses = history[-1]
         meta_loss = meta_loss * scale
         for p in net.parameters():
@@ -216,7 +221,7 @@ def _backprop_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, ho
 def _pes_meta_losses(net, problems, config: MetaTrainConfig, epoch: int, horizon: int, scale: float):
     """Persistent evolution strategies (pes.py): yields each truncation's mean meta-loss over the particles after
     writing its estimate into .grad. The perturbations come from (seed, epoch, start): the same on every rank."""
-    episode = PESEpisode(net, problems, config.pes_pairs, config.pes_sigma)
+    episode = PESEpisode(net, problems, config.pes_pairs, config.pes_sigma, horizon)
     loss_scale = config.episode_loss_scale(horizon)
     for start in range(0, horizon, config.unroll):
         step_weights = config.truncation_step_weights(start, horizon)

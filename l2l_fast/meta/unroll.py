@@ -23,6 +23,27 @@ def reads_moments(net) -> bool:
     return bool(getattr(net, "reads_moments", False))
 
 
+def reads_progress(net) -> bool:
+    """Whether `net` reads the fraction of training done (progress_input)."""
+    return bool(getattr(net, "reads_progress", False))
+
+
+def progress_at(net, step: int, horizon: int | None):
+    """What `net` takes as progress at step `step` (0-based, the update from theta_step) of an episode of `horizon`
+    steps: (step, horizon) for a net that reads progress (ValueError without a horizon), else None."""
+    if not reads_progress(net):
+        return None
+    if horizon is None or horizon < 1:
+        raise ValueError(f"horizon: a net with progress_input needs the episode's length (a positive int), got "
+                         f"{horizon!r}")
+    return (step, horizon)
+
+
+def _told(progress) -> dict:
+    """The keyword a net that reads progress takes; none for the others (whose calls stay as they were)."""
+    return {} if progress is None else {"progress": progress}
+
+
 def initial_state(net, n: int, device=None, dtype=None):
     """The carried state of an episode's start for n coordinates: net.init_state(n), or for a net that reads
     moments the pair (net.init_state(n), net.init_moments(n)), all zeros (device, dtype: as the net's
@@ -115,31 +136,32 @@ class CoordinateSample:
         return torch.cat([tracked, untracked], dim=-1).index_select(-1, self.inverse)
 
 
-def _sampled_step(net, grad: Tensor, state: tuple[Tensor, Tensor], moments, sample: CoordinateSample):
+def _sampled_step(net, grad: Tensor, state: tuple[Tensor, Tensor], moments, sample: CoordinateSample, progress=None):
     """One learned step whose graph covers only the sampled coordinates (their weight gradients x n/k).
     moments: None, or the (tracked, untracked) moments, advanced here with this gradient."""
     tracked_state, untracked_state = state
     tracked_grad, untracked_grad = grad[sample.tracked], grad[sample.untracked].contiguous()
     if moments is None:
-        update, tracked_state = net(tracked_grad, tracked_state)
+        update, tracked_state = net(tracked_grad, tracked_state, **_told(progress))
     else:
         tracked_moments, untracked_moments = moments
         tracked_moments = net.advance_moments(tracked_grad.detach(), tracked_moments)
         moments = (tracked_moments, untracked_moments)
-        update, tracked_state = net(tracked_grad, tracked_state, tracked_moments)
+        update, tracked_state = net(tracked_grad, tracked_state, tracked_moments, **_told(progress))
     # value unchanged; gradient scaled by n / k, so the estimate is unbiased and clipping sees its size
     update = update * sample.scale - update.detach() * (sample.scale - 1)
     with torch.no_grad():
         rest = torch.zeros(sample.untracked.numel(), dtype=grad.dtype, device=grad.device)
         if moments is None:
-            net.step_(rest, untracked_grad, untracked_state)
+            net.step_(rest, untracked_grad, untracked_state, **_told(progress))
         else:  # advances the untracked moments in place
-            net.step_(rest, untracked_grad, untracked_state, moments[1])
+            net.step_(rest, untracked_grad, untracked_state, moments[1], **_told(progress))
     return sample.join(update, rest), (tracked_state, untracked_state), moments
 
 
 def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state, start: int, steps: int,
-               weights: Tensor | None = None, step_weights=None, sample: CoordinateSample | None = None):
+               weights: Tensor | None = None, step_weights=None, sample: CoordinateSample | None = None,
+               horizon: int | None = None):
     """`steps` differentiable steps from `params` ([P, D], or [N] for a MixedBatch) whose gradient `grad`
     (params' shape) is already known; state: the carried state (initial_state: the LSTM state [L, 2, H,
     params.numel()], with the moments [4, params.numel()] for a net that reads them; a bare LSTM state starts
@@ -152,6 +174,7 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state,
     `weights` [P] and the losses after update j times `step_weights[j]` when given, losses [steps, P]
     detached, params, grad, state) with the last three ready to carry (detached) into the next truncation.
     `sample`: backpropagate through those coordinates only (an unbiased estimate; see CoordinateSample).
+    `horizon`: the episode's steps, which a net that reads progress needs (step start + j takes (start + j, horizon)).
     """
     meta_loss = params.new_zeros(())
     history = []
@@ -161,13 +184,14 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state,
         moments = sample.split(moments)
     for j in range(steps):
         flat_grad = grad.reshape(-1)
+        progress = progress_at(net, start + j, horizon)
         if sample is not None:
-            update, carried, moments = _sampled_step(net, flat_grad, carried, moments, sample)
+            update, carried, moments = _sampled_step(net, flat_grad, carried, moments, sample, progress)
         elif moments is None:
-            update, carried = net(flat_grad, carried)
+            update, carried = net(flat_grad, carried, **_told(progress))
         else:
             moments = net.advance_moments(flat_grad.detach(), moments)
-            update, carried = net(flat_grad, carried, moments)
+            update, carried = net(flat_grad, carried, moments, **_told(progress))
         params = params + update.view(params.shape)
         losses, grad = loss_and_grad(problems, params, start + j + 1, keep_graph=True)
         term = losses.sum() if weights is None else (losses * weights).sum()
@@ -181,7 +205,8 @@ def truncation(net, problems: ProblemBatch, params: Tensor, grad: Tensor, state,
 
 def run_learned(net, problems: ProblemBatch, steps: int) -> Tensor:
     """Optimizes the problems for `steps` steps with the learned optimizer (in-place, no graph), the moments of
-    a net that reads them carried with its state: the trajectory of truncation's, without a graph.
+    a net that reads them carried with its state (and a net that reads progress told (t, steps)): the trajectory of
+    truncation's, without a graph.
 
     Returns the losses [steps + 1, P] at theta_0 .. theta_steps.
     """
@@ -193,21 +218,22 @@ def run_learned(net, problems: ProblemBatch, steps: int) -> Tensor:
         losses, grad = loss_and_grad(problems, flat.view(params.shape), t, keep_graph=False)
         history.append(losses.detach())
         if t < steps:
-            learned_step_(net, flat, grad, state)
+            learned_step_(net, flat, grad, state, progress_at(net, t, steps))
     return torch.stack(history)
 
 
-def learned_step_(net, flat: Tensor, grad: Tensor, state) -> None:
+def learned_step_(net, flat: Tensor, grad: Tensor, state, progress: tuple[int, int] | None = None) -> None:
     """One in-place, no-graph learned step: flat [n] += update of grad (any shape of n elements); the carried
-    `state` (initial_state's: the LSTM state, or the pair with the moments) advanced in place."""
+    `state` (initial_state's: the LSTM state, or the pair with the moments) advanced in place. progress: for a net
+    that reads it (progress_at)."""
     lstm_state, moments = _unpack(net, state)
     if moments is not None and not isinstance(state, (tuple, list)):  # fresh zero moments each step: wrong
         raise ValueError("state: the net reads moments; carry initial_state's (state, moments) pair to keep them")
     with torch.no_grad():
         if moments is None:
-            net.step_(flat, grad.reshape(-1), lstm_state)
+            net.step_(flat, grad.reshape(-1), lstm_state, **_told(progress))
         else:  # advances the moments in place
-            net.step_(flat, grad.reshape(-1), lstm_state, moments)
+            net.step_(flat, grad.reshape(-1), lstm_state, moments, **_told(progress))
 
 
 def run_torch_optimizer(make_optimizer, problems: ProblemBatch, steps: int) -> Tensor:

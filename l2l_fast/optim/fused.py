@@ -137,8 +137,8 @@ class FusedGroup:
         return None if missing == len(self.params) else grads
 
     @torch.no_grad()
-    def step(self, net: CoordinatewiseLSTM, lr: float, grads: list[Tensor]) -> None:
-        """grads: from gradients(), not None."""
+    def step(self, net: CoordinatewiseLSTM, lr: float, grads: list[Tensor], progress=None) -> None:
+        """grads: from gradients(), not None; progress: (t, total_steps) for a net that reads it."""
         if self.dynamic:
             self.locals = [local(p) for p in self.params]
             self._cache_views()
@@ -147,9 +147,10 @@ class FusedGroup:
             flat = list(flat)
             for k in self.strided:
                 flat[k] = self.locals[k].reshape(-1)
-        if self.moments is None:
-            net.multi_step_(flat, grads, self.state, lr)
-        else:  # advances the moments in place, columns at the state's offsets
-            net.multi_step_(flat, grads, self.state, lr, moments=self.moments)
+        # advances the moments (if any) in place, columns at the state's offsets; progress for a net that reads it
+        extra = {} if self.moments is None else {"moments": self.moments}
+        if progress is not None:
+            extra["progress"] = progress
+        net.multi_step_(flat, grads, self.state, lr, **extra)
         for k in self.strided:
             self.locals[k].copy_(flat[k].view(self.locals[k].shape))

@@ -38,6 +38,11 @@ class LearnedOptimizer(Optimizer):
             value compiles the step again.
         state_dtype: storage of the per-coordinate LSTM state: None (float32; float64 for float64 parameters)
             or torch.bfloat16, which halves the optimizer's memory (the math stays in float32).
+        total_steps: the number of optimizer steps the run will take, for a net that reads where training is
+            (``net.reads_progress``: progress_input): at its t-th ``step()`` (t from 0)
+            it reads (t, total_steps), the fraction of training done and the run's length, as a scheduler would;
+            steps past total_steps read as the last one. Required for such a net, refused (ValueError) for a net
+            without the input. The count of steps taken is the group's ``step_count``, saved in the state_dict.
 
     State: per parameter ``state[p]["lstm_state"]`` [num_layers, 2, hidden_size, *p.shape] (in state_dtype) and,
     for a net that reads the gradient's running moments (``net.reads_moments``, features "moments" or
@@ -66,12 +71,12 @@ class LearnedOptimizer(Optimizer):
     """
 
     def __init__(self, params, net: CoordinatewiseLSTM | None = None, *, pretrained: str | None = DEFAULT,
-                 lr: float = 1.0, state_dtype: torch.dtype | None = None):
+                 lr: float = 1.0, state_dtype: torch.dtype | None = None, total_steps: int | None = None):
         if net is None:
             if pretrained is None:
                 raise ValueError("net: pass a CoordinatewiseLSTM, or name a shipped one in pretrained")
             net = CoordinatewiseLSTM.from_pretrained(pretrained)
-        defaults = dict(net=net, lr=lr, state_dtype=state_dtype)
+        defaults = dict(net=net, lr=lr, state_dtype=state_dtype, total_steps=total_steps)
         _check_options(defaults)
         self._fused: list[list[FusedGroup]] | None = None
         super().__init__(params, defaults)
@@ -96,6 +101,9 @@ class LearnedOptimizer(Optimizer):
             params = list(params)
             _check_params([p[1] if isinstance(p, tuple) else p for p in params], len(self.param_groups))
         super().add_param_group({**param_group, "params": params})
+        group = self.param_groups[-1]
+        if group["total_steps"] is not None:
+            group.setdefault("step_count", 0)
         if self._fused is not None:
             self._fused.append(self._fuse(self.param_groups[-1], len(self.param_groups) - 1))
 
@@ -144,9 +152,12 @@ class LearnedOptimizer(Optimizer):
             for part in parts:
                 grads = part.gradients()
                 if grads is not None:  # None: no gradient at all, nothing moves
-                    work.append((part, net, float(group["lr"]), grads))
-        for part, net, lr, grads in work:
-            part.step(net, lr, grads)
+                    work.append((part, net, float(group["lr"]), grads, _progress(group)))
+        for part, net, lr, grads, progress in work:
+            part.step(net, lr, grads, progress)
+        for group in self.param_groups:
+            if group.get("total_steps") is not None:
+                group["step_count"] = group.get("step_count", 0) + 1
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -186,7 +197,7 @@ class LearnedOptimizer(Optimizer):
                 missing = {"lr", "state_dtype"} - saved.keys()
                 if missing:
                     raise ValueError(f"has no {sorted(missing)} (not the state_dict of a LearnedOptimizer?)")
-                _check_options({**saved, "net": group["net"]})
+                _check_options({"total_steps": None, **saved, "net": group["net"]})
                 for p in group["params"]:
                     resolve_state_dtype(saved["state_dtype"], math_dtype_of(local(p).dtype))
             except (TypeError, ValueError) as error:
@@ -201,6 +212,7 @@ class LearnedOptimizer(Optimizer):
             super().load_state_dict({**state_dict, "state": stripped})
         for group, net in zip(self.param_groups, nets):
             group["net"] = net
+            group.setdefault("total_steps", None)  # a state_dict of before total_steps existed
         for param, entries in states.items():
             self.state[param].update(entries)
         self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
@@ -225,6 +237,21 @@ def _check_options(group: dict) -> None:
     net, lr, state_dtype = group.get("net"), group.get("lr"), group.get("state_dtype")
     if not isinstance(net, CoordinatewiseLSTM):
         raise TypeError(f"net: expected an l2l_fast.CoordinatewiseLSTM, got {type(net).__name__}")
+    total_steps = group.get("total_steps")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ValueError(f"total_steps: expected a positive int (the optimizer steps of the run) or None, got "
+                         f"{total_steps!r}")
+    if net.reads_progress and total_steps is None:
+        raise ValueError("total_steps: this net reads where training is (progress_input); "
+                         "pass the number of optimizer steps the run will take, LearnedOptimizer(params, "
+                         "total_steps=...), as you would to a learning-rate schedule")
+    if not net.reads_progress and total_steps is not None:
+        raise ValueError(f"total_steps: this net has no progress input (built without progress_input), so "
+                         f"total_steps={total_steps} would change nothing; pass None")
+    count = group.get("step_count", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"step_count: expected an int >= 0 (steps taken), got {count!r}")
     if isinstance(lr, Tensor):
         raise ValueError(f"lr: lr as a Tensor is not supported (got one of shape {tuple(lr.shape)}); the kernels take "
                          "the learning rate as a Python float: pass float(lr)")
@@ -232,6 +259,14 @@ def _check_options(group: dict) -> None:
         raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype: expected None, torch.float32, torch.float64 or torch.bfloat16, got {state_dtype!r}")
+
+
+def _progress(group: dict):
+    """What the group's net reads as progress at this step: (steps taken, total_steps), or None without
+    total_steps."""
+    if group.get("total_steps") is None:
+        return None
+    return (group.get("step_count", 0), group["total_steps"])
 
 
 def _check_params(params: list, index: int) -> None:

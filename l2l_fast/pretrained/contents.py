@@ -26,7 +26,7 @@ FORMAT = "l2l_fast.pretrained.v2"
 REQUIRED_NET_KWARGS = ("hidden_size", "num_layers", "preprocess_p", "output_scale")
 # Passed on to CoordinatewiseLSTM, whose constructor validates them; a file without them was made with the
 # defaults (the paper's features, the linear output).
-OPTIONAL_NET_KWARGS = ("features", "output")
+OPTIONAL_NET_KWARGS = ("features", "output", "progress_input")
 NET_KWARGS = REQUIRED_NET_KWARGS + OPTIONAL_NET_KWARGS
 
 
@@ -85,6 +85,8 @@ def check_part(kwargs, state, group: str | None = None) -> None:
     for key in ("preprocess_p", "output_scale"):  # numbers first: check_constants converts with float()
         if not _is_number(kwargs[key]):
             raise Invalid(f"{at}{key}: expected a finite number, got {kwargs[key]!r}")
+    if "progress_input" in kwargs and not isinstance(kwargs["progress_input"], bool):
+        raise Invalid(f"{at}progress_input: expected True or False, got {kwargs['progress_input']!r}")
     try:  # the ranges the ops, the reference and the net enforce
         check_constants(kwargs["preprocess_p"], kwargs["output_scale"])
     except (ValueError, OverflowError) as error:  # OverflowError: an int too large for a float
