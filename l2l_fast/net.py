@@ -146,7 +146,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     def weights(self) -> list[Tensor]:
         """The weights in the order the ops take them (see :mod:`l2l_fast.reference`); with progress_input,
-        ``weight_ih_l0`` has the progress column last, which :meth:`op_weights` folds away."""
+        ``weight_ih_l0`` has the two progress columns last, which :meth:`op_weights` folds away."""
         return self.lstm.flat() + [self.out.weight, self.out.bias]
 
     def op_weights(self, weights: list[Tensor], progress) -> list[Tensor]:
@@ -252,8 +252,8 @@ class CoordinatewiseLSTM(nn.Module):
         (the weights are converted to it, once per weight version); grads[k] in params[k]'s dtype; state in
         the math dtype or bfloat16. A coordinate whose gradient is NaN or +-Inf does not move and keeps its
         state and moments. progress: (t, total_steps), for a net with progress_input."""
-        checks.check_progress(progress, self.reads_progress)
-        if not params:
+        if not params:  # nothing to step, but a wrong progress is still refused
+            checks.check_progress(progress, self.reads_progress)
             return
         device = params[0].device
         impl = self.implementation(device)

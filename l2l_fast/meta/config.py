@@ -265,7 +265,7 @@ class MetaTrainConfig:
         """The CoordinatewiseLSTM's arguments (all but the backend)."""
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, preprocess_p=self.preprocess_p,
                     output_scale=self.output_scale, features=self.features, output=self.output,
-                    **({"progress_input": True} if self.progress_input else {}))
+                    progress_input=self.progress_input)
 
 
 def flag_fields() -> list[dataclasses.Field]:

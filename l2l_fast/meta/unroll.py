@@ -24,7 +24,7 @@ def reads_moments(net) -> bool:
 
 
 def reads_progress(net) -> bool:
-    """Whether `net` reads the fraction of training done (progress_input)."""
+    """Whether `net` reads where training is (progress_input: t / T and the horizon's length)."""
     return bool(getattr(net, "reads_progress", False))
 
 
