@@ -126,12 +126,14 @@ def cmd_meta_train(args) -> int:
     return 0
 
 
-def load_optimizer_spec(spec: str, task=None):
+def load_optimizer_spec(spec: str, task=None, steps: int | None = None):
     """'pretrained:NAME', a path to a weight file, or a baseline name ('adam', 'sgd', 'nag', 'rmsprop').
 
-    With the task, a file holding one LSTM per parameter group (a cifar10 run) loads for its groups."""
+    With the task, a file holding one LSTM per parameter group (a cifar10 run) loads for its groups. With the
+    run's steps, a shipped name with a short-run member loads the weights for that horizon (pretrained.for_horizon,
+    as LearnedOptimizer(total_steps=steps) does); the net's `.record` tells which."""
     from .meta.evaluate import BASELINES
-    from .pretrained import PATH_SUFFIXES, available, load_pretrained, names_a_file
+    from .pretrained import PATH_SUFFIXES, available, for_horizon, load_pretrained, names_a_file
 
     if spec in BASELINES:
         return spec, None
@@ -140,10 +142,11 @@ def load_optimizer_spec(spec: str, task=None):
         raise ValueError(f"--optimizer {spec!r}: expected one of {', '.join(sorted(BASELINES))}, "
                          f"pretrained:NAME (NAME one of {', '.join(available())}) or a path to a weight file "
                          f"({', '.join(PATH_SUFFIXES)})")
+    chosen = for_horizon(spec, steps)
     shape = task.sample(1, seed=0, split="val") if task is not None else None
     if shape is None or len(shape.groups) < 2:
-        return spec, load_pretrained(spec)
-    return spec, load_pretrained(spec, groups=shape.groups, dim=shape.dim)
+        return spec, load_pretrained(chosen)
+    return spec, load_pretrained(chosen, groups=shape.groups, dim=shape.dim)
 
 
 # evaluate's defaults for one task; its parser leaves them None so that --suite can tell which were given
@@ -164,7 +167,7 @@ def cmd_evaluate(args) -> int:
     task_spec, options = _task_of(args)
     task = task_spec.make(options, data_dir=args.data_dir)
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
-    loaded = [load_optimizer_spec(spec, task) for spec in args.optimizer]
+    loaded = [load_optimizer_spec(spec, task, args.steps) for spec in args.optimizer]
     learned = {label: net for label, net in loaded if net is not None}
     tuned = {label: tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)[0]
              for label, net in loaded if net is None}
@@ -200,8 +203,9 @@ def _evaluate_suite(args) -> int:
                          f"{', '.join(given)} apply to a single --task")
     started = time.perf_counter()
     specs = list(dict.fromkeys(args.optimizer))
-    # loaded for each task (a file with one LSTM per parameter group loads for its groups), all before any run
-    learned = {spec: lambda task, spec=spec: load_optimizer_spec(spec, task)[1] for spec in specs
+    # loaded for each entry (a file with one LSTM per parameter group loads for its groups, a shipped name with a
+    # short-run member for the entry's horizon), all before any run
+    learned = {spec: lambda task, steps, spec=spec: load_optimizer_spec(spec, task, steps)[1] for spec in specs
                if spec not in BASELINES}
     baselines = [spec for spec in specs if spec in BASELINES]
     cache = {}

@@ -227,9 +227,9 @@ def test_summary_counts_follow_from_rows():
 def test_learned_optimizers_load_per_task_and_labels_must_not_clash():
     net = load_pretrained("quadratic")
     seen = []
-    result = run_suite(TINY, {"per task": lambda task: seen.append(task.dim) or net}, problems=2, tune_problems=1,
-                       quick=True)
-    assert seen == [3, 6] and "per task" in result.entries[0].runs
+    result = run_suite(TINY, {"per task": lambda task, steps: seen.append((task.dim, steps)) or net}, problems=2,
+                       tune_problems=1, quick=True)
+    assert seen == [(3, 12), (6, 8)] and "per task" in result.entries[0].runs  # each entry's horizon
     with pytest.raises(ValueError, match="taken by the baselines"):
         run_suite(TINY, {ADAM_TUNED: net}, problems=2, tune_problems=1)
     with pytest.raises(ValueError, match="baselines"):

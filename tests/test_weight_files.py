@@ -403,7 +403,7 @@ def test_a_spec_is_a_path_or_a_shipped_name(tmp_path, monkeypatch, spec, expecte
 
 @pytest.mark.parametrize("spec", ["nope", "pretrained:nope", "mnist2"])
 def test_an_unknown_name_lists_the_shipped_ones(spec):
-    shipped = r"\['general', 'mnist', 'quadratic'\]"
+    shipped = r"\['general', 'general_short', 'mnist', 'quadratic'\]"
     with pytest.raises(ValueError, match=r"no shipped optimizer named .*available: " + shipped):
         load_pretrained(spec)
 

@@ -132,6 +132,28 @@ register_suite("general", [
           held_out="architecture family (attention): never meta-trained on, text"),
 ], help="held-out widths, depths, activations, families and 2,000-step horizons")
 
+# The general suite's models at one short horizon, Adam re-tuned for it: how a horizon-aware optimizer (one told
+# total_steps, pretrained.for_horizon) does where the run is short. The paper's task is the first entry.
+register_suite("short", [
+    entry("mnist_20_sigmoid_100", "mnist", 100, held_out="none for mnist; 28x28 MNIST for general"),
+    entry("mnist_40_sigmoid_100", "mnist", 100, hidden=(40,), held_out="width"),
+    entry("mnist_20x20x20_sigmoid_100", "mnist", 100, hidden=(20, 20, 20), held_out="depth"),
+    entry("mnist_20_relu_100", "mnist", 100, activation="relu", held_out="activation"),
+    entry("mnist_20_tanh_100", "mnist", 100, activation="tanh", held_out="activation"),
+    entry("mnist_64_relu_100", "mnist", 100, hidden=(64,), activation="relu", held_out="width, activation"),
+    entry("mnist_32x32_relu_100", "mnist", 100, hidden=(32, 32), activation="relu", held_out="depth, activation"),
+    entry("linreg_20_100", "quadratic", 100, dim=20, held_out="family (least squares), dimension"),
+    entry("linreg_10_100", "quadratic", 100, dim=10, held_out="family (least squares)"),
+    entry("digits_mlp_gelu_100", "mlp", 100, dataset="digits", hidden=(32,), nonlinearity="gelu",
+          held_out="dataset, activation (GELU)"),
+    entry("digits_cnn_100", "cnn", 100, dataset="digits", channels=(8, 8), held_out="architecture family (conv)"),
+    entry("charlm_20_100", "charlm", 100, hidden=(20,), held_out="architecture family (recurrent), text"),
+    entry("teacher_mse_100", "mlp", 100, dataset="teacher_regression", hidden=(32,), nonlinearity="relu",
+          held_out="regression (squared error)"),
+    entry("transformer_32_100", "chartransformer", 100, d_model=32,
+          held_out="architecture family (attention): never meta-trained on, text"),
+], help="the general suite's models at 100 steps, Adam tuned for 100 steps")
+
 register_suite("smoke", [
     entry("quadratic_5", "quadratic", 30, dim=5),
     entry("quadratic_20", "quadratic", 60, dim=20),
@@ -283,7 +305,8 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
 
     optimizers: {label: a learned optimizer (anything with init_state(n) and step_(params, grad, state), as
     CoordinatewiseLSTM; one that reads moments also init_moments(n) and step_(..., moments), which run_learned
-    carries), or a function task -> one (a file with one LSTM per parameter group loads per task)}.
+    carries), or a function (task, steps) -> one, called per entry with its task and horizon (a file with one LSTM
+    per parameter group loads per task; a shipped name with a short-run member picks it by horizon)}.
     baselines: more hand-designed optimizers (BASELINES' names), each tuned as Adam is; "adam" is tuned Adam.
     problems, tune_problems: test and validation problems per entry (defaults 8 and 8; quick: 3 and 2, and
     horizons cut to 20 steps). grid: Adam's learning rates to tune over; baseline_grid: the other baselines';
@@ -310,13 +333,13 @@ def run_suite(suite: str | Suite, optimizers: Mapping[str, object], *, baselines
     from ..tasks import get_task
 
     tasks = [get_task(e.task).make(e.kwargs, data_dir=data_dir) for e in suite.entries]
-    # every learned optimizer resolved for every task before anything runs: a bad one fails at once
-    nets = [{label: (opt(task) if callable(opt) and not hasattr(opt, "step_") else opt)
-             for label, opt in optimizers.items()} for task in tasks]
+    horizons = [min(e.steps, QUICK_STEPS) if quick else e.steps for e in suite.entries]
+    # every learned optimizer resolved for every entry before anything runs: a bad one fails at once
+    nets = [{label: (opt(task, steps) if callable(opt) and not hasattr(opt, "step_") else opt)
+             for label, opt in optimizers.items()} for task, steps in zip(tasks, horizons)]
     result = SuiteResult(suite, settings)
-    for e, task, learned in zip(suite.entries, tasks, nets):
+    for e, task, learned, steps in zip(suite.entries, tasks, nets, horizons):
         started = time.perf_counter()
-        steps = min(e.steps, QUICK_STEPS) if quick else e.steps
 
         def tuned(name):
             rates = tuple(grid if name == "adam" else baseline_grid)

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from ..checks import PARAM_DTYPES
 from ..net import CoordinatewiseLSTM
-from ..pretrained import DEFAULT
+from ..pretrained import DEFAULT, for_horizon, has_short_run_member
 from .checkpoint import check_loadable, net_signature
 from .fused import FusedGroup, math_dtype_of, resolve_state_dtype
 from .sharding import check_placements, local, state_like
@@ -31,7 +31,9 @@ class LearnedOptimizer(Optimizer):
         net: the optimizer network; default: the shipped one named by ``pretrained``.
         pretrained: name of a shipped net: "general" (the default: meta-trained over many model families, it
             reads the gradient's running moments) or the paper's specialists "mnist" and "quadratic"; or a file
-            from ``save_pretrained``.
+            from ``save_pretrained``. With ``total_steps`` <= 200, "general" loads its short-run member
+            "general_short" (meta-trained on runs of 40-200 steps: ``pretrained.for_horizon``); the name loaded
+            is ``self.pretrained``.
         lr: multiplies the net's update (its output_scale); 1.0 is the optimizer as trained. LR schedulers
             scale it as they scale any learning rate. A float: the kernels take it as one, so a Tensor lr (torch's
             way to change lr without recompiling a compiled step) is refused; under torch.compile each new lr
@@ -41,8 +43,10 @@ class LearnedOptimizer(Optimizer):
         total_steps: the number of optimizer steps the run will take, for a net that reads where training is
             (``net.reads_progress``: progress_input): at its t-th ``step()`` (t from 0)
             it reads (t, total_steps), the fraction of training done and the run's length, as a scheduler would;
-            steps past total_steps read as the last one. Required for such a net, refused (ValueError) for a net
-            without the input. The count of steps taken is the group's ``step_count``, saved in the state_dict.
+            steps past total_steps read as the last one. Required for such a net. For a shipped name with a
+            short-run member ("general") it picks the weights (above); for any other net without the input it
+            would change nothing and is refused (ValueError). The count of steps taken is the group's
+            ``step_count``, saved in the state_dict.
 
     State: per parameter ``state[p]["lstm_state"]`` [num_layers, 2, hidden_size, *p.shape] (in state_dtype) and,
     for a net that reads the gradient's running moments (``net.reads_moments``, features "moments" or
@@ -72,10 +76,14 @@ class LearnedOptimizer(Optimizer):
 
     def __init__(self, params, net: CoordinatewiseLSTM | None = None, *, pretrained: str | None = DEFAULT,
                  lr: float = 1.0, state_dtype: torch.dtype | None = None, total_steps: int | None = None):
+        self.pretrained = None  # the shipped name or file the net came from, if any
         if net is None:
             if pretrained is None:
                 raise ValueError("net: pass a CoordinatewiseLSTM, or name a shipped one in pretrained")
-            net = CoordinatewiseLSTM.from_pretrained(pretrained)
+            self.pretrained = for_horizon(pretrained, total_steps)
+            net = CoordinatewiseLSTM.from_pretrained(self.pretrained)
+            if has_short_run_member(pretrained) and not net.reads_progress:
+                total_steps = None  # it chose the weights; a net without the progress input reads nothing more
         defaults = dict(net=net, lr=lr, state_dtype=state_dtype, total_steps=total_steps)
         _check_options(defaults)
         self._fused: list[list[FusedGroup]] | None = None
@@ -84,8 +92,12 @@ class LearnedOptimizer(Optimizer):
         # without state by a step with zero gradients, which would advance every LSTM state.
         self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
 
+    def __getstate__(self) -> dict:  # torch.optim keeps defaults, state and param_groups only
+        return {**super().__getstate__(), "pretrained": self.pretrained}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("pretrained", None)  # pickled before the attribute existed
         if "_fused" not in self.__dict__:  # unpickled or deep-copied: the fused views are not part of the state
             self._fused = [self._fuse(group, index) for index, group in enumerate(self.param_groups)]
 

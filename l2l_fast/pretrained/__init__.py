@@ -2,7 +2,8 @@
 
     net = l2l_fast.CoordinatewiseLSTM.from_pretrained("general")
 
-DEFAULT ("general", meta-trained over many model families: LearnedOptimizer's default) and the paper's two
+DEFAULT ("general", meta-trained over many model families: LearnedOptimizer's default), its member for runs of
+at most 200 steps ("general_short", chosen by for_horizon when the run's length is given) and the paper's two
 specialists, "mnist" (the 784-20-10 sigmoid MLP) and "quadratic", each with its training record (`net.record`).
 
 save_pretrained writes the verified format FORMAT ("l2l_fast.pretrained.v2"): the checksummed record of
@@ -32,6 +33,11 @@ from .contents import FORMAT, Invalid, check_part, read
 
 SHIPPED_DIR = Path(__file__).parent
 DEFAULT = "general"  # what LearnedOptimizer(params) runs: it beat "mnist" on the held-out suite (README)
+# Shipped names with a member for short runs: {name: (longest run it serves, member)}. A run declared at most that
+# long (LearnedOptimizer(total_steps=T), evaluate's horizon) gets the member, meta-trained on episodes of up to
+# that many steps, as Adam's learning rate is tuned for the run's length; any other run, or one of unknown length,
+# gets the name's own weights, trained on episodes of up to 1,000 steps and stable far past them.
+SHORT_RUN_MEMBERS = {"general": (200, "general_short")}
 # A spec with one of these suffixes (any case) names a file; so does one with a path separator, and one that
 # is an existing file and no shipped name. Anything else is a shipped name.
 PATH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -63,6 +69,31 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if spec not in available():
         raise ValueError(f"pretrained: no shipped optimizer named {spec!r}; available: {available()}")
     return SHIPPED_DIR / f"{spec}.pt"
+
+
+def for_horizon(name_or_path, total_steps: int | None):
+    """The spec to load for a run of `total_steps` optimizer steps: a shipped name's short-run member
+    (SHORT_RUN_MEMBERS) when the run is at most as long as it serves, else `name_or_path` itself (also for
+    files, names without a member and total_steps None). ValueError for a total_steps that is not a positive int."""
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ValueError(f"total_steps: expected a positive int (the optimizer steps of the run) or None, got "
+                         f"{total_steps!r}")
+    if total_steps is None or isinstance(name_or_path, os.PathLike):
+        return name_or_path
+    spec = name_or_path[len("pretrained:"):] if name_or_path.startswith("pretrained:") else name_or_path
+    if names_a_file(spec) or spec not in SHORT_RUN_MEMBERS:
+        return name_or_path
+    longest, member = SHORT_RUN_MEMBERS[spec]
+    return member if total_steps <= longest else spec
+
+
+def has_short_run_member(name_or_path) -> bool:
+    """Whether `name_or_path` is a shipped name that for_horizon may swap for a short-run member."""
+    if not isinstance(name_or_path, str):
+        return False
+    spec = name_or_path[len("pretrained:"):] if name_or_path.startswith("pretrained:") else name_or_path
+    return not names_a_file(spec) and spec in SHORT_RUN_MEMBERS
 
 
 def load_pretrained(name_or_path: str | os.PathLike, backend: str = "auto", groups=None, dim: int = 0):
