@@ -149,6 +149,20 @@ def load_optimizer_spec(spec: str, task=None, steps: int | None = None):
     return spec, load_pretrained(chosen, groups=shape.groups, dim=shape.dim)
 
 
+def _say_short_run_members(specs, steps: int | None) -> None:
+    """One line per shipped name with a short-run member, so that no table hides which weights ran: those of a
+    run of `steps` steps, or (None: a suite) which entries run which."""
+    from .pretrained import SHORT_RUN_MEMBERS, for_horizon, has_short_run_member
+
+    for spec in dict.fromkeys(specs):
+        if has_short_run_member(spec):
+            name = spec.removeprefix("pretrained:")
+            longest, member = SHORT_RUN_MEMBERS[name]
+            what = (f"entries of at most {longest} steps run {member!r}, the others {name!r}" if steps is None else
+                    f"{steps} steps run {for_horizon(name, steps)!r} (runs of at most {longest} steps: {member!r})")
+            print(f"{spec}: {what}", file=sys.stderr)
+
+
 # evaluate's defaults for one task; its parser leaves them None so that --suite can tell which were given
 EVALUATE_DEFAULTS = {"steps": 100, "problems": 10, "tune_problems": 10}
 
@@ -168,6 +182,7 @@ def cmd_evaluate(args) -> int:
     task = task_spec.make(options, data_dir=args.data_dir)
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
     loaded = [load_optimizer_spec(spec, task, args.steps) for spec in args.optimizer]
+    _say_short_run_members(args.optimizer, args.steps)
     learned = {label: net for label, net in loaded if net is not None}
     tuned = {label: tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)[0]
              for label, net in loaded if net is None}
@@ -203,6 +218,7 @@ def _evaluate_suite(args) -> int:
                          f"{', '.join(given)} apply to a single --task")
     started = time.perf_counter()
     specs = list(dict.fromkeys(args.optimizer))
+    _say_short_run_members(specs, None)
     # loaded for each entry (a file with one LSTM per parameter group loads for its groups, a shipped name with a
     # short-run member for the entry's horizon), all before any run
     learned = {spec: lambda task, steps, spec=spec: load_optimizer_spec(spec, task, steps)[1] for spec in specs
@@ -219,8 +235,12 @@ def _evaluate_suite(args) -> int:
     seconds = time.perf_counter() - started
     import torch
 
+    from .pretrained import SHORT_RUN_MEMBERS, has_short_run_member
+
+    members = {spec: dict(zip(("longest_run", "member"), SHORT_RUN_MEMBERS[spec.removeprefix("pretrained:")]))
+               for spec in specs if has_short_run_member(spec)}
     paths = write_report(result, args.out, {"optimizers": specs, "wall_seconds": round(seconds, 1),
-                                            "threads": torch.get_num_threads()})
+                                            "threads": torch.get_num_threads(), "short_run_members": members})
     print(paths["md"].read_text(), end="")
     print(f"suite {args.suite}: {len(result.entries)} tasks in {seconds:.0f} s; table {paths['md']}, "
           f"rows {paths['json']}, plot {paths['png']}")

@@ -105,3 +105,18 @@ def test_evaluate_and_the_suites_load_by_the_runs_horizon(steps, weights):
     expected = load_pretrained(weights)
     assert net.record == expected.record
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+
+
+def test_the_cli_says_which_weights_ran(tmp_path, capsys):
+    import json
+
+    from l2l_fast.cli import main as cli_main
+
+    assert cli_main(["evaluate", "--task", "quadratic", "--steps", "12", "--problems", "2", "--tune-problems", "2",
+                     "--optimizer", "general", "--optimizer", "adam", "--out", str(tmp_path / "one")]) == 0
+    assert f"12 steps run {MEMBER!r}" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--suite", "smoke", "--quick", "--optimizer", "pretrained:general",
+                     "--out", str(tmp_path / "suite")]) == 0
+    assert f"entries of at most {LONGEST} steps run {MEMBER!r}" in capsys.readouterr().err
+    settings = json.loads((tmp_path / "suite" / "suite_smoke_quick.json").read_text())["settings"]
+    assert settings["short_run_members"] == {"pretrained:general": {"longest_run": LONGEST, "member": MEMBER}}
