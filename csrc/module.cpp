@@ -23,6 +23,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_activations", &l2l_fast::cpu::select_activations,
         "Use the 'fast' or 'precise' float activations in the AVX2 / AVX-512 kernels (the generic ones are always "
         "precise); returns the ones in use");
+  m.def("cpu_products", &l2l_fast::cpu::active_products_name,
+        "Operands of the float gate products of the CPU kernels in use: 'float32' or 'bf16' (csrc/cpu/PRODUCTS.md)");
+  m.def("set_cpu_products", &l2l_fast::cpu::select_products,
+        "Use 'float32' or 'bf16' operands for the float gate products of the CPU kernels (keeps the instruction set "
+        "and activations; 'bf16' needs the avx512 kernels, the fast activations and a CPU with AVX512_BF16, else "
+        "raises); returns the products in use");
   m.def("cpu_activation_f32", [](const torch::Tensor& x, const std::string& which) {
     TORCH_CHECK_VALUE(which == "sigmoid" || which == "tanh", "which: expected 'sigmoid' or 'tanh', got '", which, "'");
     TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 1 && x.is_contiguous(),

@@ -32,8 +32,8 @@ except ImportError as error:  # pure-Python install: the reference backend still
     HAS_NATIVE = False
     NATIVE_IMPORT_ERROR = error
 
-__all__ = ["HAS_NATIVE", "available_cpu_isas", "cpu_cache_bytes", "empty_cpu_cache", "lstm_multi_step_", "lstm_step",
-           "lstm_step_", "native_devices"]
+__all__ = ["HAS_NATIVE", "available_cpu_isas", "cpu_cache_bytes", "cpu_products", "empty_cpu_cache", "lstm_multi_step_",
+           "lstm_step", "lstm_step_", "native_devices", "set_cpu_products"]
 
 
 # Fixed at import: a plain constant that torch.compile can trace (a pybind call it cannot).
@@ -61,6 +61,25 @@ def available_cpu_isas() -> list[str]:
             pass
     _C.set_cpu_isa(current)
     return found
+
+
+def set_cpu_products(products: str) -> str:
+    """Operands of the CPU kernels' float32 gate products: "float32" (default) or "bf16" (each weight and layer input
+    rounded to bfloat16, products summed in float32 by AVX512_BF16's vdpbf16ps: about twice the gate throughput,
+    pre-activations off by up to ~2^-7 of sum |w z|; csrc/cpu/PRODUCTS.md). Float64 and CUDA are unaffected.
+
+    Keeps the instruction set and activations; also set by the environment variable L2L_FAST_CPU_PRODUCTS.
+    "bf16" needs the avx512 kernels with the fast activations on a CPU with AVX512_BF16: otherwise RuntimeError,
+    never a silent float32 fallback; while it is on, choosing another instruction set or the precise activations
+    is refused. Returns the products now in use. ValueError for another name."""
+    if not HAS_NATIVE:
+        raise RuntimeError(f"set_cpu_products: l2l_fast._C is not built ({NATIVE_IMPORT_ERROR})")
+    return _C.set_cpu_products(products)
+
+
+def cpu_products() -> str:
+    """Operands of the CPU kernels' float32 gate products in use: "float32" or "bf16" (set_cpu_products)."""
+    return _C.cpu_products() if HAS_NATIVE else "float32"
 
 
 def empty_cpu_cache() -> int:

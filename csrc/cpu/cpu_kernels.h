@@ -2,7 +2,8 @@
 // Each table is compiled in its own translation unit with its own target flags
 // (kernel_<isa>.cpp); the binding picks one at run time from what the CPU supports. AVX2 and AVX-512
 // are built twice: with the fast float activations (the default) and with the precise ones
-// (kernel_<isa>_precise.cpp), chosen at run time too.
+// (kernel_<isa>_precise.cpp), chosen at run time too. AVX-512 has a third build whose float gate products
+// take bf16 operands (kernel_avx512_bf16.cpp, csrc/cpu/PRODUCTS.md), an explicit run-time option.
 #pragma once
 #include <cstdint>
 
@@ -24,6 +25,7 @@ struct CpuKernels {
   int64_t tile_f64;
   const char* activations;  // the float sigmoid/tanh: "fast" or "precise" (csrc/cpu/ACTIVATIONS.md)
   void (*activation_f32)(int which, const float* x, float* y, int64_t n);  // 0 sigmoid, 1 tanh; for tests
+  const char* products;  // the float gate products: "float32" or "bf16" (csrc/cpu/PRODUCTS.md); float64 is exact
 };
 
 namespace generic { extern const CpuKernels kernels; }
@@ -32,6 +34,8 @@ namespace avx512 { extern const CpuKernels kernels; }
 // the same instruction sets with the precise activations (L2L_FAST_CPU_ACTIVATIONS=precise), for A/B runs
 namespace avx2_precise { extern const CpuKernels kernels; }
 namespace avx512_precise { extern const CpuKernels kernels; }
+// AVX-512 with single-bf16 gate products (L2L_FAST_CPU_PRODUCTS=bf16), fast activations
+namespace avx512_bf16 { extern const CpuKernels kernels; }
 
 }  // namespace cpu
 }  // namespace l2l_fast
