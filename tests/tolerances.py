@@ -93,6 +93,14 @@ ACTIVATION_ABS_ERROR = {
 # build, so one tolerance holds whichever instruction set and activations a test runs on
 ACTIVATION_BOUND = {f: max(b[f] for b in ACTIVATION_ABS_ERROR.values()) for f in ("sigmoid", "tanh")}
 
+# bf16 gate products (csrc/cpu/PRODUCTS.md): the unit roundoff of a bf16 operand (8-bit significand, rounded to
+# nearest even): |round(x) - x| <= BF16_UNIT |x|, so a product of two rounded operands is off by <= BF16_PRODUCT |w z|.
+BF16_UNIT = 2.0**-8
+BF16_PRODUCT = 2 * BF16_UNIT + BF16_UNIT**2
+# A float32 feature within this relative distance of a bf16 rounding boundary may round to the other neighbour than
+# its float64 value: the kernels' features are within ~1e-6 relative of the reference's (the docstring), 2^-16 = 1.5e-5.
+BF16_FEATURE_MARGIN = 2.0**-16
+
 # Relative-to-max bound of assert_close_rel_max for the same kernel summing in another order (other n).
 REORDERED_SUM = {torch.float64: 1e-11, torch.float32: 1e-5}
 
