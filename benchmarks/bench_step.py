@@ -14,6 +14,9 @@ For every N, in one run and one process, with the same weights and thread count:
                the kernels' only ones before 2026-12-06: l2l_fast._C.set_cpu_activations("precise")), so that today's
                and the previous kernel are timed in one process; --ab-rounds R then alternates the two R more times
                and prints each round's ratio (fair under a load that drifts).
+  bf16 rows    on the CPU, the fused step_ and fwd+bwd with single-bf16 gate products (AVX512_BF16's vdpbf16ps:
+               l2l_fast.ops.set_cpu_products("bf16"), csrc/cpu/PRODUCTS.md; "n/a" where the CPU lacks it); --ab-rounds R
+               alternates them with the float32 products too.
   nn.LSTM rows the user's alternative, one in each group: the net's weights in ``torch.nn.LSTM(I, H, L)`` and
                ``torch.nn.Linear(H, 1)`` (``net.lstm.to_torch()``), applied to the preprocessed gradients as a batch of
                N sequences of length 1, state (h, c) kept in nn.LSTM's own layout [L, N, H]; the step under no_grad
@@ -29,7 +32,8 @@ torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x ra
 
   python benchmarks/bench_step.py --threads 2                   # CPU, N = 1e4 1e5 1e6
   python benchmarks/bench_step.py --sizes 1e5 --markdown
-  python benchmarks/bench_step.py --sizes 1e6 --no-compile --ab-rounds 5      # fast vs precise activations
+  python benchmarks/bench_step.py --sizes 1e6 --no-compile --ab-rounds 5      # fast vs precise, float32 vs bf16
+  python benchmarks/bench_step.py --sizes 1e6 --no-compile --ab-rounds 3 --ab-with bf16   # float32 vs bf16 only
   python benchmarks/bench_step.py --device cuda                 # N = 1e6 1e7 1e8
   python benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --no-compile   # the CUDA gate kernels
 """
@@ -60,6 +64,8 @@ import machine  # noqa: E402
 SANITY_ATOL = 1e-4
 # one step with bfloat16 state (the stored h and c rounded to 8 bits): param within 1% of the largest update
 BF16_SANITY_REL = 1e-2
+# one step with bf16 gate products: update within 1% of the largest update (measured ~1e-3, csrc/cpu/PRODUCTS.md)
+BF16_PRODUCTS_SANITY_REL = 1e-2
 
 
 class Unavailable(Exception):
@@ -229,6 +235,7 @@ class Row:
     baseline: bool = False
     torch_lstm: bool = False    # the group's nn.LSTM row: the "vs nn.LSTM" column divides by its time
     activations: str | None = None  # CPU fused rows: the float activations to time them with ("precise")
+    products: str | None = None     # CPU fused rows: the gate products to time them with ("bf16")
     warmup_calls: int = 1
     gates: str | None = None    # L2L_FAST_CUDA_GATES while the row is built, warmed up and timed
     compiled: bool = False      # report the (untimed) compile + warm-up time in the note
@@ -244,20 +251,28 @@ def precise_rows(args) -> bool:
 
 
 class activations_set:
-    """Runs the block with the CPU kernels' float activations set to `name` (None: unchanged), then restores."""
+    """Runs the block with the CPU kernels' float activations set to `name` and their gate products to `products`
+    (None: unchanged), then restores them."""
 
-    def __init__(self, name: str | None):
-        self.name, self.previous = name, None
+    def __init__(self, name: str | None, products: str | None = None):
+        self.name, self.products, self.previous, self.previous_products = name, products, None, None
 
     def __enter__(self):
+        from l2l_fast import _C
         if self.name is not None:
-            from l2l_fast import _C
             self.previous = _C.cpu_activations()
             _C.set_cpu_activations(self.name)
+        if self.products is not None:
+            if not hasattr(_C, "set_cpu_products"):
+                raise Unavailable("this build has no bf16 products")
+            self.previous_products = _C.cpu_products()
+            _C.set_cpu_products(self.products)  # RuntimeError where the CPU cannot: the row says so
 
     def __exit__(self, *exc):
+        from l2l_fast import _C
+        if self.previous_products is not None:
+            _C.set_cpu_products(self.previous_products)
         if self.previous is not None:
-            from l2l_fast import _C
             _C.set_cpu_activations(self.previous)
 
 
@@ -291,6 +306,8 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     if precise_rows(args):
         rows.append(Row(f"{fused} step_ [precise activations]", "step", lambda: step_fn(fused_net_or_skip(), n),
                         step_bytes, activations="precise"))
+        rows.append(Row(f"{fused} step_ [bf16 products]", "step", lambda: step_fn(fused_net_or_skip(), n),
+                        step_bytes, products="bf16"))
     rows += [
         Row("torch.nn.LSTM step", "step", lambda: torch_lstm_step_fn(ref_net, n), step_bytes, torch_lstm=True),
     ]
@@ -315,6 +332,8 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
     if precise_rows(args):
         rows.append(Row(f"{fused} fwd+bwd [precise activations]", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n),
                         fwdbwd_bytes, activations="precise"))
+        rows.append(Row(f"{fused} fwd+bwd [bf16 products]", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n),
+                        fwdbwd_bytes, products="bf16"))
     rows += [
         Row("torch.nn.LSTM fwd+bwd", "fwdbwd", lambda: torch_lstm_fwdbwd_fn(ref_net, n), fwdbwd_bytes,
             torch_lstm=True),
@@ -332,18 +351,22 @@ def _short(error: BaseException) -> str:
 
 def measure(row: Row, args) -> None:
     """Build, warm up (compile time reported, not timed), time; failures become the row's note."""
-    fn = None
     saved_gates = os.environ.get("L2L_FAST_CUDA_GATES")
     if row.gates is not None:
         os.environ["L2L_FAST_CUDA_GATES"] = row.gates
     try:
-        with activations_set(row.activations):
+        with activations_set(row.activations, row.products):
             _measure(row, args)
     except Unavailable as error:
         row.note = f"n/a: {error}"
     except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
         row.note = f"n/a: {_short(error)}"
     finally:
+        # restored here: _measure cannot see saved_gates (its NameError was every row's note)
+        if saved_gates is None:
+            os.environ.pop("L2L_FAST_CUDA_GATES", None)
+        else:
+            os.environ["L2L_FAST_CUDA_GATES"] = saved_gates
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -363,10 +386,6 @@ def _measure(row: Row, args) -> None:
         measurement = machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time)
         row.seconds, row.iqr = measurement.median, measurement.iqr
     finally:
-        if saved_gates is None:
-            os.environ.pop("L2L_FAST_CUDA_GATES", None)
-        else:
-            os.environ["L2L_FAST_CUDA_GATES"] = saved_gates
         del fn
 
 
@@ -413,25 +432,40 @@ def render(n: int, rows: list[Row], limits: dict, args) -> str:
     return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in table]) + "\n"
 
 
-def ab_rounds(n: int, fused_net, args) -> str:
-    """fast vs precise activations, alternating (fast, precise) args.ab_rounds times per workload: a load that
-    drifts during the run hits both alike. Per round the median of each; the ratio precise / fast."""
-    lines = [f"A/B at N = {n:,}: fused rows with fast vs precise activations, {args.ab_rounds} alternating rounds "
-             f"(median ms of each; speed-up = precise / fast)"]
+# --ab-with: each variant is timed alternately with the default kernels (fast activations, float32 products):
+# (what is compared, settings of the default, of the variant, names of the two, True: the speed-up is the variant's)
+AB_VARIANTS = {
+    "precise": ("fast vs precise activations", dict(name="fast"), dict(name="precise"), ("fast", "precise"), False),
+    "bf16": ("float32 vs bf16 gate products", dict(name="fast", products="float32"), dict(name="fast", products="bf16"),
+             ("float32", "bf16"), True),
+}
+
+
+def ab_rounds(n: int, fused_net, args, variant: str) -> str:
+    """The default kernels vs one variant (AB_VARIANTS), alternating (default, variant) args.ab_rounds times per
+    workload: a load that drifts during the run hits both alike. Per round the median of each and their ratio."""
+    title, default, setting, (a, b), variant_faster = AB_VARIANTS[variant]
+    ratio_name = f"{a} / {b}" if variant_faster else f"{b} / {a}"
+    lines = [f"A/B at N = {n:,}: fused rows with {title}, {args.ab_rounds} alternating rounds "
+             f"(median ms of each; speed-up = {ratio_name})"]
     for name, build in (("step_", step_fn), ("fwd+bwd", fwdbwd_fn)):
         fn, ratios, cells = build(fused_net, n), [], []
-        for _ in range(args.ab_rounds):
-            times = {}
-            for activations in ("fast", "precise"):
-                with activations_set(activations):
-                    fn()
-                    times[activations] = machine.timeit(fn, threads=args.threads,
-                                                        min_run_time=args.min_run_time).median
-            ratios.append(times["precise"] / times["fast"])
-            cells.append(f"{times['fast'] * 1e3:.1f}/{times['precise'] * 1e3:.1f}")
-        del fn
-        gc.collect()
-        lines.append(f"  {name:8s} rounds fast/precise ms: {', '.join(cells)}; speed-up per round "
+        try:
+            for _ in range(args.ab_rounds):
+                times = []
+                for config in (default, setting):
+                    with activations_set(**config):
+                        fn()
+                        times.append(machine.timeit(fn, threads=args.threads, min_run_time=args.min_run_time).median)
+                ratios.append(times[0] / times[1] if variant_faster else times[1] / times[0])
+                cells.append(f"{times[0] * 1e3:.1f}/{times[1] * 1e3:.1f}")
+        except (RuntimeError, Unavailable) as error:  # e.g. no AVX512_BF16 here
+            lines.append(f"  {name:8s} n/a: {_short(error)}")
+            continue
+        finally:
+            del fn
+            gc.collect()
+        lines.append(f"  {name:8s} rounds {a}/{b} ms: {', '.join(cells)}; speed-up per round "
                      f"{', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}x")
     if hasattr(os, "getloadavg"):
         lines.append(f"  load average (1 min) {os.getloadavg()[0]:.2f} after the rounds")
@@ -458,6 +492,24 @@ def sanity_check(n: int, fused_net, ref_net) -> str:
     if bad:
         raise SystemExit(f"sanity check failed at N={n}: fused differs from the reference by {bad} > {SANITY_ATOL}")
     return ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+
+
+def bf16_products_sanity_check(n: int, fused_net, ref_net) -> str:
+    """The [bf16 products] rows compute the reference's update to within BF16_PRODUCTS_SANITY_REL of the largest
+    update (their error: csrc/cpu/PRODUCTS.md); a CPU without AVX512_BF16 says so here and in the rows."""
+    _, grad, state = make_inputs(fused_net, n)
+    try:
+        with activations_set(None, "bf16"), torch.no_grad():
+            update_bf16, _ = fused_net(grad, state)
+    except (RuntimeError, Unavailable) as error:
+        return f"[bf16 products] n/a: {_short(error)}"
+    with torch.no_grad():
+        update_ref, _ = ref_net(grad, state)
+    rel = ((update_bf16 - update_ref).abs().max() / update_ref.abs().max()).item()
+    if not rel <= BF16_PRODUCTS_SANITY_REL:
+        raise SystemExit(f"sanity check failed at N={n}: bf16 products update off by {rel:.1e} of the largest update "
+                         f"(> {BF16_PRODUCTS_SANITY_REL})")
+    return f"[bf16 products] update within {rel:.1e} of max |update| of the reference (<= {BF16_PRODUCTS_SANITY_REL})"
 
 
 def multi_step_sanity_check(n: int, fused_net) -> str:
@@ -503,8 +555,10 @@ def parse_args(argv=None):
     parser.add_argument("--gates", choices=("ffma", "mma", "mma16"), nargs="+", default=["ffma"],
                         help="CUDA: the gate kernels of the fused step rows (L2L_FAST_CUDA_GATES; default ffma)")
     parser.add_argument("--ab-rounds", type=int, default=0,
-                        help="CPU: after each table, time the fused step_ and fwd+bwd with the fast and the precise "
-                             "activations alternately this many more times and print the per-round ratios")
+                        help="CPU: after each table, time the fused step_ and fwd+bwd with the default kernels and "
+                             "each --ab-with variant alternately this many more times and print the per-round ratios")
+    parser.add_argument("--ab-with", choices=sorted(AB_VARIANTS), nargs="+", default=["precise", "bf16"],
+                        help="CPU: the variants of the A/B rounds: the precise activations, the bf16 gate products")
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [1e6, 1e7, 1e8] if args.device == "cuda" else [1e4, 1e5, 1e6]
@@ -544,7 +598,8 @@ def main(argv=None) -> None:
     if precise_rows(args):
         from l2l_fast import _C
         lines.append(f"kernels  : CPU {_C.cpu_isa()}, float activations {_C.cpu_activations()} (the [precise "
-                     "activations] rows: precise)")
+                     f"activations] rows: precise), gate products {getattr(_C, 'cpu_products', lambda: 'float32')()} "
+                     "(the [bf16 products] rows: bf16)")
     lines.append(f"GEMM     : fp32 torch.mm {gemm_size}x{gemm_size} = {gemm / 1e9:,.1f} GFLOP/s")
     lines.append(f"limit    : step {fwd_flops:,} FLOP/coord -> {limits['step'] / 1e6:,.2f} Mcoord/s; "
                  f"fwd+bwd {fwdbwd_flops:,} FLOP/coord (3x forward) -> {limits['fwdbwd'] / 1e6:,.2f} Mcoord/s")
@@ -573,6 +628,8 @@ def main(argv=None) -> None:
     if args.backend == "reference" or device in ops.native_devices():
         lines.append(f"sanity   : fused vs reference at N={min(args.sizes):,}, max |diff| "
                      f"{sanity_check(min(args.sizes), fused_net, ref_net)} (<= {SANITY_ATOL})")
+    if precise_rows(args) and fused_net is not None:
+        lines.append(f"sanity   : {bf16_products_sanity_check(min(args.sizes), fused_net, ref_net)}")
     if device == "cuda" and args.backend == "native" and device in ops.native_devices():
         lines.append(f"sanity   : {multi_step_sanity_check(min(args.sizes), fused_net)}")
         for gates in args.gates:
@@ -591,7 +648,8 @@ def main(argv=None) -> None:
             measure(row, args)
         print(render(n, rows, limits, args), flush=True)
         if args.ab_rounds > 0 and precise_rows(args) and fused_net is not None:
-            print(ab_rounds(n, fused_net, args), flush=True)
+            for variant in args.ab_with:
+                print(ab_rounds(n, fused_net, args, variant), flush=True)
     if hasattr(os, "getloadavg"):  # other work during the run makes every number above pessimistic
         print(f"load average (1 min) {os.getloadavg()[0]:.2f} at the end")
 
