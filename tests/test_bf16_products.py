@@ -44,17 +44,19 @@ def _unavailable() -> str | None:
 
     if not hasattr(_C, "set_cpu_products"):
         return "this build of l2l_fast._C has no set_cpu_products"
-    previous = _C.cpu_isa(), _C.cpu_activations()
+    previous = _C.cpu_isa(), _C.cpu_activations(), _C.cpu_products()
     try:
+        _C.set_cpu_products("float32")
         _C.set_cpu_isa("avx512")
         _C.set_cpu_activations("fast")
         _C.set_cpu_products("bf16")
     except RuntimeError as error:
         return f"no bf16 products here: {str(error).splitlines()[0]}"
-    finally:
+    finally:  # as found (L2L_FAST_CPU_* may have chosen them)
         _C.set_cpu_products("float32")
         _C.set_cpu_activations(previous[1])
         _C.set_cpu_isa(previous[0])
+        _C.set_cpu_products(previous[2])
     return None
 
 
@@ -466,7 +468,8 @@ def test_setting_switches_reports_and_refuses(bf16):
 
 
 def _run_with_env(env: dict, code: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(sys.path)}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("L2L_FAST_CPU_")}
+    full = {**inherited, **env, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
 
 
