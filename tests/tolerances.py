@@ -97,6 +97,9 @@ ACTIVATION_BOUND = {f: max(b[f] for b in ACTIVATION_ABS_ERROR.values()) for f in
 # nearest even): |round(x) - x| <= BF16_UNIT |x|, so a product of two rounded operands is off by <= BF16_PRODUCT |w z|.
 BF16_UNIT = 2.0**-8
 BF16_PRODUCT = 2 * BF16_UNIT + BF16_UNIT**2
+# The backward's products round only the gate gradients (their other operands, the rounded weights and inputs, are
+# bf16 values already): a product is off by <= BF16_GRAD_UNIT |a b|.
+BF16_GRAD_UNIT = BF16_UNIT
 # A float32 feature within this relative distance of a bf16 rounding boundary may round to the other neighbour than
 # its float64 value: the kernels' features are within ~1e-6 relative of the reference's (the docstring), 2^-16 = 1.5e-5.
 BF16_FEATURE_MARGIN = 2.0**-16
