@@ -7,6 +7,10 @@ sample, then per checkout the median over rounds and the speed-up of each checko
 
   git worktree add ../l2l-main main && (cd ../l2l-main && python setup.py build_ext --inplace)
   python benchmarks/ab_builds.py ../l2l-main . --sizes 1e6 --rounds 3 --threads 2
+  python benchmarks/ab_builds.py ../l2l-base .@float32 .@bf16 --sizes 1e6 --rounds 5   # products per checkout
+
+A checkout written PATH@PRODUCTS runs its child with L2L_FAST_CPU_PRODUCTS=PRODUCTS (float32 or bf16); a plain
+PATH runs with that variable removed (its build's default; builds without the switch ignore it).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from l2l_fast import _C
 torch.set_num_threads({threads})
 net = bench_step.make_net(20, 2, "cpu", "native")
 out = {{"activations": _C.cpu_activations() if hasattr(_C, "cpu_activations") else "precise (build without the switch)",
+       "products": _C.cpu_products() if hasattr(_C, "cpu_products") else "float32 (build without the switch)",
        "isa": _C.cpu_isa(), "where": os.path.dirname(os.path.dirname(os.path.abspath(l2l_fast.__file__)))}}
 for name, build in (("step_", bench_step.step_fn), ("fwd+bwd", bench_step.fwdbwd_fn)):
     fn = build(net, {n})
@@ -52,16 +57,25 @@ def main(argv=None) -> None:
     print(f"ab_builds: N = {n:,}, {args.threads} threads, {args.rounds} rounds over {len(args.checkouts)} checkouts")
     for r in range(args.rounds):
         for checkout in args.checkouts:
-            root = os.path.abspath(checkout)
+            path, _, products = checkout.partition("@")
+            root = os.path.abspath(path)
             code = CHILD.format(bench=HERE, threads=args.threads, n=n, min_run_time=args.min_run_time)
             env = dict(os.environ, PYTHONPATH=root)
+            env.pop("L2L_FAST_CPU_PRODUCTS", None)
+            if products:
+                env["L2L_FAST_CPU_PRODUCTS"] = products
             result = json.loads(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,
                                                capture_output=True, text=True).stdout.strip().splitlines()[-1])
             samples[checkout].append(result)
-            print(f"round {r + 1} {checkout} ({result['isa']}, {result['activations']} activations): step_ "
+            if products and result["products"] != products:
+                raise SystemExit(f"{checkout}: the child ran with {result['products']} products")
+            print(f"round {r + 1} {checkout} ({result['isa']}, {result['activations']} activations, "
+                  f"{result['products']} products): step_ "
                   f"{result['step_'] * 1e3:.1f} ms, fwd+bwd {result['fwd+bwd'] * 1e3:.1f} ms, load {result['load']:.2f}",
                   flush=True)
     first = args.checkouts[0]
+    print(f"load average: {samples[first][0]['load']:.2f} after the first sample, "
+          f"{samples[args.checkouts[-1]][-1]['load']:.2f} after the last")
     for name in ("step_", "fwd+bwd"):
         base = statistics.median(s[name] for s in samples[first])
         for checkout in args.checkouts:
