@@ -125,7 +125,7 @@ std::string active_activations_name() { return active_kernels().activations; }
 
 // Sets `flag` and chooses the kernels of the instruction set in use again; on failure (a combination that
 // has no kernels) the flag and the kernels stay as they were.
-std::string reselect(std::atomic<bool>& flag, bool value) {
+void reselect(std::atomic<bool>& flag, bool value) {
   const bool before = flag.exchange(value);
   try {
     const std::string isa = active_isa_name();  // keep the instruction set
@@ -134,7 +134,6 @@ std::string reselect(std::atomic<bool>& flag, bool value) {
     flag.store(before);
     throw;
   }
-  return active_isa_name();
 }
 
 std::string select_activations(const std::string& activations) {
