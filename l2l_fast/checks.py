@@ -71,6 +71,14 @@ def check_constants(preprocess_p, output_scale) -> None:
         raise ValueError(f"output_scale: expected a finite number, got {output_scale!r}")
 
 
+def check_total_steps(total_steps) -> None:
+    """total_steps: a positive int (the optimizer steps of the run) or None; else a ValueError naming it."""
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ValueError(f"total_steps: expected a positive int (the optimizer steps of the run) or None, got "
+                         f"{total_steps!r}")
+
+
 def check_progress(progress, reads_progress: bool) -> None:
     """progress (t, total_steps) given exactly to a net that reads it: ints, t >= 0, total_steps >= 1; else a
     ValueError naming it."""

@@ -152,12 +152,11 @@ def load_optimizer_spec(spec: str, task=None, steps: int | None = None):
 def _say_short_run_members(specs, steps: int | None) -> None:
     """One line per shipped name with a short-run member, so that no table hides which weights ran: those of a
     run of `steps` steps, or (None: a suite) which entries run which."""
-    from .pretrained import SHORT_RUN_MEMBERS, for_horizon, has_short_run_member
+    from .pretrained import for_horizon, short_run_member
 
     for spec in dict.fromkeys(specs):
-        if has_short_run_member(spec):
-            name = spec.removeprefix("pretrained:")
-            longest, member = SHORT_RUN_MEMBERS[name]
+        if (entry := short_run_member(spec)) is not None:
+            name, (longest, member) = spec.removeprefix("pretrained:"), entry
             what = (f"entries of at most {longest} steps run {member!r}, the others {name!r}" if steps is None else
                     f"{steps} steps run {for_horizon(name, steps)!r} (runs of at most {longest} steps: {member!r})")
             print(f"{spec}: {what}", file=sys.stderr)
@@ -235,10 +234,10 @@ def _evaluate_suite(args) -> int:
     seconds = time.perf_counter() - started
     import torch
 
-    from .pretrained import SHORT_RUN_MEMBERS, has_short_run_member
+    from .pretrained import short_run_member
 
-    members = {spec: dict(zip(("longest_run", "member"), SHORT_RUN_MEMBERS[spec.removeprefix("pretrained:")]))
-               for spec in specs if has_short_run_member(spec)}
+    members = {spec: dict(zip(("longest_run", "member"), entry)) for spec in specs
+               if (entry := short_run_member(spec)) is not None}
     paths = write_report(result, args.out, {"optimizers": specs, "wall_seconds": round(seconds, 1),
                                             "threads": torch.get_num_threads(), "short_run_members": members})
     print(paths["md"].read_text(), end="")

@@ -8,7 +8,7 @@ import torch
 
 from l2l_fast import CoordinatewiseLSTM, LearnedOptimizer
 from l2l_fast.cli import load_optimizer_spec
-from l2l_fast.pretrained import SHORT_RUN_MEMBERS, available, for_horizon, has_short_run_member, load_pretrained
+from l2l_fast.pretrained import SHORT_RUN_MEMBERS, available, for_horizon, load_pretrained, short_run_member
 
 LONGEST, MEMBER = SHORT_RUN_MEMBERS["general"]
 
@@ -33,7 +33,7 @@ def test_for_horizon_picks_by_the_runs_length(spec, total_steps, expected):
 @pytest.mark.parametrize("spec", ["mnist", "quadratic", "pretrained:mnist", "runs/x/best.pt", "general.pt"])
 def test_names_without_a_member_and_files_load_as_named(spec):
     assert for_horizon(spec, 100) == spec
-    assert not has_short_run_member(spec)
+    assert short_run_member(spec) is None
 
 
 @pytest.mark.parametrize("bad", [0, -5, True, 1.5, "100"])

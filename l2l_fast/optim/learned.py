@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..checks import PARAM_DTYPES
+from ..checks import PARAM_DTYPES, check_total_steps
 from ..net import CoordinatewiseLSTM
-from ..pretrained import DEFAULT, for_horizon, has_short_run_member
+from ..pretrained import DEFAULT, for_horizon, short_run_member
 from .checkpoint import check_loadable, net_signature
 from .fused import FusedGroup, math_dtype_of, resolve_state_dtype
 from .sharding import check_placements, local, state_like
@@ -82,7 +82,7 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError("net: pass a CoordinatewiseLSTM, or name a shipped one in pretrained")
             self.pretrained = for_horizon(pretrained, total_steps)
             net = CoordinatewiseLSTM.from_pretrained(self.pretrained)
-            if has_short_run_member(pretrained) and not net.reads_progress:
+            if short_run_member(pretrained) is not None and not net.reads_progress:
                 total_steps = None  # it chose the weights; a net without the progress input reads nothing more
         defaults = dict(net=net, lr=lr, state_dtype=state_dtype, total_steps=total_steps)
         _check_options(defaults)
@@ -250,10 +250,7 @@ def _check_options(group: dict) -> None:
     if not isinstance(net, CoordinatewiseLSTM):
         raise TypeError(f"net: expected an l2l_fast.CoordinatewiseLSTM, got {type(net).__name__}")
     total_steps = group.get("total_steps")
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps < 1):
-        raise ValueError(f"total_steps: expected a positive int (the optimizer steps of the run) or None, got "
-                         f"{total_steps!r}")
+    check_total_steps(total_steps)
     if net.reads_progress and total_steps is None:
         raise ValueError("total_steps: this net reads where training is (progress_input); "
                          "pass the number of optimizer steps the run will take, LearnedOptimizer(params, "

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
+from ..checks import check_total_steps
 from ..files import load_error_reason, save_atomic
 from ..grouped import GroupedLSTM
 from ..net import BACKENDS, CoordinatewiseLSTM
@@ -63,7 +64,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     'pretrained:mnist'); ValueError listing the shipped names for an unknown one."""
     if isinstance(name_or_path, os.PathLike):
         return Path(name_or_path)
-    spec = name_or_path[len("pretrained:"):] if name_or_path.startswith("pretrained:") else name_or_path
+    spec = _bare(name_or_path)
     if names_a_file(spec):
         return Path(spec)
     if spec not in available():
@@ -71,29 +72,30 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return SHIPPED_DIR / f"{spec}.pt"
 
 
-def for_horizon(name_or_path, total_steps: int | None):
-    """The spec to load for a run of `total_steps` optimizer steps: a shipped name's short-run member
-    (SHORT_RUN_MEMBERS) when the run is at most as long as it serves, else `name_or_path` itself (also for
-    files, names without a member and total_steps None). ValueError for a total_steps that is not a positive int."""
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps < 1):
-        raise ValueError(f"total_steps: expected a positive int (the optimizer steps of the run) or None, got "
-                         f"{total_steps!r}")
-    if total_steps is None or isinstance(name_or_path, os.PathLike):
-        return name_or_path
-    spec = name_or_path[len("pretrained:"):] if name_or_path.startswith("pretrained:") else name_or_path
-    if names_a_file(spec) or spec not in SHORT_RUN_MEMBERS:
-        return name_or_path
-    longest, member = SHORT_RUN_MEMBERS[spec]
-    return member if total_steps <= longest else spec
-
-
-def has_short_run_member(name_or_path) -> bool:
-    """Whether `name_or_path` is a shipped name that for_horizon may swap for a short-run member."""
+def short_run_member(name_or_path) -> tuple[int, str] | None:
+    """(longest run it serves, member) of a shipped name with a short-run member (SHORT_RUN_MEMBERS, also spelt
+    'pretrained:NAME'); None for anything else (files, other names)."""
     if not isinstance(name_or_path, str):
-        return False
-    spec = name_or_path[len("pretrained:"):] if name_or_path.startswith("pretrained:") else name_or_path
-    return not names_a_file(spec) and spec in SHORT_RUN_MEMBERS
+        return None
+    spec = _bare(name_or_path)
+    return None if names_a_file(spec) else SHORT_RUN_MEMBERS.get(spec)
+
+
+def for_horizon(name_or_path, total_steps: int | None):
+    """The spec to load for a run of `total_steps` optimizer steps: a shipped name's short-run member when the run
+    is at most as long as it serves, else the name itself (without the 'pretrained:' prefix); `name_or_path` as it
+    is for files, names without a member and total_steps None. ValueError for a malformed total_steps."""
+    check_total_steps(total_steps)
+    entry = short_run_member(name_or_path)
+    if total_steps is None or entry is None:
+        return name_or_path
+    longest, member = entry
+    return member if total_steps <= longest else _bare(name_or_path)
+
+
+def _bare(spec: str) -> str:
+    """A shipped name's spec without its optional 'pretrained:' prefix."""
+    return spec.removeprefix("pretrained:")
 
 
 def load_pretrained(name_or_path: str | os.PathLike, backend: str = "auto", groups=None, dim: int = 0):
