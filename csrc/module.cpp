@@ -24,11 +24,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use the 'fast' or 'precise' float activations in the AVX2 / AVX-512 kernels (the generic ones are always "
         "precise); returns the ones in use");
   m.def("cpu_products", &l2l_fast::cpu::active_products_name,
-        "Operands of the float gate products of the CPU kernels in use: 'float32' or 'bf16' (csrc/cpu/PRODUCTS.md)");
+        "Operands of the float gate products of the CPU kernels in use: 'float32', 'bf16', 'amx-bf16x3' or 'amx-bf16x6', "
+        "the AMX ones followed by ' (emulated)' on emulated tiles (csrc/cpu/PRODUCTS.md)");
   m.def("set_cpu_products", &l2l_fast::cpu::select_products,
-        "Use 'float32' or 'bf16' operands for the float gate products of the CPU kernels (keeps the instruction set "
+        "Use 'float32', 'bf16', 'amx-bf16x3' or 'amx-bf16x6' products for the float gates of the CPU kernels (keeps the instruction set "
         "and activations; 'bf16' needs the avx512 kernels, the fast activations and a CPU with AVX512_BF16, else "
         "raises); returns the products in use");
+  m.def("_amx_emulated_dpbf16ps", [](const torch::Tensor& c, const torch::Tensor& a, const torch::Tensor& b) {
+    TORCH_CHECK_VALUE(c.scalar_type() == torch::kFloat32 && c.sizes() == torch::IntArrayRef({16, 16}) && c.is_contiguous() &&
+                      a.scalar_type() == torch::kInt16 && a.sizes() == torch::IntArrayRef({16, 32}) && a.is_contiguous() &&
+                      b.scalar_type() == torch::kInt16 && b.sizes() == torch::IntArrayRef({16, 32}) && b.is_contiguous(),
+                      "expected c [16, 16] float32, a and b [16, 32] int16 (bf16 bits), contiguous CPU tensors");
+    torch::Tensor out = c.clone();
+    l2l_fast::cpu::avx512_amx::emulated_dpbf16ps(out.data_ptr<float>(), reinterpret_cast<const uint16_t*>(a.data_ptr<int16_t>()),
+                                                 reinterpret_cast<const uint16_t*>(b.data_ptr<int16_t>()));
+    return out;
+  }, py::arg("c"), py::arg("a"), py::arg("b"),
+        "Test only: the AMX emulator's TDPBF16PS (csrc/cpu/amx_tiles.h) on one full tile: c + a . b with b's rows "
+        "bf16 pairs (VNNI layout); needs AVX-512 with AVX512_BF16");
   m.def("cpu_activation_f32", [](const torch::Tensor& x, const std::string& which) {
     TORCH_CHECK_VALUE(which == "sigmoid" || which == "tanh", "which: expected 'sigmoid' or 'tanh', got '", which, "'");
     TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 1 && x.is_contiguous(),
