@@ -405,3 +405,14 @@ def assert_moments_advanced(got, grad, expected):
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bits as integers (NaN payloads included): equality bit for bit."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+# AMX products (set_cpu_products("amx-bf16x3" | "amx-bf16x6"), csrc/cpu/PRODUCTS.md "AMX tiles"): each operand split
+# into bf16 pieces (|piece error| <= BF16_UNIT of what it rounds), the products of low order summed. Dropped part of
+# one product w x, relative to |w| |x| (DAZ of pieces below 2^-126 adds at most AMX_FLUSHED absolute per operand):
+#   bf16x3 (2 pieces, w0 x0 + w0 x1 + w1 x0):            u^2 (3 + 2u + 4u^2)
+#   bf16x6 (3 pieces, the 6 products of order <= 2):     u^3 (4 + 5u + 4u^2 + 4u^3)  (0 for normal floats' x - x0 - x1 - x2)
+# plus the float32 adds of the products in any order: n_products K + 1 roundings of 2^-24 of the running |sum|.
+AMX_BF16X3_SPLIT = BF16_UNIT**2 * (3 + 2 * BF16_UNIT + 4 * BF16_UNIT**2)
+AMX_BF16X6_SPLIT = BF16_UNIT**3 * (4 + 5 * BF16_UNIT + 4 * BF16_UNIT**2 + 4 * BF16_UNIT**3)
+AMX_PRODUCTS = {"amx-bf16x3": (AMX_BF16X3_SPLIT, 3), "amx-bf16x6": (AMX_BF16X6_SPLIT, 6)}  # (split, products per w x)
+AMX_FLUSHED = 2.0**-126

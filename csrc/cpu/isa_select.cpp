@@ -60,7 +60,7 @@ const char* const kProductNames[] = {"float32", "bf16", "amx-bf16x3", "amx-bf16x
 int parse_products(const std::string& products) {
   for (int i = 0; i < 4; ++i)
     if (products == kProductNames[i]) return i;
-  TORCH_CHECK_VALUE(false, "products: expected 'float32', 'bf16', 'amx-bf16x3' or 'amx-bf16x6', got '", products, "'");
+  TORCH_CHECK_VALUE(false, "products: expected 'float32' or 'bf16' (or on AMX tiles 'amx-bf16x3', 'amx-bf16x6'), got '", products, "'");
 }
 
 // read once, like the activations: the products of every table chosen afterwards (until set_cpu_products)
