@@ -8,8 +8,10 @@ sample, then per checkout the median over rounds and the speed-up of each checko
   git worktree add ../l2l-main main && (cd ../l2l-main && python setup.py build_ext --inplace)
   python benchmarks/ab_builds.py ../l2l-main . --sizes 1e6 --rounds 3 --threads 2
   python benchmarks/ab_builds.py ../l2l-base .@float32 .@bf16 --sizes 1e6 --rounds 5   # products per checkout
+  python benchmarks/ab_builds.py . .@float32 .@amx-bf16x3 .@amx-bf16x6 --sizes 1e6 --rounds 5   # on an AMX CPU
 
-A checkout written PATH@PRODUCTS runs its child with L2L_FAST_CPU_PRODUCTS=PRODUCTS (float32 or bf16); a plain
+A checkout written PATH@PRODUCTS runs its child with L2L_FAST_CPU_PRODUCTS=PRODUCTS (float32, bf16, amx-bf16x3 or
+amx-bf16x6: the child must report exactly that, so emulated AMX tiles are refused, never timed); a plain
 PATH runs with that variable removed (its build's default; builds without the switch ignore it).
 
 --optimizer times, in the same children, the drop-in LearnedOptimizer's opt.step() on bench_optimizer.py's
@@ -99,6 +101,7 @@ def main(argv=None) -> None:
                                                                          min_run_time=args.min_run_time)
             env = dict(os.environ, PYTHONPATH=root)
             env.pop("L2L_FAST_CPU_PRODUCTS", None)
+            env.pop("L2L_FAST_CPU_AMX_EMULATE", None)  # time real tiles only
             if products:
                 env["L2L_FAST_CPU_PRODUCTS"] = products
             result = json.loads(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,

@@ -71,14 +71,19 @@ def set_cpu_products(products: str) -> str:
     Keeps the instruction set and activations; also set by the environment variable L2L_FAST_CPU_PRODUCTS.
     "bf16" needs the avx512 kernels with the fast activations on a CPU with AVX512_BF16: otherwise RuntimeError,
     never a silent float32 fallback; while it is on, choosing another instruction set or the precise activations
-    is refused. Returns the products now in use. ValueError for another name."""
+    is refused. "amx-bf16x3" / "amx-bf16x6": the forward's gate products on AMX tiles (Intel Sapphire Rapids and later)
+    with each operand split into 2 / 3 bf16 pieces; bf16x6 keeps float32 accuracy, bf16x3 ~2^-14 of sum |w z|
+    (csrc/cpu/PRODUCTS.md, "AMX tiles"). They need AMX-TILE, AMX-BF16 and the OS's tile permission (RuntimeError
+    otherwise); the test switch L2L_FAST_CPU_AMX_EMULATE=1 runs them on emulated tiles instead (slow; for tests).
+    Returns the products now in use. ValueError for another name."""
     if not HAS_NATIVE:
         raise RuntimeError(f"set_cpu_products: l2l_fast._C is not built ({NATIVE_IMPORT_ERROR})")
     return _C.set_cpu_products(products)
 
 
 def cpu_products() -> str:
-    """Operands of the CPU kernels' float32 gate products in use: "float32" or "bf16" (set_cpu_products)."""
+    """Operands of the CPU kernels' float32 gate products in use: "float32", "bf16", "amx-bf16x3" or "amx-bf16x6"
+    (set_cpu_products); an AMX one on the emulated tiles reads "amx-bf16x6 (emulated)"."""
     return _C.cpu_products() if HAS_NATIVE else "float32"
 
 
