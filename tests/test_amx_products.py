@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -86,6 +88,37 @@ def _unavailable(backend: str) -> str | None:
 
 
 UNAVAILABLE = {backend: _unavailable(backend) for backend in ("emulated", "hardware")}
+
+# One step on the real tiles in a child process first: a fault there (SIGILL from a tile configuration or permission
+# the OS refused, SIGSEGV from a bad tile address) fails the hardware tests with its message instead of killing the
+# whole test run. None where it ran (or where there are no real tiles to run).
+_PROBE = """
+import sys, torch
+sys.path.insert(0, TESTS)
+from conftest import random_grad, random_state, random_weights
+from l2l_fast import _C, ops
+_C.set_cpu_isa("avx512"); _C.set_cpu_activations("fast"); _C.set_cpu_products("amx-bf16x6")
+g = torch.Generator().manual_seed(0)
+w = random_weights(20, 2, gen=g, dtype=torch.float32)
+update, _ = ops.lstm_step(random_grad(100, gen=g, dtype=torch.float32, p=10.0),
+                          random_state(2, 20, 100, gen=g, dtype=torch.float32), w, 10.0, 0.1)
+assert torch.isfinite(update).all()
+print("ok")
+""".replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _hardware_fault() -> str | None:
+    if UNAVAILABLE["hardware"] is not None:
+        return None
+    env = {k: v for k, v in os.environ.items() if k != EMULATE}
+    child = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    if child.returncode == 0 and child.stdout.strip().endswith("ok"):
+        return None
+    return (f"one step on the real AMX tiles failed in a child process (exit status {child.returncode}; negative: "
+            f"the signal): {child.stderr.strip()[-2000:]}")
+
+
+HARDWARE_FAULT = _hardware_fault()
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(UNAVAILABLE[b] is not None, reason=str(UNAVAILABLE[b])))
             for b in ("emulated", "hardware")]
 requires_emulator = pytest.mark.skipif(UNAVAILABLE["emulated"] is not None, reason=str(UNAVAILABLE["emulated"]))
@@ -97,6 +130,8 @@ def amx(request):
     reason = UNAVAILABLE[backend]
     if reason is not None:
         pytest.skip(reason)
+    if backend == "hardware" and HARDWARE_FAULT is not None:
+        pytest.fail(HARDWARE_FAULT)
     with products(split, backend):
         yield split
 
