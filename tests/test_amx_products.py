@@ -6,11 +6,14 @@ instructions, on any CPU with AVX-512 and AVX512_BF16; selected with the test sw
 and "hardware" (the real tiles, where the CPU has AMX-TILE and AMX-BF16 and Linux grants the tile state). A backend
 this machine lacks is skipped with the reason. The emulator itself is checked against an exact rational model of
 the SDM's TDPBF16PS, the kernels against the float64 reference within the bound derived in PRODUCTS.md (bf16x6:
-also within the float32 kernels' own tolerances, what "float32-level" means here).
+also within the float32 kernels' own tolerances, what "float32-level" means here), and both splits' forward and
+backward against their specification, the float64 emulation of the split products (split_step), within the float32
+kernels' tolerances (test_backward_against_emulation: the error analysis).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import subprocess
@@ -24,12 +27,12 @@ from conftest import (VARIANTS, WEIGHT_KINDS, generator, moments_for, native_ste
                       random_weights, requires_native, step_grads, variant_id)
 from l2l_fast import features as registry
 from l2l_fast import ops, reference
-from test_bf16_products import assert_same_special, upstream
+from test_bf16_products import assert_same_special, emulated_step, round_bf16, upstream
 from test_multi_step import inputs as multi_inputs
 from test_multi_step import per_tensor
 from test_nonfinite_policy import make_inputs as nonfinite_inputs
-from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, REORDERED_SUM, activation_error_bound, assert_close_rel_max,
-                        assert_elementwise_close, assert_weight_grads_close, bits)
+from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, ELEMENTWISE, REORDERED_SUM, WEIGHT_GRAD, activation_error_bound,
+                        assert_close_rel_max, assert_elementwise_close, assert_weight_grads_close, bits)
 
 pytestmark = requires_native
 F32 = torch.float32
@@ -124,8 +127,7 @@ BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(UNAVAILABLE[b] is not None,
 requires_emulator = pytest.mark.skipif(UNAVAILABLE["emulated"] is not None, reason=str(UNAVAILABLE["emulated"]))
 
 
-@pytest.fixture(params=[(s, b) for s in SPLITS for b in BACKENDS], ids=lambda v: f"{v[0]}-{v[1].values[0]}")
-def amx(request):
+def _use_tiles(request):
     split, backend = request.param[0], request.param[1].values[0]
     reason = UNAVAILABLE[backend]
     if reason is not None:
@@ -134,6 +136,21 @@ def amx(request):
         pytest.fail(HARDWARE_FAULT)
     with products(split, backend):
         yield split
+
+
+def _split_id(v):
+    return f"{v[0]}-{v[1].values[0]}"
+
+
+@pytest.fixture(params=[(s, b) for s in SPLITS for b in BACKENDS], ids=_split_id)
+def amx(request):
+    yield from _use_tiles(request)
+
+
+@pytest.fixture(params=[("amx-bf16x6", b) for b in BACKENDS], ids=_split_id)
+def amx_x6(request):
+    """bf16x6 only: the split whose error is float32-level, held to the exact reference's float32 tolerances."""
+    yield from _use_tiles(request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,13 +318,12 @@ def test_shapes_and_weight_kinds(amx, gen, hidden_size, num_layers, kind):
 
 
 @pytest.mark.parametrize("variant", VARIANTS[::3], ids=variant_id)
-def test_backward_against_reference(amx, gen, variant):
-    """The backward recomputes the forward on the tiles; its own products are the float32 kernels' (exact float32
-    weights): held to the float32 kernels' tolerances (the forward error enters through the recomputed activations,
-    far below them for bf16x6)."""
-    if amx != "amx-bf16x6":
-        pytest.skip("bf16x3's backward is not float32-level (its weight gradients measured 1.05x the float32 rule) "
-                    "and has no derived bound yet (PRODUCTS.md, AMX tiles: what is left)")
+def test_backward_against_reference(amx_x6, gen, variant):
+    """bf16x6's backward against the exact reference. The backward recomputes the forward on the tiles; its own
+    products are the float32 kernels' (exact float32 weights): held to the float32 kernels' tolerances (the forward
+    error enters through the recomputed activations, far below them for bf16x6). bf16x3's split error (~800 float32
+    roundings) is not float32-level: its backward is held to its specification instead (test_backward_against_
+    emulation, as bf16x6's is too)."""
     features, output = variant
     H, L, n, p, scale = 20, 2, 1003, 10.0, 0.1
     weights = random_weights(H, L, gen=gen, dtype=F32, features=features)
@@ -323,6 +339,229 @@ def test_backward_against_reference(amx, gen, variant):
     for name, a, e in zip(("d_grad", "d_state"), got[2:4], ref[2:4]):
         assert_elementwise_close(a, e, F32, name)
     assert_weight_grads_close(got[4], ref[4], F32, ref32[4], moment_inputs=moments is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels against their specification: the float64 emulation of the split products
+# (emulated_step of test_bf16_products, with the split as its `product` hook)
+SPLIT_ORDER = {  # (weight piece, input piece) of each product, in the order amx_gates.h accumulates them
+    "amx-bf16x3": ((1, 0), (0, 1), (0, 0)),
+    "amx-bf16x6": ((2, 0), (1, 1), (0, 2), (1, 0), (0, 1), (0, 0)),
+}
+
+
+def split_pieces(x: torch.Tensor, pieces: int) -> list[torch.Tensor]:
+    """x's bf16 pieces, in x's dtype: x0 = r(x), x1 = r(x - x0), x2 = r(x - x0 - x1) (r: round_bf16, to nearest
+    even, below 2^-126 to 0), what pack_amx_inputs / pack_amx_weights do to a float32 operand (every remainder is
+    exact in float32, and in float64)."""
+    out, rest = [], x
+    for _ in range(pieces):
+        piece = round_bf16(rest.double()).to(x.dtype)
+        out.append(piece)
+        rest = rest - piece
+    return out
+
+
+class _SplitProduct(torch.autograd.Function):
+    """x [n, k] @ w.T [k, m] with the value of the split products (the sum over `order` of x_b @ w_a.T), the
+    derivative of x @ w.T (straight-through: the kernels' backward uses the exact float32 weights and inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, w, order):
+        ctx.save_for_backward(x, w)
+        pieces = 1 + max(max(o) for o in order)
+        xs, ws = split_pieces(x, pieces), split_pieces(w, pieces)
+        value = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+        for a, b in order:
+            value = value + xs[b] @ ws[a].t()
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x, None
+
+
+class _Substitute(torch.autograd.Function):
+    """The value `values` (the kernel's own operand, float32), the derivative of x (the identity)."""
+
+    @staticmethod
+    def forward(ctx, x, values):
+        return values.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def kernel_operand(x, values=None):
+    return x if values is None else _Substitute.apply(x, values.detach())
+
+
+def split_step(split: str, **kwargs):
+    """emulated_step with `split`'s products: every gate product's operands (weights; features, h) split into bf16
+    pieces, the products of SPLIT_ORDER summed, the derivative x @ w.T's; layer inputs as the kernel holds them
+    (kwargs hidden=, inputs=: its own h and features)."""
+    order = SPLIT_ORDER[split]
+    return functools.partial(emulated_step, operand=kernel_operand,
+                             product=lambda x, w: _SplitProduct.apply(x, w, order), **kwargs)
+
+
+def kernel_features(grad, features, p, moments, *, gen):
+    """The kernel's own float32 features [n, I] of grad (and the advanced moments), read bit for bit from its
+    backward: at n = 1, d b_ih[j] = dgate_j and d w_ih[j, k] = fl32(dgate_j x_k) (one float32 product into a zero
+    sum), so x_k is the float32 x with fl32(dgate_j x) = d w_ih[j, k] for all 4H gates j of a readout net (H = 20,
+    one layer, the current kernels). Asserted unique (among the float32 x near d w / dgate) where it matters: values
+    that split alike (all pieces flushed below 2^-126) may tie. Plain PyTorch float32 features are not these bits
+    (the moments' bias correction, log): measured different in most coordinates with moments."""
+    H, n = 20, grad.shape[0]
+    weights = random_weights(H, 1, gen=gen, dtype=F32, kind="random", features=features)
+    state = random_state(1, H, 1, gen=gen, dtype=F32)
+    up_u, up_s = upstream(1, 1, H, gen=gen)
+    rows = []
+    for i in range(n):
+        m = None if moments is None else moments[:, i:i + 1].contiguous()
+        d = step_grads(native_step, grad[i:i + 1], state, weights, p, 1.0, up_u, up_s, features, m)[4]
+        dw, db = d[0], d[2]  # [4H, I], [4H]
+        j = int(db.abs().argmax())
+        first = dw[j] / db[j]
+        candidates, up, down = [first], first, first
+        for _ in range(4):
+            up, down = torch.nextafter(up, torch.full_like(up, float("inf"))), torch.nextafter(
+                down, torch.full_like(down, float("-inf")))
+            candidates += [up, down]
+        c = torch.stack(candidates)  # [9, I]
+        match = ((db[None, :, None] * c[:, None, :]) == dw[None]).all(1)  # [9, I]
+        tie_ok = (c.abs() < 2.0**-126) | ~match
+        assert match.any(0).all() and ((match.sum(0) == 1) | tie_ok.all(0)).all(), (
+            f"coordinate {i}: the kernel's features not read back uniquely from its weight gradient")
+        rows.append(c[match.to(torch.int8).argmax(0), torch.arange(c.shape[1])])
+    return torch.stack(rows)
+
+
+def check_against_split_emulation(split, grad, state, weights, p, scale, up_u, up_s, *, features=1, moments=None,
+                                  output=0, saturating=False, backward=True, gen):
+    """The kernel's forward and backward vs the float64 emulation of its split products (split_step) fed the
+    kernel's own features and h (kernel_features; the new_state output), with the float32 kernels' tolerances:
+    ELEMENTWISE (+ activation_error_bound for the forward, as check_against_emulation of test_bf16_products) and,
+    for the weight gradients, the flash-attention rule against the same emulation run by PyTorch in float32.
+    Returns max |kernel - emulation| / tolerance of (update, new_state, d_grad, d_state) and max |kernel -
+    emulation| / the rule's bound over the weight gradients."""
+    variant = dict(features=features, moments=moments, output=output)
+    got = step_grads(native_step, grad, state, weights, p, scale, up_u, up_s, **variant)
+    hidden = [got[1][l, 0] for l in range(state.shape[0] - 1)]
+    spec = split_step(split, hidden=hidden, inputs=kernel_features(grad, features, p, moments, gen=gen))
+    ref = step_grads(spec, grad.double(), state.double(), [w.double() for w in weights], p, scale, up_u.double(),
+                     up_s.double(), features, None if moments is None else moments.double(), output)
+    act = activation_error_bound(grad, state, weights, p, scale, **variant)
+    ratios = []
+    for name, a, e, ab in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref[:4], [*act, None, None]):
+        if name.startswith("d_") and not backward:
+            continue
+        assert_elementwise_close(a, e, F32, name, activation_bound=ab)
+        ratios.append(_ratio(a, e, ab))
+    if backward:
+        ref32 = step_grads(spec, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
+        assert_weight_grads_close(got[4], ref[4], F32, ref32, saturating=saturating, moment_inputs=moments is not None)
+        ratios.append(_rule_ratio(got[4], ref[4], ref32, saturating=saturating, moment_inputs=moments is not None))
+    return ratios
+
+
+def _ratio(a, e, activation_bound=None):
+    """max |a - e| / assert_elementwise_close's float32 bound."""
+    tol = ELEMENTWISE[F32]
+    a, e = a.double(), e.double()
+    bound = tol["atol_rel"] * e.abs().max() + tol["rtol"] * e.abs() + tol["atol"]
+    if activation_bound is not None:
+        bound = bound + activation_bound
+    return ((a - e).abs() / bound).max().item()
+
+
+def _rule_ratio(kernel, ref64, ref32, *, saturating, moment_inputs):
+    """max over the weight gradients of max |kernel - ref64| / the flash-attention rule's bound."""
+    tol = WEIGHT_GRAD[F32]
+    factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating
+                         else (tol["factor"], tol["floor_rel_moments" if moment_inputs else "floor_rel"]))
+    scale = max(e.double().abs().max().item() for e in ref64)
+    return max((a.double() - e.double()).abs().max().item()
+               / (factor * (r.double() - e.double()).abs().max().item() + floor_rel * scale)
+               for a, e, r in zip(kernel, ref64, ref32))
+
+
+def test_split_pieces_are_the_kernels(gen):
+    """split_pieces of float32 values: the pieces add up to x (x2 ends the split: 24 bits in three pieces of 8)
+    and each is a bf16 value (torch's conversion, to nearest even, of the remainder)."""
+    exponents = torch.randint(-25, 30, (100_000,))  # pieces above 2^-126 (else flushed)
+    x = (torch.randn(100_000, generator=gen, dtype=torch.float64) * 10.0**exponents).to(F32)
+    pieces = split_pieces(x, 3)
+    assert torch.equal(sum(piece.double() for piece in pieces), x.double())
+    rest = x
+    for piece in pieces:
+        assert torch.equal(piece, rest.to(torch.bfloat16).to(F32))
+        rest = rest - piece
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_split_emulation_without_split_is_the_reference(gen, split):
+    """With float64 pieces as they are (the split's identity: one piece, its only product) split_step is
+    reference.lstm_step's math; and the split's value is the operands' within its bound."""
+    H, L, n, p = 5, 3, 50, 10.0
+    features, output = VARIANTS[-1]
+    weights = random_weights(H, L, gen=gen, features=features)
+    grad = random_grad(n, gen=gen, p=p)
+    state, moments = random_state(L, H, n, gen=gen), moments_for(features, grad, gen=gen)
+    expected = reference.lstm_step(grad, state, weights, p, 0.1, features, moments, output)
+    exact = functools.partial(emulated_step, operand=kernel_operand, product=lambda x, w: x @ w.t())
+    for a, e in zip(exact(grad, state, weights, p, 0.1, features, moments, output), expected):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-15)
+    x, w = torch.randn(7, 30, generator=gen, dtype=torch.float64), torch.randn(9, 30, generator=gen, dtype=torch.float64)
+    err = (_SplitProduct.apply(x, w, SPLIT_ORDER[split]) - x @ w.t()).abs()
+    assert (err <= AMX_PRODUCTS[split][0] * (x.abs() @ w.abs().t())).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_backward_against_emulation(amx, gen, variant):
+    """Both splits' forward and backward against their specification (check_against_split_emulation), n odd (a
+    tail tile), every feature set (moments included) and output.
+
+    Error analysis (what remains between kernel and emulation once both split the same float32 operands: the
+    weights, the old h, the kernel's own h of the layer below and its own features, which round_bf16 splits as
+    vcvtne2ps2bf16 does): each product of two bf16 pieces is exact in float32 (8 x 8 significant bits), except
+    that TDPBF16PS flushes results below 2^-126 (< 2^-126 each, far below atol); so the tiles' pre-activation
+    differs from the emulation's (float64, exact to 2^-53) only by the float32 roundings of their sum: per
+    k-block of 32 inputs, products in SPLIT_ORDER, the k-blocks in turn, then the bias add. Those are n_products
+    K + 1 roundings of a partial sum (3K + 1 for bf16x3, 6K + 1 for bf16x6, where the float32 kernels do K + 1),
+    each <= 2^-24 of sum |w| |x|: at K = 40, <= 7.2e-6 (bf16x3) / 1.4e-5 (bf16x6) of it worst case, and like the
+    float32 kernels' K + 1 roundings a random walk in practice (sqrt of the count: ~1.7x / 2.4x theirs). Then the
+    float32 cell with the kernels' fast activations, as in the float32 kernels. So the float32 kernels' tolerances
+    hold: ELEMENTWISE (5e-5 of the max; the float32 kernels measured <= 1.6e-5) with activation_error_bound for
+    the forward, and for the weight gradients the flash-attention rule (the backward's own products are the
+    float32 kernels' FMAs with the exact float32 weights and inputs; the derivative is straight-through, which
+    _SplitProduct's backward is). The emulation's operands are the kernel's bits, so no feature need keep away
+    from a rounding boundary (a float64 feature's second piece would differ from the kernel's float32 one in
+    ~40% of entries: its rounding step, 2^-16 |x|, is ~16 float32 ulps). Measured ratios (max error / tolerance)
+    in csrc/cpu/PRODUCTS.md, "AMX tiles"."""
+    features, output = variant
+    H, L, n, p, scale = 20, 2, 1003, 10.0, 0.1
+    weights = random_weights(H, L, gen=gen, dtype=F32, features=features)
+    grad = random_grad(n, gen=gen, dtype=F32, p=p)
+    moments = moments_for(features, grad, gen=gen)
+    state = random_state(L, H, n, gen=gen, dtype=F32)
+    check_against_split_emulation(amx, grad, state, weights, p, scale, *upstream(n, L, H, gen=gen),
+                                  features=features, moments=moments, output=output, gen=gen)
+
+
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("hidden_size,num_layers", [(20, 2), (1, 1), (3, 3), (21, 2), (9, 1)], ids=lambda v: str(v))
+def test_shapes_and_weight_kinds_against_emulation(amx, gen, hidden_size, num_layers, kind):
+    """The shapes of test_shapes_and_weight_kinds x the three weight kinds against the specification, forward and
+    backward (saturating weights: the float32 rule's saturating factor and floor, as the float32 kernels)."""
+    n, p, scale = 133, 10.0, 0.1
+    weights = random_weights(hidden_size, num_layers, gen=gen, dtype=F32, kind=kind)
+    grad = random_grad(n, gen=gen, dtype=F32, p=p)
+    state = random_state(num_layers, hidden_size, n, gen=gen, dtype=F32)
+    check_against_split_emulation(amx, grad, state, weights, p, scale, *upstream(n, num_layers, hidden_size, gen=gen),
+                                  saturating=kind == "saturating", gen=gen)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)

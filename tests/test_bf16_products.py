@@ -109,16 +109,23 @@ def straight_through(x: torch.Tensor, values: torch.Tensor | None = None) -> tor
 
 
 def emulated_step(grad, state, weights, p, scale, features=1, moments=None, output=0, *, hidden=None,
-                  rounding=True):
+                  rounding=True, inputs=None, operand=None, product=None):
     """reference.lstm_step's math (finite inputs) with the gate products' operands rounded to bf16, straight-through.
-    hidden[l] [H, n]: the values whose rounding layer l + 1's input takes (the kernel's own h of layer l)."""
-    r = straight_through if rounding else (lambda x, values=None: x)
+    hidden[l] [H, n]: the values whose rounding layer l + 1's input takes (the kernel's own h of layer l); inputs
+    [n, I]: likewise the first layer's (the kernel's own features; default: the features computed here).
+    The hooks, for other products (test_amx_products' split ones): operand(x, values=None), a layer input as the
+    products see it (default straight_through; the identity without rounding), and product(x, w), the gate
+    products x @ w.T of such an input (default: with straight_through(w))."""
+    identity = lambda x, values=None: x  # noqa: E731
+    r = operand if operand is not None else straight_through if rounding else identity
+    if product is None:
+        product = (lambda x, w: x @ straight_through(w).t()) if rounding else (lambda x, w: x @ w.t())
     layers, out_w, out_b = reference.split_weights(weights)
-    x = r(registry.compute(grad, features, p, moments))
+    x = r(registry.compute(grad, features, p, moments), inputs)
     rows = []
     for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         h, c = state[l, 0].t(), state[l, 1].t()
-        gates = x @ r(w_ih).t() + r(h) @ r(w_hh).t() + b_ih + b_hh
+        gates = product(x, w_ih) + product(r(h), w_hh) + b_ih + b_hh
         i, f, g, o = gates.chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
