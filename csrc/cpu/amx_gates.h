@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "cpu/amx_backward.h"
 #include "cpu/amx_tiles.h"
 
 namespace l2l_fast {
@@ -26,6 +27,9 @@ class GateTiles {
   // c [4][16][16] = A B over `blocks` k-blocks; a: [block][piece] A tiles; pairs: piece p's pair row j at
   // pairs + p * piece_words + j * 64 (64 coordinates a row), the coordinates of block v at word 16 v of a row.
   virtual void gates(const uint16_t* a, const uint32_t* pairs, int64_t piece_words, int blocks, float* c) = 0;
+  // The backward's weight gradients (amx_backward.h): c_i = sum over `blocks` of A_i B, i < count <= 4, B shared.
+  virtual void products(const TileOperand (&a)[4], const TileOperand& b, int count, int blocks, float* const (&c)[4],
+                        int64_t c_row_bytes) = 0;
 };
 
 template <class Backend, int Pieces>
@@ -50,6 +54,11 @@ class SplitGateTiles final : public GateTiles {
     tiles_.template store<1>(c + 1 * 256, kRowBytes);
     tiles_.template store<2>(c + 2 * 256, kRowBytes);
     tiles_.template store<3>(c + 3 * 256, kRowBytes);
+  }
+
+  void products(const TileOperand (&a)[4], const TileOperand& b, int count, int blocks, float* const (&c)[4],
+                int64_t c_row_bytes) override {
+    SharedBProducts<Pieces, Backend>::run(tiles_, a, b, count, blocks, c, c_row_bytes);
   }
 
  private:
