@@ -416,3 +416,12 @@ AMX_BF16X3_SPLIT = BF16_UNIT**2 * (3 + 2 * BF16_UNIT + 4 * BF16_UNIT**2)
 AMX_BF16X6_SPLIT = BF16_UNIT**3 * (4 + 5 * BF16_UNIT + 4 * BF16_UNIT**2 + 4 * BF16_UNIT**3)
 AMX_PRODUCTS = {"amx-bf16x3": (AMX_BF16X3_SPLIT, 3), "amx-bf16x6": (AMX_BF16X6_SPLIT, 6)}  # (split, products per w x)
 AMX_FLUSHED = 2.0**-126
+# The AMX backward (amx_backward.h): its d inputs (sum over gates of w dgate) and weight gradients (sum over coordinates
+# of dgate z) are split products too, off by <= split |a| |b| each (AMX_PRODUCTS' split; the float32 adds are the
+# float32 rule's). Propagated linearly through the backward by the absolute values of its factors
+# (backward_error_scale, derivative floor 0): an output of layer l's backward passes the d-input products of the
+# layers above it and of its own (<= L stages) and, for a weight gradient, its own product (1 stage); the forward's
+# split is emulated exactly (test_amx_backward.emulated_step) except where the emulation's float64 values and the
+# kernel's float32 ones round to different bf16 pieces, off by the same split per product again (<= L more stages).
+# So |kernel - emulation| <= the float32 rule + AMX_BACKWARD_STAGES(L) * split * error scale, per entry.
+AMX_BACKWARD_STAGES = lambda layers: 2 * layers + 1  # noqa: E731
