@@ -196,8 +196,8 @@ def test_poisoned_tile_leaves_the_next_sound(amx, gen):
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_runs_on_the_tiles(split, backend, gen):
-    """The backward's products are the tiles' (not the float32 FMAs): d grad and the weight gradients differ from the
-    float32 kernel's, while the float32 backward at the same forward would not move the biases' float32 sums much."""
+    """The backward's products are the tiles' (not the float32 FMAs): d grad and the first layer's gate weight
+    gradients differ from the float32 kernel's (a guard against the AMX branch of layer_backward not being taken)."""
     grad, state, weights, _, up_u, up_s = _problem(gen, 20, 2, 1003)
     f32 = step_grads(native_step, grad, state, weights, P, SCALE, up_u, up_s)
     with products(split, backend):
