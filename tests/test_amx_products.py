@@ -363,12 +363,14 @@ def split_pieces(x: torch.Tensor, pieces: int) -> list[torch.Tensor]:
 
 
 class _SplitProduct(torch.autograd.Function):
-    """x [n, k] @ w.T [k, m] with the value of the split products (the sum over `order` of x_b @ w_a.T), the
-    derivative of x @ w.T (straight-through: the kernels' backward uses the exact float32 weights and inputs)."""
+    """x [n, k] @ w.T [k, m] with the value of the split products (the sum over `order` of x_b @ w_a.T), and the
+    derivative of x @ w.T (straight-through: the split treated as the identity) computed as the AMX backward does:
+    the incoming gradient split into pieces too, with the weights' (d x) and the inputs' (d w) pieces (amx_backward.h)."""
 
     @staticmethod
     def forward(ctx, x, w, order):
         ctx.save_for_backward(x, w)
+        ctx.order = order
         pieces = 1 + max(max(o) for o in order)
         xs, ws = split_pieces(x, pieces), split_pieces(w, pieces)
         value = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
@@ -378,8 +380,16 @@ class _SplitProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # the AMX backward's own products are split too (amx_backward.h): the gate gradients, rounded to float32 as
+        # the kernel holds them, in pieces with the weights (d inputs) and with the inputs (weight gradients)
         x, w = ctx.saved_tensors
-        return g @ w, g.t() @ x, None
+        order = ctx.order
+        pieces = 1 + max(max(o) for o in order)
+        gs = split_pieces(g.float().to(g.dtype), pieces)
+        xs, ws = split_pieces(x, pieces), split_pieces(w, pieces)
+        dx = sum(gs[b] @ ws[a] for a, b in order)
+        dw = sum(gs[a].t() @ xs[b] for a, b in order)
+        return dx, dw, None
 
 
 class _Substitute(torch.autograd.Function):
@@ -421,7 +431,14 @@ def kernel_features(grad, features, p, moments, *, gen):
     rows = []
     for i in range(n):
         m = None if moments is None else moments[:, i:i + 1].contiguous()
-        d = step_grads(native_step, grad[i:i + 1], state, weights, p, 1.0, up_u, up_s, features, m)[4]
+        from l2l_fast import _C
+        current = _C.cpu_products()
+        _C.set_cpu_products("float32")
+        try:
+            d = step_grads(native_step, grad[i:i + 1], state, weights, p, 1.0, up_u, up_s, features, m)[4]
+        finally:
+            with _emulation("emulated" in current):
+                _C.set_cpu_products(current.split(" ")[0])
         dw, db = d[0], d[2]  # [4H, I], [4H]
         j = int(db.abs().argmax())
         first = dw[j] / db[j]
@@ -535,9 +552,9 @@ def test_backward_against_emulation(amx, gen, variant):
     float32 kernels' K + 1 roundings a random walk in practice (sqrt of the count: ~1.7x / 2.4x theirs). Then the
     float32 cell with the kernels' fast activations, as in the float32 kernels. So the float32 kernels' tolerances
     hold: ELEMENTWISE (5e-5 of the max; the float32 kernels measured <= 1.6e-5) with activation_error_bound for
-    the forward, and for the weight gradients the flash-attention rule (the backward's own products are the
-    float32 kernels' FMAs with the exact float32 weights and inputs; the derivative is straight-through, which
-    _SplitProduct's backward is). The emulation's operands are the kernel's bits, so no feature need keep away
+    the forward, and for the weight gradients the flash-attention rule (the backward's own products run on the tiles
+    too, the gate gradients split as the operands are, and _SplitProduct's backward splits them alike: again exact
+    piece products, with n_products times the float32 kernels' roundings per sum; the derivative is straight-through). The emulation's operands are the kernel's bits, so no feature need keep away
     from a rounding boundary (a float64 feature's second piece would differ from the kernel's float32 one in
     ~40% of entries: its rounding step, 2^-16 |x|, is ~16 float32 ulps). Measured ratios (max error / tolerance)
     in csrc/cpu/PRODUCTS.md, "AMX tiles"."""
