@@ -28,6 +28,11 @@ struct CpuKernels {
   void (*activation_f32)(int which, const float* x, float* y, int64_t n);  // 0 sigmoid, 1 tanh; for tests
   const char* products;  // the float gate products: "float32", "bf16", "amx-bf16x3" or "amx-bf16x6" (" (emulated)"
                          // on emulated tiles; csrc/cpu/PRODUCTS.md); float64 is exact
+  // forward_f32 on a bfloat16 state, its words read (widened) and written (rounded to nearest even, NaN ->
+  // 0x7FC0) by the kernel itself; p.state and p.new_state are not read. The same bits as forward_f32 on the
+  // state widened to float32 and rounded back.
+  void (*forward_f32_bf16_state)(const StepParams<float>& p, const uint16_t* state, uint16_t* new_state,
+                                 int64_t begin, int64_t end);
 };
 
 namespace generic { extern const CpuKernels kernels; }

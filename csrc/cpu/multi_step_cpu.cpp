@@ -5,8 +5,9 @@
 // it touches. Where a tensor's param and grad are contiguous in the math dtype and the state is too,
 // the kernel runs on them in place (state rows keep their stride N). Otherwise the thread stages blocks
 // of kBlock coordinates in small buffers of the math dtype: grad (any stride, widened), param (widened;
-// rounded to nearest on the way back), and for a bfloat16 state its 2 L H rows. Every coordinate's
-// result is the same whichever path or thread computed it.
+// rounded to nearest on the way back), and for a bfloat16 state of float64 math its 2 L H rows. The
+// float32 kernels read and write a bfloat16 state themselves (forward_f32_bf16_state), with the bits of
+// the staged float32 step. Every coordinate's result is the same whichever path or thread computed it.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -87,20 +88,24 @@ struct Item {
 
 template <typename M, typename P, typename S>
 class MultiStep {
+  // the kernels step the state in place in its own storage: the math dtype, or bfloat16 under float32 math
+  static constexpr bool kKernelState =
+      std::is_same<S, M>::value || (std::is_same<M, float>::value && std::is_same<S, c10::BFloat16>::value);
+
  public:
-  MultiStep(const StepParams<M>& base, void* state, int64_t total, void (*kernel)(const StepParams<M>&, int64_t, int64_t))
-      : base_(base), state_(static_cast<S*>(state)), total_(total), kernel_(kernel),
-        moments_(base.new_moments),
+  MultiStep(const StepParams<M>& base, void* state, int64_t total, const CpuKernels& kernels)
+      : base_(base), state_(static_cast<S*>(state)), total_(total), kernel_(TypedKernels<M>::forward(kernels)),
+        bf16_state_kernel_(kernels.forward_f32_bf16_state), moments_(base.new_moments),
         rows_(int64_t(base.net.layout.layers) * 2 * base.net.layout.hidden) {}
 
   // Steps coordinates [begin, end) of item `it`.
   void run(const Item& it, int64_t begin, int64_t end) {
     P* param = static_cast<P*>(it.param);
     const P* grad = static_cast<const P*>(it.grad);
-    constexpr bool same_type = std::is_same<P, M>::value, direct_state = std::is_same<S, M>::value;
+    constexpr bool same_type = std::is_same<P, M>::value;
     const bool direct_param = same_type && it.param_stride == 1;
     const bool direct_grad = same_type && it.grad_stride == 1;
-    if constexpr (same_type && direct_state) {
+    if constexpr (same_type && kKernelState) {
       if (direct_param && direct_grad) {
         launch(param + begin, grad + begin, state_ + it.offset + begin, total_, it.offset + begin, end - begin);
         return;
@@ -118,7 +123,7 @@ class MultiStep {
       if (!direct_param) convert(param + s * it.param_stride, it.param_stride, param_buf_.data(), 1, len);
       if (!direct_grad) convert(grad + s * it.grad_stride, it.grad_stride, grad_buf_.data(), 1, len);
       S* rows = state_ + it.offset + s;  // row r of this block at rows + r * total_
-      if constexpr (direct_state) {
+      if constexpr (kKernelState) {
         launch(param_at, grad_at, rows, total_, it.offset + s, len);
       } else {
         for (int64_t r = 0; r < rows_; ++r) convert(rows + r * total_, 1, state_buf_.data() + r * kBlock, 1, len);
@@ -133,28 +138,35 @@ class MultiStep {
  private:
   // The kernel over `len` coordinates: state rows of stride `stride`, updated in place; the moments (in the
   // math dtype, never staged) of coordinate `at` of the whole range, rows of stride total_.
-  void launch(M* param, const M* grad, M* state, int64_t stride, int64_t at, int64_t len) {
+  template <typename State>
+  void launch(M* param, const M* grad, State* state, int64_t stride, int64_t at, int64_t len) {
     StepParams<M> p = base_;
     p.n = stride;  // the kernels use n only as the row stride of the state
     p.param = param;
     p.grad = grad;
-    p.state = state;
-    p.new_state = state;
     if (moments_) p.moments = p.new_moments = moments_ + at;
-    kernel_(p, 0, len);
+    if constexpr (std::is_same<State, M>::value) {
+      p.state = state;
+      p.new_state = state;
+      kernel_(p, 0, len);
+    } else {  // bfloat16 words under float32 math
+      uint16_t* words = reinterpret_cast<uint16_t*>(state);
+      bf16_state_kernel_(p, words, words, 0, len);
+    }
   }
 
   void stage_buffers() {
     if (!grad_buf_.empty()) return;
     grad_buf_.resize(kBlock);
     param_buf_.resize(kBlock);
-    if (!std::is_same<S, M>::value) state_buf_.resize(size_t(rows_) * kBlock);
+    if (!kKernelState) state_buf_.resize(size_t(rows_) * kBlock);
   }
 
   const StepParams<M>& base_;
   S* state_;
   const int64_t total_;
   void (*kernel_)(const StepParams<M>&, int64_t, int64_t);
+  void (*bf16_state_kernel_)(const StepParams<float>&, const uint16_t*, uint16_t*, int64_t, int64_t);
   M* moments_;  // [4][total_] or null
   const int64_t rows_;
   std::vector<M> grad_buf_, param_buf_, state_buf_;
@@ -164,10 +176,10 @@ class MultiStep {
 template <typename M, typename S>
 void run_part(const StepParams<M>& base, void* state, int64_t total, const std::vector<Item>& items, int64_t lo,
               int64_t hi) {
-  const auto kernel = TypedKernels<M>::forward(active_kernels());
-  MultiStep<M, M, S> same(base, state, total, kernel);
-  MultiStep<M, c10::BFloat16, S> bf16(base, state, total, kernel);
-  MultiStep<M, c10::Half, S> half(base, state, total, kernel);
+  const CpuKernels& kernels = active_kernels();
+  MultiStep<M, M, S> same(base, state, total, kernels);
+  MultiStep<M, c10::BFloat16, S> bf16(base, state, total, kernels);
+  MultiStep<M, c10::Half, S> half(base, state, total, kernels);
   // first item ending after lo
   auto at = std::upper_bound(items.begin(), items.end(), lo,
                              [](int64_t v, const Item& it) { return v < it.offset + it.numel; });
