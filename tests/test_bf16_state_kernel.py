@@ -173,7 +173,12 @@ def test_subnormal_and_tie_rounding(gen, build):
     """Zero gate weights, biases i -> 0, f = o = 1/2, g = 0: the new c is half the old one (exact in float32), so
     a subnormal bfloat16 c with its last bit set lands on a tie, rounded to even; subnormals are kept (an
     instruction that flushes them to zero would fail here), on the direct path (full tiles of finite
-    gradients) and on the masked ones."""
+    gradients) and on the masked ones. (Ties from arithmetic are rare elsewhere: random values hit ~1 in 2^16.)"""
+    from l2l_fast import _C
+
+    with kernels(*build):
+        if _C.cpu_activation_f32(torch.zeros(1), "tanh").item() != 0:  # avx2's fast tanh(0) is -6e-8
+            pytest.skip("this build's tanh(0) is not 0: i g would swamp the subnormal c")
     sizes = [64 * 3 + 5]
     params, grads, state, weights, _ = make_inputs(gen, sizes)
     weights = [torch.zeros_like(w) for w in weights]
@@ -181,7 +186,8 @@ def test_subnormal_and_tie_rounding(gen, build):
         weights[4 * layer + 2][:H] = -30.0  # input gate: sigmoid(-30) ~ 1e-13, times g = tanh(0) = 0
     words = state.view(torch.int16)
     n = sizes[0]
-    subnormal = torch.randint(1, 0x80, (L, 2, H, n), generator=gen, dtype=torch.int16)  # 0x0001..0x007F
+    # 0x0001..0x000F: f c stays a tie however close to 1/2 the build's sigmoid(0) is (within 1e-6)
+    subnormal = torch.randint(1, 0x10, (L, 2, H, n), generator=gen, dtype=torch.int16)
     sign = torch.where(torch.rand(L, 2, H, n, generator=gen) < 0.5, -32768, 0).to(torch.int16)
     words.copy_(subnormal | sign)
     words[..., 1::7] = words[..., 1::7] | 0x0100  # some normal values: halving them is exact
