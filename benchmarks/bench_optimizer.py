@@ -18,6 +18,7 @@ on all rows alike (the naive row takes most of a minute per call). Columns: medi
 
   python benchmarks/bench_optimizer.py --markdown
   python benchmarks/bench_optimizer.py --layers 2 --d-model 128 --min-run-time 0.5   # quick smoke run
+  python benchmarks/bench_optimizer.py --rows "bf16 state" --step-only   # one row, for A/B runs of two builds
 """
 from __future__ import annotations
 
@@ -157,9 +158,11 @@ def measure_round(row: Row, args, batch) -> None:
 
     budget = args.min_run_time / args.rounds
     step = machine.timeit(opt.step, threads=args.threads, min_run_time=budget, min_samples=1)
+    row.step = step if row.step is None else Measurement.merge([row.step, step])[0]
+    if args.step_only:
+        return
     train_step()  # restores the gradients opt.step above kept reusing
     train = machine.timeit(train_step, threads=args.threads, min_run_time=budget, min_samples=1)
-    row.step = step if row.step is None else Measurement.merge([row.step, step])[0]
     row.train = train if row.train is None else Measurement.merge([row.train, train])[0]
 
 
@@ -178,7 +181,7 @@ def sanity_check(args, net, batch) -> str:
 
 
 def render(rows: list[Row], n_params: int, markdown: bool) -> str:
-    naive = rows[2]
+    naive = next((r for r in rows if r.name.startswith("naive")), Row("naive", None, ""))
     header = ["optimizer", "opt step ms", "IQR %", "Mparam/s", "step vs naive", "train step ms", "IQR %",
               "train vs naive", "opt share of train step", "state B/param", "samples", "note"]
     table = []
@@ -186,13 +189,15 @@ def render(rows: list[Row], n_params: int, markdown: bool) -> str:
         if r.step is None:
             table.append([r.name] + ["-"] * (len(header) - 4) + [r.state_bytes, "-", r.note])
             continue
-        step, train = r.step.median, r.train.median
+        step = r.step.median
+        train_cells = ["-"] * 4
+        if r.train is not None:
+            train = r.train.median
+            train_cells = [f"{1e3 * train:,.1f}", f"{100 * r.train.iqr / train:.0f}",
+                           f"{naive.train.median / train:.1f}x" if naive.train else "-", f"{100 * step / train:.0f}%"]
         table.append([r.name, f"{1e3 * step:,.1f}", f"{100 * r.step.iqr / step:.0f}", f"{n_params / step / 1e6:,.1f}",
-                      f"{naive.step.median / step:.1f}x" if naive.step else "-",
-                      f"{1e3 * train:,.1f}", f"{100 * r.train.iqr / train:.0f}",
-                      f"{naive.train.median / train:.1f}x" if naive.train else "-",
-                      f"{100 * step / train:.0f}%", r.state_bytes, f"{len(r.step.times)} / {len(r.train.times)}",
-                      r.note])
+                      f"{naive.step.median / step:.1f}x" if naive.step else "-", *train_cells, r.state_bytes,
+                      f"{len(r.step.times)} / {len(r.train.times) if r.train else 0}", r.note])
     if markdown:
         rule = "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"
         return "\n".join(["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(c) + " |" for c in table])
@@ -218,6 +223,9 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of measurement, each over every row in turn (at least one sample per round)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                        help="time only the rows whose name contains one of these (the sanity check needs the naive row)")
+    parser.add_argument("--step-only", action="store_true", help="time the optimizer step alone, not the training step")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: expected >= 1, got {args.threads}")
@@ -244,12 +252,13 @@ def main(argv=None) -> None:
     lines += machine.machine_lines("cpu", args.threads)
     lines.append(f"l2l_fast : {l2l_fast.__version__}, learned optimizers use the shipped MNIST net "
                  f"(hidden {net.hidden_size}, layers {net.num_layers})")
-    lines.append(f"sanity   : {sanity_check(args, net, batch)}")
+    rows = [r for r in rows_for(net) if args.rows is None or any(text in r.name for text in args.rows)]
+    if any(r.name.startswith("naive") for r in rows):
+        lines.append(f"sanity   : {sanity_check(args, net, batch)}")
     lines.append(f"columns  : medians of torch.utils.benchmark.Timer samples from {args.rounds} rounds (each round "
                  "times every row in turn); Mparam/s = parameters / optimizer step time; x vs naive = naive time / "
                  "row time; IQR % = spread of the samples / median; samples = step / train-step samples")
     print("\n".join(["```text"] + lines + ["```", ""] if args.markdown else lines + [""]), flush=True)
-    rows = rows_for(net)
     for row in rows:
         set_up(row, args, batch)
     for round_ in range(args.rounds):
