@@ -6,6 +6,7 @@ subnormal and tie-rounding state values; 1 and 2 threads."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -21,8 +22,12 @@ H, L, P, SCALE = 20, 2, 10.0, 0.1
 SIZES = [1, 63, 64, 65, 517, 4099, 3]  # tails of every tile width, a block of 512 and more
 
 
+EMULATE = "L2L_FAST_CPU_AMX_EMULATE"  # AMX products on emulated tiles (test switch), where the CPU has none
+
+
 def kernel_builds() -> list[tuple[str, str, str]]:
-    """(isa, activations, products) of every kernel build this machine runs."""
+    """(isa, activations, products) of every kernel build this machine runs; AMX products end in " (emulated)" where
+    they run on the emulated tiles."""
     from l2l_fast import _C
 
     builds = [(isa, "fast", "float32") for isa in available_cpu_isas()]
@@ -31,8 +36,9 @@ def kernel_builds() -> list[tuple[str, str, str]]:
     for isa in ("avx2", "avx512"):
         if isa in available_cpu_isas():
             builds.append((isa, "precise", "float32"))
-    with contextlib.suppress(RuntimeError), kernels("avx512", "fast", "bf16"):
-        builds.append(("avx512", "fast", "bf16"))
+    for products in ("bf16", "amx-bf16x3", "amx-bf16x6", "amx-bf16x3 (emulated)", "amx-bf16x6 (emulated)"):
+        with contextlib.suppress(RuntimeError, ValueError), kernels("avx512", "fast", products):
+            builds.append(("avx512", "fast", products))
     return builds
 
 
@@ -41,14 +47,21 @@ def kernels(isa: str, activations: str, products: str):
     """The CPU kernels of one build, then the previous settings again."""
     from l2l_fast import _C
 
-    previous = _C.cpu_isa(), _C.cpu_activations(), _C.cpu_products()
+    previous = _C.cpu_isa(), _C.cpu_activations(), _C.cpu_products(), os.environ.get(EMULATE)
     _C.set_cpu_products("float32")
+    name, emulated = products.removesuffix(" (emulated)"), products.endswith(" (emulated)")
     try:
         _C.set_cpu_isa(isa)
         _C.set_cpu_activations(activations)
-        assert _C.set_cpu_products(products) == products
+        if emulated:
+            os.environ[EMULATE] = "1"
+        assert _C.set_cpu_products(name) == products
         yield
     finally:
+        if previous[3] is None:
+            os.environ.pop(EMULATE, None)
+        else:
+            os.environ[EMULATE] = previous[3]
         _C.set_cpu_products("float32")
         _C.set_cpu_isa(previous[0])
         _C.set_cpu_activations(previous[1])

@@ -30,6 +30,15 @@ void amx_forward(const StepParams<float>& p, int64_t begin, int64_t end) {
 }
 
 template <class Tiles>
+void amx_forward_bf16_state(const StepParams<float>& p, const uint16_t* state, uint16_t* new_state, int64_t begin,
+                            int64_t end) {
+  Tiles tiles;
+  TileKernel<float, L2L_TILE_VECTORS, uint16_t> kernel(p, false, state, new_state);
+  kernel.use_tiles(&tiles);
+  kernel.forward(begin, end);
+}
+
+template <class Tiles>
 void amx_backward(const StepParams<float>& p, int64_t begin, int64_t end, double* d_weights) {
   Tiles tiles;
   TileKernel<float, L2L_TILE_VECTORS> kernel(p, true);
@@ -43,7 +52,8 @@ constexpr CpuKernels amx_table(const char* products) {
                     &forward_range<double>, &amx_backward<Tiles>,
                     &backward_range<double>, TileKernel<float, L2L_TILE_VECTORS>::B,
                     TileKernel<double, L2L_TILE_VECTORS>::B, L2L_ACTIVATIONS_NAME,
-                    &activation_f32,        products};
+                    &activation_f32,        products,
+                    &amx_forward_bf16_state<Tiles>};
 }
 
 }  // namespace

@@ -230,6 +230,9 @@ void lstm_multi_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       const std::vector<int64_t> bounds = chunk_bounds(total, tile, at::get_num_threads());
       void* state_ptr = state_work.data_ptr();
       const bool bf16_state = state_work.scalar_type() == at::kBFloat16;
+      if (bf16_state && std::is_same<M, float>::value)  // every built table has it; a new one must too
+        TORCH_CHECK(active_kernels().forward_f32_bf16_state != nullptr, "lstm_multi_step_: the CPU kernels in use (",
+                    active_kernels().products, " products) have no bfloat16-state step");
       run_chunks(int64_t(bounds.size()) - 1, [&](int64_t c) {
         if (bf16_state)
           run_part<M, c10::BFloat16>(base, state_ptr, total, items, bounds[c], bounds[c + 1]);
