@@ -15,13 +15,12 @@ import contextlib
 import pytest
 import torch
 
-from conftest import (VARIANTS, WEIGHT_KINDS, generator, moments_for, native_step, random_grad, random_state,
-                      random_weights, requires_native, step_grads, variant_id)
+from conftest import VARIANTS, WEIGHT_KINDS, native_step, requires_native, step_grads, variant_id
 from l2l_fast import features as registry
-from l2l_fast import ops, reference
-from test_amx_products import BACKENDS, SPLITS, amx, products  # noqa: F401  (amx: the fixture)
-from test_bf16_products import assert_same_special, assert_weight_grads_within, upstream
-from test_nonfinite_policy import make_inputs as nonfinite_inputs
+from l2l_fast import reference
+from test_amx_products import (BACKENDS, SPLITS, amx, nonfinite_problem, problem,  # noqa: F401  (amx: the fixture)
+                               products)
+from test_bf16_products import assert_same_special, assert_weight_grads_within
 from tolerances import (AMX_BACKWARD_STAGES, AMX_PRODUCTS, ELEMENTWISE, REORDERED_SUM, assert_close_rel_max,
                         assert_elementwise_close, assert_weight_grads_close, backward_error_scale)
 
@@ -72,15 +71,6 @@ def emulated_step(split):
     return step
 
 
-def _problem(gen, H, L, n, features=1, kind="random"):
-    weights = random_weights(H, L, gen=gen, dtype=F32, features=features, kind=kind)
-    grad = random_grad(n, gen=gen, dtype=F32, p=P)
-    moments = moments_for(features, grad, gen=gen)
-    state = random_state(L, H, n, gen=gen, dtype=F32)
-    up_u, up_s = upstream(n, L, H, gen=gen)
-    return grad, state, weights, moments, up_u, up_s
-
-
 def check_backward(split, grad, state, weights, moments, up_u, up_s, features=1, output=0, kind="random"):
     """The kernel's (d_grad, d_state, d_weights) within the tolerances above. Returns the largest error / bound of
     each output (bf16x3: of the split products' term alone, after the float32 allowance) for the records."""
@@ -118,7 +108,7 @@ def check_backward(split, grad, state, weights, moments, up_u, up_s, features=1,
 @pytest.mark.parametrize("n", [1, 7, 63, 65, 1003], ids=lambda n: f"n{n}")
 def test_backward_against_reference(amx, gen, n, variant):
     features, output = variant
-    grad, state, weights, moments, up_u, up_s = _problem(gen, 20, 2, n, features)
+    grad, state, weights, moments, up_u, up_s = problem(gen, 20, 2, n, features)
     check_backward(amx, grad, state, weights, moments, up_u, up_s, features, output)
 
 
@@ -128,7 +118,7 @@ def test_backward_against_reference(amx, gen, n, variant):
 def test_backward_shapes_and_weight_kinds(amx, gen, hidden_size, num_layers, kind):
     """H not a multiple of 4 and 8 (part-empty 16-gate blocks, 32-gate blocks padded with zero rows), odd K, K > 32
     (H = 21: layer 2 has K = 42, three 16-input blocks; H = 20: K = 40), one unit."""
-    grad, state, weights, moments, up_u, up_s = _problem(gen, hidden_size, num_layers, 133, kind=kind)
+    grad, state, weights, moments, up_u, up_s = problem(gen, hidden_size, num_layers, 133, kind=kind)
     check_backward(amx, grad, state, weights, moments, up_u, up_s, kind=kind)
 
 
@@ -137,7 +127,7 @@ def test_one_and_two_threads(amx, gen):
     ranges are whole tiles; the float sums flushed every 16 tiles of the range), so 2 threads differ from 1 only by
     where the ranges' double sums meet; two runs on 2 threads are bit for bit the same."""
     n = 40_003  # > 2 x 16384: two ranges
-    grad, state, weights, _, up_u, up_s = _problem(gen, 20, 2, n)
+    grad, state, weights, _, up_u, up_s = problem(gen, 20, 2, n)
     runs, previous = [], torch.get_num_threads()
     try:
         for threads in (1, 2, 2):
@@ -160,14 +150,8 @@ def test_backward_non_finite_positions(split, backend, seed):
     """NaN / +-Inf gradients, states, moments, weights over more tiles and gate blocks than test_amx_products's
     policy test (n up to 300, H up to 9: 36 gate rows, two 32-gate blocks): d grad, d state and every weight
     gradient NaN / Inf exactly where the float32 kernel's are."""
-    gen = generator(1000 + seed)
-    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-    features, output = VARIANTS[draw(0, len(VARIANTS) - 1)]
-    pr = dict(n=draw(1, 300), hidden=draw(1, 9), layers=draw(1, 3), bad_grads=draw(0, 4), bad_states=draw(0, 3),
-              bad_moments=draw(0, 3), bad_weight=[None, None, None, None, float("nan")][draw(0, 4)],
-              kind="random", features=features, output=output, seed=seed)
-    grad, state, weights, up_u, up_s, moments = nonfinite_inputs(pr, F32)
-    advanced = None if moments is None else registry.advance_moments(grad, moments)
+    features, output, (grad, state, weights, up_u, up_s, moments), advanced = nonfinite_problem(
+        seed, n=300, hidden=9, bad_states=3, bad_weights=[None, None, None, None, float("nan")], draw_offset=1000)
     runs = {}
     for name in (split, "float32"):
         with products(split, backend) if name == split else contextlib.nullcontext():
@@ -183,7 +167,7 @@ def test_poisoned_tile_leaves_the_next_sound(amx, gen):
     """A poisoned first tile (NaN gate gradients and inputs in the shared buffers) leaves the second tile's d grad and
     d state bit for bit as computed alone: the gate rows past 4H and the inputs past K are zeros every tile."""
     H, L, n = 9, 2, 192  # 36 gate rows: the second 32-gate block mostly padding
-    grad, state, weights, _, up_u, up_s = _problem(gen, H, L, n)
+    grad, state, weights, _, up_u, up_s = problem(gen, H, L, n)
     state[0, 1, 0, :64] = float("nan")
     got = step_grads(native_step, grad, state, weights, P, SCALE, up_u, up_s)
     assert torch.isnan(got[2][:64]).all() and torch.isfinite(got[2][64:]).all()
@@ -198,7 +182,7 @@ def test_poisoned_tile_leaves_the_next_sound(amx, gen):
 def test_backward_runs_on_the_tiles(split, backend, gen):
     """The backward's products are the tiles' (not the float32 FMAs): d grad and the first layer's gate weight
     gradients differ from the float32 kernel's (a guard against the AMX branch of layer_backward not being taken)."""
-    grad, state, weights, _, up_u, up_s = _problem(gen, 20, 2, 1003)
+    grad, state, weights, _, up_u, up_s = problem(gen, 20, 2, 1003)
     f32 = step_grads(native_step, grad, state, weights, P, SCALE, up_u, up_s)
     with products(split, backend):
         got = step_grads(native_step, grad, state, weights, P, SCALE, up_u, up_s)

@@ -27,12 +27,11 @@ from conftest import (VARIANTS, WEIGHT_KINDS, generator, moments_for, native_ste
                       random_weights, requires_native, step_grads, variant_id)
 from l2l_fast import features as registry
 from l2l_fast import ops, reference
-from test_bf16_products import assert_same_special, emulated_step, round_bf16, upstream
-from test_multi_step import inputs as multi_inputs
-from test_multi_step import per_tensor
+from test_bf16_products import (assert_same_special, check_multi_step_equals_single_tensor_op,
+                                 check_one_and_two_threads, emulated_step, round_bf16, upstream)
 from test_nonfinite_policy import make_inputs as nonfinite_inputs
-from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, ELEMENTWISE, REORDERED_SUM, WEIGHT_GRAD, activation_error_bound,
-                        assert_close_rel_max, assert_elementwise_close, assert_weight_grads_close, bits)
+from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, ELEMENTWISE, WEIGHT_GRAD, activation_error_bound,
+                        assert_elementwise_close, assert_weight_grads_close, bits)
 
 pytestmark = requires_native
 F32 = torch.float32
@@ -277,6 +276,17 @@ def split_products_bound(grad, state, weights, p, scale, split, features=1, mome
     return abs(scale) * (torch.clamp(dy, max=2.0) if output == 1 else dy), torch.stack(rows)
 
 
+def problem(gen, H, L, n, features=1, kind="random"):
+    """Random float32 inputs of a step and its backward at p = 10 (this file's and test_amx_backward's): (grad [n],
+    state [L, 2, H, n], weights, moments [4, n] or None, upstream d update [n], upstream d state [L, 2, H, n])."""
+    weights = random_weights(H, L, gen=gen, dtype=F32, features=features, kind=kind)
+    grad = random_grad(n, gen=gen, dtype=F32, p=10.0)
+    moments = moments_for(features, grad, gen=gen)
+    state = random_state(L, H, n, gen=gen, dtype=F32)
+    up_u, up_s = upstream(n, L, H, gen=gen)
+    return grad, state, weights, moments, up_u, up_s
+
+
 def check_forward(split, grad, state, weights, p, scale, features=1, moments=None, output=0):
     """update and new_state within: the products' bound + the float32 kernels' tolerance (+ their activations'
     bound); bf16x6 also within the float32 kernels' tolerance alone. Returns (max error / bound) per output."""
@@ -319,18 +329,14 @@ def test_shapes_and_weight_kinds(amx, gen, hidden_size, num_layers, kind):
 
 @pytest.mark.parametrize("variant", VARIANTS[::3], ids=variant_id)
 def test_backward_against_reference(amx_x6, gen, variant):
-    """bf16x6's backward against the exact reference. The backward recomputes the forward on the tiles; its own
-    products are the float32 kernels' (exact float32 weights): held to the float32 kernels' tolerances (the forward
-    error enters through the recomputed activations, far below them for bf16x6). bf16x3's split error (~800 float32
+    """bf16x6's backward against the exact reference. The backward recomputes the forward on the tiles and runs its
+    own products there too (amx_backward.h), split as the forward's: held to the float32 kernels' tolerances (the
+    split errors, 2.4e-7 |w||x| per product, are far below them for bf16x6). bf16x3's split error (~800 float32
     roundings) is not float32-level: its backward is held to its specification instead (test_backward_against_
     emulation, as bf16x6's is too)."""
     features, output = variant
-    H, L, n, p, scale = 20, 2, 1003, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=F32, features=features)
-    grad = random_grad(n, gen=gen, dtype=F32, p=p)
-    moments = moments_for(features, grad, gen=gen)
-    state = random_state(L, H, n, gen=gen, dtype=F32)
-    up_u, up_s = upstream(n, L, H, gen=gen)
+    p, scale = 10.0, 0.1
+    grad, state, weights, moments, up_u, up_s = problem(gen, 20, 2, 1003, features)
     got = step_grads(native_step, grad, state, weights, p, scale, up_u, up_s, features, moments, output)
     d64 = lambda t: None if t is None else t.double()  # noqa: E731
     ref = step_grads(reference.lstm_step, grad.double(), state.double(), [w.double() for w in weights], p, scale,
@@ -554,18 +560,15 @@ def test_backward_against_emulation(amx, gen, variant):
     hold: ELEMENTWISE (5e-5 of the max; the float32 kernels measured <= 1.6e-5) with activation_error_bound for
     the forward, and for the weight gradients the flash-attention rule (the backward's own products run on the tiles
     too, the gate gradients split as the operands are, and _SplitProduct's backward splits them alike: again exact
-    piece products, with n_products times the float32 kernels' roundings per sum; the derivative is straight-through). The emulation's operands are the kernel's bits, so no feature need keep away
-    from a rounding boundary (a float64 feature's second piece would differ from the kernel's float32 one in
+    piece products, with n_products times the float32 kernels' roundings per sum; the derivative is
+    straight-through). The emulation's operands are the kernel's bits, so no feature need keep away from a rounding
+    boundary (a float64 feature's second piece would differ from the kernel's float32 one in
     ~40% of entries: its rounding step, 2^-16 |x|, is ~16 float32 ulps). Measured ratios (max error / tolerance)
     in csrc/cpu/PRODUCTS.md, "AMX tiles"."""
     features, output = variant
-    H, L, n, p, scale = 20, 2, 1003, 10.0, 0.1
-    weights = random_weights(H, L, gen=gen, dtype=F32, features=features)
-    grad = random_grad(n, gen=gen, dtype=F32, p=p)
-    moments = moments_for(features, grad, gen=gen)
-    state = random_state(L, H, n, gen=gen, dtype=F32)
-    check_against_split_emulation(amx, grad, state, weights, p, scale, *upstream(n, L, H, gen=gen),
-                                  features=features, moments=moments, output=output, gen=gen)
+    grad, state, weights, moments, up_u, up_s = problem(gen, 20, 2, 1003, features)
+    check_against_split_emulation(amx, grad, state, weights, 10.0, 0.1, up_u, up_s, features=features,
+                                  moments=moments, output=output, gen=gen)
 
 
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
@@ -605,35 +608,28 @@ def test_step_inplace_and_non_contiguous(amx, gen, variant):
 
 
 def test_same_result_for_one_and_two_threads(amx, gen):
-    H, L, n, p, scale = 20, 2, 40_003, 10.0, 0.1  # > 2 x 16384: two chunks
-    weights = random_weights(H, L, gen=gen, dtype=F32)
-    grad, state = random_grad(n, gen=gen, dtype=F32, p=p), random_state(L, H, n, gen=gen, dtype=F32)
-    up_u, up_s = upstream(n, L, H, gen=gen)
-    runs, previous = [], torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            param, state_ = torch.zeros(n), state.clone()
-            ops.lstm_step_(param, grad, state_, weights, p, scale)
-            runs.append((step_grads(native_step, grad, state, weights, p, scale, up_u, up_s), param, state_))
-    finally:
-        torch.set_num_threads(previous)
-    (one, param1, state1), (two, param2, state2) = runs
-    assert torch.equal(param1, param2) and torch.equal(state1, state2)
-    for a, b in zip(one[:4], two[:4]):
-        assert torch.equal(a, b)
-    for k, (a, b) in enumerate(zip(one[4], two[4])):
-        assert_close_rel_max(a, b, REORDERED_SUM[F32], f"d_weights[{k}]")
+    check_one_and_two_threads(gen)
 
 
 def test_multi_step_equals_single_tensor_op(amx, gen):
-    sizes = [3, 4097, 1, 40000, 5, 0, 33]
-    params, grads, state, weights = multi_inputs(gen, sizes, F32)
-    expected_params, expected_state, _ = per_tensor(params, grads, state, weights)
-    ops.lstm_multi_step_(params, grads, state, weights, 10.0, 0.1)
-    for a, e in zip(params, expected_params):
-        assert torch.equal(a, e)
-    assert torch.equal(state, expected_state)
+    check_multi_step_equals_single_tensor_op(gen)
+
+
+def nonfinite_problem(seed, *, n, hidden, bad_states, bad_weights, draw_offset=0):
+    """A random problem of test_nonfinite_policy's distribution (this file's and test_amx_backward's policy tests):
+    up to n coordinates, `hidden` units, 3 layers, `bad_states` non-finite state values, a weight drawn from
+    `bad_weights`, a random variant (drawn from seed + draw_offset). Returns (features, output, its inputs, the
+    moments advanced with grad)."""
+    gen = generator(draw_offset + seed)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    features, output = VARIANTS[draw(0, len(VARIANTS) - 1)]
+    pr = dict(n=draw(1, n), hidden=draw(1, hidden), layers=draw(1, 3), bad_grads=draw(0, 4),
+              bad_states=draw(0, bad_states), bad_moments=draw(0, 3),
+              bad_weight=bad_weights[draw(0, len(bad_weights) - 1)], kind="random", features=features, output=output,
+              seed=seed)
+    inputs = nonfinite_inputs(pr, F32)
+    grad, moments = inputs[0], inputs[5]
+    return features, output, inputs, None if moments is None else registry.advance_moments(grad, moments)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -642,14 +638,8 @@ def test_multi_step_equals_single_tensor_op(amx, gen):
 def test_non_finite_policy_as_float32(split, backend, seed):
     """NaN / +-Inf gradients, states, moments, weights: the float32 kernels' NaN and Inf positions everywhere; a
     non-finite gradient's coordinate keeps its state bit for bit."""
-    gen = generator(seed)
-    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-    features, output = VARIANTS[draw(0, len(VARIANTS) - 1)]
-    pr = dict(n=draw(1, 140), hidden=draw(1, 6), layers=draw(1, 3), bad_grads=draw(0, 4), bad_states=draw(0, 4),
-              bad_moments=draw(0, 3), bad_weight=[None, None, None, float("nan"), float("inf")][draw(0, 4)],
-              kind="random", features=features, output=output, seed=seed)
-    grad, state, weights, up_u, up_s, moments = nonfinite_inputs(pr, F32)
-    advanced = None if moments is None else registry.advance_moments(grad, moments)
+    features, output, (grad, state, weights, up_u, up_s, moments), advanced = nonfinite_problem(
+        seed, n=140, hidden=6, bad_states=4, bad_weights=[None, None, None, float("nan"), float("inf")])
     runs = {}
     for name in (split, "float32"):
         with products(split, backend) if name == split else contextlib.nullcontext():

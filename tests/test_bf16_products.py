@@ -496,6 +496,12 @@ def test_float64_unchanged(bf16, gen):
 def test_same_result_for_one_and_two_threads(bf16, gen):
     """Forward and lstm_step_ bit for bit; the backward's per-coordinate outputs too, the weight gradients (sums in
     another chunking) within REORDERED_SUM."""
+    check_one_and_two_threads(gen)
+
+
+def check_one_and_two_threads(gen):
+    """The products in use (this file's and test_amx_products'): forward and lstm_step_ bit for bit at 1 and 2
+    threads, the backward's per-coordinate outputs too, the weight gradients within REORDERED_SUM."""
     H, L, n, p, scale = 20, 2, 40_003, 10.0, 0.1  # > 2 x 16384: two chunks
     weights = random_weights(H, L, gen=gen, dtype=F32)
     grad, state = random_grad(n, gen=gen, dtype=F32, p=p), random_state(L, H, n, gen=gen, dtype=F32)
@@ -521,6 +527,11 @@ def test_same_result_for_one_and_two_threads(bf16, gen):
 @pytest.mark.parametrize("state_dtype", [F32, torch.bfloat16], ids=["state_f32", "state_bf16"])
 def test_multi_step_equals_single_tensor_op(bf16, gen, state_dtype):
     """lstm_multi_step_ runs the same bf16 kernel: bit for bit lstm_step_ tensor by tensor."""
+    check_multi_step_equals_single_tensor_op(gen, state_dtype)
+
+
+def check_multi_step_equals_single_tensor_op(gen, state_dtype=F32):
+    """lstm_multi_step_ with the products in use: bit for bit lstm_step_ tensor by tensor."""
     sizes = [3, 4097, 1, 40000, 5, 0, 33]
     params, grads, state, weights = multi_inputs(gen, sizes, F32, state_dtype=state_dtype)
     expected_params, expected_state, _ = per_tensor(params, grads, state, weights)
