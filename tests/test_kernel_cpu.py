@@ -230,6 +230,29 @@ def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype, variant):
         assert_moments_advanced(before, grad, moments)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_weight_gradients_across_the_backward_passes(gen, cpu_isa, dtype, threads):
+    """The backward sums its gate weights' gradients over 16 tiles at a time, in one pass at each flush
+    (csrc/cpu/kernel_body.inc, "float products' backward"). n = 1023, 1024, 1025 end one coordinate before, at
+    and after a multiple of 16 tiles for every tile width (8 to 64 coordinates: 1024 = 16 x 64), and 3100 ends
+    on a partial pass; a pass that dropped, repeated or mixed up a pending tile would be off by a tile's share
+    of every weight's gradient. Against the float64 reference, with 1 and 2 threads."""
+    H, L, p, scale = 20, 2, 10.0, 0.1
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1023, 1024, 1025, 3100):
+            weights = random_weights(H, L, gen=gen, dtype=dtype, kind="random")
+            grad = random_grad(n, gen=gen, dtype=dtype, p=p)
+            state = random_state(L, H, n, gen=gen, dtype=dtype)
+            up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
+            check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # inputs untouched; step_ = param + update
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
