@@ -72,8 +72,6 @@ std::atomic<int>& products_choice() {
   return choice;
 }
 
-bool amx_products() { return products_choice().load() >= kAmxBf16x3; }
-
 // The test switch: the AMX products on the emulated tiles (amx_tiles.h), on any CPU with AVX-512 and
 // AVX512_BF16. Read at every choice, so that a test can turn it on and off.
 bool amx_emulated() {
