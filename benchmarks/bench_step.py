@@ -25,8 +25,10 @@ For every N, in one run and one process, with the same weights and thread count:
                rows a little.
 
 Columns: median time (torch.utils.benchmark.Timer), million coordinates per second, speed-up over the eager
-reference of the same group (eager time / row time) and over the nn.LSTM row of the group, % of the machine limit = GEMM FLOP/s / FLOPs per
-coordinate, both measured in the header. On CUDA: billion coordinates per second, also the speed-up over
+reference of the same group (eager time / row time) and over the nn.LSTM row of the group, % of the machine limit = FLOP/s
+/ FLOPs per coordinate, both in the header; the FLOP/s are the larger of the fp32 GEMM rate and, on the CPU, the
+measured FMA peak (fma_peak.py: torch's GEMM stays far below the vector units on AMD machines, where the fused rows
+would read above 100% of a GEMM limit). On CUDA: billion coordinates per second, also the speed-up over
 torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x rate) and % of the HBM roofline
 (achieved GB/s / the device-to-device copy bandwidth measured in the same run).
 
@@ -45,6 +47,7 @@ import gc
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -577,6 +580,20 @@ def parse_args(argv=None):
     return args
 
 
+def cpu_fma_peak(threads: int) -> tuple[str | None, float | None, str]:
+    """(ISA, FLOP/s, "") of this CPU's float32 FMA peak at the kernels' vector width (fma_peak.py, compiled with gcc
+    here), or (None, None, why not)."""
+    import fma_peak
+    isa = "avx2"
+    if ops.HAS_NATIVE:
+        from l2l_fast import _C
+        isa = "avx512" if _C.cpu_isa().startswith("avx512") else "avx2"
+    try:
+        return isa, 1e9 * fma_peak.peak(isa, threads, iters=50_000_000), ""
+    except (OSError, subprocess.CalledProcessError, ValueError) as error:
+        return None, None, f"{type(error).__name__}: {error}"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -587,9 +604,11 @@ def main(argv=None) -> None:
         native = f"kernels for {sorted(ops.native_devices()) or 'none'}"
 
     gemm, gemm_size = machine.gemm_flops(device, args.threads, args.gemm_size, args.min_run_time)
+    fma_isa, fma, fma_note = cpu_fma_peak(args.threads) if device == "cpu" else (None, None, "")
+    flop_rate = max(gemm, fma or 0.0)
     fwd_flops = machine.flops_per_coord(args.hidden, args.layers)
     fwdbwd_flops = machine.flops_per_coord(args.hidden, args.layers, backward=True)
-    limits = {"step": gemm / fwd_flops, "fwdbwd": gemm / fwdbwd_flops}
+    limits = {"step": flop_rate / fwd_flops, "fwdbwd": flop_rate / fwdbwd_flops}
     lines = [f"bench_step: one learned-optimizer step over N coordinates; hidden {args.hidden}, layers {args.layers}, "
              f"fp32, device {device}",
              f"command  : {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
@@ -601,7 +620,11 @@ def main(argv=None) -> None:
                      f"activations] rows: precise), gate products {getattr(_C, 'cpu_products', lambda: 'float32')()} "
                      "(the [bf16 products] rows: bf16)")
     lines.append(f"GEMM     : fp32 torch.mm {gemm_size}x{gemm_size} = {gemm / 1e9:,.1f} GFLOP/s")
-    lines.append(f"limit    : step {fwd_flops:,} FLOP/coord -> {limits['step'] / 1e6:,.2f} Mcoord/s; "
+    if device == "cpu":
+        lines.append(f"FMA peak : {fma_isa} float32 FMAs, {args.threads} threads = {fma / 1e9:,.1f} GFLOP/s "
+                     "(benchmarks/fma_peak.py)" if fma else f"FMA peak : not measured ({fma_note})")
+    source = "FMA peak" if flop_rate > gemm else "GEMM"
+    lines.append(f"limit    : {source} / FLOP: step {fwd_flops:,} FLOP/coord -> {limits['step'] / 1e6:,.2f} Mcoord/s; "
                  f"fwd+bwd {fwdbwd_flops:,} FLOP/coord (3x forward) -> {limits['fwdbwd'] / 1e6:,.2f} Mcoord/s")
     if device == "cuda":
         limits["copy"] = machine.copy_bandwidth(device, args.threads, min_run_time=args.min_run_time)
