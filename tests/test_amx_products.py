@@ -27,7 +27,7 @@ from conftest import (VARIANTS, WEIGHT_KINDS, generator, moments_for, native_ste
                       random_weights, requires_native, step_grads, variant_id)
 from l2l_fast import features as registry
 from l2l_fast import ops, reference
-from test_bf16_products import (assert_same_special, check_multi_step_equals_single_tensor_op,
+from test_bf16_products import (assert_same_special, bound_through_cells, check_multi_step_equals_single_tensor_op,
                                  check_one_and_two_threads, emulated_step, round_bf16, upstream)
 from test_nonfinite_policy import make_inputs as nonfinite_inputs
 from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, ELEMENTWISE, WEIGHT_GRAD, activation_error_bound,
@@ -248,32 +248,15 @@ def split_products_bound(grad, state, weights, p, scale, split, features=1, mome
     else exact), PRODUCTS.md "AMX tiles": per pre-activation (split + (products K + 1) 2^-24) sum |w| |x'| plus the
     flushed pieces, through the cell by the Lipschitz constants as products_error_bound of test_bf16_products."""
     rel_split, count = AMX_PRODUCTS[split]
-    grad, state, weights = grad.double(), state.double(), [w.double() for w in weights]
-    layers, out_w, _ = reference.split_weights(weights)
-    x = registry.compute(grad, features, p, None if moments is None else moments.double())
-    dx = torch.zeros_like(x)
-    rows = []
-    for w_ih, w_hh, b_ih, b_hh in layers:
-        h, c = state[len(rows), 0].t(), state[len(rows), 1].t()
+
+    def pre_activation_error(x, dx, h, w_ih, w_hh, b_ih, b_hh):
         K = w_ih.shape[1] + w_hh.shape[1]
         rel = rel_split + (count * K + 1) * 2.0**-24 * (1 + rel_split)
-        z = x @ w_ih.t() + h @ w_hh.t() + b_ih + b_hh
         terms = (x.abs() + dx) @ w_ih.abs().t() + h.abs() @ w_hh.abs().t() + (b_ih + b_hh).abs()
         flushed = AMX_FLUSHED * count * (torch.cat([w_ih, w_hh], 1).abs().sum(1) + K)
-        dz = dx @ w_ih.abs().t() + rel * terms + flushed
-        zi, zf, zg, zo = z.chunk(4, dim=1)
-        di, df, dg, do = dz.chunk(4, dim=1)
-        di, df, do = (torch.clamp(d / 4, max=1.0) for d in (di, df, do))
-        dg = torch.clamp(dg, max=2.0)
-        i, g, o = torch.sigmoid(zi), torch.tanh(zg), torch.sigmoid(zo)
-        c_new = torch.sigmoid(zf) * c + i * g
-        dc = c.abs() * df + g.abs() * di + torch.clamp(i + di, max=1.0) * dg
-        tc = torch.tanh(c_new)
-        dh = tc.abs() * do + torch.clamp(o + do, max=1.0) * torch.clamp(dc, max=2.0)
-        rows.append(torch.stack([dh.t(), dc.t()]))
-        x, dx = o * tc, dh
-    dy = (dx @ out_w.abs().t()).squeeze(1)
-    return abs(scale) * (torch.clamp(dy, max=2.0) if output == 1 else dy), torch.stack(rows)
+        return dx @ w_ih.abs().t() + rel * terms + flushed
+
+    return bound_through_cells(grad, state, weights, p, scale, pre_activation_error, features, moments, output)
 
 
 def problem(gen, H, L, n, features=1, kind="random"):

@@ -356,6 +356,18 @@ def products_error_bound(grad, state, weights, p, scale, features=1, moments=Non
     """Bound on |kernel - exact| of (update [n], new_state [L, 2, H, n]) from the bf16 operands alone (everything
     else exact; PRODUCTS.md): rigorous, by the Lipschitz constants sigmoid' <= 1/4, tanh' <= 1 and the ranges
     |sigmoid| <= 1, |tanh| <= 1, at the reference's values (float64, finite inputs)."""
+    def pre_activation_error(x, dx, h, w_ih, w_hh, b_ih, b_hh):
+        # |rw rx' - w x| <= |w| |x' - x| + BF16_PRODUCT |w| |x'|, with |x'| <= |x| + dx
+        return dx @ w_ih.abs().t() + BF16_PRODUCT * ((x.abs() + dx) @ w_ih.abs().t() + h.abs() @ w_hh.abs().t())
+
+    return bound_through_cells(grad, state, weights, p, scale, pre_activation_error, features, moments, output)
+
+
+def bound_through_cells(grad, state, weights, p, scale, pre_activation_error, features=1, moments=None, output=0):
+    """(update [n], new_state [L, 2, H, n]) bounds from a bound on each layer's pre-activation error,
+    pre_activation_error(x, dx, h, w_ih, w_hh, b_ih, b_hh) -> dz [n, 4 H] (x: the layer's input at the reference's
+    values, dx: the bound on its error so far), carried through the cells by the Lipschitz constants
+    sigmoid' <= 1/4, tanh' <= 1 and the ranges |sigmoid| <= 1, |tanh| <= 1 (float64, finite inputs)."""
     grad, state, weights = grad.double(), state.double(), [w.double() for w in weights]
     layers, out_w, _ = reference.split_weights(weights)
     x = registry.compute(grad, features, p, opt64(moments))
@@ -364,8 +376,7 @@ def products_error_bound(grad, state, weights, p, scale, features=1, moments=Non
     for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         h, c = state[l, 0].t(), state[l, 1].t()
         z = x @ w_ih.t() + h @ w_hh.t() + b_ih + b_hh
-        # |rw rx' - w x| <= |w| |x' - x| + BF16_PRODUCT |w| |x'|, with |x'| <= |x| + dx
-        dz = dx @ w_ih.abs().t() + BF16_PRODUCT * ((x.abs() + dx) @ w_ih.abs().t() + h.abs() @ w_hh.abs().t())
+        dz = pre_activation_error(x, dx, h, w_ih, w_hh, b_ih, b_hh)
         zi, zf, zg, zo = z.chunk(4, dim=1)
         di, df, dg, do = dz.chunk(4, dim=1)
         di, df, do = (torch.clamp(d / 4, max=1.0) for d in (di, df, do))
