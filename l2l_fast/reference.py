@@ -50,7 +50,7 @@ from torch import Tensor
 from . import features as features_
 from .checks import check_constants, check_inplace_moments, check_moments, check_output
 
-__all__ = ["preprocess", "lstm_step", "lstm_step_", "lstm_multi_step_", "split_weights"]
+__all__ = ["preprocess", "lstm_step", "lstm_step_", "lstm_multi_step_", "lstm_from_inputs", "split_weights"]
 
 
 # The paper's feature (appendix A): |g| >= e^-p -> (log|g| / p, sign g), else (-1, e^p g); [n] -> [n, 2].
@@ -67,8 +67,14 @@ def split_weights(weights: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tensor,
 
 def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], p: float, scale: float,
                         features: int, moments: Tensor | None, output: int):
+    return lstm_from_inputs(features_.compute(grad, features, p, moments), state, weights, scale, output)
+
+
+def lstm_from_inputs(x: Tensor, state: Tensor, weights: Sequence[Tensor], output_scale: float = 0.1,
+                     output: int = 0) -> tuple[Tensor, Tensor]:
+    """The net on given input features x [n, I] (no masking): (update [n], new_state [L, 2, H, n]).
+    lstm_step is this after the features and with the non-finite policy."""
     layers, out_w, out_b = split_weights(weights)
-    x = features_.compute(grad, features, p, moments)  # [n, I]
     new_rows = []
     for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         h, c = state[l, 0].t(), state[l, 1].t()  # [n, H]
@@ -79,7 +85,7 @@ def _lstm_step_unmasked(grad: Tensor, state: Tensor, weights: Sequence[Tensor], 
         new_rows.append(torch.stack([h_new.t(), c_new.t()]))
         x = h_new
     y = (x @ out_w.t() + out_b).squeeze(1)
-    update = scale * (torch.tanh(y) if output == 1 else y)
+    update = output_scale * (torch.tanh(y) if output == 1 else y)
     return update, torch.stack(new_rows)
 
 

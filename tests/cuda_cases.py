@@ -20,7 +20,7 @@ import torch
 from conftest import random_grad, random_state, random_weights, to64
 from l2l_fast import features as registry
 from l2l_fast import reference
-from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale
+from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale, feature_slope_bound
 
 # bfloat16 state of the multi-tensor step: each stored value is the float32 result rounded to 8
 # significant bits, at most half a unit in the last place = 2^-8 of its magnitude, on top of the
@@ -114,15 +114,16 @@ def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=
     got = [t.cpu() for t in (update, new_state, d_grad, d_state)], [t.cpu() for t in d_weights]
     ref = reference_grads(to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s), features,
                           None if moments is None else to64(moments), output)
-    scales, ref_same = [None, None, None], None
+    scales, ref_same, slopes = [None, None, None], None, [None, None, None, None]
     if dtype == torch.float32:
         ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s, features, moments, output)[4]
+        slopes[2] = feature_slope_bound(grad, state, weights, p, scale, up_u, up_s, features, moments, output)
     elif moments is None:  # (the error scale's features see the gradient only; tanh's slope <= 1 only shrinks it)
         scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, features=features)
-    for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[0], ref[:4],
-                              [None, None, *scales[:2]]):
+    for name, a, e, es, sb in zip(("update", "new_state", "d_grad", "d_state"), got[0], ref[:4],
+                                  [None, None, *scales[:2]], slopes):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
-        assert_elementwise_close(a, e, dtype, name, es)
+        assert_elementwise_close(a, e, dtype, name, es, slope_bound=sb)
     assert_weight_grads_close(got[1], ref[4], dtype, ref_same, scales[2], saturating=saturating)
     if non_finite and n >= 6:
         bad = torch.tensor([3, 4, 5])

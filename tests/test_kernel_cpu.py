@@ -21,7 +21,7 @@ from l2l_fast import features as registry
 from l2l_fast import ops, reference
 from tolerances import (ELEMENTWISE, REORDERED_SUM, activation_error_bound, assert_close_rel_max,
                         assert_elementwise_close, assert_moments_advanced, assert_weight_grads_close,
-                        backward_error_scale)
+                        backward_error_scale, feature_slope_bound)
 
 pytestmark = requires_native
 
@@ -45,17 +45,18 @@ def check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, *, 
     got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s, **variant)
     ref = step_grads(reference_step, to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s),
                      features, None if moments is None else to64(moments), output)
-    ref_same, scales, act = None, [None, None, None], [None, None, None, None]
+    ref_same, scales, act, slopes = None, [None, None, None], [None, None, None, None], [None, None, None, None]
     if dtype != torch.float64:
         ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
         # the float32 activations' own error, propagated (tolerances.activation_error_bound)
         act[:2] = activation_error_bound(grad, state, weights, p, scale, **variant)
+        slopes[2] = feature_slope_bound(grad, state, weights, p, scale, up_u, up_s, **variant, dtype=dtype)
     else:
         scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, **variant)
-    for name, a, e, es, ab in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref[:4],
-                                  [None, None, *scales[:2]], act):
+    for name, a, e, es, ab, sb in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref[:4],
+                                      [None, None, *scales[:2]], act, slopes):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
-        assert_elementwise_close(a, e, dtype, name, es, ab)
+        assert_elementwise_close(a, e, dtype, name, es, ab, sb)
     assert_weight_grads_close(got[4], ref[4], dtype, ref_same, scales[2], saturating=saturating,
                               moment_inputs=moments is not None)
     return got

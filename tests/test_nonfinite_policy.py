@@ -26,7 +26,7 @@ from conftest import (FEATURE_SETS, OUTPUTS, available_cpu_isas, generator, rand
 from l2l_fast import CoordinatewiseLSTM, checks, ops, reference
 from l2l_fast import features as registry
 from tolerances import (assert_elementwise_close, assert_moments_advanced, assert_weight_grads_close,
-                        backward_error_scale, bits)
+                        backward_error_scale, bits, feature_slope_bound)
 
 ISAS = available_cpu_isas()
 DTYPES = [torch.float32, torch.float64]
@@ -150,9 +150,13 @@ def test_lstm_step_and_backward(cpu_isa, dtype, pr):
             grad, sanitized(state), weights, p, scale, up_u, up_s, features=features,
             moments=None if moments is None else sanitized(moments), output=output)
         scales = [None, None, s_grad, s_state]
-    for name, a, e, es in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref64[:4], scales):
+    slopes = [None, None, None, None]
+    if weights_ok and dtype != torch.float64:
+        slopes[2] = feature_slope_bound(grad, state, weights, p, scale, up_u, up_s, features, moments, output, dtype)
+    for name, a, e, es, sb in zip(("update", "new_state", "d_grad", "d_state"), got[:4], ref64[:4], scales, slopes):
         fa, fe, keep = assert_same_pattern(a, e, name)
-        assert_elementwise_close(fa, fe, dtype, name, None if es is None or dtype != torch.float64 else es[keep])
+        assert_elementwise_close(fa, fe, dtype, name, None if es is None or dtype != torch.float64 else es[keep],
+                                 slope_bound=None if sb is None else sb[keep])
     if poisoned.any():
         for k, (a, e) in enumerate(zip(got[4], ref64[4])):
             assert torch.isnan(a).all() and torch.isnan(e).all(), f"d_weights[{k}]: expected all NaN"
