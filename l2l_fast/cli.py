@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .argtypes import positive_int
 
@@ -359,5 +360,18 @@ def main(argv=None) -> int:
         parser.exit(2, f"l2l-fast {args.command}: error: {error}\n")
 
 
+def entry() -> NoReturn:
+    """The `l2l-fast` process (its console script, `python -m l2l_fast.cli`, torchrun's workers): main(), then
+    exit. Under a launcher (WORLD_SIZE > 1) a command that succeeded leaves through end_process, without
+    finalizing the interpreter, where gloo's leftover threads could abort a rank whose run ended well
+    (l2l_fast/meta/distributed.py, "Exit"). A failure leaves as always, with its own non-zero status."""
+    from .meta.distributed import end_process, launched_world_size
+
+    code = main()
+    if code == 0 and launched_world_size() > 1:
+        end_process(0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

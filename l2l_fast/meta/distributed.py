@@ -15,12 +15,20 @@ L2L_FAST_DIST_TIMEOUT environment variable, or --dist-timeout) when a rank has d
 raise DistributedError instead of waiting for ever (a rank that exits closes its connections, which the others
 usually notice at once). The backend follows the device of the collectives: gloo for the CPU, nccl for CUDA
 (cuda:LOCAL_RANK).
+
+Exit: torch's gloo group outlives destroy_process_group (its worker threads keep running), and a worker that
+frees a collective's tensor while the interpreter finalizes can abort the process in a destructor (SIGABRT,
+"terminate called without an active exception"; pytorch/pytorch#190489, torch 2.13): torchrun then reports a
+failed rank although the run ended well and wrote its files. The `l2l-fast` command therefore ends a rank that
+succeeded with end_process; a script of your own under torchrun should do the same as its last statement.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from datetime import timedelta
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -68,6 +76,30 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> "Ranks
         dist.init_process_group(backend_for(where), timeout=timedelta(seconds=timeout),
                                 device_id=where if where.type == "cuda" else None)
     return Ranks(dist.get_rank(), dist.get_world_size(), where, timeout)
+
+
+def end_process(code: int = 0) -> NoReturn:
+    """Ends this process at once with exit status `code`, without finalizing the interpreter (where gloo's
+    leftover threads can abort it: the module's docstring, "Exit"). For the last line of a distributed script
+    whose run ended well, after Ranks.close (or destroy_process_group) and after its files are written:
+
+        summary = MetaTrainer(config, out, ranks=init_from_env()).run()
+        ...  # write, print
+        end_process(0)
+
+    stdout, stderr and the logging module's handlers are flushed first; a stdout that cannot be flushed turns
+    status 0 into 120, as the interpreter's own exit does. atexit handlers and object finalizers do not run:
+    close what the script opened before. The library never calls it: your script decides when its process
+    ends (the `l2l-fast` command calls it under torchrun). Leave a failure as usual (an exception, a non-zero
+    sys.exit): its status must reach torchrun."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream
+            code = code or 120
+    os._exit(code)
 
 
 class Ranks:
@@ -170,7 +202,8 @@ class Ranks:
         return tensor.tolist()
 
     def close(self) -> None:
-        """Leaves the process group after a run that ended well (after a failure the process just exits)."""
+        """Leaves the process group after a run that ended well (after a failure the process just exits). gloo's
+        threads may outlive it: end the process with end_process (the module's docstring, "Exit")."""
         if self.distributed and dist.is_initialized():
             # all ranks in step first: a rank that tears gloo down while rank 0 still writes the run's last files
             # can abort in gloo's teardown (std::terminate, seen under load)
