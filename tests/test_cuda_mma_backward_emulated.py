@@ -36,7 +36,7 @@ SHAPES = [(20, 2), (3, 2), (1, 1), (33, 3)]  # compiled-in size; run-time paths 
 def tf32x3_bound(tile: int) -> float:
     """backward_mma.h: a tile's weight gradient is within this much of sum |dz x| from exact (rounding to nearest,
     as the CPU model)."""
-    return 5.01 * 2.0**-22 + tile * 2.0**-24 * (1 + 2.0**-9)
+    return 5.01 * 2.0**-22 + (tile + 1) * 2.0**-24 * (1 + 2.0**-9)
 
 
 @pytest.fixture(scope="module")

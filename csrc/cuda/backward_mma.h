@@ -19,15 +19,16 @@
 //   split: a = a_hi + a_lo, a_hi = rna_tf32(a) (integer rounding), a_lo = a - a_hi exact in float32,
 //     |a_lo| <= 2^-11 |a|, handed to the mma unrounded: it reads a_lo' with |a_lo - a_lo'| < 2^-10 |a_lo|
 //     <= 2^-21 |a| (truncation to TF32, the worst the tensor core can do with the low 13 bits: it ignores them;
-//     CUTLASS's TF32 converters rely on that too). Dropped of each product:
+//     ptxas relies on it too, feeding the HMMA hi = bits + 0x1000 before the mask, and so do CUTLASS's TF32
+//     converters). Dropped of each product:
 //       a_hi (b_lo - b_lo') + (a_lo - a_lo') b_hi + a_lo b_lo, at most (4 (1 + 2^-11) + 1) 2^-22 |a b|
 //     < 5.01 * 2^-22 |a b| = 1.2e-6 |a b| (mma_tf32.h's forward split, lo rounded too: 3.01 * 2^-22).
 //   sums: a_hi b_hi goes into its own accumulator, the two small products into another. The big one adds T
 //     products, like the FFMA loop's T roundings: at most T u S (u = 2^-24 rounding to nearest as the CPU model,
 //     2^-23 if the hardware truncates); the small one adds 2T products of at most 2^-10 |a b| each: 2 T u 2^-10 S.
-//     Both go to float64 separately (their float32 sum is never rounded), and the tiles add up in float64.
-//   So a tile's weight gradient is within (1.2e-6 + T u (1 + 2^-9)) S of exact, where the FFMA loop's bound is
-//   T u S: T = 128, u = 2^-24: 8.8e-6 S against 7.6e-6 S (1.16x; 2.2x if the tensor cores truncate).
+//     Their float32 sum rounds once more (u S), and the tiles add up in float64.
+//   So a tile's weight gradient is within (1.2e-6 + (T + 1) u (1 + 2^-9)) S of exact, where the FFMA loop's bound
+//   is T u S: T = 128, u = 2^-24: 8.8e-6 S against 7.6e-6 S (1.16x; 2.2x if the tensor cores truncate).
 // The float32 WEIGHT_GRAD rule of tests/tolerances.py (at most 2x plain PyTorch float32's error from the float64
 // reference, plus 3e-6 of the largest weight gradient) is not a worst-case bound for either kernel: their
 // rounding errors are random-signed and grow like sqrt(T) per tile, and so do the split's dropped terms
@@ -98,12 +99,22 @@ L2L_DEVICE void load_a(const float* dz, int sdz, int m, int t0, int lane, FragA&
   split_frag(v, hi, lo);
 }
 
-// partial[gate j, input k] += d, for the entries that exist (j < rows, k <= K).
+// partial += one n-tile's accumulators (big + small): a lane's c_i is gate j0 + i / 2 (j0 = 16 m + 2 g, even: j0 and
+// j0 + 1 are gates of one unit when G == 4; for G == 1 only j0 == 0 exists) and input k0 + i % 2 (k0 = 8 n + 2 tig),
+// stored where they exist (gate < rows, input <= K; input K is the bias column).
 template <int G>
-L2L_DEVICE void add_entry(const GradTarget& to, int j, int k, double d, double* partial) {
-  if (j >= to.units * G || k > to.K) return;
-  const int u = j / G, gate = j % G;
-  partial[k < to.K ? to.weights + (int64_t(u) * to.K + k) * G + gate : to.bias + int64_t(u) * G + gate] += d;
+L2L_DEVICE void add_fragment(const GradTarget& to, int j0, int k0, const FragA& big, const FragA& small,
+                             double* partial) {
+  const int u = int(unsigned(j0) / G), gate = int(unsigned(j0) % G);
+  double* w = partial + to.weights + (int64_t(u) * to.K * G + gate);  // input k, gate + d at w[k G + d]
+  double* b = partial + to.bias + (int64_t(u) * G + gate);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int d = i / 2, k = k0 + i % 2;
+    if (j0 + d >= to.units * G || k > to.K) continue;
+    double* at = k < to.K ? w + k * G + d : b + d;
+    *at += double(big.v[i] + small.v[i]);
+  }
 }
 
 // partial[target] += sum over the tile of dz[t][u G + g] * x[t][k] (x[t][K] == 1: the bias), as reduce_weight_grads
@@ -144,10 +155,7 @@ L2L_DEVICE int mma_weight_grads(const Ctx& ctx, const float* x, int sx, const fl
 #pragma unroll
     for (int j = 0; j < C; ++j) {
       if (n0 + j >= n_tiles) break;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)  // c_i: row g + 8 (i / 2) -> gate 16 m + 2 g + i / 2, col 2 tig + i % 2
-        add_entry<G>(to, 16 * m + 2 * g + i / 2, 8 * (n0 + j) + 2 * tig + i % 2,
-                     double(big[j].v[i]) + double(small[j].v[i]), partial);
+      add_fragment<G>(to, 16 * m + 2 * g, 8 * (n0 + j) + 2 * tig, big[j], small[j], partial);
     }
   }
   return items;
