@@ -147,7 +147,7 @@ def test_backward_matches_reference(impl, emu, gen, n, hidden, layers, threads):
 @pytest.mark.parametrize("output", [0, 1], ids=["linear", "tanh"])
 @pytest.mark.parametrize("features", FEATURE_SETS, ids=feature_id)
 def test_features_and_outputs(impl, emu, gen, features, output):
-    """Every feature set (first-layer widths 1 to 6: 1 or 2 n-tiles) and output kind, 20 x 2 and 3 x 2."""
+    """Every feature set (other first-layer widths: other n-tile counts of layer 0) and output kind, 20 x 2 and 3 x 2."""
     with MmaRan(emu):
         cases.check_forward_backward(impl, 77, 20, 2, torch.float32, gen, non_finite=True, features=features,
                                      output=output)
