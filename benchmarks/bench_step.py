@@ -9,7 +9,8 @@ For every N, in one run and one process, with the same weights and thread count:
                the fused step rows once per gate kernel (L2L_FAST_CUDA_GATES, csrc/cuda/gate_variant.h).
   fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
                torch.autograd.grad to the weights and the state with random output gradients), the same through
-               the eager reference and through torch.compile of the reference.
+               the eager reference and through torch.compile of the reference; with ``--backward ffma mma`` the fused
+               row once per weight-gradient reduction of the CUDA backward (L2L_FAST_CUDA_BACKWARD).
   precise rows on the CPU, the fused step_ and fwd+bwd again with the precise float activations (Cephes-style exp,
                the kernels' only ones before 2026-12-06: l2l_fast._C.set_cpu_activations("precise")), so that today's
                and the previous kernel are timed in one process; --ab-rounds R then alternates the two R more times
@@ -38,6 +39,7 @@ torch.compile of the reference, achieved GB/s (minimum bytes per coordinate x ra
   python benchmarks/bench_step.py --sizes 1e6 --no-compile --ab-rounds 3 --ab-with bf16   # float32 vs bf16 only
   python benchmarks/bench_step.py --device cuda                 # N = 1e6 1e7 1e8
   python benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --no-compile   # the CUDA gate kernels
+  python benchmarks/bench_step.py --device cuda --backward ffma mma --no-compile      # the CUDA backward's reductions
 """
 from __future__ import annotations
 
@@ -241,6 +243,7 @@ class Row:
     products: str | None = None     # CPU fused rows: the gate products to time them with ("bf16")
     warmup_calls: int = 1
     gates: str | None = None    # L2L_FAST_CUDA_GATES while the row is built, warmed up and timed
+    backward: str | None = None  # L2L_FAST_CUDA_BACKWARD likewise
     compiled: bool = False      # report the (untimed) compile + warm-up time in the note
     seconds: float | None = None
     iqr: float | None = None    # interquartile range of the per-call times: the spread behind the median
@@ -328,8 +331,11 @@ def rows_for(n: int, args, fused_net, ref_net) -> list[Row]:
         rows.append(Row("torch.optim.AdamW(fused=True) step", "step",
                         lambda: adam_fn(n, device, torch.optim.AdamW, fused=True),
                         machine.ADAM_BYTES_PER_PARAM, counts_flops=False, warmup_calls=2))
+    for backward in (args.backward if device == "cuda" else ["ffma"]):
+        tag = "" if backward == "ffma" else f" [{backward} backward]"
+        rows.append(Row(f"{fused} fwd+bwd{tag}", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n), fwdbwd_bytes,
+                        backward=backward))
     rows += [
-        Row(f"{fused} fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(fused_net_or_skip(), n), fwdbwd_bytes),
         Row("eager reference fwd+bwd", "fwdbwd", lambda: fwdbwd_fn(ref_net, n), fwdbwd_bytes, baseline=True),
     ]
     if precise_rows(args):
@@ -354,9 +360,11 @@ def _short(error: BaseException) -> str:
 
 def measure(row: Row, args) -> None:
     """Build, warm up (compile time reported, not timed), time; failures become the row's note."""
-    saved_gates = os.environ.get("L2L_FAST_CUDA_GATES")
-    if row.gates is not None:
-        os.environ["L2L_FAST_CUDA_GATES"] = row.gates
+    variables = {"L2L_FAST_CUDA_GATES": row.gates, "L2L_FAST_CUDA_BACKWARD": row.backward}
+    saved = {name: os.environ.get(name) for name in variables}
+    for name, value in variables.items():
+        if value is not None:
+            os.environ[name] = value
     try:
         with activations_set(row.activations, row.products):
             _measure(row, args)
@@ -365,11 +373,12 @@ def measure(row: Row, args) -> None:
     except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
         row.note = f"n/a: {_short(error)}"
     finally:
-        # restored here: _measure cannot see saved_gates (its NameError was every row's note)
-        if saved_gates is None:
-            os.environ.pop("L2L_FAST_CUDA_GATES", None)
-        else:
-            os.environ["L2L_FAST_CUDA_GATES"] = saved_gates
+        # restored here: _measure cannot see `saved` (a NameError there was once every row's note)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -557,6 +566,9 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--gates", choices=("ffma", "mma", "mma16"), nargs="+", default=["ffma"],
                         help="CUDA: the gate kernels of the fused step rows (L2L_FAST_CUDA_GATES; default ffma)")
+    parser.add_argument("--backward", choices=("ffma", "mma"), nargs="+", default=["ffma"],
+                        help="CUDA: the backward's weight-gradient reductions of the fused fwd+bwd rows "
+                             "(L2L_FAST_CUDA_BACKWARD; default ffma)")
     parser.add_argument("--ab-rounds", type=int, default=0,
                         help="CPU: after each table, time the fused step_ and fwd+bwd with the default kernels and "
                              "each --ab-with variant alternately this many more times and print the per-round ratios")

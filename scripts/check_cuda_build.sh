@@ -4,9 +4,11 @@
 # build directory outside the checkout (the in-place CPU build's l2l_fast/_C*.so is untouched), then
 #   - the built module imports, has_cuda_kernels() is True and every op has a CUDA kernel registered;
 #   - its CPU kernels pass a quick slice of the CPU tests, and tests/test_cuda.py skips cleanly;
-#   - the kernel bodies, run on CPU threads, match the reference (tests/test_cuda_emulated.py);
+#   - the kernel bodies, run on CPU threads, match the reference (tests/test_cuda_emulated.py, the mma
+#     forward's and backward's tests/test_cuda_mma_emulated.py, tests/test_cuda_mma_backward_emulated.py);
 #   - ptxas' resource report (registers, stack, spills) of the sm_90 kernels is printed, and the SASS
-#     instruction counts of the forward kernels (scripts/sass_counts.py) where a cuobjdump is found.
+#     instruction counts of the forward kernels and of the backward's loops (scripts/sass_counts.py) where
+#     a cuobjdump is found.
 # Not part of CI (the venv is ~5.5 GB). Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
 # MAX_JOBS (default 1), CUDA_HOME (default /usr/local/cuda), L2L_CUDA_CHECK_DIR (default /tmp/l2l_fast-cuda-check).
 set -euo pipefail
@@ -73,9 +75,9 @@ rc=0
 tail -3 "$work/test_cuda.log"
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then echo "tests/test_cuda.py failed (exit $rc)"; exit 1; fi
 
-step "the CUDA kernels' code on CPU threads vs the reference (tests/test_cuda_emulated.py, test_cuda_mma_emulated.py; builds its own module)"
+step "the CUDA kernels' code on CPU threads vs the reference (tests/test_cuda_emulated.py, test_cuda_mma_*emulated.py; builds its own module)"
 L2L_FAST_CUDA_EMULATION=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda_emulated.py \
-  tests/test_cuda_mma_emulated.py 2>&1 | tail -2
+  tests/test_cuda_mma_emulated.py tests/test_cuda_mma_backward_emulated.py 2>&1 | tail -2
 unset PYTHONPATH L2L_FAST_REQUIRE_NATIVE
 
 step "ptxas resource report, sm_90"
@@ -88,7 +90,7 @@ for cu in forward_kernels backward_kernels; do
     paste - - - | sed -E 's/ptxas info *: //g; s/[[:space:]]+/ /g'
 done
 
-step "SASS instruction counts of the forward kernels, sm_90 (scripts/sass_counts.py; mma unit loops unrolled)"
+step "SASS instruction counts of the forward kernels (mma unit loops unrolled) and the backward's loops, sm_90 (scripts/sass_counts.py)"
 cuobjdump=""
 for candidate in "$(command -v cuobjdump || true)" "$CUDA_HOME/bin/cuobjdump" \
     "$venv"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump; do
@@ -99,6 +101,9 @@ if [ -n "$cuobjdump" ]; then
     -c "$root/csrc/cuda/forward_kernels.cu" -o "$work/tmp/forward_counted.sm90.o" 2>/dev/null
   "$cuobjdump" -sass "$work/tmp/forward_counted.sm90.o" >"$work/tmp/forward_counted.sass"
   "$venv/bin/python" "$root/scripts/sass_counts.py" "$work/tmp/forward_counted.sass"
+  echo "-- the backward's loops (FFMA and mma weight gradients; NOTES.md \"The mma backward\" turns them into per-coordinate counts)"
+  "$cuobjdump" -sass "$work/tmp/backward_kernels.sm90.o" >"$work/tmp/backward_kernels.sass"
+  "$venv/bin/python" "$root/scripts/sass_counts.py" --loops "$work/tmp/backward_kernels.sass" "FixedDims<20, 2, 1u>, float"
 else
   echo "no cuobjdump (CUDA toolkit or triton's copy): no counts"
 fi

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (issue 5): build the extension with its CUDA kernels, run the
-# CUDA tests (both gate kernels: tests/test_cuda.py, tests/test_cuda_mma.py) and a quick slice of the
-# CPU tests, compute-sanitizer (memcheck, racecheck) on a small program with each gate kernel, the GPU
-# benchmark with both (issue 22) and ncu's SpeedOfLight / Occupancy / WarpStateStats of one in-place
-# step at N = 1e7 per gate kernel. Logs under $OUT (at most 8 files); the summary, the ncu figures and
+# CUDA tests (both gate kernels and both backward reductions: tests/test_cuda.py, tests/test_cuda_mma.py,
+# tests/test_cuda_mma_backward.py) and a quick slice of the CPU tests, compute-sanitizer (memcheck,
+# racecheck) on a small program with each, the GPU benchmark with all of them (issue 22) and ncu's
+# SpeedOfLight / Occupancy / WarpStateStats of one in-place step at N = 1e7 per gate kernel and of one
+# backward at N = 1e7 per weight-gradient reduction. Logs under $OUT (at most 8 files); the summary, the ncu figures and
 # the benchmark tables are printed last. Fits in about 8 minutes: every stage has a time limit and the
 # whole script a deadline (GPU_RUN_BUDGET seconds, default 470); a stage that would start past it is
 # skipped, and GPU_RUN_SKIP="bench racecheck ..." skips stages by name (for a rerun of what failed).
@@ -90,18 +91,20 @@ if ! stage error_probe 60 build.log "$PY" scripts/error_probe.py; then
 fi
 
 # 3. the CUDA tests (correctness first: the benchmark of a wrong kernel means nothing); test_cuda_mma.py
-# selects the tensor-core forward (L2L_FAST_CUDA_GATES=mma) for its own tests
+# selects the tensor-core forward (L2L_FAST_CUDA_GATES=mma) for its own tests, test_cuda_mma_backward.py the
+# tensor-core weight gradients (L2L_FAST_CUDA_BACKWARD=mma)
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # a crashing test then costs one worker, not the file
 stage test_cuda 240 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider -o addopts="" $xdist tests/test_cuda.py \
-  tests/test_cuda_mma.py --maxfail=15 --durations=8
+  tests/test_cuda_mma.py tests/test_cuda_mma_backward.py --maxfail=15 --durations=8
 
-# 4. the benchmark, fused rows with both gate kernels and baselines at N = 1e6, 1e7, 1e8 (no torch.compile:
-# that is step 7)
-stage bench 170 bench.log "$PY" benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --no-compile \
-  --min-run-time 0.25 --markdown
+# 4. the benchmark, fused rows with every gate kernel and backward reduction and baselines at N = 1e6, 1e7, 1e8
+# (no torch.compile: that is step 7)
+stage bench 170 bench.log "$PY" benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --backward ffma mma \
+  --no-compile --min-run-time 0.25 --markdown
 
 # 5. ncu of one in-place step at N = 1e7 per gate kernel (the third launch of the forward kernel: two
-# warm-ups), at the clocks the benchmark runs at; skipped where the image has no ncu
+# warm-ups) and of one backward per weight-gradient reduction, at the clocks the benchmark runs at; skipped
+# where the image has no ncu. (The bf16-state forward's profile gave way to the backward's: the stage's time.)
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 ncu_step() {
   local gates=$1 state=$2
@@ -110,15 +113,22 @@ ncu_step() {
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     "$PY" scripts/ncu_step.py --n 1e7 --state-dtype "$state"
 }
+ncu_backward() {
+  local reduction=$1
+  echo "-- ncu: backward=$reduction, float32 state"
+  L2L_FAST_CUDA_BACKWARD=$reduction "$NCU" --clock-control none -k regex:backward_kernel --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    "$PY" scripts/ncu_step.py --n 1e7 --op backward
+}
 ncu_all() {
   local rc=0
   for gates in ffma mma mma16; do ncu_step "$gates" float32 || rc=1; done
-  ncu_step mma bfloat16 || rc=1
+  for reduction in mma ffma; do ncu_backward "$reduction" || rc=1; done
   return $rc
 }
 if [ -n "$NCU" ]; then
   export NCU PY
-  export -f ncu_step ncu_all  # stage runs its command under timeout: a new bash, which needs them exported
+  export -f ncu_step ncu_backward ncu_all  # stage runs its command under timeout: a new bash, which needs them exported
   stage ncu 170 ncu.log bash -c ncu_all
 else
   echo "ncu: not found on this image (no profile)" | tee -a "$summary"
@@ -127,10 +137,10 @@ fi
 # 6. compute-sanitizer on a small program that runs every kernel (the forward once per gate kernel)
 stage memcheck 90 sanitizer.log compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
   "$PY" scripts/cuda_smoke.py --n-backward 40000
-stage memcheck_mma 60 sanitizer.log env L2L_FAST_CUDA_GATES=mma compute-sanitizer --tool memcheck --leak-check no \
-  --error-exitcode 99 "$PY" scripts/cuda_smoke.py --n-backward 4000
-stage racecheck_mma 60 sanitizer.log env L2L_FAST_CUDA_GATES=mma compute-sanitizer --tool racecheck \
-  --racecheck-report hazard --error-exitcode 99 "$PY" scripts/cuda_smoke.py --n-backward 4000
+stage memcheck_mma 60 sanitizer.log env L2L_FAST_CUDA_GATES=mma L2L_FAST_CUDA_BACKWARD=mma compute-sanitizer \
+  --tool memcheck --leak-check no --error-exitcode 99 "$PY" scripts/cuda_smoke.py --n-backward 4000
+stage racecheck_mma 60 sanitizer.log env L2L_FAST_CUDA_GATES=mma L2L_FAST_CUDA_BACKWARD=mma compute-sanitizer \
+  --tool racecheck --racecheck-report hazard --error-exitcode 99 "$PY" scripts/cuda_smoke.py --n-backward 4000
 
 # 7. torch.compile of the reference next to the fused rows, at N = 1e7 (two compiles, ~1 min)
 stage bench_compile 120 bench_compile.log "$PY" benchmarks/bench_step.py --device cuda --sizes 1e7 --min-run-time 0.25 --markdown
@@ -153,8 +163,8 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 echo "-- sanitizer"
 grep -E "ERROR SUMMARY|cuda_smoke:|MISMATCH" "$OUT/sanitizer.log" | head -10
 echo "-- ncu (per profiled kernel: duration, throughput, occupancy, warp stalls)"
-grep -E "^-- ncu|ncu_step:|==ERROR==|ERR_NVGPUCTRPERM|forward_.*kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per" \
-  "$OUT/ncu.log" 2>/dev/null | head -70
+grep -E "^-- ncu|ncu_step:|==ERROR==|ERR_NVGPUCTRPERM|(forward_|backward_).*kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per" \
+  "$OUT/ncu.log" 2>/dev/null | head -90
 echo "-- error probe"
 grep -E "^error_probe|^CC=|^ *GNU_EH|libgcc|libstdc|g\+\+ \(" "$OUT/build.log" | head -24
 echo "-- benchmark"

@@ -1,8 +1,11 @@
-"""Instruction counts of the compiled-in forward kernels' SASS (cuobjdump -sass of an sm_90 object), the figures
+"""Instruction counts of the compiled-in kernels' SASS (cuobjdump -sass of an sm_90 object), the figures
 csrc/cuda/NOTES.md quotes: per kernel the static count after the weight staging (the last BAR.SYNC: the tile
-loop and its cold paths) and its HMMA, FFMA, LDS, MUFU, global loads / stores.
+loop and its cold paths) and its HMMA, FFMA, LDS, MUFU, global loads / stores; with --loops, instead, every
+loop (a backward branch) that holds HMMA, FFMA or DADD, with its static counts (the backward: its unit loops,
+the weight-gradient loops over a tile's coordinates and their item loops with the float64 adds).
 
   python scripts/sass_counts.py forward_kernels.sass [name-regex]
+  python scripts/sass_counts.py --loops backward_kernels.sass [name-regex]
 
 Static counts: a loop that is not unrolled counts once. scripts/check_cuda_build.sh also builds the mma body
 with its unit loops unrolled (L2L_MMA_COUNT_UNROLLED) so that its counts are those of one warp tile.
@@ -15,16 +18,38 @@ import subprocess
 import sys
 
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+ADDRESSED = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);")
+
+
+def print_loops(name: str, code: str) -> None:
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in ADDRESSED.finditer(code)]
+    index = {a: i for i, (a, _, _) in enumerate(ins)}
+    print(f"{name}: {len(ins)} instr")
+    for i, (address, op, args) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", args) if op.startswith("BRA") else None
+        if not target or int(target.group(1), 16) > address or int(target.group(1), 16) not in index:
+            continue
+        ops = [o for _, o, _ in ins[index[int(target.group(1), 16)]:i + 1]]
+        count = collections.Counter(o.split(".")[0] for o in ops)
+        if count["HMMA"] or count["FFMA"] or count["DADD"]:
+            lds = " ".join(f"{k} {v}" for k, v in sorted(collections.Counter(o for o in ops if o.startswith("LDS")).items()))
+            print(f"  loop {target.group(0)}-{address:#x}: {len(ops):5d} instr: HMMA {count['HMMA']:3d} FFMA {count['FFMA']:3d} "
+                  f"{lds or 'LDS 0'} FADD {count['FADD']:3d} DADD {count['DADD']:3d} LDG {count['LDG']:3d} STG {count['STG']:3d}")
 
 
 def main() -> None:
-    text = open(sys.argv[1]).read()
-    pattern = re.compile(sys.argv[2] if len(sys.argv) > 2 else r"forward_mma_kernel|FixedDims<20, 2, 1u>, float")
+    loops = sys.argv[1] == "--loops"
+    args = sys.argv[2:] if loops else sys.argv[1:]
+    text = open(args[0]).read()
+    pattern = re.compile(args[1] if len(args) > 1 else r"forward_mma_kernel|FixedDims<20, 2, 1u>, float")
     for body in re.split(r"\n\s*Function : ", text)[1:]:
         mangled, code = body.split("\n", 1)
         name = subprocess.run(["c++filt", mangled.strip()], capture_output=True, text=True).stdout.strip()
         name = re.sub(r"l2l_fast::cuda::(\(anonymous namespace\)::)?", "", name).split("(")[0]
         if not pattern.search(name):
+            continue
+        if loops:
+            print_loops(name, code)
             continue
         lines = code.splitlines()
         barriers = [k for k, line in enumerate(lines) if "BAR.SYNC" in line]

@@ -9,10 +9,13 @@
 //      in shared memory, [coordinate][value];
 //   3. after a barrier the block turns into a small GEMM, dW = dz^T x over the tile: each thread owns
 //      a unit and 4 inputs (16 weights), sums them over the tile in registers and adds the sums to its
-//      block's float64 row of partial sums (global memory, each entry owned by one thread: no atomics).
+//      block's float64 row of partial sums (global memory, each entry owned by one thread: no atomics);
+//      or (Mma, float32) each warp takes tiles of dW on tensor cores (backward_mma.h), each entry one lane's.
 // A second kernel adds the rows in block order, so the weight gradients are deterministic.
 #pragma once
+#include <type_traits>
 
+#include "cuda/backward_mma.h"
 #include "cuda/device_math.h"
 #include "cuda/forward_body.h"
 #include "cuda/kernel_args.h"
@@ -21,15 +24,6 @@
 
 namespace l2l_fast {
 namespace cuda {
-
-// Where the weight gradients of one staged block of (inputs x, gradients dz) go in the packed layout.
-struct GradTarget {
-  int64_t weights;  // packed index of (unit 0, input 0, gate 0); unit u, input k, gate g at + (u K + k) G + g
-  int64_t bias;     // index of input k == K (the bias column): + u G + g
-  int K;            // inputs per unit
-  int G;            // gates per unit: 4 for an LSTM layer, 1 for the output layer
-  int units;
-};
 
 // partial[target] += sum over the tile of dz[t][u G + g] * x[t][k] (x[t][K] == 1: the bias).
 // Work items are (unit, 4 consecutive inputs); rows are read 16 bytes at a time, and all threads
@@ -207,7 +201,26 @@ L2L_DEVICE T output_backward(const BackwardArgs<T>& a, Dims dims, const T* w, in
   return dy;
 }
 
-template <class Dims, typename T, class Ctx>
+// Step 3 for layer l (and the output layer for the top one): the FFMA loop, or tensor cores when Mma.
+template <bool Mma, class Dims, typename T, class Ctx>
+L2L_DEVICE void layer_weight_grads(const Ctx& ctx, const BackwardArgs<T>& a, Dims dims, int l, const BackwardSmem& plan,
+                                   const T* smem, double* partial) {
+  const PackedLayout& lay = a.net.layout;
+  const int H = dims.hidden();
+  const GradTarget layer{lay.layer_offset(l), lay.bias_offset(l), (l == 0 ? dims.inputs() : H) + H, 4, H};
+  const GradTarget out{lay.out_weight_offset(), lay.out_bias_offset(), H, 1, 1};
+  const bool top = l == dims.layers() - 1;
+  if constexpr (Mma) {
+    static_assert(std::is_same_v<T, float>, "tensor-core weight gradients are float32");
+    const int items = mma_weight_grads<4>(ctx, smem + plan.x, plan.sx, smem + plan.dz, plan.sdz, layer, partial);
+    if (top) mma_weight_grads<1>(ctx, smem + plan.h_top, plan.sh, smem + plan.gu, 1, out, partial, items);
+  } else {
+    reduce_weight_grads<4>(ctx, smem + plan.x, plan.sx, smem + plan.dz, plan.sdz, layer, partial);
+    if (top) reduce_weight_grads<1>(ctx, smem + plan.h_top, plan.sh, smem + plan.gu, 1, out, partial);
+  }
+}
+
+template <bool Mma, class Dims, typename T, class Ctx>
 L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims dims, unsigned char* smem_bytes) {
   const PackedLayout& lay = a.net.layout;
   const int H = dims.hidden(), L = dims.layers();
@@ -257,11 +270,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
         for (int k = 0; k < 4 * H; ++k) my_dz[k] = T(0);
       }
       ctx.sync();
-      reduce_weight_grads<4>(ctx, smem + plan.x, plan.sx, smem + plan.dz, plan.sdz,
-                             GradTarget{lay.layer_offset(l), lay.bias_offset(l), K, 4, H}, partial);
-      if (l == L - 1)
-        reduce_weight_grads<1>(ctx, smem + plan.h_top, plan.sh, smem + plan.gu, 1,
-                               GradTarget{lay.out_weight_offset(), lay.out_bias_offset(), H, 1, 1}, partial);
+      layer_weight_grads<Mma>(ctx, a, dims, l, plan, smem, partial);
       ctx.sync();  // the staging rows are rewritten next
     }
     if (c < n && !active) {  // non-finite gradient: identity for the state, 0 for the gradient

@@ -1,12 +1,15 @@
 // The backward kernel (backward_body.h), the block-order sum of its per-block weight-gradient rows,
-// and their launches.
+// and their launches. The weight gradients on tensor cores (backward_mma.h) when L2L_FAST_CUDA_BACKWARD=mma
+// asks for it, in float32 on sm_80 or newer (gate_variant.h).
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/backward_body.h"
 #include "cuda/cuda_ctx.cuh"
+#include "cuda/gate_variant.h"
 #include "cuda/launch.h"
 
 namespace l2l_fast {
@@ -16,11 +19,11 @@ namespace {
 constexpr int kMaxBackwardThreads = 128;
 constexpr int kSumThreads = 256;
 
-template <class Dims, typename T>
+template <bool Mma, class Dims, typename T>
 __global__ void __launch_bounds__(kMaxBackwardThreads) backward_kernel(const __grid_constant__ BackwardArgs<T> args,
                                                                        Dims dims) {
   extern __shared__ __align__(16) unsigned char smem[];
-  backward_block(CudaCtx{}, args, dims, smem);
+  backward_block<Mma>(CudaCtx{}, args, dims, smem);
 }
 
 __global__ void sum_partials_kernel(const double* partials, int blocks, int64_t size, double* out) {
@@ -30,7 +33,9 @@ __global__ void sum_partials_kernel(const double* partials, int blocks, int64_t 
 // Blocks of at most 128 threads, so the kernel's register budget is that of a 128-thread block.
 template <class Dims, typename T>
 auto backward_kernel_for(const BackwardPlan& plan) {
-  auto kernel = backward_kernel<Dims, T>;
+  auto kernel = backward_kernel<false, Dims, T>;
+  if constexpr (std::is_same_v<T, float>)
+    if (plan.mma) kernel = backward_kernel<true, Dims, T>;
   if (plan.smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes)));
   return kernel;
@@ -41,6 +46,7 @@ auto backward_kernel_for(const BackwardPlan& plan) {
 template <typename T>
 BackwardPlan plan_backward_launch(const PackedLayout& layout, int64_t n, const LaunchEnv& env) {
   BackwardPlan plan = plan_backward(layout, int(sizeof(T)), env.smem_optin);
+  plan.mma = std::is_same_v<T, float> && env.cc_major >= 8 && requested_backward() == Backward::kMma;
   TORCH_CHECK(plan.threads > 0, "lstm_step_backward: hidden_size ", layout.hidden, " with ", layout.layers,
               " layers needs more shared memory per block than this GPU has (", env.smem_optin, " bytes)");
   dispatch_dims(layout, [&](auto dims) {

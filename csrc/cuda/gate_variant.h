@@ -1,11 +1,15 @@
-// Which kernel computes the gate products of the forward / in-place step: the FFMA kernel (forward_body.h,
-// the default) or the tensor-core kernel (forward_mma_body.h), chosen by the environment variable
-//   L2L_FAST_CUDA_GATES = ffma (default, also when unset or empty) | mma | mma16
-// (mma: 32 coordinates per warp, mma16: 16; the same kernel body otherwise)
-// read at every launch (a getenv, so tests and benchmarks switch it within a process). mma applies to the
-// net it is compiled for (hidden 20, 2 layers, <= 4 first-layer inputs) in float32 on sm_80 or newer;
-// every other launch, and the backward, runs the FFMA kernels. Not the default until measured on a GPU
+// Which kernel variants a launch takes, chosen by environment variables read at every launch (a getenv, so
+// tests and benchmarks switch them within a process). Neither is the default until measured on a GPU
 // (csrc/cuda/NOTES.md).
+//   L2L_FAST_CUDA_GATES = ffma (default, also when unset or empty) | mma | mma16
+// The gate products of the forward / in-place step: the FFMA kernel (forward_body.h) or the tensor-core kernel
+// (forward_mma_body.h; mma: 32 coordinates per warp, mma16: 16, the same body otherwise). mma applies to the
+// net it is compiled for (hidden 20, 2 layers, <= 4 first-layer inputs) in float32 on sm_80 or newer; every
+// other launch runs the FFMA kernel.
+//   L2L_FAST_CUDA_BACKWARD = ffma (default, also when unset or empty) | mma
+// The backward's weight-gradient reduction: the FFMA loop or tensor cores (backward_mma.h), the rest of the
+// backward kernel the same. mma applies to every float32 net on sm_80 or newer; float64 runs the FFMA loop.
+// A variable of its own: the two are measured apart, and the backward's mma covers more nets than the forward's.
 #pragma once
 #include <c10/util/Exception.h>
 
@@ -27,6 +31,16 @@ inline Gates requested_gates() {
   if (std::strcmp(v, "mma16") == 0) return Gates::kMma16;
   TORCH_CHECK_VALUE(false, "L2L_FAST_CUDA_GATES must be 'ffma', 'mma' or 'mma16', not '", v, "'");
   return Gates::kFfma;
+}
+
+enum class Backward { kFfma, kMma };
+
+inline Backward requested_backward() {
+  const char* v = std::getenv("L2L_FAST_CUDA_BACKWARD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "ffma") == 0) return Backward::kFfma;
+  if (std::strcmp(v, "mma") == 0) return Backward::kMma;
+  TORCH_CHECK_VALUE(false, "L2L_FAST_CUDA_BACKWARD must be 'ffma' or 'mma', not '", v, "'");
+  return Backward::kFfma;
 }
 
 }  // namespace cuda

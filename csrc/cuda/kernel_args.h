@@ -142,10 +142,20 @@ struct BackwardSmem {
   }
 };
 
+// Where the weight gradients of one staged block of (inputs x, gradients dz) go in the packed layout.
+struct GradTarget {
+  int64_t weights;  // packed index of (unit 0, input 0, gate 0); unit u, input k, gate g at + (u K + k) G + g
+  int64_t bias;     // index of input k == K (the bias column): + u G + g
+  int K;            // inputs per unit
+  int G;            // gates per unit: 4 for an LSTM layer, 1 for the output layer
+  int units;
+};
+
 // Launch shape of a backward: block size, grid (one partial row per block), shared memory.
 struct BackwardPlan {
   int threads = 0, blocks = 0;
   bool weights_in_smem = false;
+  bool mma = false;  // weight gradients on tensor cores (backward_mma.h; float32 only)
   int64_t smem_bytes = 0;
 };
 

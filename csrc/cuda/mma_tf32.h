@@ -19,6 +19,8 @@
 // have slopes <= 1); a random walk of roundings gives sqrt(3K) instead of 3K. So the mma kernel is held
 // to the same float32 table as the FFMA kernel, and tests/test_cuda_emulated.py checks the single-mma
 // bound (3.01 * 2^-22 + (3 k + 1) 2^-24) sum |a||b| directly.
+// The backward's weight gradients (backward_mma.h) split with lo unrounded and sum over a tile of T coordinates
+// in two accumulators: their analysis, (5.01 * 2^-22 + (T + 1) 2^-24) sum |dz x| per tile, is there.
 #pragma once
 #include <cstdint>
 

@@ -4,8 +4,8 @@
 // context; here every CUDA thread of a block is a std::thread and __syncthreads() a barrier, blocks
 // run one after another, and "shared memory" is a buffer filled with NaN before each block. The ops
 // are csrc/cuda/step_ops.h itself, with this launcher instead of the CUDA one, on CPU tensors.
-// The tensor-core kernel's warp-wide mma.sync is warp_mma.h's model of the PTX fragment layouts: the 32
-// lanes of a warp exchange their fragments through a barrier.
+// The tensor-core kernels' warp-wide mma.sync (the forward's gates, the backward's weight gradients) is
+// warp_mma.h's model of the PTX fragment layouts: the 32 lanes of a warp exchange their fragments through a barrier.
 // What this cannot check: the GPU's arithmetic (exp2.approx etc.: here libm; the tensor cores' sums), the
 // compiler's register allocation, launch limits, races that a barrier too few would cause only under real
 // concurrency (the threads here do run concurrently, so many would still show).
@@ -55,6 +55,7 @@ struct Settings {
   int64_t forward_smem_limit = kForwardSmemLimit;
   int64_t launches = 0;                  // kernel launches so far (multi-tensor chunking is visible here)
   int64_t mma_launches = 0;              // of them, the tensor-core forward's
+  int64_t mma_backward_launches = 0;     // backward launches with the weight gradients on tensor cores
 };
 Settings settings;
 
@@ -122,6 +123,7 @@ struct EmuLauncher {
   static BackwardPlan backward_plan(const PackedLayout& layout, int64_t n) {
     BackwardPlan plan = plan_backward(layout, int(sizeof(T)), settings.smem_limit);
     TORCH_CHECK(plan.threads > 0, "emulated backward: shared memory limit too small");
+    plan.mma = std::is_same_v<T, float> && requested_backward() == Backward::kMma;
     dispatch_dims(layout, [&](auto dims) {
       TORCH_CHECK(plan.weights_in_smem || !decltype(dims)::kFixed, "emulated backward: fixed dims need shared weights");
     });
@@ -133,8 +135,16 @@ struct EmuLauncher {
   template <typename T>
   static void backward(const BackwardArgs<T>& a, const BackwardPlan& plan) {
     dispatch_dims(a.net.layout, [&](auto dims) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (plan.mma) {
+          ++settings.mma_backward_launches;
+          run_grid(plan.blocks, plan.threads, plan.smem_bytes,
+                   [&](const EmuCtx& ctx, unsigned char* smem) { backward_block<true>(ctx, a, dims, smem); });
+          return;
+        }
+      }
       run_grid(plan.blocks, plan.threads, plan.smem_bytes,
-               [&](const EmuCtx& ctx, unsigned char* smem) { backward_block(ctx, a, dims, smem); });
+               [&](const EmuCtx& ctx, unsigned char* smem) { backward_block<false>(ctx, a, dims, smem); });
     });
   }
 
@@ -227,6 +237,40 @@ at::Tensor warp_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   return d;
 }
 
+// The backward's weight-gradient reduction alone, for one emulated block of T = x.size(0) threads (32, 64, 128):
+// x [T, K + 1] and dz [T, units G] staged as backward_body.h stages them (staging_stride rows, whatever lies in
+// the padding: NaN here), then mma_weight_grads (mma) or reduce_weight_grads; returns the float64 partial row
+// [units (K + 1) G] in the packed order (weights (u K + k) G + g, then the bias column u G + g).
+at::Tensor weight_grads_tile(const at::Tensor& x, const at::Tensor& dz, int64_t G, bool mma) {
+  TORCH_CHECK(x.dim() == 2 && dz.dim() == 2 && x.size(0) == dz.size(0) && x.scalar_type() == at::kFloat &&
+              dz.scalar_type() == at::kFloat && (G == 1 || G == 4) && dz.size(1) % G == 0);
+  const int threads = int(x.size(0)), K = int(x.size(1)) - 1, units = int(dz.size(1) / G);
+  TORCH_CHECK(threads == 32 || threads == 64 || threads == 128, "blocks of 32, 64 or 128 threads");
+  const int sx = staging_stride(K + 1), sdz = G == 1 ? 1 : staging_stride(int(dz.size(1)));
+  const int64_t x_size = int64_t(threads) * sx, dz_size = int64_t(threads) * sdz + 16;  // + the padding reads
+  const int64_t smem_bytes = (x_size + dz_size) * int64_t(sizeof(float));
+  const at::Tensor xc = x.contiguous(), dzc = dz.contiguous();
+  at::Tensor partial = at::zeros({int64_t(units) * (K + 1) * G}, x.options().dtype(at::kDouble));
+  const GradTarget to{0, int64_t(units) * K * G, K, int(G), units};
+  run_grid(1, threads, smem_bytes, [&](const EmuCtx& ctx, unsigned char* smem_bytes_) {
+    float* sm = reinterpret_cast<float*>(smem_bytes_);
+    float *sx_rows = sm, *sdz_rows = sm + x_size;
+    const int t = ctx.thread();
+    for (int k = 0; k <= K; ++k) sx_rows[t * sx + k] = xc.data_ptr<float>()[t * (K + 1) + k];
+    for (int j = 0; j < units * G; ++j) sdz_rows[t * sdz + j] = dzc.data_ptr<float>()[t * units * G + j];
+    ctx.sync();
+    double* out = partial.data_ptr<double>();
+    if (G == 4) {
+      if (mma) mma_weight_grads<4>(ctx, sx_rows, sx, sdz_rows, sdz, to, out);
+      else reduce_weight_grads<4>(ctx, sx_rows, sx, sdz_rows, sdz, to, out);
+    } else {
+      if (mma) mma_weight_grads<1>(ctx, sx_rows, sx, sdz_rows, sdz, to, out);
+      else reduce_weight_grads<1>(ctx, sx_rows, sx, sdz_rows, sdz, to, out);
+    }
+  });
+  return partial;
+}
+
 // mma_tf32.h's round_tf32 (the host side of cvt.rna.tf32.f32) elementwise.
 // (finite: round_tf32_finite, the integer rounding of the layer inputs)
 at::Tensor round_tf32_tensor(const at::Tensor& x, bool finite) {
@@ -273,6 +317,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("round_tf32", &round_tf32_tensor, py::arg("x"), py::arg("finite") = false);
   m.def("launches", [] { return settings.launches; });
   m.def("mma_launches", [] { return settings.mma_launches; });
+  m.def("mma_backward_launches", [] { return settings.mma_backward_launches; });
+  m.def("weight_grads_tile", &weight_grads_tile, py::arg("x"), py::arg("dz"), py::arg("G"), py::arg("mma"));
   m.def("packed_cache_counts", [] {
     const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
     return std::make_tuple(s.hits, s.misses, s.bypassed);
