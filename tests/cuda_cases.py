@@ -15,9 +15,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 
-from conftest import random_grad, random_state, random_weights, to64
+from conftest import FEATURE_SETS, random_grad, random_state, random_weights, to64
 from l2l_fast import features as registry
 from l2l_fast import reference
 from tolerances import assert_elementwise_close, assert_weight_grads_close, backward_error_scale, feature_slope_bound
@@ -52,6 +53,26 @@ class Impl:
     lstm_step_backward: Callable
     lstm_step_: Callable
     lstm_multi_step_: Callable
+
+
+def cuda_ops() -> Impl:
+    """The native ops on the GPU (the GPU test modules' IMPL; l2l_fast._C must be loaded)."""
+    ops = torch.ops.l2l_fast
+    return Impl("cuda", ops.lstm_step, ops.lstm_step_backward, ops.lstm_step_, ops.lstm_multi_step_)
+
+
+def require_tensor_cores() -> None:
+    """In a GPU test: the build has the CUDA kernels (else a failure), the GPU runs mma.sync TF32 (else a skip:
+    below compute capability 8.0 the FFMA kernels run whatever L2L_FAST_CUDA_GATES / _BACKWARD say)."""
+    from l2l_fast import _C
+
+    assert _C.has_cuda_kernels(), "a GPU is present but l2l_fast._C was built without the CUDA kernels"
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("mma.sync TF32 needs compute capability 8.0 or newer")
+
+
+# the feature sets that read the running moments (conftest.FEATURE_SETS' others read the gradient alone)
+MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
 
 
 def on(impl: Impl, tensors):

@@ -28,8 +28,7 @@ pytestmark = requires_native
 
 DTYPES = [torch.float32, torch.float64]
 P, SCALE = 10.0, 0.1
-IMPL = cases.Impl("cuda", torch.ops.l2l_fast.lstm_step, torch.ops.l2l_fast.lstm_step_backward,
-                  torch.ops.l2l_fast.lstm_step_, torch.ops.l2l_fast.lstm_multi_step_)
+IMPL = cases.cuda_ops()
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +72,7 @@ def test_features(gen, hidden, layers, dtype, features, output):
                            features=features, output=output)
 
 
-@pytest.mark.parametrize("features", [f for f in FEATURE_SETS if registry.reads_moments(f)], ids=feature_id)
+@pytest.mark.parametrize("features", cases.MOMENT_SETS, ids=feature_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_nonfinite_moments(gen, dtype, features):
     """Non-finite moments poison like a non-finite state; a non-finite gradient keeps its moments bit for bit."""

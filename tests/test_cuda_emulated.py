@@ -28,7 +28,7 @@ DTYPES = [torch.float32, torch.float64]
 SHAPES = [(20, 2), (3, 2), (1, 1), (33, 3)]
 OUTPUTS = [0, 1]  # update = scale * y, scale * tanh(y)
 # the paper's features alone, and with the running moments (which only the run-time path reads)
-MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
+MOMENT_SETS = cases.MOMENT_SETS
 
 
 def output_id(output):

@@ -13,7 +13,6 @@ import torch
 
 import cuda_cases as cases
 from conftest import FEATURE_SETS, WEIGHT_KINDS, feature_id, requires_native
-from l2l_fast import features as registry
 from tolerances import assert_weight_grads_close
 
 if not torch.cuda.is_available():
@@ -21,18 +20,13 @@ if not torch.cuda.is_available():
 pytestmark = requires_native
 
 P, SCALE = 10.0, 0.1
-IMPL = cases.Impl("cuda", torch.ops.l2l_fast.lstm_step, torch.ops.l2l_fast.lstm_step_backward,
-                  torch.ops.l2l_fast.lstm_step_, torch.ops.l2l_fast.lstm_multi_step_)
-MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
+IMPL = cases.cuda_ops()
+MOMENT_SETS = cases.MOMENT_SETS
 
 
 @pytest.fixture(autouse=True)
 def mma_backward(monkeypatch):
-    from l2l_fast import _C
-
-    assert _C.has_cuda_kernels(), "a GPU is present but l2l_fast._C was built without the CUDA kernels"
-    if torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("mma.sync TF32 needs compute capability 8.0 or newer (the FFMA loop runs there)")
+    cases.require_tensor_cores()
     monkeypatch.setenv("L2L_FAST_CUDA_BACKWARD", "mma")
 
 

@@ -20,14 +20,13 @@ import torch
 
 import cuda_cases as cases
 from conftest import FEATURE_SETS, feature_id, step_grads
-from l2l_fast import features as registry
 from l2l_fast import reference
 
 if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
     pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
                 allow_module_level=True)
 
-MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
+MOMENT_SETS = cases.MOMENT_SETS
 # smem_limit per block -> the backward's block size for hidden 20 x 2 (101 / 61 / 41 KB at 128 / 64 / 32 threads)
 BLOCKS = {128: 227 * 1024, 64: 100 * 1024, 32: 50 * 1024}
 SHAPES = [(20, 2), (3, 2), (1, 1), (33, 3)]  # compiled-in size; run-time paths up to 32 and 128

@@ -24,7 +24,7 @@ if os.environ.get("L2L_FAST_CUDA_EMULATION") != "1":
     pytest.skip("set L2L_FAST_CUDA_EMULATION=1 to build and run the CPU emulation of the CUDA kernels",
                 allow_module_level=True)
 
-MOMENT_SETS = [f for f in FEATURE_SETS if registry.reads_moments(f)]
+MOMENT_SETS = cases.MOMENT_SETS
 
 
 # The fragment layouts of mma.m16n8k8 with .tf32 operands, as the PTX ISA states them (lane = 4 groupID + tig),
