@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cuda/backward_body.h"
+#include "cuda/backward_mma_body.h"
 #include "cuda/forward_body.h"
 #include "cuda/forward_mma_body.h"
 #include "cuda/gate_variant.h"
@@ -41,6 +42,7 @@ struct EmuCtx {
   int blocks() const { return nb; }
   void sync() const { barrier->wait(); }
   int lane() const { return t % 32; }
+  void sync_warp() const { (*warps)[size_t(t / 32)].sync(); }
   void mma_tf32(FragA& acc, const FragA& a, const FragB& b) const { (*warps)[size_t(t / 32)].mma(lane(), acc, a, b); }
 };
 
@@ -56,6 +58,7 @@ struct Settings {
   int64_t launches = 0;                  // kernel launches so far (multi-tensor chunking is visible here)
   int64_t mma_launches = 0;              // of them, the tensor-core forward's
   int64_t mma_backward_launches = 0;     // backward launches with the weight gradients on tensor cores
+  int64_t mma_gates_backward_launches = 0;  // of them, with every product on tensor cores
 };
 Settings settings;
 
@@ -123,7 +126,9 @@ struct EmuLauncher {
   static BackwardPlan backward_plan(const PackedLayout& layout, int64_t n) {
     BackwardPlan plan = plan_backward(layout, int(sizeof(T)), settings.smem_limit);
     TORCH_CHECK(plan.threads > 0, "emulated backward: shared memory limit too small");
-    plan.mma = std::is_same_v<T, float> && requested_backward() == Backward::kMma;
+    const Backward requested = requested_backward();
+    plan.mma = std::is_same_v<T, float> && requested != Backward::kFfma;
+    plan.mma_gates = plan.mma && requested == Backward::kMma && mma_backward_supports(layout);
     dispatch_dims(layout, [&](auto dims) {
       TORCH_CHECK(plan.weights_in_smem || !decltype(dims)::kFixed, "emulated backward: fixed dims need shared weights");
     });
@@ -136,6 +141,13 @@ struct EmuLauncher {
   static void backward(const BackwardArgs<T>& a, const BackwardPlan& plan) {
     dispatch_dims(a.net.layout, [&](auto dims) {
       if constexpr (std::is_same_v<T, float>) {
+        if (plan.mma_gates) {
+          ++settings.mma_backward_launches;
+          ++settings.mma_gates_backward_launches;
+          run_grid(plan.blocks, plan.threads, plan.smem_bytes,
+                   [&](const EmuCtx& ctx, unsigned char* smem) { backward_block_mma(ctx, a, dims, smem); });
+          return;
+        }
         if (plan.mma) {
           ++settings.mma_backward_launches;
           run_grid(plan.blocks, plan.threads, plan.smem_bytes,
@@ -318,6 +330,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launches", [] { return settings.launches; });
   m.def("mma_launches", [] { return settings.mma_launches; });
   m.def("mma_backward_launches", [] { return settings.mma_backward_launches; });
+  m.def("mma_gates_backward_launches", [] { return settings.mma_gates_backward_launches; });
   m.def("weight_grads_tile", &weight_grads_tile, py::arg("x"), py::arg("dz"), py::arg("G"), py::arg("mma"));
   m.def("packed_cache_counts", [] {
     const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();
