@@ -16,7 +16,8 @@
 // the fly: regrouped fragments of both products would take ~85 KB per block, past 2 blocks per SM.
 // Fragment layouts: forward_mma_body.h / warp_mma.h (PTX ISA). For lane = 4 g + tig:
 //   gates, k-tile kt, n-tile nt: a_i = x[row g + 8 (i % 2)][8 kt + tig + 4 (i / 2)],
-//     b_i = W[gate 8 nt + g][input 8 kt + tig + 4 i] (0 for input >= K), c_i -> z[row g + 8 (i / 2)][8 nt + 2 tig + i % 2]
+//     b_i = W[gate 8 nt + g][input 8 kt + tig + 4 i] (0 for input >= K),
+//     c_i -> z[row g + 8 (i / 2)][8 nt + 2 tig + i % 2]
 //   inputs: a_i = dz[row ...][gate 8 kt + tig + 4 (i / 2)], b_i = W[gate 8 kt + tig + 4 i][input 8 nt + g],
 //     c_i -> dx[row][input 8 nt + 2 tig + i % 2] (columns K .. 8 NT - 1 come out 0: their B columns are 0)
 // (W[j][k] is packed at layer_offset + ((j / 4) K + k) 4 + j % 4; gate j = 4 unit + gate, lstm_layout.h.)
@@ -206,8 +207,8 @@ L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c
 
 // One tile's layer: the staged x rows of the warp -> gate pre-activations over its dz rows.
 template <class Ctx>
-L2L_DEVICE void tile_gates(const Ctx& ctx, const BackwardArgs<float>& a, const float* w, int l, const BackwardSmem& plan,
-                           float* warp_x, float* warp_dz) {
+L2L_DEVICE void tile_gates(const Ctx& ctx, const BackwardArgs<float>& a, const float* w, int l,
+                           const BackwardSmem& plan, float* warp_x, float* warp_dz) {
   const PackedLayout& lay = a.net.layout;
   ctx.sync_warp();  // the warp's x rows are staged
   warp_gates(ctx, w + lay.layer_offset(l), w + lay.bias_offset(l), lay.k_size(l), warp_x, plan.sx, warp_dz, plan.sdz);
