@@ -99,10 +99,12 @@ L2L_DEVICE void store_rows_c(float* rows, int s, int col0, int lane, const FragA
 // z rows = x rows W_l^T + b_l for the warp's 32 coordinates: x from the warp's first staged row (stride sx;
 // columns K .. 8 ceil(K / 8) - 1 finite: the bias column's 1 and zeros), z into 80 columns of its rows (stride sz).
 // Every lane of the warp calls it.
-template <class Ctx>
-L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, int K, const float* x, int sx, float* z,
-                           int sz) {
+// KC: K when known at compile time (0: run-time K), which folds the B operand's offsets and its padding test.
+template <int KC, class Ctx>
+L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, int k_size, const float* x, int sx,
+                           float* z, int sz) {
   constexpr int M = 2, NT = MmaBackwardNet::kGateTiles;
+  const int K = KC ? KC : k_size;
   const int lane = ctx.lane(), g = lane / 4, tig = lane % 4;
   FragA acc[M][NT];
 #pragma unroll
@@ -134,10 +136,11 @@ L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, i
 
 // dx rows [0, 8 ceil(K / 8)) = dz rows W_l for the warp's 32 coordinates (dz: 80 columns, stride sdz; dx stride
 // sdx). Every lane of the warp calls it.
-template <class Ctx>
-L2L_DEVICE void warp_input_grads(const Ctx& ctx, const float* w_l, int K, const float* dz, int sdz, float* dx,
+template <int KC, class Ctx>
+L2L_DEVICE void warp_input_grads(const Ctx& ctx, const float* w_l, int k_size, const float* dz, int sdz, float* dx,
                                  int sdx) {
   constexpr int M = 2, KT = MmaBackwardNet::kGateTiles, kMaxNT = MmaBackwardNet::kMaxInputTiles;
+  const int K = KC ? KC : k_size;
   const int lane = ctx.lane(), g = lane / 4, tig = lane % 4;
   const int NT = (K + 7) / 8;
   FragA acc[M][kMaxNT];
@@ -205,25 +208,35 @@ L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c
   }
 }
 
+// Layer l's K when known at compile time: layer 1's always (2 H), layer 0's for the fixed dims; else 0.
+template <class Dims, int l>
+L2L_HD constexpr int compile_time_k() {
+  if constexpr (l == 1) return 2 * MmaBackwardNet::kH;
+  else if constexpr (Dims::kFixed) return Dims::kInputs + MmaBackwardNet::kH;
+  else return 0;
+}
+
 // One tile's layer: the staged x rows of the warp -> gate pre-activations over its dz rows.
-template <class Ctx>
-L2L_DEVICE void tile_gates(const Ctx& ctx, const BackwardArgs<float>& a, const float* w, int l,
-                           const BackwardSmem& plan, float* warp_x, float* warp_dz) {
+template <int l, class Dims, class Ctx>
+L2L_DEVICE void tile_gates(const Ctx& ctx, const BackwardArgs<float>& a, Dims, const float* w, const BackwardSmem& plan,
+                           float* warp_x, float* warp_dz) {
   const PackedLayout& lay = a.net.layout;
   ctx.sync_warp();  // the warp's x rows are staged
-  warp_gates(ctx, w + lay.layer_offset(l), w + lay.bias_offset(l), lay.k_size(l), warp_x, plan.sx, warp_dz, plan.sdz);
+  warp_gates<compile_time_k<Dims, l>()>(ctx, w + lay.layer_offset(l), w + lay.bias_offset(l), lay.k_size(l), warp_x,
+                                        plan.sx, warp_dz, plan.sdz);
   ctx.sync_warp();  // its z rows are in
 }
 
 // After the cell backward of layer l: its weight gradients (block-wide), then d inputs over the warp's x rows.
-template <class Dims, class Ctx>
-L2L_DEVICE void tile_layer_grads(const Ctx& ctx, const BackwardArgs<float>& a, Dims dims, const float* w, int l,
+template <int l, class Dims, class Ctx>
+L2L_DEVICE void tile_layer_grads(const Ctx& ctx, const BackwardArgs<float>& a, Dims dims, const float* w,
                                  const BackwardSmem& plan, float* smem, double* partial, float* warp_x,
                                  const float* warp_dz) {
   ctx.sync();
   layer_weight_grads<true>(ctx, a, dims, l, plan, smem, partial);
   ctx.sync();  // every warp has read the x rows: they take d inputs now
-  warp_input_grads(ctx, w + a.net.layout.layer_offset(l), a.net.layout.k_size(l), warp_dz, plan.sdz, warp_x, plan.sx);
+  warp_input_grads<compile_time_k<Dims, l>()>(ctx, w + a.net.layout.layer_offset(l), a.net.layout.k_size(l), warp_dz,
+                                              plan.sdz, warp_x, plan.sx);
   ctx.sync_warp();
 }
 
@@ -260,7 +273,7 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
     }
     // layer 0's forward: its h_new parked in grad_state's h rows of layer 0 (as park_lower_layers)
     stage_layer_inputs(a, dims, 0, c, in, active, my_x);
-    tile_gates(ctx, a, w, 0, plan, warp_x, warp_dz);
+    tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
     if (active) {
 #pragma unroll 1
       for (int u = 0; u < H; ++u) {
@@ -274,7 +287,7 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
 
     // layer 1 (the top): gates, the output's derivative, the cell backward
     stage_layer_inputs(a, dims, 1, c, in, active, my_x);
-    tile_gates(ctx, a, w, 1, plan, warp_x, warp_dz);
+    tile_gates<1>(ctx, a, dims, w, plan, warp_x, warp_dz);
     float dh[H];
     float gu = 0.0f;
     if (active) {
@@ -300,7 +313,7 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
       for (int k = 0; k < 4 * H; ++k) my_dz[k] = 0.0f;
     }
     smem[plan.gu + tid] = gu;
-    tile_layer_grads(ctx, a, dims, w, 1, plan, smem, partial, warp_x, warp_dz);
+    tile_layer_grads<1>(ctx, a, dims, w, plan, smem, partial, warp_x, warp_dz);
     if (active) {
       for (int u = 0; u < H; ++u) {
         a.grad_state[state_row(lay, 1, 0, u) * n + c] = my_x[H + u];
@@ -310,13 +323,13 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
 
     // layer 0's backward (its gates recomputed, as backward_body.h does)
     stage_layer_inputs(a, dims, 0, c, in, active, my_x);
-    tile_gates(ctx, a, w, 0, plan, warp_x, warp_dz);
+    tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
     if (active) {
       cell_backward_row(a, 0, c, dh, my_dz, nullptr);
     } else {
       for (int k = 0; k < 4 * H; ++k) my_dz[k] = 0.0f;
     }
-    tile_layer_grads(ctx, a, dims, w, 0, plan, smem, partial, warp_x, warp_dz);
+    tile_layer_grads<0>(ctx, a, dims, w, plan, smem, partial, warp_x, warp_dz);
     if (active) {
       for (int u = 0; u < H; ++u) a.grad_state[state_row(lay, 0, 0, u) * n + c] = my_x[I0 + u];
       a.grad_grad[c] = features_backward<ScalarMath<float>>(dims.features(), in, a.net.features, my_x).grad;

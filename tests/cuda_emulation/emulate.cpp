@@ -308,12 +308,12 @@ std::vector<at::Tensor> gate_products_tile(const at::Tensor& x, const at::Tensor
     my_x[K] = 1.0f;
     for (int k = K + 1; k < std::max((K + 4) / 4 * 4, (K + 7) / 8 * 8); ++k) my_x[k] = 0.0f;
     ctx.sync();
-    warp_gates(ctx, ws, ws + w.numel(), K, xs + int64_t(warp_row) * sx, sx, dzs + int64_t(warp_row) * sdz, sdz);
+    warp_gates<0>(ctx, ws, ws + w.numel(), K, xs + int64_t(warp_row) * sx, sx, dzs + int64_t(warp_row) * sdz, sdz);
     ctx.sync_warp();
     for (int j = 0; j < 4 * H; ++j) z.data_ptr<float>()[t * 4 * H + j] = dzs[int64_t(t) * sdz + j];
     for (int j = 0; j < 4 * H; ++j) dzs[int64_t(t) * sdz + j] = dzc.data_ptr<float>()[t * 4 * H + j];
     ctx.sync_warp();
-    warp_input_grads(ctx, ws, K, dzs + int64_t(warp_row) * sdz, sdz, xs + int64_t(warp_row) * sx, sx);
+    warp_input_grads<0>(ctx, ws, K, dzs + int64_t(warp_row) * sdz, sdz, xs + int64_t(warp_row) * sx, sx);
     ctx.sync_warp();
     for (int k = 0; k < K; ++k) dx.data_ptr<float>()[t * K + k] = my_x[k];
   });
