@@ -9,8 +9,8 @@ For every N, in one run and one process, with the same weights and thread count:
                the fused step rows once per gate kernel (L2L_FAST_CUDA_GATES, csrc/cuda/gate_variant.h).
   fwd+bwd rows fused differentiable forward + backward (``update, new_state = net(grad, state)``, then
                torch.autograd.grad to the weights and the state with random output gradients), the same through
-               the eager reference and through torch.compile of the reference; with ``--backward ffma mma`` the fused
-               row once per weight-gradient reduction of the CUDA backward (L2L_FAST_CUDA_BACKWARD).
+               the eager reference and through torch.compile of the reference; with ``--backward ffma mma mma_wgrad`` the
+               fused row once per variant of the CUDA backward (L2L_FAST_CUDA_BACKWARD).
   precise rows on the CPU, the fused step_ and fwd+bwd again with the precise float activations (Cephes-style exp,
                the kernels' only ones before 2026-12-06: l2l_fast._C.set_cpu_activations("precise")), so that today's
                and the previous kernel are timed in one process; --ab-rounds R then alternates the two R more times
@@ -566,9 +566,9 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--gates", choices=("ffma", "mma", "mma16"), nargs="+", default=["ffma"],
                         help="CUDA: the gate kernels of the fused step rows (L2L_FAST_CUDA_GATES; default ffma)")
-    parser.add_argument("--backward", choices=("ffma", "mma"), nargs="+", default=["ffma"],
-                        help="CUDA: the backward's weight-gradient reductions of the fused fwd+bwd rows "
-                             "(L2L_FAST_CUDA_BACKWARD; default ffma)")
+    parser.add_argument("--backward", choices=("ffma", "mma", "mma_wgrad"), nargs="+", default=["ffma"],
+                        help="CUDA: the backward variants of the fused fwd+bwd rows (L2L_FAST_CUDA_BACKWARD; "
+                             "mma: every product on tensor cores, mma_wgrad: the weight gradients only; default ffma)")
     parser.add_argument("--ab-rounds", type=int, default=0,
                         help="CPU: after each table, time the fused step_ and fwd+bwd with the default kernels and "
                              "each --ab-with variant alternately this many more times and print the per-round ratios")

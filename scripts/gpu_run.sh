@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (issue 5): build the extension with its CUDA kernels, run the
-# CUDA tests (both gate kernels and both backward reductions: tests/test_cuda.py, tests/test_cuda_mma.py,
+# CUDA tests (every gate kernel and backward variant: tests/test_cuda.py, tests/test_cuda_mma.py,
 # tests/test_cuda_mma_backward.py) and a quick slice of the CPU tests, compute-sanitizer (memcheck,
 # racecheck) on a small program with each, the GPU benchmark with all of them (issue 22) and ncu's
 # SpeedOfLight / Occupancy / WarpStateStats of one in-place step at N = 1e7 per gate kernel and of one
-# backward at N = 1e7 per weight-gradient reduction. Logs under $OUT (at most 8 files); the summary, the ncu figures and
+# backward at N = 1e7 per backward variant (ffma, mma, mma_wgrad). Logs under $OUT (at most 8 files); the summary, the ncu figures and
 # the benchmark tables are printed last. Fits in about 8 minutes: every stage has a time limit and the
 # whole script a deadline (GPU_RUN_BUDGET seconds, default 470); a stage that would start past it is
 # skipped, and GPU_RUN_SKIP="bench racecheck ..." skips stages by name (for a rerun of what failed).
@@ -92,18 +92,18 @@ fi
 
 # 3. the CUDA tests (correctness first: the benchmark of a wrong kernel means nothing); test_cuda_mma.py
 # selects the tensor-core forward (L2L_FAST_CUDA_GATES=mma) for its own tests, test_cuda_mma_backward.py the
-# tensor-core weight gradients (L2L_FAST_CUDA_BACKWARD=mma)
+# tensor-core backward (L2L_FAST_CUDA_BACKWARD=mma: every product at 20 x 2; mma_wgrad in its bit-identity test)
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # a crashing test then costs one worker, not the file
 stage test_cuda 240 tests.log "$PY" -m pytest -q -ra -p no:cacheprovider -o addopts="" $xdist tests/test_cuda.py \
   tests/test_cuda_mma.py tests/test_cuda_mma_backward.py --maxfail=15 --durations=8
 
 # 4. the benchmark, fused rows with every gate kernel and backward reduction and baselines at N = 1e6, 1e7, 1e8
 # (no torch.compile: that is step 7)
-stage bench 170 bench.log "$PY" benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --backward ffma mma \
+stage bench 170 bench.log "$PY" benchmarks/bench_step.py --device cuda --gates ffma mma mma16 --backward ffma mma mma_wgrad \
   --no-compile --min-run-time 0.25 --markdown
 
 # 5. ncu of one in-place step at N = 1e7 per gate kernel (the third launch of the forward kernel: two
-# warm-ups) and of one backward per weight-gradient reduction, at the clocks the benchmark runs at; skipped
+# warm-ups) and of one backward per backward variant, at the clocks the benchmark runs at; skipped
 # where the image has no ncu. (The bf16-state forward's profile gave way to the backward's: the stage's time.)
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 ncu_step() {
@@ -123,7 +123,7 @@ ncu_backward() {
 ncu_all() {
   local rc=0
   for gates in ffma mma mma16; do ncu_step "$gates" float32 || rc=1; done
-  for reduction in mma ffma; do ncu_backward "$reduction" || rc=1; done
+  for reduction in mma mma_wgrad ffma; do ncu_backward "$reduction" || rc=1; done
   return $rc
 }
 if [ -n "$NCU" ]; then

@@ -1,7 +1,8 @@
 """One in-place step of the paper's optimizer (hidden 20, 2 layers, float32) over N coordinates, for a profiler:
 `calls` steps, so that `ncu --launch-skip` can skip the warm-up ones. The gate kernel is L2L_FAST_CUDA_GATES's
 (ffma by default, mma: csrc/cuda/gate_variant.h); with --op backward, `calls` backwards of one step instead
-(lstm_step_backward; its weight-gradient reduction is L2L_FAST_CUDA_BACKWARD's). scripts/gpu_run.sh runs it under ncu:
+(lstm_step_backward; its variant is L2L_FAST_CUDA_BACKWARD's: ffma, mma, mma_wgrad). scripts/gpu_run.sh runs it
+under ncu:
 
   L2L_FAST_CUDA_GATES=mma ncu --clock-control none -k regex:forward_ --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats python scripts/ncu_step.py --n 1e7

@@ -1,10 +1,11 @@
-"""The backward's weight gradients on tensor cores (L2L_FAST_CUDA_BACKWARD=mma, csrc/cuda/backward_mma.h) on a GPU.
+"""The backward on tensor cores (L2L_FAST_CUDA_BACKWARD=mma: csrc/cuda/backward_mma_body.h for hidden 20 x 2, the
+weight gradients of csrc/cuda/backward_mma.h for every float32 net; mma_wgrad: the weight gradients alone) on a GPU.
 
-The backward checks of tests/test_cuda.py with the mma reduction selected for every test of this module: against
-the float64 CPU reference (tolerances.py's float32 rule for the weight gradients, unchanged: the error analysis in
-backward_mma.h), odd sizes, several nets, every feature set and output kind, NaN/Inf policy, determinism; d grad and
-d state bit for bit the FFMA backward's. Here the tensor cores' own sums are checked, which the CPU model
-(tests/test_cuda_mma_backward_emulated.py) cannot. Skipped without a GPU.
+The backward checks of tests/test_cuda.py with mma selected for every test of this module: against the float64 CPU
+reference (tolerances.py's float32 tables, unchanged: the error analyses in backward_mma.h and backward_mma_body.h),
+odd sizes, several nets, every feature set and output kind, NaN/Inf policy, determinism; with mma_wgrad d grad and
+d state bit for bit the FFMA backward's, with mma (20 x 2) within the float32 table of them. Here the tensor cores'
+own sums are checked, which the CPU model (tests/test_cuda_mma_backward_emulated.py) cannot. Skipped without a GPU.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ def mma_backward(monkeypatch):
 
 @pytest.mark.parametrize("hidden,layers", [(20, 2), (33, 3)], ids=lambda v: str(v))
 def test_only_weight_gradients_change(gen, monkeypatch, hidden, layers):
-    """The variable switches the reduction: d grad and d state are the FFMA backward's bit for bit, some weight
+    """mma_wgrad switches the reduction only: d grad and d state are the FFMA backward's bit for bit, some weight
     gradient differs in its last bits (were it the FFMA loop again, all would be equal), and both are within the
     float32 rule of the float64 reference."""
     grad, state, weights, up_u, up_s = cases.inputs(100_003, hidden, layers, torch.float32, gen, non_finite=True)
     args = (*cases.on(IMPL, [up_u, up_s, grad, state]), cases.on(IMPL, weights), P, SCALE)
+    monkeypatch.setenv("L2L_FAST_CUDA_BACKWARD", "mma_wgrad")
     mma = IMPL.lstm_step_backward(*args)
     monkeypatch.setenv("L2L_FAST_CUDA_BACKWARD", "ffma")
     ffma = IMPL.lstm_step_backward(*args)
@@ -46,6 +48,23 @@ def test_only_weight_gradients_change(gen, monkeypatch, hidden, layers):
                                 *[cases.to64(t) for t in (up_u, up_s)])[4]
     ref32 = cases.reference_grads(grad, state, weights, P, SCALE, up_u, up_s)[4]
     assert_weight_grads_close([w.cpu() for w in mma[2]], ref, torch.float32, ref32)
+
+
+def test_gate_products_within_tolerance_of_ffma(gen, monkeypatch):
+    """mma at 20 x 2 (the gate and input products on tensor cores too): d grad and d state differ from the FFMA
+    backward's (else the FFMA products ran) within the float32 elementwise table, with the same non-finite pattern."""
+    from tolerances import assert_elementwise_close
+
+    grad, state, weights, up_u, up_s = cases.inputs(100_003, 20, 2, torch.float32, gen, non_finite=True)
+    args = (*cases.on(IMPL, [up_u, up_s, grad, state]), cases.on(IMPL, weights), P, SCALE)
+    mma = IMPL.lstm_step_backward(*args)
+    monkeypatch.setenv("L2L_FAST_CUDA_BACKWARD", "ffma")
+    ffma = IMPL.lstm_step_backward(*args)
+    for name, a, b in (("d_grad", mma[0], ffma[0]), ("d_state", mma[1], ffma[1])):
+        assert not torch.equal(a, b), name
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)), name
+        assert_elementwise_close(a[finite].cpu(), b[finite].cpu(), torch.float32, name)
 
 
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)

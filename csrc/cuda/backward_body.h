@@ -189,16 +189,23 @@ L2L_DEVICE T recompute_output(const BackwardArgs<T>& a, Dims dims, const T* w, i
   return y;
 }
 
+// d loss / d y from the upstream gradient of the update and the output value y (read for the tanh output only).
+template <typename T>
+L2L_DEVICE T output_grad(const NetConstants<T>& net, T grad_update, T y) {
+  T dy = grad_update * net.output_scale;
+  if (net.output == kTanhOutput) {
+    const T t = accurate_tanh(y);
+    dy *= T(1) - t * t;
+  }
+  return dy;
+}
+
 // d loss / d y from the upstream gradient of the update (OutputKind, lstm_layout.h).
 template <class Dims, typename T>
 L2L_DEVICE T output_backward(const BackwardArgs<T>& a, Dims dims, const T* w, int64_t c, const CoordinateInputs<T>& in,
                              T grad_update) {
-  T dy = grad_update * a.net.output_scale;
-  if (a.net.output == kTanhOutput) {
-    const T t = accurate_tanh(recompute_output(a, dims, w, c, in));
-    dy *= T(1) - t * t;
-  }
-  return dy;
+  const T y = a.net.output == kTanhOutput ? recompute_output(a, dims, w, c, in) : T(0);
+  return output_grad(a.net, grad_update, y);
 }
 
 // Step 3 for layer l (and the output layer for the top one): the FFMA loop, or tensor cores when Mma.

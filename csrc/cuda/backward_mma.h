@@ -1,4 +1,4 @@
-// The backward's weight-gradient reduction on tensor cores (L2L_FAST_CUDA_BACKWARD=mma, gate_variant.h):
+// The backward's weight-gradient reduction on tensor cores (L2L_FAST_CUDA_BACKWARD=mma_wgrad or mma, gate_variant.h):
 // step 3 of backward_body.h, dW[rows, K + 1] += dz^T x over one staged tile, as warp-wide mma.m16n8k8 TF32
 // in 3xTF32 instead of reduce_weight_grads' FFMA loop. Torch-free; the CPU emulation runs this code.
 //   M: the gate rows (4H of an LSTM layer, 1 of the output layer), m-tiles of 16;

@@ -14,6 +14,7 @@ struct CudaCtx {
   __device__ __forceinline__ int blocks() const { return gridDim.x; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
   __device__ __forceinline__ int lane() const { return threadIdx.x % 32; }
+  __device__ __forceinline__ void sync_warp() const { __syncwarp(); }
   // acc += A B, one warp-wide mma.m16n8k8 (all 32 lanes, converged); a and b hold TF32 values (rounded).
   __device__ __forceinline__ void mma_tf32(FragA& acc, const FragA& a, const FragB& b) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -155,7 +155,8 @@ struct GradTarget {
 struct BackwardPlan {
   int threads = 0, blocks = 0;
   bool weights_in_smem = false;
-  bool mma = false;  // weight gradients on tensor cores (backward_mma.h; float32 only)
+  bool mma = false;        // weight gradients on tensor cores (backward_mma.h; float32 only)
+  bool mma_gates = false;  // and the gate and input products (backward_mma_body.h; hidden 20 x 2 only)
   int64_t smem_bytes = 0;
 };
 

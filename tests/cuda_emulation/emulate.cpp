@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cuda/backward_body.h"
+#include "cuda/backward_mma_body.h"
 #include "cuda/forward_body.h"
 #include "cuda/forward_mma_body.h"
 #include "cuda/gate_variant.h"
@@ -41,6 +42,7 @@ struct EmuCtx {
   int blocks() const { return nb; }
   void sync() const { barrier->wait(); }
   int lane() const { return t % 32; }
+  void sync_warp() const { (*warps)[size_t(t / 32)].sync(); }
   void mma_tf32(FragA& acc, const FragA& a, const FragB& b) const { (*warps)[size_t(t / 32)].mma(lane(), acc, a, b); }
 };
 
@@ -56,6 +58,7 @@ struct Settings {
   int64_t launches = 0;                  // kernel launches so far (multi-tensor chunking is visible here)
   int64_t mma_launches = 0;              // of them, the tensor-core forward's
   int64_t mma_backward_launches = 0;     // backward launches with the weight gradients on tensor cores
+  int64_t mma_gates_backward_launches = 0;  // of them, with every product on tensor cores
 };
 Settings settings;
 
@@ -123,7 +126,9 @@ struct EmuLauncher {
   static BackwardPlan backward_plan(const PackedLayout& layout, int64_t n) {
     BackwardPlan plan = plan_backward(layout, int(sizeof(T)), settings.smem_limit);
     TORCH_CHECK(plan.threads > 0, "emulated backward: shared memory limit too small");
-    plan.mma = std::is_same_v<T, float> && requested_backward() == Backward::kMma;
+    const Backward requested = requested_backward();
+    plan.mma = std::is_same_v<T, float> && requested != Backward::kFfma;
+    plan.mma_gates = plan.mma && requested == Backward::kMma && mma_backward_supports(layout);
     dispatch_dims(layout, [&](auto dims) {
       TORCH_CHECK(plan.weights_in_smem || !decltype(dims)::kFixed, "emulated backward: fixed dims need shared weights");
     });
@@ -136,6 +141,13 @@ struct EmuLauncher {
   static void backward(const BackwardArgs<T>& a, const BackwardPlan& plan) {
     dispatch_dims(a.net.layout, [&](auto dims) {
       if constexpr (std::is_same_v<T, float>) {
+        if (plan.mma_gates) {
+          ++settings.mma_backward_launches;
+          ++settings.mma_gates_backward_launches;
+          run_grid(plan.blocks, plan.threads, plan.smem_bytes,
+                   [&](const EmuCtx& ctx, unsigned char* smem) { backward_block_mma(ctx, a, dims, smem); });
+          return;
+        }
         if (plan.mma) {
           ++settings.mma_backward_launches;
           run_grid(plan.blocks, plan.threads, plan.smem_bytes,
@@ -271,6 +283,43 @@ at::Tensor weight_grads_tile(const at::Tensor& x, const at::Tensor& dz, int64_t 
   return partial;
 }
 
+// The backward's per-coordinate products alone (backward_mma_body.h), for one emulated block of T = x.size(0)
+// threads (32, 64, 128): x [T, K] (layer inputs), dz [T, 80] and one layer's packed weights w [20 K 4] and bias
+// b [80] of hidden 20, staged as backward_mma_body.h stages them (rows of the backward's strides, NaN in what it
+// does not write); returns z = x W^T + b [T, 80] (warp_gates) and dx = dz W [T, K] (warp_input_grads).
+std::vector<at::Tensor> gate_products_tile(const at::Tensor& x, const at::Tensor& dz, const at::Tensor& w,
+                                           const at::Tensor& b) {
+  const int threads = int(x.size(0)), K = int(x.size(1)), H = MmaBackwardNet::kH;
+  TORCH_CHECK(x.dim() == 2 && dz.dim() == 2 && dz.size(0) == threads && dz.size(1) == 4 * H && K <= 2 * H &&
+              w.numel() == int64_t(4) * H * K && b.numel() == 4 * H && x.scalar_type() == at::kFloat &&
+              dz.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat);
+  TORCH_CHECK(threads == 32 || threads == 64 || threads == 128, "blocks of 32, 64 or 128 threads");
+  const int sx = staging_stride(2 * H + 1), sdz = staging_stride(4 * H);  // the 20 x 2 net's strides
+  const int64_t x_size = int64_t(threads) * sx, dz_size = int64_t(threads) * sdz, w_size = w.numel() + b.numel();
+  const at::Tensor xc = x.contiguous(), dzc = dz.contiguous(), wc = at::cat({w.flatten(), b.flatten()});
+  at::Tensor z = at::empty({threads, 4 * H}, x.options()), dx = at::empty({threads, K}, x.options());
+  run_grid(1, threads, (x_size + dz_size + w_size) * int64_t(sizeof(float)), [&](const EmuCtx& ctx, unsigned char* p) {
+    float* sm = reinterpret_cast<float*>(p);
+    float *xs = sm, *dzs = sm + x_size, *ws = sm + x_size + dz_size;
+    const int t = ctx.thread(), warp_row = t / 32 * 32;
+    if (t == 0) std::memcpy(ws, wc.data_ptr<float>(), size_t(w_size) * sizeof(float));
+    float* my_x = xs + int64_t(t) * sx;
+    for (int k = 0; k < K; ++k) my_x[k] = xc.data_ptr<float>()[t * K + k];
+    my_x[K] = 1.0f;
+    for (int k = K + 1; k < std::max((K + 4) / 4 * 4, (K + 7) / 8 * 8); ++k) my_x[k] = 0.0f;
+    ctx.sync();
+    warp_gates<0>(ctx, ws, ws + w.numel(), K, xs + int64_t(warp_row) * sx, sx, dzs + int64_t(warp_row) * sdz, sdz);
+    ctx.sync_warp();
+    for (int j = 0; j < 4 * H; ++j) z.data_ptr<float>()[t * 4 * H + j] = dzs[int64_t(t) * sdz + j];
+    for (int j = 0; j < 4 * H; ++j) dzs[int64_t(t) * sdz + j] = dzc.data_ptr<float>()[t * 4 * H + j];
+    ctx.sync_warp();
+    warp_input_grads<0>(ctx, ws, K, dzs + int64_t(warp_row) * sdz, sdz, xs + int64_t(warp_row) * sx, sx);
+    ctx.sync_warp();
+    for (int k = 0; k < K; ++k) dx.data_ptr<float>()[t * K + k] = my_x[k];
+  });
+  return {z, dx};
+}
+
 // mma_tf32.h's round_tf32 (the host side of cvt.rna.tf32.f32) elementwise.
 // (finite: round_tf32_finite, the integer rounding of the layer inputs)
 at::Tensor round_tf32_tensor(const at::Tensor& x, bool finite) {
@@ -318,6 +367,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launches", [] { return settings.launches; });
   m.def("mma_launches", [] { return settings.mma_launches; });
   m.def("mma_backward_launches", [] { return settings.mma_backward_launches; });
+  m.def("mma_gates_backward_launches", [] { return settings.mma_gates_backward_launches; });
+  m.def("gate_products_tile", &gate_products_tile, py::arg("x"), py::arg("dz"), py::arg("w"), py::arg("b"));
   m.def("weight_grads_tile", &weight_grads_tile, py::arg("x"), py::arg("dz"), py::arg("G"), py::arg("mma"));
   m.def("packed_cache_counts", [] {
     const l2l_fast::PackedCacheStats s = l2l_fast::packed_cache_stats();

@@ -65,6 +65,9 @@ class WarpMma {
  public:
   explicit WarpMma(int lanes = 32) : barrier_(lanes) {}
 
+  // __syncwarp: every lane of the warp arrives (the same barrier as mma's, so the two stay in step).
+  void sync() { barrier_.wait(); }
+
   void mma(int lane, FragA& acc, const FragA& a, const FragB& b) {
     for (int i = 0; i < 4; ++i) a_[lane][i] = tf32_operand(a.v[i]);
     for (int i = 0; i < 2; ++i) b_[lane][i] = tf32_operand(b.v[i]);

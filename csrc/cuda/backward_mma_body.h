@@ -1,0 +1,350 @@
+// The whole backward on tensor cores for hidden 20 x 2 layers in float32 (L2L_FAST_CUDA_BACKWARD=mma,
+// gate_variant.h): backward_body.h's per-coordinate products (the gate recompute z = W x + b of each layer and
+// d inputs = W^T dz) become warp GEMMs on mma.m16n8k8 TF32 in 3xTF32, next to backward_mma.h's weight-gradient
+// GEMM. Torch-free; the CPU emulation runs this code.
+//
+// Why not forward_mma_body.h's register layout: the backward's cell update and cell backward stay one thread per
+// coordinate (backward_body.h's structure, its NaN / inactive handling and its staging for the weight gradients),
+// and the staging rows it already has, [coordinate][value] in shared memory, are exactly the A operands:
+//   gates:  Z[32 coords, 80] = X[32, K] W^T[K, 80] + b   A = the staged x rows, C stored over the dz rows
+//   inputs: DX[32, K]        = DZ[32, 80] W[80, K]        A = the dz rows,      C stored over the x rows
+// Each warp multiplies the 32 rows of its own threads (2 m-tiles), so the exchange between a thread's values and
+// the fragments is warp-local (__syncwarp); only the weight gradients (a sum over the block's coordinates) keep
+// the block barriers. Rows of inactive coordinates are staged as zeros, a poisoned row's NaN stays in its row (a
+// D row depends on its own A row), and a non-finite weight poisons every coordinate anyway (its poison check).
+// B (the weights) is read from the packed weights in shared memory (backward_body.h's stage_weights) and split on
+// the fly: regrouped fragments of both products would take ~85 KB per block, past 2 blocks per SM.
+// Fragment layouts: forward_mma_body.h / warp_mma.h (PTX ISA). For lane = 4 g + tig:
+//   gates, k-tile kt, n-tile nt: a_i = x[row g + 8 (i % 2)][8 kt + tig + 4 (i / 2)],
+//     b_i = W[gate 8 nt + g][input 8 kt + tig + 4 i] (0 for input >= K),
+//     c_i -> z[row g + 8 (i / 2)][8 nt + 2 tig + i % 2]
+//   inputs: a_i = dz[row ...][gate 8 kt + tig + 4 (i / 2)], b_i = W[gate 8 kt + tig + 4 i][input 8 nt + g],
+//     c_i -> dx[row][input 8 nt + 2 tig + i % 2] (columns K .. 8 NT - 1 come out 0: their B columns are 0)
+// (W[j][k] is packed at layer_offset + ((j / 4) K + k) 4 + j % 4; gate j = 4 unit + gate, lstm_layout.h.)
+//
+// Error analysis (what 3xTF32 adds; both operands split with lo unrounded, backward_mma.h's split):
+//   each product drops at most 5.01 * 2^-22 |w x| (backward_mma.h), and every product and the bias go into one
+//   float32 accumulator (as forward_mma_body.h's gates): 3K + 1 roundings of at most u = 2^-24 of the running sum
+//   (2^-23 if the tensor cores truncate). So
+//     z:  |z_mma - z| <= (1.2e-6 + (3K + 1) u) sum_k |w_k x_k| + |b|-terms; layer 1 (K = 40): 8.4e-6 of it,
+//         against the FFMA loop's (K + 1) u = 2.4e-6 (the forward mma's bound, mma_tf32.h, plus the lo rounding);
+//     dx: |dx_mma - dx| <= (1.2e-6 + 3 * 80 u) sum_j |w_jk dz_j| = 1.55e-5 sum |w dz| (FFMA: 80 u = 4.8e-6).
+//   The roundings are random-signed: typically sqrt(3K) u, i.e. ~1.5e-7 of sum |w x|, the FFMA loop's ~sqrt(K) u
+//   times 1.7. Why the float32 ELEMENTWISE tolerance (5e-5 of the tensor's largest entry, tests/tolerances.py)
+//   still holds: the cell maps z through slopes <= 1 (sigmoid 1/4, tanh 1), d state and d grad are sums of
+//   dx entries through the same slopes, and for this net sum |w x| / max |z| and sum |w dz| / max |dx| stay
+//   O(1..10) (random weights of scale 1/sqrt(K): the worst case above times 10 is still 1.6e-4 of sum |w dz|, and
+//   typical errors are 100x smaller). The WEIGHT_GRAD rule (2x PyTorch float32's error + a floor) sees dz and x
+//   through the same few-1e-7 relative perturbation, far below the float32 sums' own rounding over the tile
+//   (backward_mma.h). Measured in the emulation (tests/test_cuda_mma_backward_emulated.py, the tolerances
+//   unchanged): see csrc/cuda/NOTES.md, "The mma backward".
+#pragma once
+#include <type_traits>
+
+#include "cuda/backward_body.h"
+#include "cuda/backward_mma.h"
+#include "cuda/mma_tf32.h"
+
+namespace l2l_fast {
+namespace cuda {
+
+// The net the tensor-core gate products of the backward are written for: hidden 20, 2 layers, any features
+// (the first layer's K = inputs + 20 <= 26: at most 4 k-tiles; layer 1: K = 40, 5 k-tiles).
+struct MmaBackwardNet {
+  static constexpr int kH = 20, kLayers = 2;
+  static constexpr int kGateTiles = 4 * kH / 8;  // n-tiles of the gates, k-tiles of the inputs' product
+  static constexpr int kMaxInputTiles = 5;       // n-tiles of d inputs: ceil(K / 8) <= 5
+  static constexpr int kWarpRows = 32;           // coordinates per warp: 2 m-tiles
+};
+
+L2L_HD bool mma_backward_supports(const PackedLayout& layout) {
+  return layout.hidden == MmaBackwardNet::kH && layout.layers == MmaBackwardNet::kLayers &&
+         layout.inputs <= MmaBackwardNet::kH;
+}
+
+// Weight of gate row j and layer input k (0 for k >= K, the padding of the last k- or n-tile).
+L2L_DEVICE float gate_weight(const float* w_l, int K, int j, int k) {
+  return k < K ? w_l[(int64_t(j >> 2) * K + k) * 4 + (j & 3)] : 0.0f;
+}
+
+L2L_DEVICE void split_b(float v0, float v1, FragB& hi, FragB& lo) {
+  const Tf32Split s0 = split_tf32_lo_unrounded(v0), s1 = split_tf32_lo_unrounded(v1);
+  hi = FragB{{s0.hi, s1.hi}};
+  lo = FragB{{s0.lo, s1.lo}};
+}
+
+// The A fragment (split) of 16 staged rows (stride s), columns col0 .. col0 + 7.
+L2L_DEVICE void load_rows_a(const float* rows, int s, int col0, int lane, FragA& hi, FragA& lo) {
+  const int g = lane / 4, k = col0 + lane % 4;
+  const float v[4] = {rows[g * s + k], rows[(g + 8) * s + k], rows[g * s + k + 4], rows[(g + 8) * s + k + 4]};
+  split_frag(v, hi, lo);
+}
+
+L2L_DEVICE void store_pair(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+#else
+  p[0] = a;
+  p[1] = b;
+#endif
+}
+
+// A C fragment into 16 rows (stride s, even), columns col0 .. col0 + 7.
+L2L_DEVICE void store_rows_c(float* rows, int s, int col0, int lane, const FragA& c) {
+  const int g = lane / 4, k = col0 + 2 * (lane % 4);
+  store_pair(rows + g * s + k, c.v[0], c.v[1]);
+  store_pair(rows + (g + 8) * s + k, c.v[2], c.v[3]);
+}
+
+// z rows = x rows W_l^T + b_l for the warp's 32 coordinates: x from the warp's first staged row (stride sx;
+// columns K .. 8 ceil(K / 8) - 1 finite: the bias column's 1 and zeros), z into 80 columns of its rows (stride sz).
+// Every lane of the warp calls it.
+// KC: K when known at compile time (0: run-time K), which folds the B operand's offsets and its padding test.
+template <int KC, class Ctx>
+L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, int k_size, const float* x, int sx,
+                           float* z, int sz) {
+  constexpr int M = 2, NT = MmaBackwardNet::kGateTiles;
+  const int K = KC ? KC : k_size;
+  const int lane = ctx.lane(), g = lane / 4, tig = lane % 4;
+  FragA acc[M][NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float b0 = b_l[8 * nt + 2 * tig], b1 = b_l[8 * nt + 2 * tig + 1];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m][nt] = FragA{{b0, b1, b0, b1}};
+  }
+  const int KT = (K + 7) / 8;
+#pragma unroll 1
+  for (int kt = 0; kt < KT; ++kt) {
+    FragA a_hi[M], a_lo[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) load_rows_a(x + 16 * m * sx, sx, 8 * kt, lane, a_hi[m], a_lo[m]);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int j = 8 * nt + g, k = 8 * kt + tig;
+      FragB b_hi, b_lo;
+      split_b(gate_weight(w_l, K, j, k), gate_weight(w_l, K, j, k + 4), b_hi, b_lo);
+#pragma unroll
+      for (int m = 0; m < M; ++m) mma_3xtf32(ctx, acc[m][nt], a_hi[m], a_lo[m], b_hi, b_lo);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) store_rows_c(z + 16 * m * sz, sz, 8 * nt, lane, acc[m][nt]);
+}
+
+// dx rows [0, 8 ceil(K / 8)) = dz rows W_l for the warp's 32 coordinates (dz: 80 columns, stride sdz; dx stride
+// sdx). Every lane of the warp calls it.
+template <int KC, class Ctx>
+L2L_DEVICE void warp_input_grads(const Ctx& ctx, const float* w_l, int k_size, const float* dz, int sdz, float* dx,
+                                 int sdx) {
+  constexpr int M = 2, KT = MmaBackwardNet::kGateTiles, kMaxNT = MmaBackwardNet::kMaxInputTiles;
+  const int K = KC ? KC : k_size;
+  const int lane = ctx.lane(), g = lane / 4, tig = lane % 4;
+  const int NT = (K + 7) / 8;
+  FragA acc[M][kMaxNT];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) acc[m][nt] = FragA{{0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll 1
+  for (int kt = 0; kt < KT; ++kt) {
+    FragA a_hi[M], a_lo[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) load_rows_a(dz + 16 * m * sdz, sdz, 8 * kt, lane, a_hi[m], a_lo[m]);
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) {
+      if (nt >= NT) break;  // the same for the whole warp
+      const int j = 8 * kt + tig, k = 8 * nt + g;
+      FragB b_hi, b_lo;
+      split_b(gate_weight(w_l, K, j, k), gate_weight(w_l, K, j + 4, k), b_hi, b_lo);
+#pragma unroll
+      for (int m = 0; m < M; ++m) mma_3xtf32(ctx, acc[m][nt], a_hi[m], a_lo[m], b_hi, b_lo);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt)
+      if (nt < NT) store_rows_c(dx + 16 * m * sdx, sdx, 8 * nt, lane, acc[m][nt]);
+}
+
+// Stages layer l's inputs of coordinate c in its row my_x: x, the bias column's 1, zeros up to the 4-wide
+// loads of the weight gradients and the gate product's last k-tile (all zeros for an inactive coordinate).
+template <class Dims>
+L2L_DEVICE void stage_layer_inputs(const BackwardArgs<float>& a, Dims dims, int l, int64_t c,
+                                   const CoordinateInputs<float>& in, bool active, float* my_x) {
+  const int K = a.net.layout.k_size(l);
+  const int end = (K + 4) / 4 * 4 > (K + 7) / 8 * 8 ? (K + 4) / 4 * 4 : (K + 7) / 8 * 8;
+  int k = 0;
+  if (active) {
+    layer_inputs(a, dims, l, c, in, my_x);
+    my_x[K] = 1.0f;
+    k = K + 1;
+  }
+  for (; k < end; ++k) my_x[k] = 0.0f;
+}
+
+// The cell backward of layer l for an active coordinate from its gate pre-activations z (its dz row, replaced by
+// dz): d c of the layer into grad_state, the top layer's h into h_top (when not null).
+L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c, const float (&dh)[MmaBackwardNet::kH],
+                                  float* my_dz, float* h_top) {
+  const PackedLayout& lay = a.net.layout;
+  const int64_t n = a.n;
+#pragma unroll 1
+  for (int u = 0; u < MmaBackwardNet::kH; ++u) {
+    const int64_t cell = state_row(lay, l, 1, u) * n + c;
+    const float c_old = a.state[cell], dc_new = a.grad_new_state[cell];
+    const Quad<float> z = load_quad(my_dz + 4 * u);
+    float i, f, gg, o, c_new, tanh_c, h;
+    cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
+    if (h_top) h_top[u] = h;
+    Quad<float> dzq;
+    float dc;
+    cell_backward(dh[u], dc_new, i, f, gg, o, c_old, tanh_c, dzq.v[0], dzq.v[1], dzq.v[2], dzq.v[3], dc);
+    a.grad_state[cell] = dc;
+    store_quad(my_dz + 4 * u, dzq);
+  }
+}
+
+// Layer l's K when known at compile time: layer 1's always (2 H), layer 0's for the fixed dims; else 0.
+template <class Dims, int l>
+L2L_HD constexpr int compile_time_k() {
+  if constexpr (l == 1) return 2 * MmaBackwardNet::kH;
+  else if constexpr (Dims::kFixed) return Dims::kInputs + MmaBackwardNet::kH;
+  else return 0;
+}
+
+// One tile's layer: the staged x rows of the warp -> gate pre-activations over its dz rows.
+template <int l, class Dims, class Ctx>
+L2L_DEVICE void tile_gates(const Ctx& ctx, const BackwardArgs<float>& a, Dims, const float* w, const BackwardSmem& plan,
+                           float* warp_x, float* warp_dz) {
+  const PackedLayout& lay = a.net.layout;
+  ctx.sync_warp();  // the warp's x rows are staged
+  warp_gates<compile_time_k<Dims, l>()>(ctx, w + lay.layer_offset(l), w + lay.bias_offset(l), lay.k_size(l), warp_x,
+                                        plan.sx, warp_dz, plan.sdz);
+  ctx.sync_warp();  // its z rows are in
+}
+
+// After the cell backward of layer l: its weight gradients (block-wide), then d inputs over the warp's x rows.
+template <int l, class Dims, class Ctx>
+L2L_DEVICE void tile_layer_grads(const Ctx& ctx, const BackwardArgs<float>& a, Dims dims, const float* w,
+                                 const BackwardSmem& plan, float* smem, double* partial, float* warp_x,
+                                 const float* warp_dz) {
+  ctx.sync();
+  layer_weight_grads<true>(ctx, a, dims, l, plan, smem, partial);
+  ctx.sync();  // every warp has read the x rows: they take d inputs now
+  warp_input_grads<compile_time_k<Dims, l>()>(ctx, w + a.net.layout.layer_offset(l), a.net.layout.k_size(l), warp_dz,
+                                              plan.sdz, warp_x, plan.sx);
+  ctx.sync_warp();
+}
+
+template <class Dims, class Ctx>
+L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a, Dims dims, unsigned char* smem_bytes) {
+  constexpr int H = MmaBackwardNet::kH;
+  const PackedLayout& lay = a.net.layout;
+  const int tile = ctx.threads(), tid = ctx.thread(), warp_row = tid / 32 * 32;
+  const int64_t n = a.n;
+  float* smem = reinterpret_cast<float*>(smem_bytes);
+  const BackwardSmem plan = BackwardSmem::plan(lay, tile, Dims::kFixed || a.weights_in_smem != 0);
+  const float* w = stage_weights<Dims>(ctx, a.net.weights, lay.size(), a.weights_in_smem != 0, smem + plan.weights);
+  float* my_x = smem + plan.x + int64_t(tid) * plan.sx;
+  float* my_dz = smem + plan.dz + int64_t(tid) * plan.sdz;
+  float* my_h_top = smem + plan.h_top + int64_t(tid) * plan.sh;
+  float* warp_x = smem + plan.x + int64_t(warp_row) * plan.sx;
+  float* warp_dz = smem + plan.dz + int64_t(warp_row) * plan.sdz;
+  double* partial = a.partials + int64_t(ctx.block()) * lay.size();
+  const float* out_w = w + lay.out_weight_offset();
+  const int I0 = lay.inputs;
+
+  for (int64_t base = int64_t(ctx.block()) * tile; base < n; base += int64_t(ctx.blocks()) * tile) {
+    const int64_t c = base + tid;
+    CoordinateInputs<float> in{c < n ? a.grad[c] : 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    const bool active = c < n && is_finite(in.grad);
+    float poison = 0.0f;  // NaN: poisoned (as backward_block)
+    if (active) {
+      poison = a.net.weights[lay.poison_offset()];
+      for (int64_t r = 0; r < int64_t(2) * 2 * H; ++r) poison += a.state[r * n + c] - a.state[r * n + c];
+      if (reads_moments(dims.features())) {
+        load_moments(a.moments, n, c, in);
+        poison += moments_poison(in);
+      }
+    }
+    // layer 0's forward: its h_new parked in grad_state's h rows of layer 0 (as park_lower_layers)
+    stage_layer_inputs(a, dims, 0, c, in, active, my_x);
+    tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
+    if (active) {
+#pragma unroll 1
+      for (int u = 0; u < H; ++u) {
+        const Quad<float> z = load_quad(my_dz + 4 * u);
+        float i, f, gg, o, c_new, tanh_c, h;
+        cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], a.state[state_row(lay, 0, 1, u) * n + c], i,
+                                         f, gg, o, c_new, tanh_c, h);
+        a.grad_state[state_row(lay, 0, 0, u) * n + c] = h;
+      }
+    }
+
+    // layer 1 (the top): gates, the output's derivative, the cell backward
+    stage_layer_inputs(a, dims, 1, c, in, active, my_x);
+    tile_gates<1>(ctx, a, dims, w, plan, warp_x, warp_dz);
+    float dh[H];
+    float gu = 0.0f;
+    if (active) {
+      float y = 0.0f;
+      if (a.net.output == kTanhOutput) {  // y = out_w . h_top + out_b, summed as recompute_output sums it
+        y = w[lay.out_bias_offset()];
+#pragma unroll 1
+        for (int u = 0; u < H; ++u) {
+          const Quad<float> z = load_quad(my_dz + 4 * u);
+          float i, f, gg, o, c_new, tanh_c, h;
+          cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], a.state[state_row(lay, 1, 1, u) * n + c],
+                                           i, f, gg, o, c_new, tanh_c, h);
+          y += out_w[u] * h;
+        }
+      }
+      gu = output_grad(a.net, poison != poison ? poison : a.grad_update[c], y);
+      for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, 1, 0, u) * n + c];
+      cell_backward_row(a, 1, c, dh, my_dz, my_h_top);
+      my_h_top[H] = 1.0f;
+      for (int k = H + 1; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = 0.0f;
+    } else {  // inactive coordinates add nothing to the weight gradients
+      for (int k = 0; k < (H + 4) / 4 * 4; ++k) my_h_top[k] = 0.0f;
+      for (int k = 0; k < 4 * H; ++k) my_dz[k] = 0.0f;
+    }
+    smem[plan.gu + tid] = gu;
+    tile_layer_grads<1>(ctx, a, dims, w, plan, smem, partial, warp_x, warp_dz);
+    if (active) {
+      for (int u = 0; u < H; ++u) {
+        a.grad_state[state_row(lay, 1, 0, u) * n + c] = my_x[H + u];
+        dh[u] = my_x[u] + a.grad_new_state[state_row(lay, 0, 0, u) * n + c];
+      }
+    }
+
+    // layer 0's backward (its gates recomputed, as backward_body.h does)
+    stage_layer_inputs(a, dims, 0, c, in, active, my_x);
+    tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
+    if (active) {
+      cell_backward_row(a, 0, c, dh, my_dz, nullptr);
+    } else {
+      for (int k = 0; k < 4 * H; ++k) my_dz[k] = 0.0f;
+    }
+    tile_layer_grads<0>(ctx, a, dims, w, plan, smem, partial, warp_x, warp_dz);
+    if (active) {
+      for (int u = 0; u < H; ++u) a.grad_state[state_row(lay, 0, 0, u) * n + c] = my_x[I0 + u];
+      a.grad_grad[c] = features_backward<ScalarMath<float>>(dims.features(), in, a.net.features, my_x).grad;
+    }
+
+    if (c < n && !active) {  // non-finite gradient: identity for the state, 0 for the gradient
+      a.grad_grad[c] = 0.0f;
+      for (int64_t r = 0; r < int64_t(2) * 2 * H; ++r) a.grad_state[r * n + c] = a.grad_new_state[r * n + c];
+    }
+    if (active && poison != poison) {  // NaN whatever the derivatives
+      a.grad_grad[c] = poison;
+      for (int64_t r = 0; r < int64_t(2) * 2 * H; ++r) a.grad_state[r * n + c] = poison;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace l2l_fast
