@@ -208,6 +208,37 @@ L2L_DEVICE T output_backward(const BackwardArgs<T>& a, Dims dims, const T* w, in
   return output_grad(a.net, grad_update, y);
 }
 
+// NaN when active coordinate c is poisoned (a weight, a state value or a moment not finite), else 0; c's moments
+// into `in` when the features read them. The two backward kernels' shared start of the non-finite policy.
+template <class Dims, typename T>
+L2L_DEVICE T coordinate_poison(const BackwardArgs<T>& a, Dims dims, int64_t c, CoordinateInputs<T>& in) {
+  const PackedLayout& lay = a.net.layout;
+  const int64_t n = a.n;
+  T poison = a.net.weights[lay.poison_offset()];
+  for (int64_t r = 0; r < int64_t(dims.layers()) * 2 * dims.hidden(); ++r) poison += a.state[r * n + c] - a.state[r * n + c];
+  if (reads_moments(dims.features())) {  // a compile-time false for the fixed dims
+    load_moments(a.moments, n, c, in);
+    poison += moments_poison(in);
+  }
+  return poison;
+}
+
+// The non-finite policy's outputs of coordinate c, over whatever its derivatives wrote: a non-finite gradient
+// (c < n, not active) passes d state through and gets d grad 0; a poisoned one gets NaN everywhere (some
+// derivatives may be structurally 0).
+template <class Dims, typename T>
+L2L_DEVICE void apply_nonfinite_policy(const BackwardArgs<T>& a, Dims dims, int64_t c, bool active, T poison) {
+  const int64_t n = a.n, rows = int64_t(dims.layers()) * 2 * dims.hidden();
+  if (c < n && !active) {
+    a.grad_grad[c] = T(0);
+    for (int64_t r = 0; r < rows; ++r) a.grad_state[r * n + c] = a.grad_new_state[r * n + c];
+  }
+  if (active && poison != poison) {
+    a.grad_grad[c] = poison;
+    for (int64_t r = 0; r < rows; ++r) a.grad_state[r * n + c] = poison;
+  }
+}
+
 // Step 3 for layer l (and the output layer for the top one): the FFMA loop, or tensor cores when Mma.
 template <bool Mma, class Dims, typename T, class Ctx>
 L2L_DEVICE void layer_weight_grads(const Ctx& ctx, const BackwardArgs<T>& a, Dims dims, int l, const BackwardSmem& plan,
@@ -250,12 +281,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
     T gu = T(0);
     T poison = T(0);  // NaN: poisoned (a weight, a state value or a moment of the coordinate not finite)
     if (active) {
-      poison = a.net.weights[lay.poison_offset()];
-      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) poison += a.state[r * n + c] - a.state[r * n + c];
-      if (reads_moments(dims.features())) {  // a compile-time false for the fixed dims
-        load_moments(a.moments, n, c, in);
-        poison += moments_poison(in);
-      }
+      poison = coordinate_poison(a, dims, c, in);
       park_lower_layers(a, dims, w, c, in);
       // a poisoned coordinate's upstream is NaN, so that everything downstream is: d state, d grad and
       // the weight gradients
@@ -280,14 +306,7 @@ L2L_DEVICE void backward_block(const Ctx& ctx, const BackwardArgs<T>& a, Dims di
       layer_weight_grads<Mma>(ctx, a, dims, l, plan, smem, partial);
       ctx.sync();  // the staging rows are rewritten next
     }
-    if (c < n && !active) {  // non-finite gradient: identity for the state, 0 for the gradient
-      a.grad_grad[c] = T(0);
-      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.grad_state[r * n + c] = a.grad_new_state[r * n + c];
-    }
-    if (active && poison != poison) {  // NaN whatever the derivatives (some may be structurally 0)
-      a.grad_grad[c] = poison;
-      for (int64_t r = 0; r < int64_t(L) * 2 * H; ++r) a.grad_state[r * n + c] = poison;
-    }
+    apply_nonfinite_policy(a, dims, c, active, poison);
   }
 }
 

@@ -186,6 +186,15 @@ L2L_DEVICE void stage_layer_inputs(const BackwardArgs<float>& a, Dims dims, int 
   for (; k < end; ++k) my_x[k] = 0.0f;
 }
 
+// h of unit u of layer l for coordinate c from its gate pre-activations in the dz row my_z (old c from the state).
+L2L_DEVICE float unit_h(const BackwardArgs<float>& a, int l, int u, int64_t c, const float* my_z) {
+  const Quad<float> z = load_quad(my_z + 4 * u);
+  float i, f, gg, o, c_new, tanh_c, h;
+  cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], a.state[state_row(a.net.layout, l, 1, u) * a.n + c],
+                                   i, f, gg, o, c_new, tanh_c, h);
+  return h;
+}
+
 // The cell backward of layer l for an active coordinate from its gate pre-activations z (its dz row, replaced by
 // dz): d c of the layer into grad_state, the top layer's h into h_top (when not null).
 L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c, const float (&dh)[MmaBackwardNet::kH],
@@ -263,26 +272,13 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
     CoordinateInputs<float> in{c < n ? a.grad[c] : 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     const bool active = c < n && is_finite(in.grad);
     float poison = 0.0f;  // NaN: poisoned (as backward_block)
-    if (active) {
-      poison = a.net.weights[lay.poison_offset()];
-      for (int64_t r = 0; r < int64_t(2) * 2 * H; ++r) poison += a.state[r * n + c] - a.state[r * n + c];
-      if (reads_moments(dims.features())) {
-        load_moments(a.moments, n, c, in);
-        poison += moments_poison(in);
-      }
-    }
+    if (active) poison = coordinate_poison(a, dims, c, in);
     // layer 0's forward: its h_new parked in grad_state's h rows of layer 0 (as park_lower_layers)
     stage_layer_inputs(a, dims, 0, c, in, active, my_x);
     tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
     if (active) {
 #pragma unroll 1
-      for (int u = 0; u < H; ++u) {
-        const Quad<float> z = load_quad(my_dz + 4 * u);
-        float i, f, gg, o, c_new, tanh_c, h;
-        cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], a.state[state_row(lay, 0, 1, u) * n + c], i,
-                                         f, gg, o, c_new, tanh_c, h);
-        a.grad_state[state_row(lay, 0, 0, u) * n + c] = h;
-      }
+      for (int u = 0; u < H; ++u) a.grad_state[state_row(lay, 0, 0, u) * n + c] = unit_h(a, 0, u, c, my_dz);
     }
 
     // layer 1 (the top): gates, the output's derivative, the cell backward
@@ -295,13 +291,7 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
       if (a.net.output == kTanhOutput) {  // y = out_w . h_top + out_b, summed as recompute_output sums it
         y = w[lay.out_bias_offset()];
 #pragma unroll 1
-        for (int u = 0; u < H; ++u) {
-          const Quad<float> z = load_quad(my_dz + 4 * u);
-          float i, f, gg, o, c_new, tanh_c, h;
-          cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], a.state[state_row(lay, 1, 1, u) * n + c],
-                                           i, f, gg, o, c_new, tanh_c, h);
-          y += out_w[u] * h;
-        }
+        for (int u = 0; u < H; ++u) y += out_w[u] * unit_h(a, 1, u, c, my_dz);
       }
       gu = output_grad(a.net, poison != poison ? poison : a.grad_update[c], y);
       for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, 1, 0, u) * n + c];
@@ -335,14 +325,7 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
       a.grad_grad[c] = features_backward<ScalarMath<float>>(dims.features(), in, a.net.features, my_x).grad;
     }
 
-    if (c < n && !active) {  // non-finite gradient: identity for the state, 0 for the gradient
-      a.grad_grad[c] = 0.0f;
-      for (int64_t r = 0; r < int64_t(2) * 2 * H; ++r) a.grad_state[r * n + c] = a.grad_new_state[r * n + c];
-    }
-    if (active && poison != poison) {  // NaN whatever the derivatives
-      a.grad_grad[c] = poison;
-      for (int64_t r = 0; r < int64_t(2) * 2 * H; ++r) a.grad_state[r * n + c] = poison;
-    }
+    apply_nonfinite_policy(a, dims, c, active, poison);
   }
 }
 
