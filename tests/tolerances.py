@@ -186,13 +186,17 @@ class _AbsFeatures(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grad, moments = ctx.saved_tensors
-        with torch.enable_grad():
-            x = grad.detach().requires_grad_(True)
-            out = registry.compute(x, ctx.features, ctx.p, moments)
-            # coordinatewise: d out[:, k].sum() / d grad is each coordinate's own derivative of input k
-            slopes = [torch.autograd.grad(out[:, k].sum(), x, retain_graph=True, allow_unused=True,
-                                          materialize_grads=True)[0] for k in range(out.shape[1])]
-        return sum(g[:, k] * slopes[k].abs() for k in range(len(slopes))), None, None, None
+        return (g * feature_slopes(grad, ctx.features, ctx.p, moments).abs()).sum(1), None, None, None
+
+
+def feature_slopes(grad, features, p, moments=None) -> torch.Tensor:
+    """[n, I]: d x_k / d grad_i, each coordinate's own derivative of its input feature k (moments held fixed)."""
+    with torch.enable_grad():
+        x = grad.detach().requires_grad_(True)
+        out = registry.compute(x, features, p, moments)
+        # coordinatewise: d out[:, k].sum() / d grad is each coordinate's own derivative of input k
+        return torch.stack([torch.autograd.grad(out[:, k].sum(), x, retain_graph=True, allow_unused=True,
+                                                materialize_grads=True)[0] for k in range(out.shape[1])], 1)
 
 
 def backward_error_scale(grad, state, weights, p, scale, up_u, up_s, derivative_floor=None, features=1, moments=None,
@@ -259,13 +263,11 @@ def feature_slope_bound(grad, state, weights, p, scale, up_u, up_s, features=1, 
         moments = moments.detach().to(f64)
         sound = sound & torch.isfinite(moments).all(0)
         moments = torch.where(sound, moments, torch.zeros_like(moments))
-    g = torch.where(sound, grad, torch.zeros_like(grad)).requires_grad_(True)
+    g = torch.where(sound, grad, torch.zeros_like(grad))
     state = torch.where(sound, state, torch.zeros_like(state))
+    slopes = feature_slopes(g, features, p, moments)
     with torch.enable_grad():
-        x = registry.compute(g, features, p, moments)
-        slopes = torch.stack([torch.autograd.grad(x[:, k].sum(), g, retain_graph=True, allow_unused=True,
-                                                  materialize_grads=True)[0] for k in range(x.shape[1])], 1)
-        x = x.detach().requires_grad_(True)
+        x = registry.compute(g, features, p, moments).requires_grad_(True)
         update, new_state = reference.lstm_from_inputs(x, state, weights, scale, output)
         dx, = torch.autograd.grad([update, new_state], [x], [up_u * sound, up_s * sound])
     dx_max = _finite_max(torch.where(sound[:, None], dx, torch.zeros_like(dx)))
