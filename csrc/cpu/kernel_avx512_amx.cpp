@@ -7,6 +7,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,avx2,fma,amx-tile,amx-bf16")
 #include "cpu/amx_gates.h"
+#include "cpu/amx_split.h"
 #define L2L_ISA avx512_amx
 #define L2L_ISA_NAME "avx512"
 #define L2L_VEC_BYTES 64
