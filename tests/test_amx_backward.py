@@ -165,7 +165,8 @@ def test_backward_non_finite_positions(split, backend, seed):
 
 def test_poisoned_tile_leaves_the_next_sound(amx, gen):
     """A poisoned first tile (NaN gate gradients and inputs in the shared buffers) leaves the second tile's d grad and
-    d state bit for bit as computed alone: the gate rows past 4H and the inputs past K are zeros every tile."""
+    d state bit for bit as computed alone: the gate rows past 4H and the inputs past K are zeros in every tile (never
+    written after their allocation)."""
     H, L, n = 9, 2, 192  # 36 gate rows: the second 32-gate block mostly padding
     grad, state, weights, _, up_u, up_s = problem(gen, H, L, n)
     state[0, 1, 0, :64] = float("nan")

@@ -642,7 +642,8 @@ def test_non_finite_policy_as_float32(split, backend, seed):
 
 def test_poisoned_tile_leaves_the_next_sound(amx, gen):
     """A poisoned first tile (NaN inputs in the shared pair rows) leaves the second tile bit for bit as computed
-    alone: the padding rows past K are rewritten with zeros for every layer and tile."""
+    alone: the pair rows past K are zeros for every layer and tile (each layer's own rows, never written after their
+    allocation)."""
     H, L, p = 3, 2, 10.0
     weights = random_weights(H, L, gen=gen, dtype=F32)
     grad, state = random_grad(192, gen=gen, dtype=F32, p=p), random_state(L, H, 192, gen=gen, dtype=F32)

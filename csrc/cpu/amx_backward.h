@@ -6,7 +6,8 @@
 //   weight grads    dW [G x K] += dG [G x 64] Z [64 x K]: products below with A_i = dgate rows (16 gates x 32
 //                   coordinates: bf16 rows, consecutive coordinates are a pair), B = the layer's inputs paired
 //                   along coordinates (pair row j = coordinates 2j, 2j + 1 of a 32-block, 16 inputs: a transpose of
-//                   the workspace's z rows, transpose16 below), 2 reduction blocks (the tile's 64 coordinates).
+//                   the recompute's input pieces as bf16 rows, transpose16 below), 2 reduction blocks (the tile's 64
+//                   coordinates).
 // Both operands split into the forward's pieces, the products of order <= Pieces - 1 summed, smallest first.
 #pragma once
 #include <immintrin.h>
@@ -87,8 +88,8 @@ class SharedBProducts {
   }
 };
 
-// r[j] lane n = r[n] lane j before: a 16 x 16 transpose of 32-bit words (8 unpacks of 32, 8 of 64 bits, 16 128-bit
-// lane shuffles, 16 more: 48 shuffles for 256 words).
+// r[j] lane n = r[n] lane j before: a 16 x 16 transpose of 32-bit words (16 unpacks of 32, 16 of 64 bits, 32
+// 128-bit lane shuffles: 64 shuffles for 256 words, as compiled).
 static inline void transpose16(__m512i (&r)[16]) {
   __m512i t[16];
   for (int i = 0; i < 8; ++i) {
