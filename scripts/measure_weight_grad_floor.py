@@ -6,7 +6,7 @@ Prints max / median / min of the ratio per (ISA, weights, features, output), and
 how many problems fail when the kernel's gradients are moved by `--perturb` relative (each entry times 1 + rel)
 or by an added `--perturb` times max|ref64| of the tensor.
 
-    python scripts/measure_weight_grad_floor.py SEED COUNT [--perturb 1e-3,1e-5]   # from the repository root
+    python scripts/measure_weight_grad_floor.py SEED COUNT [--perturb 1e-3,1e-5] [--n-range 1,40]   # repository root
 """
 import argparse
 import collections
@@ -28,9 +28,12 @@ parser.add_argument("--perturb", default="1e-3,1e-5,1e-6")
 parser.add_argument("--isas", default=",".join(available_cpu_isas()))
 parser.add_argument("--kinds", default="init,random,saturating")
 parser.add_argument("--bad-grads", type=int, default=4, help="up to this many non-finite gradients")
+parser.add_argument("--n-range", default="1,40", help="n uniform in this range (the tests' large n: 1000,65539)")
+parser.add_argument("--hidden-range", default="1,6")
 parser.add_argument("--worst", type=int, default=3, help="print this many worst problems")
 args = parser.parse_args()
 perturb = [float(x) for x in args.perturb.split(",") if x]
+n_range, hidden_range = ([int(x) for x in r.split(",")] for r in (args.n_range, args.hidden_range))
 
 import random  # noqa: E402
 
@@ -43,7 +46,7 @@ for isa in args.isas.split(","):
     _C.set_cpu_isa(isa)
     for kind in args.kinds.split(","):
         for _ in range(args.count):
-            pr = dict(n=rng.randint(1, 40), hidden=rng.randint(1, 6), layers=rng.randint(1, 3),
+            pr = dict(n=rng.randint(*n_range), hidden=rng.randint(*hidden_range), layers=rng.randint(1, 3),
                       bad_grads=rng.randint(0, args.bad_grads), bad_states=0, bad_moments=0, bad_weight=None,
                       kind=kind, features=rng.choice(T.FEATURE_SETS), output=rng.choice(T.OUTPUTS),
                       seed=rng.randrange(2**32))
