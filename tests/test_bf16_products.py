@@ -32,9 +32,10 @@ from l2l_fast import ops, reference
 from test_multi_step import inputs as multi_inputs
 from test_multi_step import per_tensor
 from test_nonfinite_policy import make_inputs as nonfinite_inputs
-from tolerances import (BF16_FEATURE_MARGIN, BF16_GRAD_UNIT, BF16_PRODUCT, LEGACY_FLOAT32_FLOORS, REORDERED_SUM, WEIGHT_GRAD,
-                        activation_error_bound, assert_close_rel_max, assert_elementwise_close, assert_moments_advanced,
-                        assert_weight_grads_close, bits, weight_grad_bounds, weight_grad_derived_term)
+from tolerances import (BF16_FEATURE_MARGIN, BF16_GRAD_UNIT, BF16_PRODUCT, LEGACY_FLOAT32_FLOORS, REORDERED_SUM,
+                        WEIGHT_GRAD, activation_error_bound, assert_close_rel_max, assert_elementwise_close,
+                        assert_moments_advanced, bits, weight_grad_bounds,
+                        weight_grad_derived_term)
 
 
 def _unavailable() -> str | None:
@@ -234,10 +235,10 @@ def assert_weight_grads_within(kernel, ref64, ref32, bounds, *, derived=None, sa
     else:
         global_scale = max(e.detach().double().abs().max().item() for e in ref64)
         tol = LEGACY_FLOAT32_FLOORS
-        factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating
-                             else (WEIGHT_GRAD[F32]["factor"], tol["floor_rel_moments" if moment_inputs else "floor_rel"]))
-        allowances = [factor * (e32.detach().double() - e.detach().double()).abs().max().item() + floor_rel * global_scale
-                      for e, e32 in zip(ref64, ref32)]
+        factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating else
+                             (WEIGHT_GRAD[F32]["factor"], tol["floor_rel_moments" if moment_inputs else "floor_rel"]))
+        allowances = [factor * (e32.detach().double() - e.detach().double()).abs().max().item()
+                      + floor_rel * global_scale for e, e32 in zip(ref64, ref32)]
     for k, (a, e, allowance, b) in enumerate(zip(kernel, ref64, allowances, bounds)):
         a, e = a.detach().double(), e.detach().double()
         assert torch.isfinite(a).all(), f"d_weights[{k}]: non-finite entries"
