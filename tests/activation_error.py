@@ -1,14 +1,16 @@
-"""What the float32 kernels' own sigmoid and tanh error does to the step: first-order bounds, in float64.
+"""What the float32 kernels' own sigmoid and tanh error does to the step: bounds, evaluated in float64.
 
 Each activation the kernels evaluate is off by at most e_s (sigmoid) / e_t (tanh) absolute (tolerances.py's
 ACTIVATION_ABS_ERROR, derived in csrc/cpu/ACTIVATIONS.md); everything else is taken exact here (its rounding is the
-float32 rules' business). The bounds carry those errors through the cell, first order, with |.| of every factor
-(no cancellation is assumed), at the reference's own values on the kernel's inputs.
+float32 rules' business). The bounds carry those errors through the cell with |.| of every factor (no cancellation
+is assumed), at the reference's own values on the kernel's inputs: sound for any errors within e_s, e_t, not only
+to first order (tests/test_activation_error.py holds them against a float64 emulation).
 
 Forward (csrc/cpu/ACTIVATIONS.md, "Through the cell"; per coordinate, s' = s (1 - s), t' = 1 - t^2):
-    d z = |W_ih| d x  (x: the layer's input; features and the old state exact),  d i = e_s + s'(z_i) d z_i
-    (f, o alike),  d g = e_t + t'(z_g) d z_g,  d c_new = |c| d f + |g| d i + |i| d g,
-    d tanh c_new = e_t + t'(c_new) d c_new,  d h_new = |tanh c_new| d o + |o| d tanh c_new,  d y = |w_out| d h_top.
+    d z = |W_ih| d x  (x: the layer's input; features, old state exact),  d i = e_s + s'(z_i) d z_i + d z_i^2 / 20
+    (f, o alike; 1/20 >= max|s''| / 2),  d g = e_t + t'(z_g) d z_g + 0.4 d z_g^2 (0.4 >= max|t''| / 2),
+    d c_new = |c| d f + d(i g),  d tanh c_new like d g,  d h_new = d(o tanh c_new),  d y = |w_out| d h_top,
+    where d(a b) = (|a| + d a)(|b| + d b) - |a||b| (exact for products of values off by <= d a, d b).
 
 Backward (the kernels' cell_backward, csrc/lstm_cell.h, on the recomputed forward, i.e. the values above):
     dcell = dc_up + dh o (1 - tc^2);  G_o = dh tc o (1 - o);  G_i = dcell g i (1 - i);  G_g = dcell i (1 - g^2);
@@ -19,8 +21,7 @@ A derivative from a value off by d: |s(1 - s) - s~(1 - s~)| <= |1 - 2s| d + d^2 
 own tanh may round to exactly +-1 and its derivative be exact by luck). 1 - s needs no such term (exact for
 s >= 1/2 by Sterbenz, a relative rounding below). The weight gradients are sums over the coordinates of
 G x (W_ih), G h_old (W_hh), G (biases), gu h_top (out.weight), gu (out.bias): their bound is the sum of the terms'
-|a| d b + |b| d a. Dropped: products of two errors outside the derivatives (relative ~1e-6 of a term's first-order
-part, below the float32 rounding the rules allow for).
+d(a b), every product in the backward likewise.
 """
 from __future__ import annotations
 
