@@ -1,5 +1,5 @@
 """The float32 kernels' weight-gradient error against PyTorch float32's at large n: per problem, per weight tensor,
-max|kernel - ref64| / max|ref32 - ref64| (tests/tolerances.py's WEIGHT_GRAD rule allows 2, plus a floor). The
+max|kernel - ref64| / max|ref32 - ref64| (tests/tolerances.py's WEIGHT_GRAD rule allows 2, plus a derived term). The
 small-n distribution is scripts/measure_weight_grad_floor.py's; this one runs the shipped size (H = 20, L = 2) at
 n up to 262,147, where the kernel's float chains (csrc/cpu/kernel_body.inc, "float products' backward") and
 PyTorch's GEMM sums are longest.

@@ -30,8 +30,8 @@ from l2l_fast import ops, reference
 from test_bf16_products import (assert_same_special, bound_through_cells, check_multi_step_equals_single_tensor_op,
                                  check_one_and_two_threads, emulated_step, round_bf16, upstream)
 from test_nonfinite_policy import make_inputs as nonfinite_inputs
-from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, ELEMENTWISE, WEIGHT_GRAD, activation_error_bound,
-                        assert_elementwise_close, assert_weight_grads_close, bits)
+from tolerances import (AMX_FLUSHED, AMX_PRODUCTS, ELEMENTWISE, activation_error_bound, assert_elementwise_close,
+                        assert_weight_grads_close, bits, weight_grad_bounds, weight_grad_derived_term)
 
 pytestmark = requires_native
 F32 = torch.float32
@@ -327,7 +327,8 @@ def test_backward_against_reference(amx_x6, gen, variant):
     ref32 = step_grads(reference.lstm_step, grad, state, weights, p, scale, up_u, up_s, features, moments, output)
     for name, a, e in zip(("d_grad", "d_state"), got[2:4], ref[2:4]):
         assert_elementwise_close(a, e, F32, name)
-    assert_weight_grads_close(got[4], ref[4], F32, ref32[4], moment_inputs=moments is not None)
+    derived = weight_grad_derived_term(grad, state, weights, p, scale, up_u, up_s, features, moments, output)
+    assert_weight_grads_close(got[4], ref[4], F32, ref32[4], derived=derived)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,11 +447,12 @@ def kernel_features(grad, features, p, moments, *, gen):
 
 
 def check_against_split_emulation(split, grad, state, weights, p, scale, up_u, up_s, *, features=1, moments=None,
-                                  output=0, saturating=False, backward=True, gen):
+                                  output=0, backward=True, gen):
     """The kernel's forward and backward vs the float64 emulation of its split products (split_step) fed the
     kernel's own features and h (kernel_features; the new_state output), with the float32 kernels' tolerances:
     ELEMENTWISE (+ activation_error_bound for the forward, as check_against_emulation of test_bf16_products) and,
-    for the weight gradients, the flash-attention rule against the same emulation run by PyTorch in float32.
+    for the weight gradients, the float32 rule (the flash-attention factor against the same emulation run by PyTorch
+    in float32, + the derived term).
     Returns max |kernel - emulation| / tolerance of (update, new_state, d_grad, d_state) and max |kernel -
     emulation| / the rule's bound over the weight gradients."""
     variant = dict(features=features, moments=moments, output=output)
@@ -468,8 +470,10 @@ def check_against_split_emulation(split, grad, state, weights, p, scale, up_u, u
         ratios.append(_ratio(a, e, ab))
     if backward:
         ref32 = step_grads(spec, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
-        assert_weight_grads_close(got[4], ref[4], F32, ref32, saturating=saturating, moment_inputs=moments is not None)
-        ratios.append(_rule_ratio(got[4], ref[4], ref32, saturating=saturating, moment_inputs=moments is not None))
+        # the derived term at the reference's values, as activation_error_bound above
+        derived = weight_grad_derived_term(grad, state, weights, p, scale, up_u, up_s, **variant)
+        assert_weight_grads_close(got[4], ref[4], F32, ref32, derived=derived)
+        ratios.append(_rule_ratio(got[4], ref[4], ref32, derived))
     return ratios
 
 
@@ -483,15 +487,10 @@ def _ratio(a, e, activation_bound=None):
     return ((a - e).abs() / bound).max().item()
 
 
-def _rule_ratio(kernel, ref64, ref32, *, saturating, moment_inputs):
-    """max over the weight gradients of max |kernel - ref64| / the flash-attention rule's bound."""
-    tol = WEIGHT_GRAD[F32]
-    factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating
-                         else (tol["factor"], tol["floor_rel_moments" if moment_inputs else "floor_rel"]))
-    scale = max(e.double().abs().max().item() for e in ref64)
-    return max((a.double() - e.double()).abs().max().item()
-               / (factor * (r.double() - e.double()).abs().max().item() + floor_rel * scale)
-               for a, e, r in zip(kernel, ref64, ref32))
+def _rule_ratio(kernel, ref64, ref32, derived):
+    """max over the weight gradients' entries of |kernel - ref64| / the float32 rule's bound (weight_grad_bounds)."""
+    return max(((a.double() - e.double()).abs() / b).max().item()
+               for a, e, b in zip(kernel, ref64, weight_grad_bounds(ref64, ref32, derived)) if a.numel())
 
 
 def test_split_pieces_are_the_kernels(gen):
@@ -558,13 +557,13 @@ def test_backward_against_emulation(amx, gen, variant):
 @pytest.mark.parametrize("hidden_size,num_layers", [(20, 2), (1, 1), (3, 3), (21, 2), (9, 1)], ids=lambda v: str(v))
 def test_shapes_and_weight_kinds_against_emulation(amx, gen, hidden_size, num_layers, kind):
     """The shapes of test_shapes_and_weight_kinds x the three weight kinds against the specification, forward and
-    backward (saturating weights: the float32 rule's saturating factor and floor, as the float32 kernels)."""
+    backward."""
     n, p, scale = 133, 10.0, 0.1
     weights = random_weights(hidden_size, num_layers, gen=gen, dtype=F32, kind=kind)
     grad = random_grad(n, gen=gen, dtype=F32, p=p)
     state = random_state(num_layers, hidden_size, n, gen=gen, dtype=F32)
     check_against_split_emulation(amx, grad, state, weights, p, scale, *upstream(n, num_layers, hidden_size, gen=gen),
-                                  saturating=kind == "saturating", gen=gen)
+                                  gen=gen)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)

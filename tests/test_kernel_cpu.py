@@ -21,7 +21,7 @@ from l2l_fast import features as registry
 from l2l_fast import ops, reference
 from tolerances import (ELEMENTWISE, REORDERED_SUM, activation_error_bound, assert_close_rel_max,
                         assert_elementwise_close, assert_moments_advanced, assert_weight_grads_close,
-                        backward_error_scale, feature_slope_bound)
+                        backward_error_scale, feature_slope_bound, weight_grad_derived_term)
 
 pytestmark = requires_native
 
@@ -35,19 +35,19 @@ def random_upstream(n, L, H, *, gen, dtype):
 
 
 def check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, *, kernel_step=native_step,
-                                 saturating=False, features=1, moments=None, output=0):
-    """Kernel forward + backward vs the float64 reference (and, for float32, the flash-attention rule).
-
-    saturating: the weights saturate most gates (kind "saturating"), see tolerances.WEIGHT_GRAD.
-    """
+                                 features=1, moments=None, output=0):
+    """Kernel forward + backward vs the float64 reference (float32 weight gradients: tolerances.WEIGHT_GRAD's rule,
+    the flash-attention factor + the derived term)."""
     dtype = grad.dtype
     variant = dict(features=features, moments=moments, output=output)
     got = step_grads(kernel_step, grad, state, weights, p, scale, up_u, up_s, **variant)
     ref = step_grads(reference_step, to64(grad), to64(state), to64(weights), p, scale, to64(up_u), to64(up_s),
                      features, None if moments is None else to64(moments), output)
     ref_same, scales, act, slopes = None, [None, None, None], [None, None, None, None], [None, None, None, None]
+    derived = None
     if dtype != torch.float64:
         ref_same = step_grads(reference_step, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
+        derived = weight_grad_derived_term(grad, state, weights, p, scale, up_u, up_s, **variant)
         # the float32 activations' own error, propagated (tolerances.activation_error_bound)
         act[:2] = activation_error_bound(grad, state, weights, p, scale, **variant)
         slopes[2] = feature_slope_bound(grad, state, weights, p, scale, up_u, up_s, **variant, dtype=dtype)
@@ -57,8 +57,7 @@ def check_step_against_reference(grad, state, weights, p, scale, up_u, up_s, *, 
                                       [None, None, *scales[:2]], act, slopes):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
         assert_elementwise_close(a, e, dtype, name, es, ab, sb)
-    assert_weight_grads_close(got[4], ref[4], dtype, ref_same, scales[2], saturating=saturating,
-                              moment_inputs=moments is not None)
+    assert_weight_grads_close(got[4], ref[4], dtype, ref_same, scales[2], derived)
     return got
 
 
@@ -79,8 +78,7 @@ def test_step_matches_reference(gen, n, dtype, kind):
         big, small = branch_counts(grad[2:], p)  # not only the two forced coordinates
         assert big > n // 10 and small > n // 10
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
-    update, new_state, *_ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s,
-                                                         saturating=kind == "saturating")
+    update, new_state, *_ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s)
     assert update.shape == (n,) and new_state.shape == (L, 2, H, n)
 
 
@@ -215,7 +213,6 @@ def test_each_cpu_isa_matches_reference(gen, cpu_isa, n, dtype, variant):
     moments = None if before is None else registry.advance_moments(grad, before)
     up_u, up_s = random_upstream(n, L, H, gen=gen, dtype=dtype)
     update, new_state, d_grad, d_state, _ = check_step_against_reference(grad, state, weights, p, scale, up_u, up_s,
-                                                                         saturating=kind == "saturating",
                                                                          features=features, moments=moments,
                                                                          output=output)
     bad = ~torch.isfinite(grad)
@@ -701,14 +698,15 @@ def test_backward_with_one_output_unused(gen, dtype, used):
                 state.detach().double().requires_grad_(True), weights64)
     assert_elementwise_close(got[0], ref[0], dtype, "d_grad")
     assert_elementwise_close(got[1], ref[1], dtype, "d_state")
-    ref_same = scales = None
+    ref_same = scales = derived = None
+    up_u, up_s = (r_u, torch.zeros_like(r_s)) if used == "update" else (torch.zeros_like(r_u), r_s)
     if dtype != torch.float64:
         ref_same = grads(reference_step, grad.detach().requires_grad_(True), state.detach().requires_grad_(True),
                          [w.detach().requires_grad_(True) for w in net.weights()])[2:]
+        derived = weight_grad_derived_term(grad, state, net.weights(), net.preprocess_p, net.output_scale, up_u, up_s)
     else:
-        up_u, up_s = (r_u, torch.zeros_like(r_s)) if used == "update" else (torch.zeros_like(r_u), r_s)
         scales = backward_error_scale(grad, state, net.weights(), net.preprocess_p, net.output_scale, up_u, up_s)[2]
-    assert_weight_grads_close(got[2:], list(ref[2:]), dtype, ref_same, scales)
+    assert_weight_grads_close(got[2:], list(ref[2:]), dtype, ref_same, scales, derived)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)

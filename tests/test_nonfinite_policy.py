@@ -26,7 +26,7 @@ from conftest import (FEATURE_SETS, OUTPUTS, available_cpu_isas, generator, rand
 from l2l_fast import CoordinatewiseLSTM, checks, ops, reference
 from l2l_fast import features as registry
 from tolerances import (assert_elementwise_close, assert_moments_advanced, assert_weight_grads_close,
-                        backward_error_scale, bits, feature_slope_bound)
+                        backward_error_scale, bits, feature_slope_bound, weight_grad_derived_term)
 
 ISAS = available_cpu_isas()
 DTYPES = [torch.float32, torch.float64]
@@ -161,12 +161,12 @@ def test_lstm_step_and_backward(cpu_isa, dtype, pr):
         for k, (a, e) in enumerate(zip(got[4], ref64[4])):
             assert torch.isnan(a).all() and torch.isnan(e).all(), f"d_weights[{k}]: expected all NaN"
     elif weights_ok:
-        ref32 = None
+        ref32 = derived = None
         if dtype == torch.float32:
             ref32 = step_grads(reference.lstm_step, grad, state, weights, p, scale, up_u, up_s, **variant)[4]
+            derived = weight_grad_derived_term(grad, state, weights, p, scale, up_u, up_s, **variant)
         assert_weight_grads_close(got[4], ref64[4], dtype, ref_same_dtype=ref32,
-                                  error_scale=s_weights if dtype == torch.float64 else None,
-                                  moment_inputs=moments is not None)
+                                  error_scale=s_weights if dtype == torch.float64 else None, derived=derived)
 
 
 @requires_native
