@@ -124,10 +124,20 @@ def reference_grads(grad, state, weights, p, scale, up_u, up_s, features=1, mome
     return update.detach(), new_state.detach(), d[0], d[1], list(d[2:])
 
 
+def derived_term(grad, state, weights, p, scale, up_u, up_s, features=1, moments=None, output=0, n=None):
+    """The float32 weight gradients' derived term (tolerances.WEIGHT_GRAD) for the CUDA kernels, whose sums run over
+    n coordinates (default grad's; a caller that checks a sum in chunks adds the chunks' terms, with the whole n).
+    The CUDA activations (device_math.h: ex2.approx and rcp.approx, ~2 ulp each; expf and IEEE division in the
+    emulation) within the largest CPU bound: sigmoid ~2.7e-7 by ACTIVATIONS.md's table with 2 ulp of e and of the
+    reciprocal, tanh = 2 sigmoid(2x) - 1 twice that (an estimate from the documented ulps, not a scan)."""
+    n = grad.shape[0] if n is None else n
+    return weight_grad_derived_term(grad, state, weights, p, scale, up_u, up_s, features, moments, output,
+                                    eps=ACTIVATION_BOUND, roundings=cuda_sum_roundings(n))
+
+
 def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=10.0, scale=0.1,
-                           non_finite=False, saturating=False, features=1, output=0):
-    """lstm_step and lstm_step_backward on impl.device vs the float64 reference; returns the kernel outputs.
-    saturating: unused (the float32 weight gradients' derived term covers saturated gates); kept for the callers."""
+                           non_finite=False, features=1, output=0):
+    """lstm_step and lstm_step_backward on impl.device vs the float64 reference; returns the kernel outputs."""
     grad, state, weights, up_u, up_s = inputs(n, H, L, dtype, gen, kind, p, non_finite, features)
     moments = moments_for(features, grad, gen)
     options = dict(moments=on(impl, moments), output=output)
@@ -140,11 +150,7 @@ def check_forward_backward(impl: Impl, n, H, L, dtype, gen, *, kind="random", p=
     scales, ref_same, slopes, derived = [None, None, None], None, [None, None, None, None], None
     if dtype == torch.float32:
         ref_same = reference_grads(grad, state, weights, p, scale, up_u, up_s, features, moments, output)[4]
-        # the CUDA activations (device_math.h: ex2.approx and rcp.approx, ~2 ulp each; expf and IEEE division in the
-        # emulation) within the largest CPU bound: sigmoid ~2.7e-7 by ACTIVATIONS.md's table with 2 ulp of e and of
-        # the reciprocal, tanh = 2 sigmoid(2x) - 1 twice that (an estimate from the documented ulps, not a scan)
-        derived = weight_grad_derived_term(grad, state, weights, p, scale, up_u, up_s, features, moments, output,
-                                           eps=ACTIVATION_BOUND, roundings=cuda_sum_roundings(grad.shape[0]))
+        derived = derived_term(grad, state, weights, p, scale, up_u, up_s, features, moments, output)
         slopes[2] = feature_slope_bound(grad, state, weights, p, scale, up_u, up_s, features, moments, output)
     elif moments is None:  # (the error scale's features see the gradient only; tanh's slope <= 1 only shrinks it)
         scales = backward_error_scale(grad, state, weights, p, scale, up_u, up_s, features=features)

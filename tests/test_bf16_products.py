@@ -32,8 +32,8 @@ from l2l_fast import ops, reference
 from test_multi_step import inputs as multi_inputs
 from test_multi_step import per_tensor
 from test_nonfinite_policy import make_inputs as nonfinite_inputs
-from tolerances import (BF16_FEATURE_MARGIN, BF16_GRAD_UNIT, BF16_PRODUCT, LEGACY_FLOAT32_FLOORS, REORDERED_SUM,
-                        WEIGHT_GRAD, activation_error_bound, assert_close_rel_max, assert_elementwise_close,
+from tolerances import (BF16_FEATURE_MARGIN, BF16_GRAD_UNIT, BF16_PRODUCT, REORDERED_SUM,
+                        activation_error_bound, assert_close_rel_max, assert_elementwise_close,
                         assert_moments_advanced, bits, weight_grad_bounds,
                         weight_grad_derived_term)
 
@@ -226,19 +226,10 @@ def backward_products_bound(grad, state, weights, p, scale, up_u, up_s, features
     return d_grad.to(f64), d_state, d_weights
 
 
-def assert_weight_grads_within(kernel, ref64, ref32, bounds, *, derived=None, saturating=False, moment_inputs=False):
+def assert_weight_grads_within(kernel, ref64, ref32, bounds, *, derived):
     """Per entry: |kernel - ref64| <= the products' bound + the float32 rule's allowance (assert_weight_grads_close's
-    factor * max|ref32 - ref64| + the derived term from tolerances.weight_grad_derived_term; without it, the legacy
-    measured floors, for callers not yet passing it)."""
-    if derived is not None:
-        allowances = weight_grad_bounds(ref64, ref32, derived)
-    else:
-        global_scale = max(e.detach().double().abs().max().item() for e in ref64)
-        tol = LEGACY_FLOAT32_FLOORS
-        factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating else
-                             (WEIGHT_GRAD[F32]["factor"], tol["floor_rel_moments" if moment_inputs else "floor_rel"]))
-        allowances = [factor * (e32.detach().double() - e.detach().double()).abs().max().item()
-                      + floor_rel * global_scale for e, e32 in zip(ref64, ref32)]
+    factor * max|ref32 - ref64| + the derived term from tolerances.weight_grad_derived_term)."""
+    allowances = weight_grad_bounds(ref64, ref32, derived)
     for k, (a, e, allowance, b) in enumerate(zip(kernel, ref64, allowances, bounds)):
         a, e = a.detach().double(), e.detach().double()
         assert torch.isfinite(a).all(), f"d_weights[{k}]: non-finite entries"

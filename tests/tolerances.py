@@ -99,10 +99,6 @@ WEIGHT_GRAD = {
     torch.float32: dict(factor=2.0),
 }
 
-# The measured floors the float32 rule had before the derived term: only for callers that do not pass the derived
-# term yet (tests/test_amx_backward.py, changed on another branch); remove with the last of them.
-LEGACY_FLOAT32_FLOORS = dict(floor_rel=3e-6, factor_saturating=5.0, floor_rel_saturating=1e-5, floor_rel_moments=5e-6)
-
 # Absolute error of the CPU kernels' float32 activations over every float32 input, per (instruction set,
 # activations). Fast: the first-order bounds derived in csrc/cpu/ACTIVATIONS.md (they hold for any rcp14ps / rcpps
 # within its documented error), each above the maximum scripts/scan_activations.py measured over all 2^32 inputs on
@@ -415,41 +411,18 @@ def assert_elementwise_close(actual: torch.Tensor, expected: torch.Tensor, dtype
             f"(max|expected| = {_finite_max(e):.3e})")
 
 
-def assert_within_rule(actual: torch.Tensor, expected: torch.Tensor, same_dtype: torch.Tensor, dtype: torch.dtype,
-                       name: str, scale: float | None = None, factor: float | None = None,
-                       floor_rel: float | None = None) -> None:
-    """flash-attention's rule: max|actual - expected| <= factor * max|same_dtype - expected| + floor_rel * scale.
-
-    expected: float64 reference; same_dtype: the reference run in `dtype` on the same inputs;
-    scale: magnitude the floor is relative to (default max|expected|).
-    """
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if actual.numel() == 0:
-        return
-    a64, e64 = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a64).all(), f"{name}: non-finite entries"
-    err = (a64 - e64).abs().max().item()
-    ref_err = (same_dtype.detach().double() - e64).abs().max().item()
-    scale = _finite_max(e64) if scale is None else scale
-    factor = WEIGHT_GRAD[dtype]["factor"] if factor is None else factor
-    floor_rel = LEGACY_FLOAT32_FLOORS["floor_rel"] if floor_rel is None else floor_rel
-    bound = factor * ref_err + floor_rel * scale
-    assert err <= bound, (f"{name} ({dtype}): kernel error {err:.3e} > {factor} * PyTorch {dtype} error {ref_err:.3e} "
-                          f"+ floor = {bound:.3e} (max|ref| {scale:.3e})")
-
-
 def assert_weight_grads_close(kernel: list[torch.Tensor], ref64: list[torch.Tensor], dtype: torch.dtype,
                               ref_same_dtype: list[torch.Tensor] | None = None,
-                              error_scale: list[torch.Tensor] | None = None, derived: list[torch.Tensor] | None = None,
-                              saturating: bool = False, moment_inputs: bool = False) -> None:
-    """Weight gradients: for float32 the rule of WEIGHT_GRAD (needs ref_same_dtype and derived, from
-    weight_grad_derived_term; without derived, LEGACY_FLOAT32_FLOORS with saturating / moment_inputs); the float64
-    bound for float64 (error_scale from backward_error_scale; without it only the atol_rel part)."""
+                              error_scale: list[torch.Tensor] | None = None,
+                              derived: list[torch.Tensor] | None = None) -> None:
+    """Weight gradients: for float32 the rule of WEIGHT_GRAD (ref_same_dtype: the reference run in float32; derived:
+    weight_grad_derived_term's); for float64 its bound (error_scale from backward_error_scale; without it only the
+    atol_rel part)."""
     assert len(kernel) == len(ref64), f"d_weights: {len(kernel)} tensors, expected {len(ref64)}"
-    global_scale = max((_finite_max(e.detach().double()) for e in ref64), default=0.0)
     bounds = None
-    if dtype != torch.float64 and derived is not None:
-        assert ref_same_dtype is not None, "the float32 rule needs the reference run in float32"
+    if dtype != torch.float64:
+        assert ref_same_dtype is not None and derived is not None, \
+            "the float32 rule needs the reference run in float32 and the derived term (weight_grad_derived_term)"
         bounds = weight_grad_bounds(ref64, ref_same_dtype, derived)
     for k, (a, e) in enumerate(zip(kernel, ref64)):
         assert a.shape == e.shape, f"d_weights[{k}]: shape {tuple(a.shape)} != {tuple(e.shape)}"
@@ -462,17 +435,8 @@ def assert_weight_grads_close(kernel: list[torch.Tensor], ref64: list[torch.Tens
             bound = tol["atol_rel"] * _finite_max(e64) + 1e-300
             if error_scale is not None:
                 bound = bound + tol["term_rel"] * error_scale[k]
-        elif bounds is not None:
-            bound = bounds[k]
         else:
-            assert ref_same_dtype is not None, "the float32 rule needs the reference run in float32"
-            tol = LEGACY_FLOAT32_FLOORS
-            factor, floor_rel = ((tol["factor_saturating"], tol["floor_rel_saturating"]) if saturating
-                                 else (WEIGHT_GRAD[dtype]["factor"], tol["floor_rel_moments" if moment_inputs
-                                                                       else "floor_rel"]))
-            assert_within_rule(a, e, ref_same_dtype[k], dtype, f"d_weights[{k}]", scale=global_scale, factor=factor,
-                               floor_rel=floor_rel)
-            continue
+            bound = bounds[k]
         assert torch.isfinite(a64).all(), f"d_weights[{k}]: non-finite entries"
         err = (a64 - e64).abs()
         if (err > bound).any():
