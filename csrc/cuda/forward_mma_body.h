@@ -53,8 +53,11 @@ struct MmaNet {
   static constexpr int kEntry = 4;              // floats per (k-tile, n-tile, lane): b0_hi, b1_hi, b0_lo, b1_lo
   static constexpr int64_t kLayer1Offset = int64_t(kKTiles0) * kNTiles * 32 * kEntry;
   static constexpr int64_t kOutOffset = kLayer1Offset + int64_t(kKTiles1) * kNTiles * 32 * kEntry;
-  static constexpr int64_t kBiasOffset = kOutOffset + int64_t(kKTilesOut) * 32 * kEntry;  // [l][u][4], as packed
-  static constexpr int64_t kSize = kBiasOffset + int64_t(kLayers) * kH * 4;
+  // [l][u][8]: unit u's C fragments (i, f, i, f) and (g, o, g, o), so each initial accumulator is one
+  // LDS.128 that the first mma reads as its C (no register moves to build it)
+  static constexpr int64_t kBiasOffset = kOutOffset + int64_t(kKTilesOut) * 32 * kEntry;
+  static constexpr int kBiasEntry = 8;
+  static constexpr int64_t kSize = kBiasOffset + int64_t(kLayers) * kH * kBiasEntry;
   static constexpr int64_t kSmemBytes = kSize * int64_t(sizeof(float));
   L2L_HD static constexpr int k_tiles(int l) { return l == 0 ? kKTiles0 : kKTiles1; }
   L2L_HD static constexpr int64_t layer_offset(int l) { return l == 0 ? 0 : kLayer1Offset; }
@@ -120,8 +123,11 @@ L2L_DEVICE void stage_mma_weights(const Ctx& ctx, const float* w, const PackedLa
                 mma_out_weight(w, lay, kt, tig + 4));
   }
   for (int l = 0; l < MmaNet::kLayers; ++l)
-    for (int q = ctx.thread(); q < MmaNet::kH * 4; q += ctx.threads())
-      smem[MmaNet::kBiasOffset + l * MmaNet::kH * 4 + q] = w[lay.bias_offset(l) + q];
+    for (int q = ctx.thread(); q < MmaNet::kH * MmaNet::kBiasEntry; q += ctx.threads()) {
+      const int u = q / MmaNet::kBiasEntry, j = q % MmaNet::kBiasEntry;  // gate 2 (j / 4) + j % 2 of unit u
+      smem[MmaNet::kBiasOffset + l * MmaNet::kH * MmaNet::kBiasEntry + q] =
+          w[lay.bias_offset(l) + u * 4 + 2 * (j / 4) + j % 2];
+    }
   ctx.sync();
 }
 
@@ -157,27 +163,34 @@ struct MmaRow {
   float poison;   // 0, or NaN when a weight or a value the thread read of it is not finite
 };
 
-// Old c of unit u of layer l of the thread's coordinates (0 for those not stepped).
+// A thread's coordinates lie at fixed distances from its first one, c0 = base + groupID: row r of m-tile m
+// at c0 + 16 m + 8 r. So one 64-bit address per state row (that of c0) serves all of them, with the
+// distances as the loads' and stores' immediate offsets.
+L2L_HD constexpr int coord_offset(int m, int r) { return m * 16 + 8 * r; }
+
+// Old c of the thread's coordinates from their state row (c0's cell at src; 0 for those not stepped).
 template <int Tiles, typename S>
-L2L_DEVICE void load_c_old(const ForwardArgs<float, S>& a, int l, int u, const MmaRow (&rows)[Tiles][2],
-                           float (&c)[Tiles][2]) {
-  const int64_t row_offset = state_row(a.net.layout, l, 1, u) * a.columns;
+L2L_DEVICE void load_c_old(const S* src, const MmaRow (&rows)[Tiles][2], float (&c)[Tiles][2]) {
 #pragma unroll
   for (int m = 0; m < Tiles; ++m)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      c[m][r] = rows[m][r].active ? load_value<float>(a.state + row_offset + rows[m][r].c) : 0.0f;
+    for (int r = 0; r < 2; ++r) c[m][r] = rows[m][r].active ? load_value<float>(src + coord_offset(m, r)) : 0.0f;
 }
 
 // One LSTM layer for the warp's Tiles x 16 coordinates: gates on tensor cores from the slot values x
 // (row, slot), then the cell update of the thread's units; h_out[m][row][p] = new h of unit 4p + tig.
 template <int Tiles, int KT, typename S, class Ctx>
-L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int l,
+L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int l, int64_t c0,
                           const float (&x)[Tiles][2][2 * KT], MmaRow (&rows)[Tiles][2],
                           float (&h_out)[Tiles][2][MmaNet::kUnits]) {
   const int lane = ctx.lane(), tig = lane % 4;
   const PackedLayout& lay = a.net.layout;
   const int64_t cols = a.columns;
+  // c0's cells of unit tig, moved on by 4 units per iteration (64-bit pointer steps: any column count)
+  const int64_t unit_step = 4 * cols;
+  const S* c_src = a.state + state_row(lay, l, 1, tig) * cols + c0;
+  S* h_dst = a.new_state + state_row(lay, l, 0, tig) * cols + c0;
+  S* c_dst = a.new_state + state_row(lay, l, 1, tig) * cols + c0;
   FragA a_hi[Tiles][KT], a_lo[Tiles][KT];
 #pragma unroll
   for (int m = 0; m < Tiles; ++m)
@@ -189,7 +202,7 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
   // they are other cells). With one m-tile (20 warps per SM) the 4 registers this takes would spill.
   constexpr bool kAhead = Tiles > 1;
   float c_next[Tiles][2];
-  if (kAhead) load_c_old(a, l, tig, rows, c_next);
+  if (kAhead) load_c_old(c_src, rows, c_next);
   // not unrolled, like the FFMA kernel's unit loop: its body is the hot code (unrolled only to count the
   // instructions of a warp tile, scripts/check_cuda_build.sh)
 #if defined(L2L_MMA_COUNT_UNROLLED)
@@ -205,16 +218,17 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
       for (int m = 0; m < Tiles; ++m)
 #pragma unroll
         for (int r = 0; r < 2; ++r) c_olds[m][r] = c_next[m][r];
-      if (p + 1 < MmaNet::kUnits) load_c_old(a, l, u + 4, rows, c_next);
+      if (p + 1 < MmaNet::kUnits) load_c_old(c_src + unit_step, rows, c_next);
     } else {
-      load_c_old(a, l, u, rows, c_olds);
+      load_c_old(c_src, rows, c_olds);
     }
-    const Quad<float> bias = load_quad(sw + MmaNet::kBiasOffset + (l * MmaNet::kH + u) * 4);
+    const float* bias = sw + MmaNet::kBiasOffset + (l * MmaNet::kH + u) * MmaNet::kBiasEntry;
+    const Quad<float> b_if = load_quad(bias), b_go = load_quad(bias + 4);
     FragA z_if[Tiles], z_go[Tiles];  // tiles 2p (i, f) and 2p + 1 (g, o)
 #pragma unroll
     for (int m = 0; m < Tiles; ++m) {
-      z_if[m] = FragA{{bias.v[0], bias.v[1], bias.v[0], bias.v[1]}};
-      z_go[m] = FragA{{bias.v[2], bias.v[3], bias.v[2], bias.v[3]}};
+      z_if[m] = FragA{{b_if.v[0], b_if.v[1], b_if.v[2], b_if.v[3]}};
+      z_go[m] = FragA{{b_go.v[0], b_go.v[1], b_go.v[2], b_go.v[3]}};
     }
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
@@ -240,28 +254,34 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
 #pragma unroll
         for (int q = 0; q < MmaNet::kUnits; ++q) h_out[m][r][q] = q == p ? h : h_out[m][r][q];
         if (row.active) {
-          store_value(a.new_state + state_row(lay, l, 0, u) * cols + row.c, h);
-          store_value(a.new_state + state_row(lay, l, 1, u) * cols + row.c, c_new);
+          store_value(h_dst + coord_offset(m, r), h);
+          store_value(c_dst + coord_offset(m, r), c_new);
         }
       }
+    c_src += unit_step;
+    h_dst += unit_step;
+    c_dst += unit_step;
   }
 }
 
-// Old h of the thread's units of layer l into slots [first, first + 5) of x (0 for rows not stepped).
-template <int Slots, typename S>
-L2L_DEVICE void load_old_h(const ForwardArgs<float, S>& a, int l, int tig, int first, MmaRow (&rows)[2],
-                           float (&x)[2][Slots]) {
+// Old h of the thread's units of layer l (c0's cells at src, unit tig) into slots [first, first + 5) of x
+// (0 for rows not stepped).
+template <int Tiles, int Slots, typename S>
+L2L_DEVICE void load_old_h(const S* src, int64_t unit_step, int first, MmaRow (&rows)[Tiles][2],
+                           float (&x)[Tiles][2][Slots]) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int p = 0; p < MmaNet::kUnits; ++p, src += unit_step)
 #pragma unroll
-    for (int p = 0; p < MmaNet::kUnits; ++p) {
-      float v = 0.0f;
-      if (rows[r].active) {
-        v = load_value<float>(a.state + state_row(a.net.layout, l, 0, 4 * p + tig) * a.columns + rows[r].c);
-        rows[r].poison += v - v;
+    for (int m = 0; m < Tiles; ++m)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = 0.0f;
+        if (rows[m][r].active) {
+          v = load_value<float>(src + coord_offset(m, r));
+          rows[m][r].poison += v - v;
+        }
+        x[m][r][first + p] = v;
       }
-      x[r][first + p] = v;
-    }
 }
 
 // The moments of coordinate c the features read: this step's (lstm_step), or advanced with g (the in-place
@@ -318,7 +338,7 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       MmaRow& row = rows[m][r];
-      row.c = base + m * kMmaRows + group + 8 * r;
+      row.c = base + group + coord_offset(m, r);
       row.valid = row.c < a.end;
       row.poison = weight_poison;
       grads[m][r] = 0.0f;
@@ -329,22 +349,21 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
       row.active = row.valid && is_finite(grads[m][r]);
       x0[m][r][MmaNet::kUnits] = row.active ? feature_slot<Features>(a, tig, row, grads[m][r]) : 0.0f;
     }
-#pragma unroll
-  for (int m = 0; m < Tiles; ++m) load_old_h(a, 0, tig, 0, rows[m], x0[m]);
+  const int64_t c0 = base + group;  // rows[m][r].c = c0 + coord_offset(m, r)
+  load_old_h(a.state + state_row(lay, 0, 0, tig) * cols + c0, 4 * cols, 0, rows, x0);
   float h0[Tiles][2][MmaNet::kUnits] = {};
-  mma_layer<Tiles, MmaNet::kKTiles0>(ctx, a, sw, 0, x0, rows, h0);
+  mma_layer<Tiles, MmaNet::kKTiles0>(ctx, a, sw, 0, c0, x0, rows, h0);
 
   float x1[Tiles][2][2 * MmaNet::kKTiles1];
 #pragma unroll
-  for (int m = 0; m < Tiles; ++m) {
+  for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int p = 0; p < MmaNet::kUnits; ++p) x1[m][r][p] = h0[m][r][p];
-    load_old_h(a, 1, tig, MmaNet::kUnits, rows[m], x1[m]);
-  }
+  load_old_h(a.state + state_row(lay, 1, 0, tig) * cols + c0, 4 * cols, MmaNet::kUnits, rows, x1);
   float h1[Tiles][2][MmaNet::kUnits] = {};
-  mma_layer<Tiles, MmaNet::kKTiles1>(ctx, a, sw, 1, x1, rows, h1);
+  mma_layer<Tiles, MmaNet::kKTiles1>(ctx, a, sw, 1, c0, x1, rows, h1);
 
   // y = out_w . h1 + out_b, the poison of every thread of the coordinate added on the way
   FragA y[Tiles];
