@@ -196,7 +196,10 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
   for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) split_a<true>(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
-  const float* w_l = sw + MmaNet::layer_offset(l);
+  // this lane's B entry of k-tile 0, n-tile 2p, and unit u's bias fragments: both step with p, so every other
+  // offset is an immediate (and the lane's shared-memory address is not recomputed per unit)
+  const float* w_p = sw + MmaNet::layer_offset(l) + lane * MmaNet::kEntry;
+  const float* bias = sw + MmaNet::kBiasOffset + (l * MmaNet::kH + tig) * MmaNet::kBiasEntry;
   // With 2 m-tiles (12 warps per SM), c of the next unit is loaded one iteration ahead: its latency hides
   // behind this unit's products (the compiler cannot hoist it over the stores, which may alias the state;
   // they are other cells). With one m-tile (20 warps per SM) the 4 registers this takes would spill.
@@ -222,18 +225,17 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
     } else {
       load_c_old(c_src, rows, c_olds);
     }
-    const float* bias = sw + MmaNet::kBiasOffset + (l * MmaNet::kH + u) * MmaNet::kBiasEntry;
-    const Quad<float> b_if = load_quad(bias), b_go = load_quad(bias + 4);
+    const Quad<float> bias_if = load_quad(bias), bias_go = load_quad(bias + 4);
     FragA z_if[Tiles], z_go[Tiles];  // tiles 2p (i, f) and 2p + 1 (g, o)
 #pragma unroll
     for (int m = 0; m < Tiles; ++m) {
-      z_if[m] = FragA{{b_if.v[0], b_if.v[1], b_if.v[2], b_if.v[3]}};
-      z_go[m] = FragA{{b_go.v[0], b_go.v[1], b_go.v[2], b_go.v[3]}};
+      z_if[m] = FragA{{bias_if.v[0], bias_if.v[1], bias_if.v[2], bias_if.v[3]}};
+      z_go[m] = FragA{{bias_go.v[0], bias_go.v[1], bias_go.v[2], bias_go.v[3]}};
     }
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
-      const FragB2 b_if = load_frag_b(w_l + ((kt * MmaNet::kNTiles + 2 * p) * 32 + lane) * MmaNet::kEntry);
-      const FragB2 b_go = load_frag_b(w_l + ((kt * MmaNet::kNTiles + 2 * p + 1) * 32 + lane) * MmaNet::kEntry);
+      const FragB2 b_if = load_frag_b(w_p + kt * MmaNet::kNTiles * 32 * MmaNet::kEntry);
+      const FragB2 b_go = load_frag_b(w_p + (kt * MmaNet::kNTiles + 1) * 32 * MmaNet::kEntry);
 #pragma unroll
       for (int m = 0; m < Tiles; ++m) {
         mma_3xtf32(ctx, z_if[m], a_hi[m][kt], a_lo[m][kt], b_if.hi, b_if.lo);
@@ -246,7 +248,7 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
       for (int r = 0; r < 2; ++r) {
         MmaRow& row = rows[m][r];
         const float c_old = c_olds[m][r];
-        if (row.active) row.poison += c_old - c_old;
+        if (row.active) row.poison += c_old * 0.0f;  // see load_old_h
         float i, f, g, o, c_new, tanh_c, h;
         cell_forward<Activations<float>>(z_if[m].v[2 * r], z_if[m].v[2 * r + 1], z_go[m].v[2 * r],
                                          z_go[m].v[2 * r + 1], c_old, i, f, g, o, c_new, tanh_c, h);
@@ -261,6 +263,8 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
     c_src += unit_step;
     h_dst += unit_step;
     c_dst += unit_step;
+    w_p += 2 * 32 * MmaNet::kEntry;
+    bias += 4 * MmaNet::kBiasEntry;
   }
 }
 
@@ -278,7 +282,8 @@ L2L_DEVICE void load_old_h(const S* src, int64_t unit_step, int first, MmaRow (&
         float v = 0.0f;
         if (rows[m][r].active) {
           v = load_value<float>(src + coord_offset(m, r));
-          rows[m][r].poison += v - v;
+          // 0 (+-0 for finite v) or NaN: one FFMA where v - v and the add take two
+          rows[m][r].poison += v * 0.0f;
         }
         x[m][r][first + p] = v;
       }
