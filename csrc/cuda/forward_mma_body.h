@@ -290,8 +290,7 @@ L2L_DEVICE void load_old_h(const S* src, int64_t unit_step, int first, MmaRow (&
 }
 
 // The moments of coordinate c the features read: this step's (lstm_step), or advanced with g (the in-place
-// steps, which store them back at the end of the tile: stored here, they could reach another lane of the
-// coordinate before that lane has read the old ones).
+// steps, which store them back: only the coordinate's owner lane reads them, see forward_mma_tile).
 template <typename S>
 L2L_DEVICE CoordinateInputs<float> step_moments(const ForwardArgs<float, S>& a, int64_t c, float g) {
   CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -300,21 +299,21 @@ L2L_DEVICE CoordinateInputs<float> step_moments(const ForwardArgs<float, S>& a, 
   return in;
 }
 
-// The first layer's inputs of one coordinate (features of the finite gradient g): column tig of slot 5.
+// The first layer's inputs x[0 .. 4) of coordinate c (finite gradient g; 0 past the features' width) and
+// the moments they read (advanced by the in-place steps, for the caller to store back).
 template <uint32_t Features, typename S>
-L2L_DEVICE float feature_slot(const ForwardArgs<float, S>& a, int tig, MmaRow& row, float g) {
+L2L_DEVICE CoordinateInputs<float> coordinate_features(const ForwardArgs<float, S>& a, int64_t c, float g,
+                                                       float (&x)[MmaNet::kMaxInputs]) {
   static_assert(input_width(Features) <= MmaNet::kMaxInputs, "features wider than slot 5's four columns");
   CoordinateInputs<float> in{g, 0.0f, 0.0f, 0.0f, 0.0f};
-  if (reads_moments(Features)) {
-    in = step_moments(a, row.c, g);
-    row.poison += moments_poison(in);
-  }
-  float x[MmaNet::kMaxInputs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (reads_moments(Features)) in = step_moments(a, c, g);
   compute_features<ScalarMath<float>>(Features, in, a.net.features, x);
-  float v = 0.0f;  // x[tig] without a dynamically indexed (local-memory) array
-#pragma unroll
-  for (int k = 0; k < input_width(Features); ++k) v = tig == k ? x[k] : v;
-  return v;
+  return in;
+}
+
+// x[k] for a run-time k < 4 without a dynamically indexed (local-memory) array.
+L2L_DEVICE float pick(const float (&x)[MmaNet::kMaxInputs], int k) {
+  return k == 0 ? x[0] : k == 1 ? x[1] : k == 2 ? x[2] : x[3];
 }
 
 // The state cells a thread owns of coordinate c: fn(row index) for h and c of its units of every layer.
@@ -329,32 +328,69 @@ L2L_DEVICE void for_own_cells(const PackedLayout& lay, int tig, Fn&& fn) {
 }
 
 // The step of the warp's coordinates [base, base + Tiles * 16) (those below a.end).
+//
+// What is per coordinate rather than per cell (the gradient, the features and moments, the update, the
+// parameter) is done once per coordinate: the four lanes of a group share the 2 Tiles coordinates (rows)
+// they hold, and lane tig owns row tig % (2 Tiles) (m = row / 2, r = row % 2). The owner computes the row's
+// features; each lane then needs feature tig of every row (slot 5), which a rotation of shuffles delivers:
+// in round k lane tig sends its feature (tig + k) % 4 and receives from lane (tig - k) % 4 that lane's row's
+// feature tig. With one m-tile lanes tig and tig + 2 own the same row; only tig < 2 stores its values.
 template <int Tiles, uint32_t Features, typename S, class Ctx>
 L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a, const float* sw, int64_t base) {
+  constexpr int kRows = 2 * Tiles;
   const int lane = ctx.lane(), tig = lane % 4, group = lane / 4;
   const PackedLayout& lay = a.net.layout;
   const int64_t cols = a.columns;
   const float weight_poison = a.net.weights[lay.poison_offset()];
+  const int64_t c0 = base + group;  // rows[m][r].c = c0 + coord_offset(m, r)
+  const int own = tig % kRows;
+  const bool stores = tig < kRows;  // the lane that stores the owned row's values
+  const int64_t c_own = c0 + coord_offset(own / 2, own % 2);
+  float g_own = 0.0f;
+  if (c_own < a.end) {
+    const TensorSlot& slot = a.slots[find_slot(a, c_own)];
+    g_own = load_elem<float>(slot.grad, slot.grad_type, c_own - slot.begin);
+  }
+  const bool active_own = c_own < a.end && is_finite(g_own);
+  float f[MmaNet::kMaxInputs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float moments_poison_own = 0.0f;
+  CoordinateInputs<float> in{};
+  if (active_own) {
+    in = coordinate_features<Features>(a, c_own, g_own, f);
+    if (reads_moments(Features)) moments_poison_own = moments_poison(in);
+  }
+  const uint32_t active_bits = ctx.ballot(active_own);
+  if (reads_moments(Features) && a.new_moments) {
+    ctx.sync_warp();  // with one m-tile lanes tig and tig + 2 read the same moments: both have read them
+    if (active_own && stores) store_moments(a.new_moments, cols, c_own, in);
+  }
+
   MmaRow rows[Tiles][2];
-  float grads[Tiles][2];
   float x0[Tiles][2][2 * MmaNet::kKTiles0];
 #pragma unroll
   for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       MmaRow& row = rows[m][r];
-      row.c = base + group + coord_offset(m, r);
+      row.c = c0 + coord_offset(m, r);
       row.valid = row.c < a.end;
-      row.poison = weight_poison;
-      grads[m][r] = 0.0f;
-      if (row.valid) {
-        const TensorSlot& slot = a.slots[find_slot(a, row.c)];
-        grads[m][r] = load_elem<float>(slot.grad, slot.grad_type, row.c - slot.begin);
-      }
-      row.active = row.valid && is_finite(grads[m][r]);
-      x0[m][r][MmaNet::kUnits] = row.active ? feature_slot<Features>(a, tig, row, grads[m][r]) : 0.0f;
+      row.active = (active_bits >> (4 * group + 2 * m + r)) & 1u;
+      // the moments' poison in the owner's row only: the output product carries it to the other lanes
+      row.poison = weight_poison + (2 * m + r == own ? moments_poison_own : 0.0f);
+      x0[m][r][MmaNet::kUnits] = 0.0f;
     }
-  const int64_t c0 = base + group;  // rows[m][r].c = c0 + coord_offset(m, r)
+  // slot 5: feature tig of every row (0 for rows not stepped: the owner's f is 0 then)
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) {
+    const float sent = pick(f, (tig + k) % 4);
+    const float got = k == 0 ? sent : ctx.shfl(sent, 4 * group + (tig - k + 4) % 4);
+    const int from = (tig - k + 4) % 4 % kRows;
+#pragma unroll
+    for (int m = 0; m < Tiles; ++m)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (2 * m + r == from) x0[m][r][MmaNet::kUnits] = got;
+  }
   load_old_h(a.state + state_row(lay, 0, 0, tig) * cols + c0, 4 * cols, 0, rows, x0);
   float h0[Tiles][2][MmaNet::kUnits] = {};
   mma_layer<Tiles, MmaNet::kKTiles0>(ctx, a, sw, 0, c0, x0, rows, h0);
@@ -392,37 +428,40 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
     }
   }
 
+  // every lane: its own cells of each row; the owner's row's poisoned update, kept with its y
+  float out_own = 0.0f, poison_own = 0.0f;
 #pragma unroll
   for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const MmaRow& row = rows[m][r];
+      const float out = y[m].v[2 * r];
+      const float poison = row.poison + (out - out);
+      if (2 * m + r == own) {
+        out_own = out;
+        poison_own = poison;
+      }
       if (!row.valid) continue;
       if (!row.active) {  // the documented policy (rule 1): no update, state and moments kept bit for bit
-        if (tig == 0 && a.update) a.update[row.c] = 0.0f;
         if (a.new_state != a.state)
           for_own_cells(lay, tig, [&](int64_t q) { a.new_state[q * cols + row.c] = a.state[q * cols + row.c]; });
         continue;
       }
-      const float out = y[m].v[2 * r];
-      const float poison = row.poison + (out - out);
-      float update = update_of(a.net, out);
-      if (poison != poison) {  // poisoned: NaN update and new state
-        update = poison;
+      if (poison != poison)  // poisoned: NaN update and new state
         for_own_cells(lay, tig, [&](int64_t q) { store_value(a.new_state + q * cols + row.c, poison); });
-      }
-      if (tig == 0) {  // the coordinate's values, by one of its four lanes (after every lane read them)
-        if (a.update) a.update[row.c] = update;
-        const TensorSlot& slot = a.slots[find_slot(a, row.c)];
-        const int64_t j = row.c - slot.begin;
-        if (slot.param)
-          store_elem(slot.param, slot.param_type, j, load_elem<float>(slot.param, slot.param_type, j) + update);
-        if (reads_moments(Features) && a.new_moments) {
-          const float g = load_elem<float>(slot.grad, slot.grad_type, j);
-          store_moments(a.new_moments, cols, row.c, step_moments(a, row.c, g));
-        }
-      }
     }
+  // the owned coordinate's update and parameter (its moments were stored with its features)
+  if (stores && c_own < a.end) {
+    float update = 0.0f;
+    if (active_own) update = poison_own != poison_own ? poison_own : update_of(a.net, out_own);
+    if (a.update) a.update[c_own] = update;
+    if (active_own) {
+      const TensorSlot& slot = a.slots[find_slot(a, c_own)];
+      const int64_t j = c_own - slot.begin;
+      if (slot.param)
+        store_elem(slot.param, slot.param_type, j, load_elem<float>(slot.param, slot.param_type, j) + update);
+    }
+  }
 }
 
 // One block's share of the launch: the weights regrouped into shared memory, then its warps walk tiles of
