@@ -316,15 +316,14 @@ L2L_DEVICE float pick(const float (&x)[MmaNet::kMaxInputs], int k) {
   return k == 0 ? x[0] : k == 1 ? x[1] : k == 2 ? x[2] : x[3];
 }
 
-// The state cells a thread owns of coordinate c: fn(row index) for h and c of its units of every layer.
+// The state cells a thread owns of coordinate c: fn(row index) for h and c of its units of every layer, rows
+// 4 k + tig (state_row(l, which, 4 p + tig) with k = (2 l + which) 5 + p). Only the cold paths (a coordinate
+// not stepped, a poisoned one) take them: a rolled loop keeps their code small.
 template <typename Fn>
-L2L_DEVICE void for_own_cells(const PackedLayout& lay, int tig, Fn&& fn) {
-#pragma unroll
-  for (int l = 0; l < MmaNet::kLayers; ++l)
-#pragma unroll
-    for (int which = 0; which < 2; ++which)
-#pragma unroll
-      for (int p = 0; p < MmaNet::kUnits; ++p) fn(state_row(lay, l, which, 4 * p + tig));
+L2L_DEVICE void for_own_cells(int tig, Fn&& fn) {
+  static_assert(MmaNet::kUnits * 4 == MmaNet::kH, "rows 4 k + tig cover a layer's units");
+#pragma unroll 1
+  for (int k = 0; k < MmaNet::kLayers * 2 * MmaNet::kUnits; ++k) fn(int64_t(4 * k + tig));
 }
 
 // The step of the warp's coordinates [base, base + Tiles * 16) (those below a.end).
@@ -444,11 +443,11 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
       if (!row.valid) continue;
       if (!row.active) {  // the documented policy (rule 1): no update, state and moments kept bit for bit
         if (a.new_state != a.state)
-          for_own_cells(lay, tig, [&](int64_t q) { a.new_state[q * cols + row.c] = a.state[q * cols + row.c]; });
+          for_own_cells(tig, [&](int64_t q) { a.new_state[q * cols + row.c] = a.state[q * cols + row.c]; });
         continue;
       }
       if (poison != poison)  // poisoned: NaN update and new state
-        for_own_cells(lay, tig, [&](int64_t q) { store_value(a.new_state + q * cols + row.c, poison); });
+        for_own_cells(tig, [&](int64_t q) { store_value(a.new_state + q * cols + row.c, poison); });
     }
   // the owned coordinate's update and parameter (its moments were stored with its features)
   if (stores && c_own < a.end) {
