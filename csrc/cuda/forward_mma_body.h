@@ -252,9 +252,11 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
         float i, f, g, o, c_new, tanh_c, h;
         cell_forward<Activations<float>>(z_if[m].v[2 * r], z_if[m].v[2 * r + 1], z_go[m].v[2 * r],
                                          z_go[m].v[2 * r + 1], c_old, i, f, g, o, c_new, tanh_c, h);
-        // h_out[m][r][p] with p a loop variable would put h_out in local memory: a select per slot
+        // h_out[m][r][p] with p a loop variable would put h_out in local memory: the slots shift down one
+        // per unit (4 moves; a select per slot took 5 and a compare), so after the loop slot p holds unit p's h
 #pragma unroll
-        for (int q = 0; q < MmaNet::kUnits; ++q) h_out[m][r][q] = q == p ? h : h_out[m][r][q];
+        for (int q = 0; q + 1 < MmaNet::kUnits; ++q) h_out[m][r][q] = h_out[m][r][q + 1];
+        h_out[m][r][MmaNet::kUnits - 1] = h;
         if (row.active) {
           store_value(h_dst + coord_offset(m, r), h);
           store_value(c_dst + coord_offset(m, r), c_new);
