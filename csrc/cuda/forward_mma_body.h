@@ -155,6 +155,15 @@ L2L_DEVICE void split_a(const float (&x)[2][Slots], int kt, FragA& hi, FragA& lo
   }
 }
 
+// Whether k-tile kt of a layer with KT k-tiles holds only TF32 values: the old h a bf16 state stores (8
+// significant bits; TF32 keeps 11) in slots 0 .. 3 of layer 0 (k-tiles 0, 1) and 6 .. 9 of layer 1 (k-tiles 3,
+// 4), or 0 for rows not stepped. Such an A needs no split: its lo part is 0 (mma_2xtf32).
+template <typename S, int KT>
+L2L_HD constexpr bool tf32_exact_k_tile(int kt) {
+  static_assert(KT == MmaNet::kKTiles0 || KT == MmaNet::kKTiles1, "layer 0 or 1");
+  return std::is_same<S, bf16>::value && (KT == MmaNet::kKTiles0 ? kt < 2 : kt >= 3);
+}
+
 // What a thread knows of one of its coordinates.
 struct MmaRow {
   int64_t c;      // state column
@@ -195,7 +204,14 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
 #pragma unroll
   for (int m = 0; m < Tiles; ++m)
 #pragma unroll
-    for (int kt = 0; kt < KT; ++kt) split_a<true>(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
+    for (int kt = 0; kt < KT; ++kt) {
+      if (tf32_exact_k_tile<S, KT>(kt)) {
+        a_hi[m][kt] = FragA{{x[m][0][2 * kt], x[m][1][2 * kt], x[m][0][2 * kt + 1], x[m][1][2 * kt + 1]}};
+        a_lo[m][kt] = FragA{};  // unused: mma_2xtf32
+      } else {
+        split_a<true>(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
+      }
+    }
   // this lane's B entry of k-tile 0, n-tile 2p, and unit u's bias fragments: both step with p, so every other
   // offset is an immediate (and the lane's shared-memory address is not recomputed per unit)
   const float* w_p = sw + MmaNet::layer_offset(l) + lane * MmaNet::kEntry;
@@ -238,8 +254,13 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
       const FragB2 b_go = load_frag_b(w_p + (kt * MmaNet::kNTiles + 1) * 32 * MmaNet::kEntry);
 #pragma unroll
       for (int m = 0; m < Tiles; ++m) {
-        mma_3xtf32(ctx, z_if[m], a_hi[m][kt], a_lo[m][kt], b_if.hi, b_if.lo);
-        mma_3xtf32(ctx, z_go[m], a_hi[m][kt], a_lo[m][kt], b_go.hi, b_go.lo);
+        if (tf32_exact_k_tile<S, KT>(kt)) {
+          mma_2xtf32(ctx, z_if[m], a_hi[m][kt], b_if.hi, b_if.lo);
+          mma_2xtf32(ctx, z_go[m], a_hi[m][kt], b_go.hi, b_go.lo);
+        } else {
+          mma_3xtf32(ctx, z_if[m], a_hi[m][kt], a_lo[m][kt], b_if.hi, b_if.lo);
+          mma_3xtf32(ctx, z_go[m], a_hi[m][kt], a_lo[m][kt], b_go.hi, b_go.lo);
+        }
       }
     }
 #pragma unroll
