@@ -21,14 +21,17 @@
 //     (loaded, units 4 (s - 5) + tig). Layer 0: slots 0 .. 4 its old h, slot 5 the features (feature tig
 //     for tig < inputs, else 0): 3 k-tiles, K = 24 (22 inputs for the paper's features, the rest zero weights).
 //     Layer 1: 5 k-tiles.
-//   Output: y = out_w . h_top + out_b as one more product, [16, 24] x [24, 8] with out_w in every column
-//     (so that every lane gets y of its rows); a thread's poison (0 or NaN: non-finite state or moments
-//     it read) is added to its slots there, so the NaN reaches y of the coordinate in every lane.
+//   Output: y = out_b + out_w . h_top on FFMA: lane tig sums its units 4p + tig of each row (5 FFMA, from its
+//     poison: 0 or NaN for a non-finite state, moment or weight it read), then the group's 4 lanes add their
+//     sums by 2 butterfly shuffles, so every lane gets y of its rows and a NaN of any lane reaches all.
+//     Error: 5 + 2 + 1 roundings of 2^-24, at most 8 * 2^-24 (sum_u |w_u h_u| + |out_b|) (the FFMA kernel's
+//     sum: (H + 1) 2^-24 = 21 * 2^-24; the 3xTF32 product this replaces: 3.01 * 2^-22 + 73 * 2^-24). All four
+//     lanes get the same bits (IEEE addition commutes: (s0 + s1) + (s2 + s3) in every lane).
 // Each thread reads and writes only the state cells (units 4p + tig, its two coordinates) it owns.
 //
 // The weights are regrouped into B fragments once per block, while they are copied to shared memory:
 // for layer l, k-tile kt, n-tile nt and lane, one 16-byte entry (b0_hi, b1_hi, b0_lo, b1_lo), so a lane
-// fetches a B fragment pair of 3xTF32 with one LDS.128: 43 KB in all.
+// fetches a B fragment pair of 3xTF32 with one LDS.128: 42 KB in all.
 #pragma once
 #include <type_traits>
 
@@ -49,13 +52,12 @@ struct MmaNet {
   static constexpr int kNTiles = 4 * kH / 8;    // 10
   static constexpr int kMaxInputs = 4;          // first-layer inputs: slot 5's four columns tig
   static constexpr int kKTiles0 = 3, kKTiles1 = 5;  // layer 0: slots 0 .. 5; layer 1: slots 0 .. 9
-  static constexpr int kKTilesOut = 3;          // slots 0 .. 4 (and 5, zero) of the top layer's h
   static constexpr int kEntry = 4;              // floats per (k-tile, n-tile, lane): b0_hi, b1_hi, b0_lo, b1_lo
   static constexpr int64_t kLayer1Offset = int64_t(kKTiles0) * kNTiles * 32 * kEntry;
   static constexpr int64_t kOutOffset = kLayer1Offset + int64_t(kKTiles1) * kNTiles * 32 * kEntry;
   // [l][u][8]: unit u's C fragments (i, f, i, f) and (g, o, g, o), so each initial accumulator is one
   // LDS.128 that the first mma reads as its C (no register moves to build it)
-  static constexpr int64_t kBiasOffset = kOutOffset + int64_t(kKTilesOut) * 32 * kEntry;
+  static constexpr int64_t kBiasOffset = kOutOffset + kH;  // after out_w [20], as packed
   static constexpr int kBiasEntry = 8;
   static constexpr int64_t kSize = kBiasOffset + int64_t(kLayers) * kH * kBiasEntry;
   static constexpr int64_t kSmemBytes = kSize * int64_t(sizeof(float));
@@ -90,12 +92,6 @@ L2L_HD float mma_layer_weight(const float* w, const PackedLayout& lay, int l, in
   return w[lay.layer_offset(l) + (int64_t(u) * K + k) * 4 + gate];
 }
 
-// The output weight of column c of k-tile kt (every n column holds the same).
-L2L_HD float mma_out_weight(const float* w, const PackedLayout& lay, int kt, int c) {
-  const int s = 2 * kt + c / 4;
-  return s < MmaNet::kUnits ? w[lay.out_weight_offset() + 4 * s + c % 4] : 0.0f;
-}
-
 L2L_HD void store_entry(float* e, float w0, float w1) {
   const Tf32Split s0 = split_tf32(w0), s1 = split_tf32(w1);
   e[0] = s0.hi;
@@ -117,11 +113,7 @@ L2L_DEVICE void stage_mma_weights(const Ctx& ctx, const float* w, const PackedLa
                   mma_layer_weight(w, lay, l, kt, tig, nt, g), mma_layer_weight(w, lay, l, kt, tig + 4, nt, g));
     }
   }
-  for (int e = ctx.thread(); e < MmaNet::kKTilesOut * 32; e += ctx.threads()) {
-    const int lane = e % 32, kt = e / 32, tig = lane % 4;
-    store_entry(smem + MmaNet::kOutOffset + int64_t(e) * MmaNet::kEntry, mma_out_weight(w, lay, kt, tig),
-                mma_out_weight(w, lay, kt, tig + 4));
-  }
+  for (int u = ctx.thread(); u < MmaNet::kH; u += ctx.threads()) smem[MmaNet::kOutOffset + u] = w[lay.out_weight_offset() + u];
   for (int l = 0; l < MmaNet::kLayers; ++l)
     for (int q = ctx.thread(); q < MmaNet::kH * MmaNet::kBiasEntry; q += ctx.threads()) {
       const int u = q / MmaNet::kBiasEntry, j = q % MmaNet::kBiasEntry;  // gate 2 (j / 4) + j % 2 of unit u
@@ -428,27 +420,23 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
   float h1[Tiles][2][MmaNet::kUnits] = {};
   mma_layer<Tiles, MmaNet::kKTiles1>(ctx, a, sw, 1, c0, x1, rows, h1);
 
-  // y = out_w . h1 + out_b, the poison of every thread of the coordinate added on the way
-  FragA y[Tiles];
-  const float out_b = a.net.weights[lay.out_bias_offset()];
+  // y = out_b + out_w . h1 (see the top): this lane's units from its poison, then the group's 4 lanes
+  float w_out[MmaNet::kUnits];
 #pragma unroll
-  for (int m = 0; m < Tiles; ++m) {
-    float xo[2][2 * MmaNet::kKTilesOut];
+  for (int p = 0; p < MmaNet::kUnits; ++p) w_out[p] = sw[MmaNet::kOutOffset + 4 * p + tig];
+  const float out_b = a.net.weights[lay.out_bias_offset()];
+  float y[Tiles][2];
+#pragma unroll
+  for (int m = 0; m < Tiles; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      float sum = rows[m][r].poison;
 #pragma unroll
-      for (int p = 0; p < MmaNet::kUnits; ++p) xo[r][p] = h1[m][r][p] + rows[m][r].poison;
-      xo[r][MmaNet::kUnits] = rows[m][r].poison;
+      for (int p = 0; p < MmaNet::kUnits; ++p) sum = fmaf(w_out[p], h1[m][r][p], sum);
+      sum += ctx.shfl(sum, lane ^ 1);
+      sum += ctx.shfl(sum, lane ^ 2);
+      y[m][r] = out_b + sum;
     }
-    y[m] = FragA{{out_b, out_b, out_b, out_b}};
-#pragma unroll
-    for (int kt = 0; kt < MmaNet::kKTilesOut; ++kt) {
-      FragA hi, lo;
-      split_a<false>(xo, kt, hi, lo);
-      const FragB2 b = load_frag_b(sw + MmaNet::kOutOffset + (kt * 32 + lane) * MmaNet::kEntry);
-      mma_3xtf32(ctx, y[m], hi, lo, b.hi, b.lo);
-    }
-  }
 
   // every lane: its own cells of each row; the owner's row's poisoned update, kept with its y
   float out_own = 0.0f, poison_own = 0.0f;
@@ -457,7 +445,7 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const MmaRow& row = rows[m][r];
-      const float out = y[m].v[2 * r];
+      const float out = y[m][r];
       const float poison = row.poison + (out - out);
       if (2 * m + r == own) {
         out_own = out;
