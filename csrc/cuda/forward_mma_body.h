@@ -11,7 +11,7 @@
 //   C: c0, c1 (row groupID, cols 2 tig, 2 tig + 1), c2, c3 (row groupID + 8, the same cols)
 // Rows are coordinates, so a thread works on the two coordinates groupID and groupID + 8 of each m-tile.
 //
-// The permutations that keep everything in the thread's own registers (no shuffles, no gate buffer):
+// The permutations that keep the gates in the thread's own registers (no shuffles, no gate buffer):
 //   N (gate columns): n-tiles 2p and 2p + 1 (p < 5) hold units 4p .. 4p + 3; column 2t, 2t + 1 of tile 2p
 //     are gates i, f of unit 4p + t, of tile 2p + 1 its g, o. Thread tig so holds all four gates of
 //     units 4p + tig, p < 5, for its two coordinates, and runs their cell update in registers.
@@ -113,7 +113,8 @@ L2L_DEVICE void stage_mma_weights(const Ctx& ctx, const float* w, const PackedLa
                   mma_layer_weight(w, lay, l, kt, tig, nt, g), mma_layer_weight(w, lay, l, kt, tig + 4, nt, g));
     }
   }
-  for (int u = ctx.thread(); u < MmaNet::kH; u += ctx.threads()) smem[MmaNet::kOutOffset + u] = w[lay.out_weight_offset() + u];
+  for (int u = ctx.thread(); u < MmaNet::kH; u += ctx.threads())
+    smem[MmaNet::kOutOffset + u] = w[lay.out_weight_offset() + u];
   for (int l = 0; l < MmaNet::kLayers; ++l)
     for (int q = ctx.thread(); q < MmaNet::kH * MmaNet::kBiasEntry; q += ctx.threads()) {
       const int u = q / MmaNet::kBiasEntry, j = q % MmaNet::kBiasEntry;  // gate 2 (j / 4) + j % 2 of unit u
@@ -222,7 +223,6 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
 #pragma unroll 1
 #endif
   for (int p = 0; p < MmaNet::kUnits; ++p) {
-    const int u = 4 * p + tig;
     float c_olds[Tiles][2];
     if (kAhead) {
 #pragma unroll
@@ -389,7 +389,7 @@ L2L_DEVICE void forward_mma_tile(const Ctx& ctx, const ForwardArgs<float, S>& a,
       row.c = c0 + coord_offset(m, r);
       row.valid = row.c < a.end;
       row.active = (active_bits >> (4 * group + 2 * m + r)) & 1u;
-      // the moments' poison in the owner's row only: the output product carries it to the other lanes
+      // the moments' poison in the owner's row only: the output's sum over the lanes carries it to the others
       row.poison = weight_poison + (2 * m + r == own ? moments_poison_own : 0.0f);
       x0[m][r][MmaNet::kUnits] = 0.0f;
     }
