@@ -101,6 +101,9 @@ if [ -n "$cuobjdump" ]; then
     -c "$root/csrc/cuda/forward_kernels.cu" -o "$work/tmp/forward_counted.sm90.o" 2>/dev/null
   "$cuobjdump" -sass "$work/tmp/forward_counted.sm90.o" >"$work/tmp/forward_counted.sass"
   "$venv/bin/python" "$root/scripts/sass_counts.py" "$work/tmp/forward_counted.sass"
+  echo "-- the forward kernels as built (unit loops rolled): a warp tile as run, 5 trips of each unit loop"
+  "$cuobjdump" -sass "$work/tmp/forward_kernels.sm90.o" >"$work/tmp/forward_kernels.sass"
+  "$venv/bin/python" "$root/scripts/sass_counts.py" --rolled 5 "$work/tmp/forward_kernels.sass"
   echo "-- the backward's loops (variants 0 FFMA, 1 mma weight gradients, 2 every product on mma; NOTES.md \"The mma backward\" turns them into per-coordinate counts)"
   "$cuobjdump" -sass "$work/tmp/backward_kernels.sm90.o" >"$work/tmp/backward_kernels.sass"
   "$venv/bin/python" "$root/scripts/sass_counts.py" --loops "$work/tmp/backward_kernels.sass" "FixedDims<20, 2, 1u>, float"

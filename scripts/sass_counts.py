@@ -2,10 +2,13 @@
 csrc/cuda/NOTES.md quotes: per kernel the static count after the weight staging (the last BAR.SYNC: the tile
 loop and its cold paths) and its HMMA, FFMA, LDS, MUFU, global loads / stores; with --loops, instead, every
 loop (a backward branch) that holds HMMA, FFMA or DADD, with its static counts (the backward: its unit loops,
-the weight-gradient loops over a tile's coordinates and their item loops with the float64 adds).
+the weight-gradient loops over a tile's coordinates and their item loops with the float64 adds); with --rolled T,
+the forward kernels as they run (unit loops not unrolled): per warp tile the static count after the weight staging
+plus T - 1 more trips of each innermost loop that holds HMMA (the mma body's unit loops, T = 5 units per thread).
 
   python scripts/sass_counts.py forward_kernels.sass [name-regex]
   python scripts/sass_counts.py --loops backward_kernels.sass [name-regex]
+  python scripts/sass_counts.py --rolled 5 forward_kernels.sass [name-regex]
 
 Static counts: a loop that is not unrolled counts once. scripts/check_cuda_build.sh also builds the mma body
 with its unit loops unrolled (L2L_MMA_COUNT_UNROLLED) so that its counts are those of one warp tile.
@@ -37,9 +40,23 @@ def print_loops(name: str, code: str) -> None:
                   f"{lds or 'LDS 0'} FADD {count['FADD']:3d} DADD {count['DADD']:3d} LDG {count['LDG']:3d} STG {count['STG']:3d}")
 
 
+def innermost_hmma_loops(hot: list[str]) -> list[list[str]]:
+    """The ops of each innermost loop (a backward branch enclosing no other) of `hot` that holds HMMA."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for line in hot for m in [ADDRESSED.search(line)] if m]
+    index = {a: i for i, (a, _, _) in enumerate(ins)}
+    spans = []
+    for i, (address, op, args) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", args) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) <= address and int(target.group(1), 16) in index:
+            spans.append((index[int(target.group(1), 16)], i))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    return [[op for _, op, _ in ins[a:b + 1]] for a, b in inner if any(op.startswith("HMMA") for _, op, _ in ins[a:b + 1])]
+
+
 def main() -> None:
     loops = sys.argv[1] == "--loops"
-    args = sys.argv[2:] if loops else sys.argv[1:]
+    trips = int(sys.argv[2]) if sys.argv[1] == "--rolled" else 1
+    args = sys.argv[2:] if loops else sys.argv[3:] if trips > 1 or sys.argv[1] == "--rolled" else sys.argv[1:]
     text = open(args[0]).read()
     pattern = re.compile(args[1] if len(args) > 1 else r"forward_mma_kernel|FixedDims<20, 2, 1u>, float")
     for body in re.split(r"\n\s*Function : ", text)[1:]:
@@ -55,6 +72,9 @@ def main() -> None:
         barriers = [k for k, line in enumerate(lines) if "BAR.SYNC" in line]
         hot = lines[barriers[-1]:] if barriers else lines
         ops = [m.group(1) for line in hot for m in [INSTRUCTION.search(line)] if m]
+        if sys.argv[1] == "--rolled":
+            for loop in innermost_hmma_loops(hot):
+                ops += loop * (trips - 1)
         count = collections.Counter(op.split(".")[0] for op in ops)
         print(f"{name:50s} {len(ops):5d} instr: HMMA {count['HMMA']:4d} FFMA {count['FFMA']:4d} "
               f"LDS {count['LDS']:3d} MUFU {count['MUFU']:4d} LDG {count['LDG']:3d} STG {count['STG']:3d} "

@@ -271,3 +271,30 @@ def test_block_sizes(impl, emu, gen, threads):
     emu.configure(forward_threads=32, forward_blocks=2, backward_blocks=3, smem_limit=227 * 1024,
                   forward_smem_limit=48 * 1024, mma_threads=threads)
     cases.check_step_inplace(impl, 333, 20, 2, torch.float32, gen)
+
+
+@pytest.mark.parametrize("gates", ["mma", "mma16"])
+@pytest.mark.parametrize("features", [1, 3], ids=feature_id)
+def test_bf16_state_steps_as_its_float32_copy(impl, gen, monkeypatch, gates, features):
+    """A bfloat16 state's old h are TF32 values: the kernel skips their split and their (zero) a_lo b_hi product
+    (forward_mma_body.h's tf32_exact_k_tile, mma_2xtf32). The same step on a float32 copy of that state takes the
+    full 3xTF32 products, so the two must agree bit for bit: the updates and the new state (rounded to bfloat16
+    as the kernel stores it), also across non-finite gradients, n not a multiple of the warp tile."""
+    monkeypatch.setenv("L2L_FAST_CUDA_GATES", gates)
+    n = 77
+    grad, state, weights, _, _ = cases.inputs(n, 20, 2, torch.float32, gen, non_finite=True, features=features)
+    state_bf16 = state.to(torch.bfloat16)
+    moments = cases.moments_for(features, grad, gen, advanced=False)
+    results = []
+    for state_dtype in (torch.bfloat16, torch.float32):
+        param = torch.randn(n, generator=gen).float() if not results else results[0][2].clone()
+        s = state_bf16.to(state_dtype).clone()
+        m = None if moments is None else moments.float().clone()
+        p0 = param.clone()
+        impl.lstm_multi_step_([param], [grad], s, weights, 10.0, 0.1, features, moments=m, output=0)
+        results.append((param - p0, s, p0, m))
+    (du_b, s_b, _, m_b), (du_f, s_f, _, m_f) = results
+    assert torch.equal(du_b.view(torch.int32), du_f.view(torch.int32)), "updates differ"
+    assert torch.equal(s_b.view(torch.int16), s_f.to(torch.bfloat16).view(torch.int16)), "new states differ"
+    if m_b is not None:
+        assert torch.equal(m_b, m_f)

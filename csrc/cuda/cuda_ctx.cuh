@@ -15,6 +15,9 @@ struct CudaCtx {
   __device__ __forceinline__ void sync() const { __syncthreads(); }
   __device__ __forceinline__ int lane() const { return threadIdx.x % 32; }
   __device__ __forceinline__ void sync_warp() const { __syncwarp(); }
+  // warp-wide (all 32 lanes, converged): v of lane src; the lanes' predicates as bits (bit i: lane i)
+  __device__ __forceinline__ float shfl(float v, int src) const { return __shfl_sync(0xffffffffu, v, src); }
+  __device__ __forceinline__ unsigned ballot(bool p) const { return __ballot_sync(0xffffffffu, p); }
   // acc += A B, one warp-wide mma.m16n8k8 (all 32 lanes, converged); a and b hold TF32 values (rounded).
   __device__ __forceinline__ void mma_tf32(FragA& acc, const FragA& a, const FragB& b) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -19,6 +19,9 @@
 // have slopes <= 1); a random walk of roundings gives sqrt(3K) instead of 3K. So the mma kernel is held
 // to the same float32 table as the FFMA kernel, and tests/test_cuda_emulated.py checks the single-mma
 // bound (3.01 * 2^-22 + (3 k + 1) 2^-24) sum |a||b| directly.
+// An A operand that is already TF32 (a_lo = 0: the forward's old h from a bf16 state) takes mma_2xtf32, the
+// same sum without its first product a_lo b_hi, which is an exact 0: the same bits, except that a sum that is
+// exactly 0 may keep the sign of its start (-0 + +0 is +0 in the three-product sum).
 // The backward's weight gradients (backward_mma.h) split with lo unrounded and sum over a tile of T coordinates
 // in two accumulators: their analysis, (5.01 * 2^-22 + (T + 1) 2^-24) sum |dz x| per tile, is there.
 #pragma once
@@ -82,6 +85,13 @@ L2L_DEVICE void mma_3xtf32(const Ctx& ctx, FragA& acc, const FragA& a_hi, const 
   ctx.mma_tf32(acc, a_lo, b_hi);
   ctx.mma_tf32(acc, a_hi, b_lo);
   ctx.mma_tf32(acc, a_hi, b_hi);
+}
+
+// acc += A B in 3xTF32 for an A of TF32 values (no lo part): mma_3xtf32 without its product a_lo b_hi = 0.
+template <class Ctx>
+L2L_DEVICE void mma_2xtf32(const Ctx& ctx, FragA& acc, const FragA& a, const FragB& b_hi, const FragB& b_lo) {
+  ctx.mma_tf32(acc, a, b_lo);
+  ctx.mma_tf32(acc, a, b_hi);
 }
 
 }  // namespace cuda

@@ -43,6 +43,8 @@ struct EmuCtx {
   void sync() const { barrier->wait(); }
   int lane() const { return t % 32; }
   void sync_warp() const { (*warps)[size_t(t / 32)].sync(); }
+  float shfl(float v, int src) const { return (*warps)[size_t(t / 32)].shfl(lane(), v, src); }
+  unsigned ballot(bool p) const { return (*warps)[size_t(t / 32)].ballot(lane(), p); }
   void mma_tf32(FragA& acc, const FragA& a, const FragB& b) const { (*warps)[size_t(t / 32)].mma(lane(), acc, a, b); }
 };
 

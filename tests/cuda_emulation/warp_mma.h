@@ -68,6 +68,23 @@ class WarpMma {
   // __syncwarp: every lane of the warp arrives (the same barrier as mma's, so the two stay in step).
   void sync() { barrier_.wait(); }
 
+  // __shfl_sync / __ballot_sync over every lane: each lane posts its value, all meet, each reads.
+  float shfl(int lane, float v, int src) {
+    posted_[lane] = v;
+    barrier_.wait();
+    const float got = posted_[src];
+    barrier_.wait();  // every lane has read: the next exchange may overwrite
+    return got;
+  }
+  unsigned ballot(int lane, bool p) {
+    posted_[lane] = p ? 1.0f : 0.0f;
+    barrier_.wait();
+    unsigned bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= (posted_[l] != 0.0f ? 1u : 0u) << l;
+    barrier_.wait();
+    return bits;
+  }
+
   void mma(int lane, FragA& acc, const FragA& a, const FragB& b) {
     for (int i = 0; i < 4; ++i) a_[lane][i] = tf32_operand(a.v[i]);
     for (int i = 0; i < 2; ++i) b_[lane][i] = tf32_operand(b.v[i]);
@@ -90,6 +107,7 @@ class WarpMma {
   Barrier barrier_;
   float a_[32][4];
   float b_[32][2];
+  float posted_[32] = {};
 };
 
 }  // namespace cuda
