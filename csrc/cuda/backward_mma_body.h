@@ -202,6 +202,23 @@ L2L_DEVICE void stage_layer_inputs(const BackwardArgs<float>& a, Dims dims, int 
   for (; k < end; ++k) my_x[k] = 0.0f;
 }
 
+// Stages layer 1's inputs of coordinate c in its row my_x after layer 0's new h (columns 0 .. H - 1): its old h,
+// the bias column's 1, zeros up to the 4-wide loads of the weight gradients and the gate product's last k-tile
+// (all zeros for an inactive coordinate).
+L2L_DEVICE void stage_top_inputs(const BackwardArgs<float>& a, int64_t c, bool active, float* my_x) {
+  constexpr int H = MmaBackwardNet::kH, K = 2 * H;
+  constexpr int end = (K + 4) / 4 * 4 > (K + 7) / 8 * 8 ? (K + 4) / 4 * 4 : (K + 7) / 8 * 8;  // as stage_layer_inputs
+  int k = 0;
+  if (active) {
+    const float* h_p = a.state + state_row(a.net.layout, 1, 0, 0) * a.n + c;
+#pragma unroll
+    for (int u = 0; u < H; ++u, h_p += a.n) my_x[H + u] = *h_p;
+    my_x[2 * H] = 1.0f;
+    k = 2 * H + 1;
+  }
+  for (; k < end; ++k) my_x[k] = 0.0f;
+}
+
 // h of a unit from its gate pre-activations z (4 values of a dz row) and its old c.
 L2L_DEVICE float unit_h(float c_old, const float* z4) {
   const Quad<float> z = load_quad(z4);
@@ -294,24 +311,18 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
     const bool active = c < n && is_finite(in.grad);
     float poison = 0.0f;  // NaN: poisoned (as backward_block)
     if (active) poison = coordinate_poison(a, dims, c, in);
-    // layer 0's forward: its h_new parked in grad_state's h rows of layer 0 (as park_lower_layers)
+    // layer 0's forward: its h_new straight into layer 1's x row, columns 0 .. H - 1 (the warp has read the x
+    // rows: tile_gates' last warp barrier), not parked in global memory as backward_body.h parks it
     stage_layer_inputs(a, dims, 0, c, in, active, my_x);
     tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
-    if (active) {  // by pointer steps (cell_backward_row)
+    if (active) {  // the old c by pointer steps (cell_backward_row)
       const float* c_old_p = a.state + state_row(lay, 0, 1, 0) * n + c;
-      float* h_p = a.grad_state + state_row(lay, 0, 0, 0) * n + c;
-      const float* z_p = my_dz;
 #pragma unroll 1
-      for (int u = 0; u < H; ++u) {
-        *h_p = unit_h(*c_old_p, z_p);
-        c_old_p += n;
-        h_p += n;
-        z_p += 4;
-      }
+      for (int u = 0; u < H; ++u, c_old_p += n) my_x[u] = unit_h(*c_old_p, my_dz + 4 * u);
     }
 
     // layer 1 (the top): gates, the output's derivative, the cell backward
-    stage_layer_inputs(a, dims, 1, c, in, active, my_x);
+    stage_top_inputs(a, c, active, my_x);
     tile_gates<1>(ctx, a, dims, w, plan, warp_x, warp_dz);
     float dh[H];
     float gu = 0.0f;
