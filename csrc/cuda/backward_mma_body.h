@@ -123,8 +123,7 @@ L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, i
   const float* xa = x + g * SX + tig;
   const float* wb = w_l + ((g >> 2) * K + tig) * 4 + (g & 3);
   int k = tig;  // the B element's input (the padding test)
-#pragma unroll 1
-  for (int kt = 0; kt < KT; ++kt, xa += 8, wb += 32, k += 8) {
+  const auto k_step = [&] {
     FragA a_hi[M], a_lo[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) load_rows_a<SX>(xa + 16 * m * SX, a_hi[m], a_lo[m]);
@@ -136,7 +135,14 @@ L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, i
 #pragma unroll
       for (int m = 0; m < M; ++m) mma_3xtf32(ctx, acc[m][nt], a_hi[m], a_lo[m], b_hi, b_lo);
     }
-  }
+    xa += 8;
+    wb += 32;
+    k += 8;
+  };
+  // k-tile 0 outside the loop: its first mma reads the bias as C (no copies into the loop's accumulators)
+  k_step();
+#pragma unroll 1
+  for (int kt = 1; kt < KT; ++kt) k_step();
   float* zc = z + g * SZ + 2 * tig;
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -219,6 +225,14 @@ L2L_DEVICE void stage_top_inputs(const BackwardArgs<float>& a, int64_t c, bool a
   for (; k < end; ++k) my_x[k] = 0.0f;
 }
 
+// The float `bytes` bytes after p (a byte offset shared by arrays of the same shape).
+L2L_DEVICE const float& at_offset(const float* p, int64_t bytes) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(p) + bytes);
+}
+L2L_DEVICE float& at_offset(float* p, int64_t bytes) {
+  return *reinterpret_cast<float*>(reinterpret_cast<char*>(p) + bytes);
+}
+
 // h of a unit from its gate pre-activations z (4 values of a dz row) and its old c.
 L2L_DEVICE float unit_h(float c_old, const float* z4) {
   const Quad<float> z = load_quad(z4);
@@ -231,14 +245,13 @@ L2L_DEVICE float unit_h(float c_old, const float* z4) {
 // dz): d c of the layer into grad_state, the top layer's h into h_top (when not null).
 L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c, const float (&dh)[MmaBackwardNet::kH],
                                   float* my_dz, float* h_top) {
-  // the unit's cells by pointer steps: unit u + 1's cell is one state row (n values) after unit u's
-  const int64_t n = a.n, cell0 = state_row(a.net.layout, l, 1, 0) * n + c;
-  const float* c_old_p = a.state + cell0;
-  const float* dc_new_p = a.grad_new_state + cell0;
-  float* dc_p = a.grad_state + cell0;
+  // the unit's cells by steps of one byte offset (one add per array and unit, none to scale an index): unit
+  // u + 1's cell is one state row (n values) after unit u's
+  const int64_t row_bytes = a.n * int64_t(sizeof(float));
+  int64_t off = (state_row(a.net.layout, l, 1, 0) * a.n + c) * int64_t(sizeof(float));
 #pragma unroll 1
-  for (int u = 0; u < MmaBackwardNet::kH; ++u) {
-    const float c_old = *c_old_p, dc_new = *dc_new_p;
+  for (int u = 0; u < MmaBackwardNet::kH; ++u, off += row_bytes) {
+    const float c_old = at_offset(a.state, off), dc_new = at_offset(a.grad_new_state, off);
     const Quad<float> z = load_quad(my_dz);
     float i, f, gg, o, c_new, tanh_c, h;
     cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
@@ -246,11 +259,8 @@ L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c
     Quad<float> dzq;
     float dc;
     cell_backward(dh[u], dc_new, i, f, gg, o, c_old, tanh_c, dzq.v[0], dzq.v[1], dzq.v[2], dzq.v[3], dc);
-    *dc_p = dc;
+    at_offset(a.grad_state, off) = dc;
     store_quad(my_dz, dzq);
-    c_old_p += n;
-    dc_new_p += n;
-    dc_p += n;
     my_dz += 4;
   }
 }
