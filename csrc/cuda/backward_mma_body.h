@@ -100,8 +100,8 @@ L2L_DEVICE void store_rows_c(float* p, const FragA& c) {
   store_pair(p + 8 * S, c.v[2], c.v[3]);
 }
 
-// z rows = x rows W_l^T + b_l for the warp's 32 coordinates: x from the warp's first staged row (stride sx;
-// columns K .. 8 ceil(K / 8) - 1 finite: the bias column's 1 and zeros), z into 80 columns of its rows (stride sz).
+// z rows = x rows W_l^T + b_l for the warp's 32 coordinates: x from the warp's first staged row (stride SX;
+// columns K .. 8 ceil(K / 8) - 1 finite: the bias column's 1 and zeros), z into 80 columns of its rows (stride SZ).
 // Every lane of the warp calls it.
 // KC: K when known at compile time (0: run-time K), which folds the B operand's offsets and its padding test.
 template <int KC, int SX, int SZ, class Ctx>
