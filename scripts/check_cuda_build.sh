@@ -107,6 +107,8 @@ if [ -n "$cuobjdump" ]; then
   echo "-- the backward's loops (variants 0 FFMA, 1 mma weight gradients, 2 every product on mma; NOTES.md \"The mma backward\" turns them into per-coordinate counts)"
   "$cuobjdump" -sass "$work/tmp/backward_kernels.sm90.o" >"$work/tmp/backward_kernels.sass"
   "$venv/bin/python" "$root/scripts/sass_counts.py" --loops "$work/tmp/backward_kernels.sass" "FixedDims<20, 2, 1u>, float"
+  echo "-- the mma backward (variant 2) per warp tile as run (NOTES.md \"The mma backward\", part 3)"
+  "$venv/bin/python" "$root/scripts/sass_counts.py" --bwd-as-run "$work/tmp/backward_kernels.sass"
 else
   echo "no cuobjdump (CUDA toolkit or triton's copy): no counts"
 fi

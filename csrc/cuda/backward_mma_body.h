@@ -55,6 +55,10 @@ struct MmaBackwardNet {
   static constexpr int kGateTiles = 4 * kH / 8;  // n-tiles of the gates, k-tiles of the inputs' product
   static constexpr int kMaxInputTiles = 5;       // n-tiles of d inputs: ceil(K / 8) <= 5
   static constexpr int kWarpRows = 32;           // coordinates per warp: 2 m-tiles
+  // BackwardSmem::plan's row strides for this net, compile-time constants so that every A / C element of a
+  // fragment is an immediate offset from one lane pointer: x rows staging_stride(max K + 1) (max K = 40:
+  // layer 1's, since inputs <= 20), dz rows staging_stride(80).
+  static constexpr int kSx = staging_stride(2 * kH + 1), kSdz = staging_stride(4 * kH);
 };
 
 L2L_HD bool mma_backward_supports(const PackedLayout& layout) {
@@ -73,10 +77,10 @@ L2L_DEVICE void split_b(float v0, float v1, FragB& hi, FragB& lo) {
   lo = FragB{{s0.lo, s1.lo}};
 }
 
-// The A fragment (split) of 16 staged rows (stride s), columns col0 .. col0 + 7.
-L2L_DEVICE void load_rows_a(const float* rows, int s, int col0, int lane, FragA& hi, FragA& lo) {
-  const int g = lane / 4, k = col0 + lane % 4;
-  const float v[4] = {rows[g * s + k], rows[(g + 8) * s + k], rows[g * s + k + 4], rows[(g + 8) * s + k + 4]};
+// The A fragment (split) of 16 staged rows of stride S; p: the lane's element (row g, column col0 + tig).
+template <int S>
+L2L_DEVICE void load_rows_a(const float* p, FragA& hi, FragA& lo) {
+  const float v[4] = {p[0], p[8 * S], p[4], p[8 * S + 4]};
   split_frag(v, hi, lo);
 }
 
@@ -89,20 +93,19 @@ L2L_DEVICE void store_pair(float* p, float a, float b) {
 #endif
 }
 
-// A C fragment into 16 rows (stride s, even), columns col0 .. col0 + 7.
-L2L_DEVICE void store_rows_c(float* rows, int s, int col0, int lane, const FragA& c) {
-  const int g = lane / 4, k = col0 + 2 * (lane % 4);
-  store_pair(rows + g * s + k, c.v[0], c.v[1]);
-  store_pair(rows + (g + 8) * s + k, c.v[2], c.v[3]);
+// A C fragment into 16 rows of stride S (even); p: the lane's first element (row g, column col0 + 2 tig).
+template <int S>
+L2L_DEVICE void store_rows_c(float* p, const FragA& c) {
+  store_pair(p, c.v[0], c.v[1]);
+  store_pair(p + 8 * S, c.v[2], c.v[3]);
 }
 
-// z rows = x rows W_l^T + b_l for the warp's 32 coordinates: x from the warp's first staged row (stride sx;
-// columns K .. 8 ceil(K / 8) - 1 finite: the bias column's 1 and zeros), z into 80 columns of its rows (stride sz).
+// z rows = x rows W_l^T + b_l for the warp's 32 coordinates: x from the warp's first staged row (stride SX;
+// columns K .. 8 ceil(K / 8) - 1 finite: the bias column's 1 and zeros), z into 80 columns of its rows (stride SZ).
 // Every lane of the warp calls it.
 // KC: K when known at compile time (0: run-time K), which folds the B operand's offsets and its padding test.
-template <int KC, class Ctx>
-L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, int k_size, const float* x, int sx,
-                           float* z, int sz) {
+template <int KC, int SX, int SZ, class Ctx>
+L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, int k_size, const float* x, float* z) {
   constexpr int M = 2, NT = MmaBackwardNet::kGateTiles;
   const int K = KC ? KC : k_size;
   const int lane = ctx.lane(), g = lane / 4, tig = lane % 4;
@@ -114,31 +117,43 @@ L2L_DEVICE void warp_gates(const Ctx& ctx, const float* w_l, const float* b_l, i
     for (int m = 0; m < M; ++m) acc[m][nt] = FragA{{b0, b1, b0, b1}};
   }
   const int KT = (K + 7) / 8;
-#pragma unroll 1
-  for (int kt = 0; kt < KT; ++kt) {
+  // by pointer steps of one k-tile: the lane's A element (row g, column 8 kt + tig) and its B element
+  // W[gate g][input 8 kt + tig] (packed: gate j, input k at ((j / 4) K + k) 4 + j % 4; gate 8 nt + g is
+  // 2 nt K 4 further, input k + 4 16 further)
+  const float* xa = x + g * SX + tig;
+  const float* wb = w_l + ((g >> 2) * K + tig) * 4 + (g & 3);
+  int k = tig;  // the B element's input (the padding test)
+  const auto k_step = [&] {
     FragA a_hi[M], a_lo[M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) load_rows_a(x + 16 * m * sx, sx, 8 * kt, lane, a_hi[m], a_lo[m]);
+    for (int m = 0; m < M; ++m) load_rows_a<SX>(xa + 16 * m * SX, a_hi[m], a_lo[m]);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int j = 8 * nt + g, k = 8 * kt + tig;
+      const float* b = wb + 8 * nt * K;
       FragB b_hi, b_lo;
-      split_b(gate_weight(w_l, K, j, k), gate_weight(w_l, K, j, k + 4), b_hi, b_lo);
+      split_b(k < K ? b[0] : 0.0f, k + 4 < K ? b[16] : 0.0f, b_hi, b_lo);
 #pragma unroll
       for (int m = 0; m < M; ++m) mma_3xtf32(ctx, acc[m][nt], a_hi[m], a_lo[m], b_hi, b_lo);
     }
-  }
+    xa += 8;
+    wb += 32;
+    k += 8;
+  };
+  // k-tile 0 outside the loop: its first mma reads the bias as C (no copies into the loop's accumulators)
+  k_step();
+#pragma unroll 1
+  for (int kt = 1; kt < KT; ++kt) k_step();
+  float* zc = z + g * SZ + 2 * tig;
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) store_rows_c(z + 16 * m * sz, sz, 8 * nt, lane, acc[m][nt]);
+    for (int nt = 0; nt < NT; ++nt) store_rows_c<SZ>(zc + 16 * m * SZ + 8 * nt, acc[m][nt]);
 }
 
-// dx rows [0, 8 ceil(K / 8)) = dz rows W_l for the warp's 32 coordinates (dz: 80 columns, stride sdz; dx stride
-// sdx). Every lane of the warp calls it.
-template <int KC, class Ctx>
-L2L_DEVICE void warp_input_grads(const Ctx& ctx, const float* w_l, int k_size, const float* dz, int sdz, float* dx,
-                                 int sdx) {
+// dx rows [0, 8 ceil(K / 8)) = dz rows W_l for the warp's 32 coordinates (dz: 80 columns, stride SDZ; dx stride
+// SDX). Every lane of the warp calls it.
+template <int KC, int SDZ, int SDX, class Ctx>
+L2L_DEVICE void warp_input_grads(const Ctx& ctx, const float* w_l, int k_size, const float* dz, float* dx) {
   constexpr int M = 2, KT = MmaBackwardNet::kGateTiles, kMaxNT = MmaBackwardNet::kMaxInputTiles;
   const int K = KC ? KC : k_size;
   const int lane = ctx.lane(), g = lane / 4, tig = lane % 4;
@@ -148,26 +163,33 @@ L2L_DEVICE void warp_input_grads(const Ctx& ctx, const float* w_l, int k_size, c
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt) acc[m][nt] = FragA{{0.0f, 0.0f, 0.0f, 0.0f}};
+  // by pointer steps of one k-tile (8 gates): the lane's A element (row g, gate 8 kt + tig) and its B element
+  // W[gate 8 kt + tig][input g] (packed at ((j / 4) K + k) 4 + j % 4: input 8 nt + g is 32 nt further,
+  // gate + 4 4 K further, the next k-tile 8 K)
+  const float* dza = dz + g * SDZ + tig;
+  const float* wb = w_l + g * 4 + tig;
 #pragma unroll 1
-  for (int kt = 0; kt < KT; ++kt) {
+  for (int kt = 0; kt < KT; ++kt, dza += 8, wb += 8 * K) {
     FragA a_hi[M], a_lo[M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) load_rows_a(dz + 16 * m * sdz, sdz, 8 * kt, lane, a_hi[m], a_lo[m]);
+    for (int m = 0; m < M; ++m) load_rows_a<SDZ>(dza + 16 * m * SDZ, a_hi[m], a_lo[m]);
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt) {
       if (nt >= NT) break;  // the same for the whole warp
-      const int j = 8 * kt + tig, k = 8 * nt + g;
+      const bool real = 8 * nt + g < K;
+      const float* b = wb + 32 * nt;
       FragB b_hi, b_lo;
-      split_b(gate_weight(w_l, K, j, k), gate_weight(w_l, K, j + 4, k), b_hi, b_lo);
+      split_b(real ? b[0] : 0.0f, real ? b[4 * K] : 0.0f, b_hi, b_lo);
 #pragma unroll
       for (int m = 0; m < M; ++m) mma_3xtf32(ctx, acc[m][nt], a_hi[m], a_lo[m], b_hi, b_lo);
     }
   }
+  float* dxc = dx + g * SDX + 2 * tig;
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt)
-      if (nt < NT) store_rows_c(dx + 16 * m * sdx, sdx, 8 * nt, lane, acc[m][nt]);
+      if (nt < NT) store_rows_c<SDX>(dxc + 16 * m * SDX + 8 * nt, acc[m][nt]);
 }
 
 // Stages layer l's inputs of coordinate c in its row my_x: x, the bias column's 1, zeros up to the 4-wide
@@ -186,12 +208,36 @@ L2L_DEVICE void stage_layer_inputs(const BackwardArgs<float>& a, Dims dims, int 
   for (; k < end; ++k) my_x[k] = 0.0f;
 }
 
-// h of unit u of layer l for coordinate c from its gate pre-activations in the dz row my_z (old c from the state).
-L2L_DEVICE float unit_h(const BackwardArgs<float>& a, int l, int u, int64_t c, const float* my_z) {
-  const Quad<float> z = load_quad(my_z + 4 * u);
+// Stages layer 1's inputs of coordinate c in its row my_x after layer 0's new h (columns 0 .. H - 1): its old h,
+// the bias column's 1, zeros up to the 4-wide loads of the weight gradients and the gate product's last k-tile
+// (all zeros for an inactive coordinate).
+L2L_DEVICE void stage_top_inputs(const BackwardArgs<float>& a, int64_t c, bool active, float* my_x) {
+  constexpr int H = MmaBackwardNet::kH, K = 2 * H;
+  constexpr int end = (K + 4) / 4 * 4 > (K + 7) / 8 * 8 ? (K + 4) / 4 * 4 : (K + 7) / 8 * 8;  // as stage_layer_inputs
+  int k = 0;
+  if (active) {
+    const float* h_p = a.state + state_row(a.net.layout, 1, 0, 0) * a.n + c;
+#pragma unroll
+    for (int u = 0; u < H; ++u, h_p += a.n) my_x[H + u] = *h_p;
+    my_x[2 * H] = 1.0f;
+    k = 2 * H + 1;
+  }
+  for (; k < end; ++k) my_x[k] = 0.0f;
+}
+
+// The float `bytes` bytes after p (a byte offset shared by arrays of the same shape).
+L2L_DEVICE const float& at_offset(const float* p, int64_t bytes) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(p) + bytes);
+}
+L2L_DEVICE float& at_offset(float* p, int64_t bytes) {
+  return *reinterpret_cast<float*>(reinterpret_cast<char*>(p) + bytes);
+}
+
+// h of a unit from its gate pre-activations z (4 values of a dz row) and its old c.
+L2L_DEVICE float unit_h(float c_old, const float* z4) {
+  const Quad<float> z = load_quad(z4);
   float i, f, gg, o, c_new, tanh_c, h;
-  cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], a.state[state_row(a.net.layout, l, 1, u) * a.n + c],
-                                   i, f, gg, o, c_new, tanh_c, h);
+  cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
   return h;
 }
 
@@ -199,21 +245,23 @@ L2L_DEVICE float unit_h(const BackwardArgs<float>& a, int l, int u, int64_t c, c
 // dz): d c of the layer into grad_state, the top layer's h into h_top (when not null).
 L2L_DEVICE void cell_backward_row(const BackwardArgs<float>& a, int l, int64_t c, const float (&dh)[MmaBackwardNet::kH],
                                   float* my_dz, float* h_top) {
-  const PackedLayout& lay = a.net.layout;
-  const int64_t n = a.n;
+  // the unit's cells by steps of one byte offset (one add per array and unit, none to scale an index): unit
+  // u + 1's cell is one state row (n values) after unit u's
+  const int64_t row_bytes = a.n * int64_t(sizeof(float));
+  int64_t off = (state_row(a.net.layout, l, 1, 0) * a.n + c) * int64_t(sizeof(float));
 #pragma unroll 1
-  for (int u = 0; u < MmaBackwardNet::kH; ++u) {
-    const int64_t cell = state_row(lay, l, 1, u) * n + c;
-    const float c_old = a.state[cell], dc_new = a.grad_new_state[cell];
-    const Quad<float> z = load_quad(my_dz + 4 * u);
+  for (int u = 0; u < MmaBackwardNet::kH; ++u, off += row_bytes) {
+    const float c_old = at_offset(a.state, off), dc_new = at_offset(a.grad_new_state, off);
+    const Quad<float> z = load_quad(my_dz);
     float i, f, gg, o, c_new, tanh_c, h;
     cell_forward<Activations<float>>(z.v[0], z.v[1], z.v[2], z.v[3], c_old, i, f, gg, o, c_new, tanh_c, h);
     if (h_top) h_top[u] = h;
     Quad<float> dzq;
     float dc;
     cell_backward(dh[u], dc_new, i, f, gg, o, c_old, tanh_c, dzq.v[0], dzq.v[1], dzq.v[2], dzq.v[3], dc);
-    a.grad_state[cell] = dc;
-    store_quad(my_dz + 4 * u, dzq);
+    at_offset(a.grad_state, off) = dc;
+    store_quad(my_dz, dzq);
+    my_dz += 4;
   }
 }
 
@@ -231,8 +279,8 @@ L2L_DEVICE void tile_gates(const Ctx& ctx, const BackwardArgs<float>& a, Dims, c
                            float* warp_x, float* warp_dz) {
   const PackedLayout& lay = a.net.layout;
   ctx.sync_warp();  // the warp's x rows are staged
-  warp_gates<compile_time_k<Dims, l>()>(ctx, w + lay.layer_offset(l), w + lay.bias_offset(l), lay.k_size(l), warp_x,
-                                        plan.sx, warp_dz, plan.sdz);
+  warp_gates<compile_time_k<Dims, l>(), MmaBackwardNet::kSx, MmaBackwardNet::kSdz>(
+      ctx, w + lay.layer_offset(l), w + lay.bias_offset(l), lay.k_size(l), warp_x, warp_dz);
   ctx.sync_warp();  // its z rows are in
 }
 
@@ -244,8 +292,8 @@ L2L_DEVICE void tile_layer_grads(const Ctx& ctx, const BackwardArgs<float>& a, D
   ctx.sync();
   layer_weight_grads<true>(ctx, a, dims, l, plan, smem, partial);
   ctx.sync();  // every warp has read the x rows: they take d inputs now
-  warp_input_grads<compile_time_k<Dims, l>()>(ctx, w + a.net.layout.layer_offset(l), a.net.layout.k_size(l), warp_dz,
-                                              plan.sdz, warp_x, plan.sx);
+  warp_input_grads<compile_time_k<Dims, l>(), MmaBackwardNet::kSdz, MmaBackwardNet::kSx>(
+      ctx, w + a.net.layout.layer_offset(l), a.net.layout.k_size(l), warp_dz, warp_x);
   ctx.sync_warp();
 }
 
@@ -273,16 +321,18 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
     const bool active = c < n && is_finite(in.grad);
     float poison = 0.0f;  // NaN: poisoned (as backward_block)
     if (active) poison = coordinate_poison(a, dims, c, in);
-    // layer 0's forward: its h_new parked in grad_state's h rows of layer 0 (as park_lower_layers)
+    // layer 0's forward: its h_new straight into layer 1's x row, columns 0 .. H - 1 (the warp has read the x
+    // rows: tile_gates' last warp barrier), not parked in global memory as backward_body.h parks it
     stage_layer_inputs(a, dims, 0, c, in, active, my_x);
     tile_gates<0>(ctx, a, dims, w, plan, warp_x, warp_dz);
-    if (active) {
+    if (active) {  // the old c by pointer steps (cell_backward_row)
+      const float* c_old_p = a.state + state_row(lay, 0, 1, 0) * n + c;
 #pragma unroll 1
-      for (int u = 0; u < H; ++u) a.grad_state[state_row(lay, 0, 0, u) * n + c] = unit_h(a, 0, u, c, my_dz);
+      for (int u = 0; u < H; ++u, c_old_p += n) my_x[u] = unit_h(*c_old_p, my_dz + 4 * u);
     }
 
     // layer 1 (the top): gates, the output's derivative, the cell backward
-    stage_layer_inputs(a, dims, 1, c, in, active, my_x);
+    stage_top_inputs(a, c, active, my_x);
     tile_gates<1>(ctx, a, dims, w, plan, warp_x, warp_dz);
     float dh[H];
     float gu = 0.0f;
@@ -290,8 +340,9 @@ L2L_DEVICE void backward_block_mma(const Ctx& ctx, const BackwardArgs<float>& a,
       float y = 0.0f;
       if (a.net.output == kTanhOutput) {  // y = out_w . h_top + out_b, summed as recompute_output sums it
         y = w[lay.out_bias_offset()];
+        const float* c_old_p = a.state + state_row(lay, 1, 1, 0) * n + c;
 #pragma unroll 1
-        for (int u = 0; u < H; ++u) y += out_w[u] * unit_h(a, 1, u, c, my_dz);
+        for (int u = 0; u < H; ++u, c_old_p += n) y += out_w[u] * unit_h(*c_old_p, my_dz + 4 * u);
       }
       gu = output_grad(a.net, poison != poison ? poison : a.grad_update[c], y);
       for (int u = 0; u < H; ++u) dh[u] = gu * out_w[u] + a.grad_new_state[state_row(lay, 1, 0, u) * n + c];

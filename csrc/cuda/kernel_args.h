@@ -113,7 +113,7 @@ L2L_HD int max_k_size(const PackedLayout& layout) {
 // Row stride (in elements) of a staging array of `width` values per coordinate: a multiple of 4
 // (16-byte rows for the 4-wide loads) with an odd number of 16-byte chunks, so that 8 threads
 // storing one 4-wide chunk each into consecutive rows hit 8 different bank groups.
-L2L_HD int staging_stride(int width) {
+L2L_HD constexpr int staging_stride(int width) {
   int stride = (width + 3) / 4 * 4;
   if ((stride / 4) % 2 == 0) stride += 4;
   return stride;

@@ -296,7 +296,7 @@ std::vector<at::Tensor> gate_products_tile(const at::Tensor& x, const at::Tensor
               w.numel() == int64_t(4) * H * K && b.numel() == 4 * H && x.scalar_type() == at::kFloat &&
               dz.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat);
   TORCH_CHECK(threads == 32 || threads == 64 || threads == 128, "blocks of 32, 64 or 128 threads");
-  const int sx = staging_stride(2 * H + 1), sdz = staging_stride(4 * H);  // the 20 x 2 net's strides
+  constexpr int sx = MmaBackwardNet::kSx, sdz = MmaBackwardNet::kSdz;  // the 20 x 2 net's strides
   const int64_t x_size = int64_t(threads) * sx, dz_size = int64_t(threads) * sdz, w_size = w.numel() + b.numel();
   const at::Tensor xc = x.contiguous(), dzc = dz.contiguous(), wc = at::cat({w.flatten(), b.flatten()});
   at::Tensor z = at::empty({threads, 4 * H}, x.options()), dx = at::empty({threads, K}, x.options());
@@ -310,12 +310,12 @@ std::vector<at::Tensor> gate_products_tile(const at::Tensor& x, const at::Tensor
     my_x[K] = 1.0f;
     for (int k = K + 1; k < std::max((K + 4) / 4 * 4, (K + 7) / 8 * 8); ++k) my_x[k] = 0.0f;
     ctx.sync();
-    warp_gates<0>(ctx, ws, ws + w.numel(), K, xs + int64_t(warp_row) * sx, sx, dzs + int64_t(warp_row) * sdz, sdz);
+    warp_gates<0, sx, sdz>(ctx, ws, ws + w.numel(), K, xs + int64_t(warp_row) * sx, dzs + int64_t(warp_row) * sdz);
     ctx.sync_warp();
     for (int j = 0; j < 4 * H; ++j) z.data_ptr<float>()[t * 4 * H + j] = dzs[int64_t(t) * sdz + j];
     for (int j = 0; j < 4 * H; ++j) dzs[int64_t(t) * sdz + j] = dzc.data_ptr<float>()[t * 4 * H + j];
     ctx.sync_warp();
-    warp_input_grads<0>(ctx, ws, K, dzs + int64_t(warp_row) * sdz, sdz, xs + int64_t(warp_row) * sx, sx);
+    warp_input_grads<0, sdz, sx>(ctx, ws, K, dzs + int64_t(warp_row) * sdz, xs + int64_t(warp_row) * sx);
     ctx.sync_warp();
     for (int k = 0; k < K; ++k) dx.data_ptr<float>()[t * K + k] = my_x[k];
   });
