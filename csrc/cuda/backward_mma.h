@@ -22,7 +22,8 @@
 //     ptxas relies on it too, feeding the HMMA hi = bits + 0x1000 before the mask, and so do CUTLASS's TF32
 //     converters). Dropped of each product:
 //       a_hi (b_lo - b_lo') + (a_lo - a_lo') b_hi + a_lo b_lo, at most (4 (1 + 2^-11) + 1) 2^-22 |a b|
-//     < 5.01 * 2^-22 |a b| = 1.2e-6 |a b| (mma_tf32.h's forward split, lo rounded too: 3.01 * 2^-22).
+//     < 5.01 * 2^-22 |a b| = 1.2e-6 |a b| (mma_tf32.h's forward, whose B is split once with
+//     both parts rounded: 4.01 * 2^-22).
 //   sums: a_hi b_hi goes into its own accumulator, the two small products into another. The big one adds T
 //     products, like the FFMA loop's T roundings: at most T u S (u = 2^-24 rounding to nearest as the CPU model,
 //     2^-23 if the hardware truncates); the small one adds 2T products of at most 2^-10 |a b| each: 2 T u 2^-10 S.
@@ -50,14 +51,9 @@ namespace cuda {
 // chunks + 1 output item over 4 warps: 3, 3, 3, 2 items) at 10 loaded values per 9 mma.
 constexpr int kMmaGradChunk = 3;
 
-// 3xTF32 split of one staged value for the weight gradients: hi rounded with integer arithmetic, lo = x - hi
-// unrounded (see the analysis above). A NaN stays NaN (hi = -0, lo = NaN: a poisoned coordinate's dz poisons
-// every sum it enters); +-Inf becomes NaN (lo = Inf - Inf), which only a poisoned coordinate stages.
-L2L_HD Tf32Split split_tf32_lo_unrounded(float x) {
-  const float hi = round_tf32_finite(x);
-  return Tf32Split{hi, x - hi};
-}
-
+// Each staged value is split by mma_tf32.h's split_tf32_lo_unrounded (see the analysis above). A NaN stays NaN
+// (hi = -0, lo = NaN: a poisoned coordinate's dz poisons every sum it enters); +-Inf becomes NaN (lo = Inf - Inf),
+// which only a poisoned coordinate stages.
 L2L_DEVICE void split_frag(const float (&v)[4], FragA& hi, FragA& lo) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

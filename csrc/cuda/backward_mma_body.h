@@ -27,7 +27,7 @@
 //   float32 accumulator (as forward_mma_body.h's gates): 3K + 1 roundings of at most u = 2^-24 of the running sum
 //   (2^-23 if the tensor cores truncate). So
 //     z:  |z_mma - z| <= (1.2e-6 + (3K + 1) u) sum_k |w_k x_k| + |b|-terms; layer 1 (K = 40): 8.4e-6 of it,
-//         against the FFMA loop's (K + 1) u = 2.4e-6 (the forward mma's bound, mma_tf32.h, plus the lo rounding);
+//         against the FFMA loop's (K + 1) u = 2.4e-6 (the forward mma's bound, mma_tf32.h, plus B's lo unrounded);
 //     dx: |dx_mma - dx| <= (1.2e-6 + 3 * 80 u) sum_j |w_jk dz_j| = 1.55e-5 sum |w dz| (FFMA: 80 u = 4.8e-6).
 //   The roundings are random-signed: typically sqrt(3K) u, i.e. ~1.5e-7 of sum |w x|, the FFMA loop's ~sqrt(K) u
 //   times 1.7. Why the float32 ELEMENTWISE tolerance (5e-5 of the tensor's largest entry, tests/tolerances.py)

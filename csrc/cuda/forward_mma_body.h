@@ -134,15 +134,15 @@ L2L_DEVICE FragB2 load_frag_b(const float* e) {
   return FragB2{{{q.v[0], q.v[1]}}, {{q.v[2], q.v[3]}}};
 }
 
-// A fragment of k-tile kt from a thread's slot values x[row][slot] (row 0: groupID, 1: groupID + 8), split.
-// Finite: the layer inputs, NaN only in a coordinate whose poison is already NaN (mma_tf32.h's integer
-// rounding); the output product keeps cvt.rna, which carries the poison to the other lanes.
-template <bool Finite, int Slots>
+// A fragment of k-tile kt from a thread's slot values x[row][slot] (row 0: groupID, 1: groupID + 8), split
+// with lo unrounded (mma_tf32.h): a NaN input stays NaN in every gate it enters, also one the coordinate's
+// poison does not know of (layer 0's h after an Inf - Inf in its gate sum).
+template <int Slots>
 L2L_DEVICE void split_a(const float (&x)[2][Slots], int kt, FragA& hi, FragA& lo) {
   const float v[4] = {x[0][2 * kt], x[1][2 * kt], x[0][2 * kt + 1], x[1][2 * kt + 1]};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const Tf32Split s = split_tf32<Finite>(v[i]);
+    const Tf32Split s = split_tf32_lo_unrounded(v[i]);
     hi.v[i] = s.hi;
     lo.v[i] = s.lo;
   }
@@ -202,7 +202,7 @@ L2L_DEVICE void mma_layer(const Ctx& ctx, const ForwardArgs<float, S>& a, const 
         a_hi[m][kt] = FragA{{x[m][0][2 * kt], x[m][1][2 * kt], x[m][0][2 * kt + 1], x[m][1][2 * kt + 1]}};
         a_lo[m][kt] = FragA{};  // unused: mma_2xtf32
       } else {
-        split_a<true>(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
+        split_a(x[m], kt, a_hi[m][kt], a_lo[m][kt]);
       }
     }
   // this lane's B entry of k-tile 0, n-tile 2p, and unit u's bias fragments: both step with p, so every other

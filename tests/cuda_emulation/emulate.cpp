@@ -212,7 +212,8 @@ at::Tensor from_f16_bits(const at::Tensor& x) {
 
 // The mma model for tests/test_cuda_emulated.py: per-lane fragments a [32, 4], b [32, 2], c [32, 4] (float32)
 // -> d [32, 4] of one emulated warp-wide mma.m16n8k8 (the lanes as threads, as in the kernels). With
-// split3, each operand is split into TF32 hi + lo first and the three products of mma_3xtf32 are summed.
+// split3, each operand is split into TF32 hi + lo first as the forward does (A: lo unrounded, B: both rounded) and
+// the three products of mma_3xtf32 are summed.
 at::Tensor warp_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool split3) {
   TORCH_CHECK(a.sizes() == at::IntArrayRef({32, 4}) && b.sizes() == at::IntArrayRef({32, 2}) &&
               c.sizes() == at::IntArrayRef({32, 4}) && a.scalar_type() == at::kFloat &&
@@ -233,12 +234,12 @@ at::Tensor warp_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
       FragA a_hi, a_lo;
       FragB b_hi, b_lo;
       for (int i = 0; i < 4; ++i) {
-        const Tf32Split s = split_tf32(fa.v[i]);
+        const Tf32Split s = split_tf32_lo_unrounded(fa.v[i]);  // the forward's layer inputs
         a_hi.v[i] = s.hi;
         a_lo.v[i] = s.lo;
       }
       for (int i = 0; i < 2; ++i) {
-        const Tf32Split s = split_tf32(fb.v[i]);
+        const Tf32Split s = split_tf32(fb.v[i]);  // the forward's staged weights
         b_hi.v[i] = s.hi;
         b_lo.v[i] = s.lo;
       }

@@ -9,11 +9,13 @@
 // tests/test_cuda_emulated.py checks this model against an independent statement of the same table with
 // a matmul of distinct values, so an index error here fails there.
 //
-// Arithmetic: operands are read as TF32 (the low 13 bits ignored, as the hardware is described to do; the
-// kernels round with cvt.rna first, so they never depend on it), products are exact in float32 (11 x 11
-// significant bits), and each row-column sum is c + a_0 b_0 + ... + a_7 b_7 in float32, in that order,
-// rounding to nearest. The GPU's accumulation order and rounding are not specified (published measurements:
-// truncation); the error analysis in csrc/cuda/mma_tf32.h allows for it, the GPU tests check it.
+// Arithmetic: operands are read as TF32 (the low 13 bits ignored, as the hardware is described to do; the lo
+// parts of mma_tf32.h's split_tf32_lo_unrounded, the forward's layer inputs and every operand of the backward,
+// are handed over unrounded, and its error analysis allows for this truncation, the worst case), products are
+// exact in float32 (11 x 11 significant bits), and each row-column sum is c + a_0 b_0 + ... + a_7 b_7 in
+// float32, in that order, rounding to nearest. The GPU's accumulation order and rounding are not specified
+// (published measurements: truncation); the error analysis in csrc/cuda/mma_tf32.h allows for it, the GPU tests
+// check it.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
