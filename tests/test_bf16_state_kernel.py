@@ -231,3 +231,25 @@ def test_same_result_for_one_and_two_threads(gen):
     expected_params, expected_state, _ = staged(params, grads, state, weights)
     assert_bits_equal(runs[0][1], expected_state, "state vs staged")
 
+
+@pytest.mark.parametrize("build", BUILDS, ids=["-".join(b) for b in BUILDS])
+def test_several_nonfinite_state_values_in_one_coordinate(gen, build):
+    """A poisoned coordinate's float32 param gets the first NaN of the sum of its state's x - x (x86 keeps the first
+    operand's payload), so the bfloat16-state kernel must sum the widened values in the float32 step's order and
+    operand order. The random poisons rarely put two NaNs in one coordinate; a session-23 variant that checked the
+    words first and summed later differed here (and changed the FMA contraction of the new c: 1 ulp). Pins several
+    non-finite values of different payloads and signs in one coordinate (h and c, both layers), a tile whose only
+    one is its last c row (Inf - Inf), one whose only one is a negative NaN in its first c row, and clean tiles."""
+    sizes = [64 * 4 + 64]
+    params, grads, state, weights, _ = make_inputs(gen, sizes)
+    words = state.view(torch.int16)
+    words[1, 0, 5, 5] = 0x7F81       # h, layer 1
+    words[0, 1, 3, 5] = -64          # 0xFFC0: -NaN, c, layer 0 (first in row order)
+    words[0, 0, 19, 5] = -128        # -Inf
+    words[1, 1, 2, 5] = 0x7FA0
+    words[L - 1, 1, H - 1, 64 + 63] = 0x7F80  # +Inf in the last c row: Inf - Inf
+    words[0, 1, 0, 130] = -63        # 0xFFC1
+    assert all(g.isfinite().all() for g in grads)
+    with kernels(*build):
+        check_step(params, grads, state, weights)
+    assert params[0][[5, 64 + 63, 130]].isnan().all()
