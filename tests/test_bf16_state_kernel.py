@@ -253,3 +253,18 @@ def test_several_nonfinite_state_values_in_one_coordinate(gen, build):
     with kernels(*build):
         check_step(params, grads, state, weights)
     assert params[0][[5, 64 + 63, 130]].isnan().all()
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=["-".join(b) for b in BUILDS])
+def test_nan_weight_gives_canonical_nan_state(gen, build):
+    """A NaN weight (a diverged meta-training) with a payload and a negative sign makes NaN gates in every coordinate
+    while the gradients and the state stay finite: every coordinate's new state is NaN, as c10's 0x7FC0 whatever the
+    weight's payload (the kernel's NaN update poisons its coordinate's state with the canonical NaN; this pins that
+    for the bfloat16 state, whose pair narrowing would otherwise keep a payload)."""
+    sizes = [64 * 3 + 7]
+    params, grads, state, weights, _ = make_inputs(gen, sizes)
+    weights[0].view(torch.int32).view(-1)[3] = 0xFFC12345 - (1 << 32)  # a negative NaN with a payload
+    assert weights[0].view(-1)[3].isnan() and all(g.isfinite().all() for g in grads)
+    with kernels(*build):
+        check_step(params, grads, state, weights)
+    assert (state.view(torch.int16) == 0x7FC0).all()
