@@ -611,6 +611,8 @@ def bad_constructions():
         "group_net_not_a_net": (lambda: LearnedOptimizer([{"params": [p(3)], "net": "mnist"}]), TypeError, "net"),
         "no_net": (lambda: LearnedOptimizer([p(3)], pretrained=None), ValueError, "net"),
         "unknown_pretrained": (lambda: LearnedOptimizer([p(3)], pretrained="imagenet"), ValueError, "pretrained"),
+        # was an AttributeError ('int' object has no attribute 'removeprefix')
+        "pretrained_not_a_name": (lambda: LearnedOptimizer([p(3)], pretrained=5), TypeError, "pretrained"),
         "negative_lr": (lambda: LearnedOptimizer([p(3)], lr=-1.0), ValueError, "lr"),
         "nan_lr": (lambda: LearnedOptimizer([p(3)], lr=math.nan), ValueError, "lr"),
         "float16_state": (lambda: LearnedOptimizer([p(3)], state_dtype=torch.float16), ValueError, "state_dtype"),
