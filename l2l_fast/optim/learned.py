@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections import OrderedDict
 
 import torch
@@ -156,6 +157,10 @@ class LearnedOptimizer(Optimizer):
         # every gradient is checked before the first parameter moves
         work = []
         for index, group in enumerate(self.param_groups):
+            try:  # options edited in place since (by a scheduler, by hand) are held to the constructor's rules
+                _check_options(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}") from None
             net, parts, params = group["net"], self._fused[index], group["params"]
             if sum(len(part.params) for part in parts) != len(params) or not all(
                     part.is_current(group["state_dtype"], net, params) for part in parts):
@@ -264,7 +269,7 @@ def _check_options(group: dict) -> None:
     if isinstance(lr, Tensor):
         raise ValueError(f"lr: lr as a Tensor is not supported (got one of shape {tuple(lr.shape)}); the kernels take "
                          "the learning rate as a Python float: pass float(lr)")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype: expected None, torch.float32, torch.float64 or torch.bfloat16, got {state_dtype!r}")
