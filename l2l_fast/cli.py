@@ -60,9 +60,18 @@ def _add_task_args(parser) -> None:
         where = "; ".join(f"with --task {spec.name}" + ("" if shared else f": default {_words(o.default)}")
                           for spec, o in declared)
         parser.add_argument(option.flag, dest=name, type=option.type, nargs=option.nargs, choices=option.choices,
-                            default=option.default if shared else None,
+                            default=option.default if shared else None, action=_GivenTaskOption,
                             help=f"{option.help} ({where})".replace("%", "%%"))
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_FAST_DATA, then a cache)")
+
+
+class _GivenTaskOption(argparse._StoreAction):
+    """Stores a task option and notes that the command line gave it: _task_of refuses one that --task does not
+    take (its default is not None for every task, so the value alone cannot tell)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given_task_options = [*getattr(namespace, "given_task_options", []), self.dest]
 
 
 def _words(value) -> str:
@@ -75,6 +84,12 @@ def _task_of(args):
     from .tasks import get_task
 
     spec = get_task(args.task)
+    own = {o.name for o in spec.options}
+    for name in getattr(args, "given_task_options", []):
+        if name not in own:  # it would be ignored: the run would not be the one asked for
+            declared = _task_flags()[name]
+            raise ValueError(f"{declared[0][1].flag}: not an option of --task {spec.name} (it is one of --task "
+                             f"{', '.join(task.name for task, _ in declared)})")
     return spec, spec.complete({o.name: getattr(args, o.name, None) for o in spec.options})
 
 

@@ -166,3 +166,17 @@ def test_a_single_task_evaluate_keeps_its_defaults(tmp_path):
     assert cli_main(["evaluate", "--optimizer", "adam", "--problems", "2", "--tune-problems", "1",
                      "--out", str(tmp_path)]) == 0
     assert (tmp_path / "quadratic_100steps.json").exists()
+
+
+@pytest.mark.parametrize("command, extra, flag, taken_by", [
+    ("evaluate", ["--hidden", "40"], "--hidden", "mnist"),
+    ("evaluate", ["--image-size", "7"], "--image-size", "cnn"),
+    ("meta-train", ["--hidden", "40"], "--hidden", "mnist"),
+    ("meta-train", ["--activation", "relu"], "--activation", "mnist"),
+])
+def test_an_option_of_another_task_is_refused(tmp_path, capsys, command, extra, flag, taken_by):
+    """Regression: a task option that --task does not take (--task quadratic --hidden 40) was silently ignored,
+    the run made without it; it is refused, naming the flag, the task and the tasks that take it."""
+    argv = (evaluate_argv("adam") if command == "evaluate" else TRAIN + ["--out", str(tmp_path / "run")]) + extra
+    err = run_failing(argv, capsys)
+    assert f"{flag}: not an option of --task quadratic" in err and taken_by in err.split("(it is one of")[1]
