@@ -198,6 +198,8 @@ def cmd_evaluate(args) -> int:
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
     loaded = [load_optimizer_spec(spec, task, args.steps) for spec in args.optimizer]
     _say_short_run_members(args.optimizer, args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # now, not after the run: an --out that is a file fails at once
     learned = {label: net for label, net in loaded if net is not None}
     tuned = {label: tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)[0]
              for label, net in loaded if net is None}
@@ -205,8 +207,6 @@ def cmd_evaluate(args) -> int:
     ratios = final_ratios(curves)  # to tuned Adam, when it is among them
     table = markdown_table(curves, f"step {args.steps}", ratios)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     labels = [_words(options[o.name]).replace(" ", "x") for o in task_spec.options if o.label]  # mnist_20x20_relu
     stem = "_".join([args.task, *labels, f"{args.steps}steps"])
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
@@ -239,6 +239,7 @@ def _evaluate_suite(args) -> int:
     learned = {spec: lambda task, steps, spec=spec: load_optimizer_spec(spec, task, steps)[1] for spec in specs
                if spec not in BASELINES}
     baselines = [spec for spec in specs if spec in BASELINES]
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # now, not after the suite's half hour
     cache = {}
     if args.reuse_tuning:
         from .meta.suite_report import tuning_cache_from_record

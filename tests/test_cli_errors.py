@@ -61,6 +61,22 @@ def test_a_bad_optimizer_fails_before_any_baseline_is_tuned(tmp_path, capsys, mo
     assert "No such file" in run_failing(argv, capsys)
 
 
+@pytest.mark.parametrize("suite", [False, True], ids=["task", "suite"])
+def test_an_out_that_cannot_be_a_directory_fails_before_any_run(tmp_path, capsys, monkeypatch, suite):
+    """Regression: `evaluate --out FILE` (an existing file) tuned every baseline and ran every test problem (a
+    suite: about 30 minutes) before failing at the directory's mkdir; it now fails first."""
+    def tuned(*args, **kwargs):
+        raise AssertionError("a baseline was tuned before the bad --out was noticed")
+
+    monkeypatch.setattr(evaluate_module, "tune_learning_rate", tuned)
+    import l2l_fast.meta.suite as suite_module
+    monkeypatch.setattr(suite_module, "tune_learning_rate", tuned, raising=False)
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("")
+    argv = ["evaluate", "--suite", "smoke", "--quick", "--optimizer", "adam"] if suite else evaluate_argv("adam")
+    assert "a_file" in run_failing(argv + ["--out", str(not_a_dir)], capsys)
+
+
 def test_meta_train_refuses_to_overwrite_and_to_resume_another_configuration(tmp_path, capsys):
     out = ["--out", str(tmp_path / "run")]
     assert cli_main(TRAIN + out) == 0
