@@ -333,8 +333,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                           help="held-out test problems (default 10; --suite: 8, --quick: 3)")
     evaluate.add_argument("--tune-problems", type=positive_int, default=None,
                           help="validation problems for the lr grid (default 10; --suite: 8, --quick: 2)")
-    evaluate.add_argument("--seed", type=int, default=1)
-    evaluate.add_argument("--out", default="runs/evaluate")
+    evaluate.add_argument("--seed", type=int, default=1,
+                          help="seed of the sampled problems (default 1)")
+    evaluate.add_argument("--out", default="runs/evaluate", help="directory for the table (.md, .json) and the plot")
     evaluate.add_argument("--suite", choices=list(SUITES), default=None,
                           help="a declared list of held-out tasks and horizons (l2l_fast/meta/suite.py) instead of "
                                "--task: each --optimizer against Adam at lr 1e-3 and tuned Adam, with divergence "
@@ -350,11 +351,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
     demo = sub.add_parser("demo", help="the shipped general and MNIST optimizers against tuned Adam, RMSprop, "
                                             "NAG, SGD")
-    demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"))
-    demo.add_argument("--steps", type=positive_int, default=100)
-    demo.add_argument("--problems", type=positive_int, default=10)
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"),
+                      help="where MNIST is (default: $L2L_FAST_DATA, then a cache it downloads into)")
+    demo.add_argument("--steps", type=positive_int, default=100, help="steps of each training run (default 100)")
+    demo.add_argument("--problems", type=positive_int, default=10,
+                      help="test problems, and as many validation problems to tune each baseline's lr (default 10)")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the problems (default 1)")
+    demo.add_argument("--out", default="runs/demo", help="directory for the table and the loss-curve plot")
     demo.set_defaults(func=cmd_demo)
 
     for command in (train, evaluate, demo):

@@ -196,3 +196,14 @@ def test_an_option_of_another_task_is_refused(tmp_path, capsys, command, extra, 
     argv = (evaluate_argv("adam") if command == "evaluate" else TRAIN + ["--out", str(tmp_path / "run")]) + extra
     err = run_failing(argv, capsys)
     assert f"{flag}: not an option of --task quadratic" in err and taken_by in err.split("(it is one of")[1]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Regression: `l2l-fast demo --help` listed --data-dir, --steps, --problems, --seed and --out with no word
+    of what they do (and evaluate its --seed and --out)."""
+    from l2l_fast.cli import _build_parser
+
+    _, commands = _build_parser()
+    silent = [(name, action.option_strings[0]) for name, parser in commands.items() for action in parser._actions
+              if action.option_strings and not action.help]
+    assert silent == []
