@@ -885,3 +885,17 @@ def test_a_resized_parameter_is_named_as_such(gen):
     params[0].grad = torch.ones(5)
     with pytest.raises(ValueError, match="resized"):
         opt.step()
+
+
+def test_a_group_asking_for_weight_decay_is_refused(gen):
+    """Regression: param groups written for AdamW ({"params": ..., "weight_decay": 0.01}) were accepted and the
+    decay silently never applied (LearnedOptimizer has none; its constructor refuses weight_decay=, but a group's
+    extra keys were carried along unread). A nonzero weight_decay in a group is now a ValueError naming it; 0, as
+    AdamW recipes give their no-decay group, is accepted."""
+    decay, no_decay = make_params([(4, 3), (5,)], torch.float32, gen)
+    with pytest.raises(ValueError, match=arg("weight_decay")):
+        LearnedOptimizer([{"params": [decay], "weight_decay": 0.01}, {"params": [no_decay], "weight_decay": 0.0}])
+    opt = LearnedOptimizer([{"params": [no_decay], "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match=arg("weight_decay")):
+        opt.add_param_group({"params": [decay], "weight_decay": 1e-4})
+    assert len(opt.param_groups) == 1

@@ -108,6 +108,10 @@ class LearnedOptimizer(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
         _check_options({**self.defaults, **param_group})
+        if param_group.get("weight_decay", 0) != 0:  # an AdamW recipe's group: its decay would never be applied
+            raise ValueError(f"weight_decay: LearnedOptimizer has no weight decay, but a param group asks for "
+                             f"{param_group['weight_decay']!r}; decay those parameters yourself before step() "
+                             "(with torch.no_grad(): p.mul_(1 - decay)) or leave the key out")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else params
         if not isinstance(params, set):  # torch's own error for sets
