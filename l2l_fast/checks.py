@@ -232,7 +232,7 @@ def check_inplace_args(param, grad, state, weights, features, preprocess_p=10.0,
 
 def check_multi_step_args(params, grads, state, weights, features, preprocess_p=10.0, output_scale=0.1, moments=None,
                           output=0) -> None:
-    """lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]; moments [3, sum_k n_k] in the
+    """lstm_multi_step_: params[k], grads[k] [n_k]; state [L, 2, H, sum_k n_k]; moments [4, sum_k n_k] in the
     weights' dtype (when the features read them); params in the weights' dtype, or bfloat16 / float16 with
     float32 weights; grads[k] in params[k]'s dtype; state in the weights' dtype or bfloat16; everything on the
     weights' device."""

@@ -60,9 +60,18 @@ def _add_task_args(parser) -> None:
         where = "; ".join(f"with --task {spec.name}" + ("" if shared else f": default {_words(o.default)}")
                           for spec, o in declared)
         parser.add_argument(option.flag, dest=name, type=option.type, nargs=option.nargs, choices=option.choices,
-                            default=option.default if shared else None,
+                            default=option.default if shared else None, action=_GivenTaskOption,
                             help=f"{option.help} ({where})".replace("%", "%%"))
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_FAST_DATA, then a cache)")
+
+
+class _GivenTaskOption(argparse._StoreAction):
+    """Stores a task option and notes that the command line gave it: _task_of refuses one that --task does not
+    take (its default is not None for every task, so the value alone cannot tell)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given_task_options = [*getattr(namespace, "given_task_options", []), self.dest]
 
 
 def _words(value) -> str:
@@ -75,6 +84,12 @@ def _task_of(args):
     from .tasks import get_task
 
     spec = get_task(args.task)
+    own = {o.name for o in spec.options}
+    for name in getattr(args, "given_task_options", []):
+        if name not in own:  # it would be ignored: the run would not be the one asked for
+            declared = _task_flags()[name]
+            raise ValueError(f"{declared[0][1].flag}: not an option of --task {spec.name} (it is one of --task "
+                             f"{', '.join(task.name for task, _ in declared)})")
     return spec, spec.complete({o.name: getattr(args, o.name, None) for o in spec.options})
 
 
@@ -183,6 +198,8 @@ def cmd_evaluate(args) -> int:
     # Every spec is resolved before any baseline is tuned, so a bad one fails at once.
     loaded = [load_optimizer_spec(spec, task, args.steps) for spec in args.optimizer]
     _say_short_run_members(args.optimizer, args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # now, not after the run: an --out that is a file fails at once
     learned = {label: net for label, net in loaded if net is not None}
     tuned = {label: tune_learning_rate(label, task, args.steps, args.tune_problems, seed=args.seed)[0]
              for label, net in loaded if net is None}
@@ -190,8 +207,6 @@ def cmd_evaluate(args) -> int:
     ratios = final_ratios(curves)  # to tuned Adam, when it is among them
     table = markdown_table(curves, f"step {args.steps}", ratios)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     labels = [_words(options[o.name]).replace(" ", "x") for o in task_spec.options if o.label]  # mnist_20x20_relu
     stem = "_".join([args.task, *labels, f"{args.steps}steps"])
     plot_curves(curves, out / f"{stem}.png", f"{stem.replace('_', ' ')} ({args.problems} held-out problems)")
@@ -224,6 +239,7 @@ def _evaluate_suite(args) -> int:
     learned = {spec: lambda task, steps, spec=spec: load_optimizer_spec(spec, task, steps)[1] for spec in specs
                if spec not in BASELINES}
     baselines = [spec for spec in specs if spec in BASELINES]
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # now, not after the suite's half hour
     cache = {}
     if args.reuse_tuning:
         from .meta.suite_report import tuning_cache_from_record
@@ -317,8 +333,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                           help="held-out test problems (default 10; --suite: 8, --quick: 3)")
     evaluate.add_argument("--tune-problems", type=positive_int, default=None,
                           help="validation problems for the lr grid (default 10; --suite: 8, --quick: 2)")
-    evaluate.add_argument("--seed", type=int, default=1)
-    evaluate.add_argument("--out", default="runs/evaluate")
+    evaluate.add_argument("--seed", type=int, default=1,
+                          help="seed of the sampled problems (default 1)")
+    evaluate.add_argument("--out", default="runs/evaluate", help="directory for the table (.md, .json) and the plot")
     evaluate.add_argument("--suite", choices=list(SUITES), default=None,
                           help="a declared list of held-out tasks and horizons (l2l_fast/meta/suite.py) instead of "
                                "--task: each --optimizer against Adam at lr 1e-3 and tuned Adam, with divergence "
@@ -334,11 +351,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
     demo = sub.add_parser("demo", help="the shipped general and MNIST optimizers against tuned Adam, RMSprop, "
                                             "NAG, SGD")
-    demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"))
-    demo.add_argument("--steps", type=positive_int, default=100)
-    demo.add_argument("--problems", type=positive_int, default=10)
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--data-dir", default=os.environ.get("L2L_FAST_DATA"),
+                      help="where MNIST is (default: $L2L_FAST_DATA, then a cache it downloads into)")
+    demo.add_argument("--steps", type=positive_int, default=100, help="steps of each training run (default 100)")
+    demo.add_argument("--problems", type=positive_int, default=10,
+                      help="test problems, and as many validation problems to tune each baseline's lr (default 10)")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the problems (default 1)")
+    demo.add_argument("--out", default="runs/demo", help="directory for the table and the loss-curve plot")
     demo.set_defaults(func=cmd_demo)
 
     for command in (train, evaluate, demo):

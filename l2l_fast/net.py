@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -252,6 +253,10 @@ class CoordinatewiseLSTM(nn.Module):
         (the weights are converted to it, once per weight version); grads[k] in params[k]'s dtype; state in
         the math dtype or bfloat16. A coordinate whose gradient is NaN or +-Inf does not move and keeps its
         state and moments. progress: (t, total_steps), for a net with progress_input."""
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise TypeError(f"lr: expected a real number (a multiplier of the update), got {type(lr).__name__}")
+        if not math.isfinite(lr):  # the op's scale is output_scale * lr: its own check would name output_scale
+            raise ValueError(f"lr: expected a finite number, got {lr!r}")
         if not params:  # nothing to step, but a wrong progress is still refused
             checks.check_progress(progress, self.reads_progress)
             return

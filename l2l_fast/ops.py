@@ -146,7 +146,7 @@ def lstm_multi_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: T
                      preprocess_p: float = 10.0, output_scale: float = 0.1, features: int = 1,
                      moments: Tensor | None = None, output: int = 0) -> None:
     """Fused in-place step over many tensors in one call, no autograd: params[k] [n_k] += update of grads[k] [n_k];
-    state [L, 2, H, sum_k n_k] and moments [3, sum_k n_k] (when the features read them) advanced in place, tensor
+    state [L, 2, H, sum_k n_k] and moments [4, sum_k n_k] (when the features read them) advanced in place, tensor
     k's coordinates at [offset_k, offset_k + n_k) (list order).
 
     Math in the weights' dtype; params may also be bfloat16 / float16 (with float32 weights; rounded to nearest

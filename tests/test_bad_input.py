@@ -160,6 +160,19 @@ def test_init_state_rejects_negative_n():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr, error", [(float("nan"), ValueError), (float("inf"), ValueError), ("1", TypeError),
+                                       (None, TypeError)], ids=["nan", "inf", "str", "None"])
+def test_multi_step_rejects_a_bad_lr_by_name(gen, backend, lr, error):
+    """Regression: net.multi_step_ with lr NaN or Inf was refused as "output_scale: expected a finite number" (the
+    op's scale is output_scale * lr), a string lr as "can't multiply sequence by non-int of type 'float'"."""
+    net = make_net(H, L, gen=gen, backend=backend)
+    param, state = torch.zeros(N, dtype=torch.float64), net.init_state(N)
+    with pytest.raises(error, match=arg("lr")):
+        net.multi_step_([param], [random_grad(N, gen=gen)], state, lr)
+    assert torch.equal(param, torch.zeros(N, dtype=torch.float64)) and not state.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_zero_coordinates_return_empties(gen, backend):
     net = make_net(H, L, gen=gen, backend=backend)
     update, new_state = net(torch.empty(0, dtype=torch.float64), net.init_state(0))

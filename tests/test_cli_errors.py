@@ -61,6 +61,22 @@ def test_a_bad_optimizer_fails_before_any_baseline_is_tuned(tmp_path, capsys, mo
     assert "No such file" in run_failing(argv, capsys)
 
 
+@pytest.mark.parametrize("suite", [False, True], ids=["task", "suite"])
+def test_an_out_that_cannot_be_a_directory_fails_before_any_run(tmp_path, capsys, monkeypatch, suite):
+    """Regression: `evaluate --out FILE` (an existing file) tuned every baseline and ran every test problem (a
+    suite: about 30 minutes) before failing at the directory's mkdir; it now fails first."""
+    def tuned(*args, **kwargs):
+        raise AssertionError("a baseline was tuned before the bad --out was noticed")
+
+    monkeypatch.setattr(evaluate_module, "tune_learning_rate", tuned)
+    import l2l_fast.meta.suite as suite_module
+    monkeypatch.setattr(suite_module, "tune_learning_rate", tuned, raising=False)
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("")
+    argv = ["evaluate", "--suite", "smoke", "--quick", "--optimizer", "adam"] if suite else evaluate_argv("adam")
+    assert "a_file" in run_failing(argv + ["--out", str(not_a_dir)], capsys)
+
+
 def test_meta_train_refuses_to_overwrite_and_to_resume_another_configuration(tmp_path, capsys):
     out = ["--out", str(tmp_path / "run")]
     assert cli_main(TRAIN + out) == 0
@@ -166,3 +182,28 @@ def test_a_single_task_evaluate_keeps_its_defaults(tmp_path):
     assert cli_main(["evaluate", "--optimizer", "adam", "--problems", "2", "--tune-problems", "1",
                      "--out", str(tmp_path)]) == 0
     assert (tmp_path / "quadratic_100steps.json").exists()
+
+
+@pytest.mark.parametrize("command, extra, flag, taken_by", [
+    ("evaluate", ["--hidden", "40"], "--hidden", "mnist"),
+    ("evaluate", ["--image-size", "7"], "--image-size", "cnn"),
+    ("meta-train", ["--hidden", "40"], "--hidden", "mnist"),
+    ("meta-train", ["--activation", "relu"], "--activation", "mnist"),
+])
+def test_an_option_of_another_task_is_refused(tmp_path, capsys, command, extra, flag, taken_by):
+    """Regression: a task option that --task does not take (--task quadratic --hidden 40) was silently ignored,
+    the run made without it; it is refused, naming the flag, the task and the tasks that take it."""
+    argv = (evaluate_argv("adam") if command == "evaluate" else TRAIN + ["--out", str(tmp_path / "run")]) + extra
+    err = run_failing(argv, capsys)
+    assert f"{flag}: not an option of --task quadratic" in err and taken_by in err.split("(it is one of")[1]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Regression: `l2l-fast demo --help` listed --data-dir, --steps, --problems, --seed and --out with no word
+    of what they do (and evaluate its --seed and --out)."""
+    from l2l_fast.cli import _build_parser
+
+    _, commands = _build_parser()
+    silent = [(name, action.option_strings[0]) for name, parser in commands.items() for action in parser._actions
+              if action.option_strings and not action.help]
+    assert silent == []

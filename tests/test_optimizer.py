@@ -611,6 +611,8 @@ def bad_constructions():
         "group_net_not_a_net": (lambda: LearnedOptimizer([{"params": [p(3)], "net": "mnist"}]), TypeError, "net"),
         "no_net": (lambda: LearnedOptimizer([p(3)], pretrained=None), ValueError, "net"),
         "unknown_pretrained": (lambda: LearnedOptimizer([p(3)], pretrained="imagenet"), ValueError, "pretrained"),
+        # was an AttributeError ('int' object has no attribute 'removeprefix')
+        "pretrained_not_a_name": (lambda: LearnedOptimizer([p(3)], pretrained=5), TypeError, "pretrained"),
         "negative_lr": (lambda: LearnedOptimizer([p(3)], lr=-1.0), ValueError, "lr"),
         "nan_lr": (lambda: LearnedOptimizer([p(3)], lr=math.nan), ValueError, "lr"),
         "float16_state": (lambda: LearnedOptimizer([p(3)], state_dtype=torch.float16), ValueError, "state_dtype"),
@@ -837,3 +839,63 @@ def test_parameters_put_into_a_group_directly_are_stepped(gen):
     set_random_grads([a, c, d], gen)
     with pytest.raises(ValueError, match="same tensor"):
         opt.step()
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("lr", math.nan, ValueError), ("lr", math.inf, ValueError), ("lr", -1.0, ValueError), ("lr", "0.1", ValueError),
+    ("net", "mnist", TypeError),
+], ids=["lr-nan", "lr-inf", "lr-negative", "lr-str", "net-str"])
+def test_group_options_edited_after_construction_are_checked_at_step(gen, option, value, error):
+    """Regression: an option edited in param_groups after construction (as schedulers and users do) was not
+    checked: a NaN or Inf lr failed in the op as "output_scale: expected a finite number", a negative lr stepped
+    uphill although the constructor refuses it, a string net was an AttributeError. Now the step refuses them as
+    the constructor does, naming the group and the option, before any parameter moves."""
+    params = make_params([(4, 3), (5,)], torch.float32, gen)
+    opt = LearnedOptimizer(params, CoordinatewiseLSTM.from_pretrained("mnist"))
+    set_random_grads(params, gen)
+    opt.param_groups[0][option] = value
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(error, match=re.escape("param_groups[0]") + ".*" + arg(option)):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_a_numpy_float_lr_is_a_number(gen):
+    """Regression: lr=np.float32(0.5) was refused as "lr: expected a finite number >= 0" (np.float64, a float
+    subclass, passed); torch.optim takes any real number. It steps as lr=0.5."""
+    np = pytest.importorskip("numpy")
+    params = make_params([(4,)], torch.float32, gen)
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    net = CoordinatewiseLSTM.from_pretrained("mnist")
+    opt, opt_twin = LearnedOptimizer(params, net, lr=np.float32(0.5)), LearnedOptimizer(twin, net, lr=0.5)
+    set_random_grads(params, gen)
+    twin[0].grad = params[0].grad.clone()
+    opt.step()
+    opt_twin.step()
+    assert torch.equal(params[0], twin[0])
+
+
+def test_a_resized_parameter_is_named_as_such(gen):
+    """Regression: a parameter given storage of another shape (p.data = torch.zeros(n + 1)) was refused with a
+    hint that the group's net had been replaced by one of another size; the message now says the parameter's
+    shape changed."""
+    params = make_params([(4,)], torch.float32, gen)
+    opt = LearnedOptimizer(params)
+    params[0].data = torch.zeros(5)
+    params[0].grad = torch.ones(5)
+    with pytest.raises(ValueError, match="resized"):
+        opt.step()
+
+
+def test_a_group_asking_for_weight_decay_is_refused(gen):
+    """Regression: param groups written for AdamW ({"params": ..., "weight_decay": 0.01}) were accepted and the
+    decay silently never applied (LearnedOptimizer has none; its constructor refuses weight_decay=, but a group's
+    extra keys were carried along unread). A nonzero weight_decay in a group is now a ValueError naming it; 0, as
+    AdamW recipes give their no-decay group, is accepted."""
+    decay, no_decay = make_params([(4, 3), (5,)], torch.float32, gen)
+    with pytest.raises(ValueError, match=arg("weight_decay")):
+        LearnedOptimizer([{"params": [decay], "weight_decay": 0.01}, {"params": [no_decay], "weight_decay": 0.0}])
+    opt = LearnedOptimizer([{"params": [no_decay], "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match=arg("weight_decay")):
+        opt.add_param_group({"params": [decay], "weight_decay": 1e-4})
+    assert len(opt.param_groups) == 1

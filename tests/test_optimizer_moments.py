@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -309,6 +310,38 @@ def test_a_state_dict_from_before_the_long_moment_loads_with_u_started_at_v(gen)
         opt.step()
     for a, b in zip(opts[0][1], opts[1][1]):
         assert torch.equal(a, b)
+
+
+def test_a_three_row_checkpoint_through_distributed_checkpoint(gen, tmp_path):
+    """torch.distributed.checkpoint loads into a template of today's shapes, so a checkpoint whose moments have 3
+    rows (saved before u) fails in dcp.load with its size mismatch, naming the moments entry, before
+    load_state_dict can upgrade it (the README said such a state "loads with u started at v" without this
+    exception). A template whose moments are cut to 3 rows loads, and load_state_dict then starts u at v."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    import torch.distributed.checkpoint as dcp
+
+    net = CoordinatewiseLSTM.from_pretrained("general")
+    old = saved(gen, net)
+    for entry in old["state"].values():
+        entry["moments"] = entry["moments"][:3].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that no process group is initialized: one process
+        dcp.save({"optim": old}, checkpoint_id=str(tmp_path / "old"))
+        params = make_params([(4, 3), (5,)], torch.float32, gen)
+        opt = LearnedOptimizer(params, net)
+        template = {"optim": opt.state_dict()}
+        mismatch = r"(?s)Size mismatch.*\[3, 4, 3\].*\[4, 4, 3\].*optim\.state\.0\.moments"
+        with pytest.raises(BaseException, match=mismatch):  # DCP's CheckpointException, a BaseException
+            dcp.load(template, checkpoint_id=str(tmp_path / "old"))
+        for entry in template["optim"]["state"].values():
+            entry["moments"] = entry["moments"][:3].clone()
+        dcp.load(template, checkpoint_id=str(tmp_path / "old"))
+    opt.load_state_dict(template["optim"])
+    for k, p in enumerate(params):
+        moments = opt.state[p]["moments"]
+        assert torch.equal(moments[:3], old["state"][k]["moments"]) and torch.equal(moments[3], moments[1])
 
 
 def test_moments_for_a_net_that_reads_none_are_refused(gen):

@@ -122,6 +122,13 @@ class RunsCode:
 # --- the format -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spec", [5, None, b"mnist"], ids=["int", "None", "bytes"])
+def test_a_spec_neither_name_nor_path_is_a_type_error(spec):
+    """Regression: from_pretrained(5) was an AttributeError ('int' object has no attribute 'removeprefix')."""
+    with pytest.raises(TypeError, match="pretrained: expected a shipped name"):
+        CoordinatewiseLSTM.from_pretrained(spec)
+
+
 def test_round_trip_keeps_the_weights_bit_for_bit_and_the_record(tmp_path):
     net = small_net(num_layers=3, preprocess_p=7.5, output_scale=0.25)
     record = {"command": "l2l-fast meta-train ...", "seed": 3, "config": {"hidden": (20,), "lr": 2e-4}}

@@ -4,7 +4,8 @@ Each param group saves the signature of its net instead of the module (sizes, co
 weights), so a state_dict is only loaded into an optimizer with the same nets; each parameter's state is
 ``{"lstm_state": [num_layers, 2, hidden_size, *param.shape]}`` and, for a net that reads moments,
 ``"moments": [4, *param.shape]`` (m, v, t, u in the math dtype; a state saved with 3 rows, before u, loads with u
-started at v), each a DTensor for a DTensor parameter.
+started at v, but torch.distributed.checkpoint's load, which fills a template of today's shapes, refuses it unless
+the template's moments are cut to 3 rows first), each a DTensor for a DTensor parameter.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One fused launch: the parameters of a param group that share a device and math dtype, stepped by a single
 ``lstm_multi_step_`` over cached flat views, with one LSTM state [L, 2, H, sum of their numels] and, for a net
-that reads moments, one moments tensor [3, sum of their numels] (rows m, v, t) in the math dtype.
+that reads moments, one moments tensor [4, sum of their numels] (rows m, v, t, u) in the math dtype.
 
 Coordinates are each parameter's elements in logical (row-major) order, parameters in group order. A
 non-contiguous parameter is stepped as a contiguous copy that is written back; a parameter without a
@@ -32,7 +32,7 @@ def resolve_state_dtype(state_dtype: torch.dtype | None, math_dtype: torch.dtype
 class FusedGroup:
     """params: the tensors (Parameters or DTensors), one device, one math dtype; states: each one's previous
     LSTM state (any dtype, [L, 2, H, *shape]) or None for a zero state; moments: each one's previous moments
-    ([3, *shape]) or None for zeros, used only for a net that reads moments; positions: each one's index in its
+    ([4, *shape]) or None for zeros, used only for a net that reads moments; positions: each one's index in its
     param group's list; names: how errors name each parameter."""
 
     def __init__(self, params: list[Tensor], net: CoordinatewiseLSTM, state_dtype: torch.dtype | None,
@@ -55,7 +55,8 @@ class FusedGroup:
             if tuple(previous.shape) != (*self.lead, *self.locals[k].shape):
                 raise ValueError(f"state: a parameter of shape {tuple(self.locals[k].shape)} has an LSTM state of shape "
                                  f"{tuple(previous.shape)}, expected {(*self.lead, *self.locals[k].shape)}; was the "
-                                 "group's net replaced by one of another size?")
+                                 "parameter resized (p.data = a tensor of another shape) or the group's net replaced "
+                                 "by one of another size?")
             self._rows(k).copy_(previous.reshape(*self.lead, self.numels[k]))
         # the moments: in the math dtype whatever the state's (a bfloat16 v would lose the gradient's scale)
         self.reads_moments = bool(net.reads_moments)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections import OrderedDict
 
 import torch
@@ -107,6 +108,10 @@ class LearnedOptimizer(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
         _check_options({**self.defaults, **param_group})
+        if param_group.get("weight_decay", 0) != 0:  # an AdamW recipe's group: its decay would never be applied
+            raise ValueError(f"weight_decay: LearnedOptimizer has no weight decay, but a param group asks for "
+                             f"{param_group['weight_decay']!r}; decay those parameters yourself before step() "
+                             "(with torch.no_grad(): p.mul_(1 - decay)) or leave the key out")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else params
         if not isinstance(params, set):  # torch's own error for sets
@@ -156,6 +161,10 @@ class LearnedOptimizer(Optimizer):
         # every gradient is checked before the first parameter moves
         work = []
         for index, group in enumerate(self.param_groups):
+            try:  # options edited in place since (by a scheduler, by hand) are held to the constructor's rules
+                _check_options(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}") from None
             net, parts, params = group["net"], self._fused[index], group["params"]
             if sum(len(part.params) for part in parts) != len(params) or not all(
                     part.is_current(group["state_dtype"], net, params) for part in parts):
@@ -264,7 +273,7 @@ def _check_options(group: dict) -> None:
     if isinstance(lr, Tensor):
         raise ValueError(f"lr: lr as a Tensor is not supported (got one of shape {tuple(lr.shape)}); the kernels take "
                          "the learning rate as a Python float: pass float(lr)")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype: expected None, torch.float32, torch.float64 or torch.bfloat16, got {state_dtype!r}")

@@ -64,6 +64,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     'pretrained:mnist'); ValueError listing the shipped names for an unknown one."""
     if isinstance(name_or_path, os.PathLike):
         return Path(name_or_path)
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"pretrained: expected a shipped name ({', '.join(available())}) or a path, got "
+                        f"{type(name_or_path).__name__}")
     spec = _bare(name_or_path)
     if names_a_file(spec):
         return Path(spec)
