@@ -48,7 +48,9 @@ def check_loadable(state_dict: dict, param_groups: list[dict]) -> dict[Tensor, d
         expected = net_signature(group["net"])
         if saved.get("net") != expected:
             raise ValueError(f"state_dict: param_groups[{i}] was saved with another net (saved {saved.get('net')!r}, "
-                             f"this optimizer's {expected!r}); an LSTM state only makes sense with the net that made it")
+                             f"this optimizer's {expected!r}); an LSTM state only makes sense with the net that made it "
+                             "(a shipped name can stand for several nets: 'general' with total_steps <= 200 is "
+                             "'general_short', so give the same pretrained and total_steps as the optimizer saved)")
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"state_dict: param_groups[{i}] has {len(saved['params'])} parameters, this optimizer's "
                              f"{len(group['params'])} (another parameter layout?)")
