@@ -843,8 +843,8 @@ def test_parameters_put_into_a_group_directly_are_stepped(gen):
 
 @pytest.mark.parametrize("option, value, error", [
     ("lr", math.nan, ValueError), ("lr", math.inf, ValueError), ("lr", -1.0, ValueError), ("lr", "0.1", ValueError),
-    ("net", "mnist", TypeError),
-], ids=["lr-nan", "lr-inf", "lr-negative", "lr-str", "net-str"])
+    ("net", "mnist", TypeError), ("weight_decay", 0.01, ValueError),
+], ids=["lr-nan", "lr-inf", "lr-negative", "lr-str", "net-str", "weight-decay"])
 def test_group_options_edited_after_construction_are_checked_at_step(gen, option, value, error):
     """Regression: an option edited in param_groups after construction (as schedulers and users do) was not
     checked: a NaN or Inf lr failed in the op as "output_scale: expected a finite number", a negative lr stepped

@@ -108,10 +108,6 @@ class LearnedOptimizer(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
         _check_options({**self.defaults, **param_group})
-        if param_group.get("weight_decay", 0) != 0:  # an AdamW recipe's group: its decay would never be applied
-            raise ValueError(f"weight_decay: LearnedOptimizer has no weight decay, but a param group asks for "
-                             f"{param_group['weight_decay']!r}; decay those parameters yourself before step() "
-                             "(with torch.no_grad(): p.mul_(1 - decay)) or leave the key out")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else params
         if not isinstance(params, set):  # torch's own error for sets
@@ -277,6 +273,10 @@ def _check_options(group: dict) -> None:
         raise ValueError(f"lr: expected a finite number >= 0 (a multiplier of the net's update), got {lr!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype: expected None, torch.float32, torch.float64 or torch.bfloat16, got {state_dtype!r}")
+    if group.get("weight_decay", 0) != 0:  # an AdamW recipe's group: its decay would never be applied
+        raise ValueError(f"weight_decay: LearnedOptimizer has no weight decay, but a param group asks for "
+                         f"{group['weight_decay']!r}; decay those parameters yourself before step() "
+                         "(with torch.no_grad(): p.mul_(1 - decay)) or leave the key out")
 
 
 def _progress(group: dict):
