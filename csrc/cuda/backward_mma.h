@@ -51,17 +51,9 @@ namespace cuda {
 // chunks + 1 output item over 4 warps: 3, 3, 3, 2 items) at 10 loaded values per 9 mma.
 constexpr int kMmaGradChunk = 3;
 
-// Each staged value is split by mma_tf32.h's split_tf32_lo_unrounded (see the analysis above). A NaN stays NaN
+// Each staged value is split by mma_tf32.h's split_frag (lo unrounded: see the analysis above). A NaN stays NaN
 // (hi = -0, lo = NaN: a poisoned coordinate's dz poisons every sum it enters); +-Inf becomes NaN (lo = Inf - Inf),
 // which only a poisoned coordinate stages.
-L2L_DEVICE void split_frag(const float (&v)[4], FragA& hi, FragA& lo) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const Tf32Split s = split_tf32_lo_unrounded(v[i]);
-    hi.v[i] = s.hi;
-    lo.v[i] = s.lo;
-  }
-}
 
 // Two adjacent staged values (8-byte aligned: even offsets in a staging array of 16-byte rows).
 struct Pair {

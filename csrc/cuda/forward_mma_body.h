@@ -140,12 +140,7 @@ L2L_DEVICE FragB2 load_frag_b(const float* e) {
 template <int Slots>
 L2L_DEVICE void split_a(const float (&x)[2][Slots], int kt, FragA& hi, FragA& lo) {
   const float v[4] = {x[0][2 * kt], x[1][2 * kt], x[0][2 * kt + 1], x[1][2 * kt + 1]};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const Tf32Split s = split_tf32_lo_unrounded(v[i]);
-    hi.v[i] = s.hi;
-    lo.v[i] = s.lo;
-  }
+  split_frag(v, hi, lo);
 }
 
 // Whether k-tile kt of a layer with KT k-tiles holds only TF32 values: the old h a bf16 state stores (8

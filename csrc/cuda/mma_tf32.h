@@ -106,6 +106,17 @@ struct FragB {
   float v[2];
 };
 
+// An A fragment's four values split by split_tf32_lo_unrounded (the forward's layer inputs, the backward's staged
+// values).
+L2L_DEVICE void split_frag(const float (&v)[4], FragA& hi, FragA& lo) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const Tf32Split s = split_tf32_lo_unrounded(v[i]);
+    hi.v[i] = s.hi;
+    lo.v[i] = s.lo;
+  }
+}
+
 // acc += A B in 3xTF32 (small terms first: they are added while the sum is still small).
 template <class Ctx>
 L2L_DEVICE void mma_3xtf32(const Ctx& ctx, FragA& acc, const FragA& a_hi, const FragA& a_lo, const FragB& b_hi,
